@@ -1,0 +1,80 @@
+# spectral-merge: every job of the project is a target here.
+#   make setup     build .venv with the pinned environment (idempotent; a second run is quick)
+#   make figures   main job: redraw every figure from results/*.json (runs a notebook only where its results are missing)
+#   make test      unit/property/contract tests + every notebook in SMOKE mode under nbval
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PY      := $(BIN)/python
+STAMP   := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+BUILD   := build/notebooks
+PYTEST_ARGS ?=
+
+export PYTHONHASHSEED := 0
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: help setup test unit nbval figures smoke reproduce experts lab bench clean strip
+
+help:
+	@grep -E '^#   make' Makefile | sed 's/^#   //'
+	@echo "  make smoke | reproduce | experts | lab | bench | clean   (see README.md)"
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+test: unit nbval
+
+unit: setup
+	$(BIN)/pytest -q $(PYTEST_ARGS) tests
+
+# nbval executes each notebook top to bottom in SMOKE mode (tiny slices, about a minute each);
+# --nbval-lax checks that every cell runs, not that outputs match a stored copy.
+nbval: setup
+	SMOKE=1 $(BIN)/pytest -q -p no:cacheprovider --nbval-lax $(NOTEBOOKS)
+
+figures: setup
+	$(PY) -m lib figures --run-missing
+
+smoke: setup
+	@mkdir -p $(BUILD)
+	@for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb (SMOKE)"; \
+	  SMOKE=1 $(BIN)/papermill --log-level WARNING -k python3 $$nb $(BUILD)/$$(basename $$nb) || exit 1; \
+	done
+
+experts: setup
+	$(PY) -m lib experts
+
+reproduce: setup experts
+	@mkdir -p $(BUILD)
+	@for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb (full)"; \
+	  SMOKE=0 $(BIN)/papermill --log-level WARNING -k python3 $$nb $(BUILD)/$$(basename $$nb) || exit 1; \
+	done
+	$(PY) -m lib figures
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+bench: setup
+	$(PY) benchmarks/spectral.py
+	$(PY) benchmarks/merge.py
+
+strip: setup
+	$(BIN)/nbstripout $(NOTEBOOKS)
+
+clean:
+	rm -rf build results/smoke figures/smoke .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,49 @@
+"""Command line: ``python -m lib <command>``.
+
+  figures   redraw every figure from results/*.json (``--run-missing`` runs a notebook first
+            where its results are missing)
+  experts   train every expert the notebooks use, once (full mode; resumable)
+
+Each command lives in its own function below and is added to the parser in ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _figures(args) -> int:
+    from .figures import draw_all
+
+    draw_all(run_missing=args.run_missing, smoke=args.smoke, only=args.only or None)
+    return 0
+
+
+def _experts(args) -> int:
+    from .experts import main as experts_main
+
+    return experts_main(args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lib", description="spectral-merge command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("figures", help="redraw figures from results/*.json")
+    p.add_argument("--run-missing", action="store_true", help="run a notebook (papermill) where its results are missing")
+    p.add_argument("--smoke", action="store_true", help="use results/smoke and figures/smoke")
+    p.add_argument("only", nargs="*", help="notebook stems to draw (default: all)")
+    p.set_defaults(func=_figures)
+
+    p = sub.add_parser("experts", help="train every expert of every notebook once (full mode, resumable)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, train nothing")
+    p.add_argument("--smoke", action="store_true", help="tiny slices, seconds per expert")
+    p.set_defaults(func=_experts)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

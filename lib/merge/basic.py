@@ -1,0 +1,29 @@
+"""The two simplest merges: a (weighted) average of the experts and task arithmetic."""
+
+from __future__ import annotations
+
+import torch
+
+from . import register, stack, task_vectors
+
+
+@register("average", description="arithmetic (or weighted) mean of the experts: the report's Standard merge", needs_base=False, weights=None)
+def average(base, experts, *, weights=None):
+    n = len(experts)
+    if weights is None:
+        w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    else:
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != (n,):
+            raise ValueError(f"weights must have one entry per expert ({n}), got shape {tuple(w.shape)}")
+        if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
+        w = w / w.sum()
+    ref = experts[0]
+    return {k: torch.einsum("n,n...->...", w.to(ref[k]), stack(experts, k)) for k in ref}
+
+
+@register("task_arithmetic", description="base + lam * sum of task vectors (Ilharco et al. 2023)", lam=1.0)
+def task_arithmetic(base, experts, *, lam=1.0):
+    taus = task_vectors(base, experts)
+    return {k: base[k] + lam * sum(t[k] for t in taus) for k in base}

@@ -1,0 +1,82 @@
+"""One figure style, one palette, one ``savefig``.
+
+Every figure of the project is drawn by a function that takes the contents of a
+``results/*.json`` file, so the notebook that produced the numbers and ``make figures`` draw
+exactly the same picture.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from . import paths
+
+#: a colour per merge method / role, shared by every figure so a method looks the same everywhere
+PALETTE = {
+    "average": "#7f7f7f",
+    "task_arithmetic": "#17becf",
+    "ties": "#9467bd",
+    "dare": "#8c564b",
+    "star": "#e377c2",
+    "drm_h": "#bcbd22",
+    "drm_v": "#dbdb8d",
+    "snr_base_reset": "#1f77b4",
+    "snr_winner": "#2ca02c",
+    "snr_low_a": "#ff7f0e",
+    "snr_low_b": "#d62728",
+    "snr_max": "#98df8a",
+    "snr_weighted": "#aec7e8",
+    "expert": "#000000",
+    "base": "#c7c7c7",
+    "noise": "#c7c7c7",
+    "signal": "#d62728",
+    "mp": "#1f77b4",
+    "seed": "#ff7f0e",
+    "max_median": "#ff7f0e",
+}
+
+
+def color(name: str, default: str = "#333333") -> str:
+    return PALETTE.get(name, default)
+
+
+def set_style() -> None:
+    plt.rcParams.update(
+        {
+            "figure.dpi": 110,
+            "savefig.dpi": 150,
+            "figure.figsize": (7.0, 4.2),
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.titlesize": 11,
+            "axes.labelsize": 10,
+            "legend.fontsize": 8,
+            "legend.frameon": False,
+            "font.size": 9,
+        }
+    )
+
+
+set_style()
+
+
+def savefig(fig, name: str, *, smoke: bool | None = None, formats=("png",), close: bool = True) -> list[Path]:
+    """Save ``fig`` as ``figures/<name>.<fmt>`` (``figures/smoke/`` in SMOKE mode), atomically.
+
+    The figure stays open when ``close=False`` so that a notebook can still display it.
+    """
+    folder = paths.figures_dir(smoke)
+    out = []
+    fig.tight_layout()
+    for fmt in formats:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, bbox_inches="tight")
+        out.append(paths.atomic_write_bytes(folder / f"{name}.{fmt}", buf.getvalue()))
+    if close:
+        plt.close(fig)
+    return out

@@ -1,14 +1,17 @@
 """Figures drawn from ``results/<notebook>.json``: the notebook and ``make figures`` call the
 same function, so a plot can be redrawn in seconds without retraining anything.
 
-Each notebook has one module here defining ``NOTEBOOK`` (the notebook's stem, which is also the
-name of its results file) and ``draw(results: dict, *, smoke: bool = False) -> list[Path]``.
-Adding a notebook's figures is one module plus one line in ``_MODULES``.
+Each notebook has one module here, named ``fNN_<anything>.py``, defining ``NOTEBOOK`` (the
+notebook's stem, which is also the name of its results file) and
+``draw(results: dict, *, smoke: bool = False) -> list[Path]``. Modules are discovered by name,
+so adding a notebook's figures is adding its module.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import pkgutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,16 +19,14 @@ from pathlib import Path
 
 from .. import paths
 
-# notebook stem -> module under lib.figures
-_MODULES: dict[str, str] = {}
-
-
-def register_module(notebook: str, module: str) -> None:
-    _MODULES[notebook] = module
-
-
 def drawers() -> dict[str, Callable]:
-    return {nb: importlib.import_module(f"{__name__}.{mod}").draw for nb, mod in _MODULES.items()}
+    """notebook stem -> draw function, in notebook order."""
+    out = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("f") and info.name[1:3].isdigit():
+            mod = importlib.import_module(f"{__name__}.{info.name}")
+            out[mod.NOTEBOOK] = mod.draw
+    return out
 
 
 def results_path(notebook: str, smoke: bool | None = None) -> Path:
@@ -40,7 +41,7 @@ def run_notebook(notebook: str, *, smoke: bool) -> None:
     env_smoke = "1" if smoke else "0"
     cmd = [sys.executable, "-m", "papermill", "--log-level", "WARNING", "-k", "python3", str(src), str(out)]
     print(f"[figures] results for {notebook} missing: running {src.name} (SMOKE={env_smoke})", flush=True)
-    subprocess.run(cmd, check=True, env={**__import__("os").environ, "SMOKE": env_smoke})
+    subprocess.run(cmd, check=True, env={**os.environ, "SMOKE": env_smoke})
 
 
 def draw_all(*, run_missing: bool = False, smoke: bool = False, only: list[str] | None = None) -> list[Path]:

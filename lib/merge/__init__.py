@@ -21,9 +21,19 @@ tensor functions:
   float16/bfloat16 checkpoints are merged in full precision, then casts back to each tensor's
   original dtype on the CPU, in the base's key order.
 
-A method function has the signature ``fn(base, experts, **hp) -> dict`` where ``base`` (or
-``None``) and each expert are dicts holding only the selected float tensors, already on the
-compute device; it returns a dict with the same keys.
+A method function has the signature ``fn(base, experts, *, context, **hp) -> dict`` where
+``base`` (or ``None``) and each expert are dicts holding only the selected float tensors,
+already on the compute device; it returns a dict with the same keys.
+
+Streaming. The command line merges checkpoints that do not fit in memory by calling ``fn`` on
+one key (or one module) at a time. That gives the same result as a whole-model call only if
+nothing in ``fn`` looks across keys. A method whose result does depend on the whole model (TIES'
+model-wide magnitude threshold, the SNR strategies' ranking of layers) declares a ``prepass``:
+``prepass(items, **hp) -> context`` receives an iterator of ``(key, base_tensor_or_None,
+[expert_tensors])`` over every selected key, visited once, and returns a small object (thresholds,
+per-module decisions) that is handed to every ``fn`` call as ``context``. Methods without a
+prepass get ``context=None``. Randomness (DARE) is seeded per key, never by a stream shared
+across keys, for the same reason.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ class Method:
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     needs_base: bool = True
+    prepass: Callable[..., Any] | None = None
 
     def __call__(self, base, experts, **hp):
         return merge(self.name, base, experts, **hp)
@@ -54,13 +65,13 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, description: str, needs_base: bool = True, **defaults):
+def register(name: str, *, description: str, needs_base: bool = True, prepass=None, **defaults):
     """Decorator adding ``fn`` to :data:`METHODS` under ``name`` with its default hyperparameters."""
 
     def deco(fn):
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, dict(defaults), description, needs_base)
+        METHODS[name] = Method(name, fn, dict(defaults), description, needs_base, prepass)
         return fn
 
     return deco
@@ -130,7 +141,13 @@ def merge(
             out[k] = t.detach().to(device=dev, dtype=dtype)
         return out
 
-    merged_sel = m.fn(prepare(base_sd) if base_sd is not None else None, [prepare(e) for e in expert_sds], **params)
+    base_sel = prepare(base_sd) if base_sd is not None else None
+    experts_sel = [prepare(e) for e in expert_sds]
+    context = None
+    if m.prepass is not None:
+        items = ((k, None if base_sel is None else base_sel[k], [e[k] for e in experts_sel]) for k in selected)
+        context = m.prepass(items, **params)
+    merged_sel = m.fn(base_sel, experts_sel, context=context, **params)
 
     missing = [k for k in selected if k not in merged_sel]
     if missing:

@@ -8,7 +8,7 @@ from . import register, stack, task_vectors
 
 
 @register("average", description="arithmetic (or weighted) mean of the experts: the report's Standard merge", needs_base=False, weights=None)
-def average(base, experts, *, weights=None):
+def average(base, experts, *, context=None, weights=None):
     n = len(experts)
     if weights is None:
         w = torch.full((n,), 1.0 / n, dtype=torch.float64)
@@ -24,6 +24,6 @@ def average(base, experts, *, weights=None):
 
 
 @register("task_arithmetic", description="base + lam * sum of task vectors (Ilharco et al. 2023)", lam=1.0)
-def task_arithmetic(base, experts, *, lam=1.0):
+def task_arithmetic(base, experts, *, context=None, lam=1.0):
     taus = task_vectors(base, experts)
     return {k: base[k] + lam * sum(t[k] for t in taus) for k in base}

@@ -177,4 +177,4 @@ def stack(experts: Sequence[StateDict], key: str) -> Tensor:
 
 
 # One import per method module; each module registers its methods when imported.
-from . import basic  # noqa: E402,F401
+from . import basic, dare, drm, snr, star, ties  # noqa: E402,F401

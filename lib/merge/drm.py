@@ -1,0 +1,3 @@
+"""DRM: Decom-Renorm-Merge (seed 004), horizontal and vertical variants."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""STAR: Spectral Truncation And Rescale of task vectors (seed 002)."""
+
+from __future__ import annotations

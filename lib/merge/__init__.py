@@ -29,24 +29,39 @@ Streaming. The command line merges checkpoints that do not fit in memory by call
 one key (or one module) at a time. That gives the same result as a whole-model call only if
 nothing in ``fn`` looks across keys. A method whose result does depend on the whole model (TIES'
 model-wide magnitude threshold, the SNR strategies' ranking of layers) declares a ``prepass``:
-``prepass(items, **hp) -> context`` receives an iterator of ``(key, base_tensor_or_None,
-[expert_tensors])`` over every selected key, visited once, and returns a small object (thresholds,
-per-module decisions) that is handed to every ``fn`` call as ``context``. Methods without a
-prepass get ``context=None``. Randomness (DARE) is seeded per key, never by a stream shared
-across keys, for the same reason.
+``prepass(items, **hp) -> context`` receives ``items``, an iterable of ``(key, base_tensor_or_None,
+[expert_tensors])`` over every selected key (tensors already converted by :func:`to_compute`), and
+returns a small object (thresholds, per-module decisions) that is handed to every ``fn`` call as
+``context``. ``items`` must be re-iterable -- a list, or an object whose ``__iter__`` starts over
+(for a lazy reader: reopen the files) -- because an exact model-wide threshold reads the tensors
+twice (TIES, see :func:`lib.merge.ties.kth_largest_magnitude`); the SNR strategies read them once.
+Methods without a prepass get ``context=None``; called directly with ``context=None``, a method
+that has a prepass runs it on the tensors it was given. Randomness (DARE) is seeded per key,
+never by a stream shared across keys, for the same reason.
+
+The command line therefore does::
+
+    keys = select_keys(meta, include, exclude)                       # meta: key -> tensor or meta tensor
+    ctx = run_prepass(name, LazyItems(keys), **hp)                  # None for methods without prepass
+    for key in keys:                                                # or one module at a time
+        out = METHODS[name].fn(base_part, expert_parts, context=ctx, **resolve_hparams(METHODS[name], hp))
+
+where the parts hold tensors passed through :func:`to_compute`, and writes each result with
+:func:`restore`. ``merge(..., context=ctx)`` does the same on in-memory dicts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..device import get_device
-from ..statedict import StateDict, check_compatible, matches, to_state_dict
+from ..device import get_device, supports_float64
+from ..statedict import StateDict, check_compatible, compute_dtype, matches, to_state_dict
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,7 @@ class Method:
     description: str = ""
     needs_base: bool = True
     prepass: Callable[..., Any] | None = None
+    check: Callable[..., None] | None = None
 
     def __call__(self, base, experts, **hp):
         return merge(self.name, base, experts, **hp)
@@ -65,13 +81,17 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, description: str, needs_base: bool = True, prepass=None, **defaults):
-    """Decorator adding ``fn`` to :data:`METHODS` under ``name`` with its default hyperparameters."""
+def register(name: str, *, description: str, needs_base: bool = True, prepass=None, check=None, **defaults):
+    """Decorator adding ``fn`` to :data:`METHODS` under ``name`` with its default hyperparameters.
+
+    ``check(**hp)``, if given, raises ``ValueError`` for a hyperparameter out of range; it runs in
+    :func:`resolve_hparams`, before any tensor is touched.
+    """
 
     def deco(fn):
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, dict(defaults), description, needs_base, prepass)
+        METHODS[name] = Method(name, fn, dict(defaults), description, needs_base, prepass, check)
         return fn
 
     return deco
@@ -89,7 +109,69 @@ def resolve_hparams(method: Method, hp: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         valid = ", ".join(f"{k}={v!r}" for k, v in method.defaults.items()) or "none"
         raise ValueError(f"unknown hyperparameter(s) {unknown} for {method.name!r}; valid: {valid}")
-    return {**method.defaults, **hp}
+    params = {**method.defaults, **hp}
+    if method.check is not None:
+        method.check(**params)
+    return params
+
+
+def check_range(name: str, value, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` and the valid interval unless ``low <= value <= high``
+    (strict at an open end)."""
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}") from None
+    below = x <= low if low_open else x < low
+    above = x >= high if high_open else x > high
+    if math.isnan(x) or below or above:
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_finite_number(name: str, value) -> None:
+    check_range(name, value, -math.inf, math.inf, low_open=True, high_open=True)
+
+
+def select_keys(ref: Mapping[str, Any], include=None, exclude=None) -> list[str]:
+    """The keys a method merges: floating-point tensors whose names pass ``include``/``exclude``.
+
+    ``ref`` maps key -> anything with a torch ``dtype`` (tensors, or ``device="meta"`` tensors
+    built from a checkpoint header), in the order the keys should be visited.
+    """
+    return [k for k, t in ref.items() if t.dtype.is_floating_point and matches(k, include, exclude)]
+
+
+def to_compute(t: Tensor, device: str | torch.device | None = None) -> Tensor:
+    """``t`` on the compute device in its compute dtype: float32, or float64 where the tensor is
+    float64 and the device supports it (float16/bfloat16 are merged in float32)."""
+    dev = get_device(device)
+    dtype = compute_dtype(t)
+    if dtype == torch.float64 and not supports_float64(dev):
+        dtype = torch.float32
+    return t.detach().to(device=dev, dtype=dtype)
+
+
+def restore(t: Tensor, like: Tensor) -> Tensor:
+    """A merged tensor back on the CPU in the dtype of the original ``like``."""
+    if t.shape != like.shape:
+        raise RuntimeError(f"merged tensor has shape {tuple(t.shape)}, the original {tuple(like.shape)}")
+    return t.detach().to(device="cpu", dtype=like.dtype)
+
+
+def run_items(base: StateDict | None, experts: Sequence[StateDict], keys: Sequence[str] | None = None) -> list:
+    """Prepass items ``(key, base_tensor_or_None, [expert_tensors])`` over in-memory dicts (a
+    list, so a prepass may read it more than once)."""
+    keys = list(experts[0]) if keys is None else keys
+    return [(k, None if base is None else base[k], [e[k] for e in experts]) for k in keys]
+
+
+def run_prepass(method: str, items, **hp):
+    """The ``context`` of ``method`` for the selected tensors in ``items`` (see the module
+    docstring), or None for a method without a prepass."""
+    m = get_method(method)
+    params = resolve_hparams(m, hp)
+    return None if m.prepass is None else m.prepass(items, **params)
 
 
 def merge(
@@ -101,69 +183,66 @@ def merge(
     exclude=None,
     excluded_from: str | int | None = None,
     device: str | torch.device | None = None,
+    context=None,
     **hp,
 ) -> StateDict:
     """Merge ``experts`` (state dicts or modules fine-tuned from ``base``) with ``method``.
 
     Returns a new state dict on the CPU with the keys, shapes and dtypes of the base (of expert 0
-    when ``base`` is None). See the module docstring for what happens around the method.
+    when ``base`` is None). Tensors not selected by ``include``/``exclude`` come from
+    ``excluded_from`` (``"base"`` by default when there is a base, else expert 0). ``context``, when
+    given, replaces the method's prepass (computed once elsewhere, e.g. by :func:`run_prepass`).
+    See the module docstring for what happens around the method.
     """
     m = get_method(method)
     params = resolve_hparams(m, hp)
     if base is None and m.needs_base:
         raise ValueError(f"{method!r} works on task vectors (expert - base) and needs the base model; got base=None")
-    if isinstance(experts, (dict, torch.nn.Module)):
+    if isinstance(experts, (Mapping, torch.nn.Module)):
         raise TypeError("experts must be a list of state dicts or modules, not a single one")
     base_sd = to_state_dict(base) if base is not None else None
     expert_sds = [to_state_dict(e) for e in experts]
     keys = check_compatible(base_sd, expert_sds)
     ref = base_sd if base_sd is not None else expert_sds[0]
+    fallback = _excluded_source(excluded_from, base_sd, expert_sds)
 
+    selected = select_keys(ref, include, exclude)
+    merged_sel = {}
+    if selected:
+        base_sel = None if base_sd is None else {k: to_compute(base_sd[k], device) for k in selected}
+        experts_sel = [{k: to_compute(e[k], device) for k in selected} for e in expert_sds]
+        if context is None and m.prepass is not None:
+            context = m.prepass(run_items(base_sel, experts_sel, selected), **params)
+        merged_sel = m.fn(base_sel, experts_sel, context=context, **params)
+        missing = [k for k in selected if k not in merged_sel]
+        if missing:
+            raise RuntimeError(f"merge method {method!r} returned no tensor for {missing[0]!r}")
+
+    out: StateDict = {}
+    for k in keys:
+        if k in merged_sel:
+            try:
+                out[k] = restore(merged_sel[k], ref[k])
+            except RuntimeError as err:
+                raise RuntimeError(f"merge method {method!r} changed the shape of {k!r}: {err}") from None
+        elif torch.is_floating_point(ref[k]):
+            out[k] = fallback[k].detach().clone().cpu()
+        else:  # integer buffers (num_batches_tracked, position ids): copied, never averaged
+            out[k] = ref[k].detach().clone().cpu()
+    return out
+
+
+def _excluded_source(excluded_from, base_sd, expert_sds) -> StateDict:
+    """The state dict that unselected floating-point tensors are copied from."""
     if excluded_from is None:
         excluded_from = "base" if base_sd is not None else 0
     if excluded_from == "base":
         if base_sd is None:
-            raise ValueError("excluded_from='base' needs a base model")
-        fallback = base_sd
-    elif isinstance(excluded_from, int) and 0 <= excluded_from < len(expert_sds):
-        fallback = expert_sds[excluded_from]
-    else:
-        raise ValueError(f"excluded_from must be 'base' or an expert index 0..{len(expert_sds) - 1}, got {excluded_from!r}")
-
-    selected = [k for k in keys if torch.is_floating_point(ref[k]) and matches(k, include, exclude)]
-    dev = get_device(device)
-
-    def prepare(sd: StateDict) -> StateDict:
-        out = {}
-        for k in selected:
-            t = sd[k]
-            dtype = t.dtype if t.dtype == torch.float64 else torch.float32
-            out[k] = t.detach().to(device=dev, dtype=dtype)
-        return out
-
-    base_sel = prepare(base_sd) if base_sd is not None else None
-    experts_sel = [prepare(e) for e in expert_sds]
-    context = None
-    if m.prepass is not None:
-        items = ((k, None if base_sel is None else base_sel[k], [e[k] for e in experts_sel]) for k in selected)
-        context = m.prepass(items, **params)
-    merged_sel = m.fn(base_sel, experts_sel, context=context, **params)
-
-    missing = [k for k in selected if k not in merged_sel]
-    if missing:
-        raise RuntimeError(f"merge method {method!r} returned no tensor for {missing[0]!r}")
-    out: StateDict = {}
-    for k in keys:
-        if k in merged_sel:
-            t = merged_sel[k]
-            if t.shape != ref[k].shape:
-                raise RuntimeError(f"merge method {method!r} changed the shape of {k!r}: {tuple(t.shape)} != {tuple(ref[k].shape)}")
-            out[k] = t.detach().to(device="cpu", dtype=ref[k].dtype)
-        elif torch.is_floating_point(ref[k]):
-            out[k] = fallback[k].detach().clone().cpu()
-        else:  # integer buffers (num_batches_tracked, position ids): copied, never averaged
-            out[k] = (base_sd if base_sd is not None else expert_sds[0])[k].detach().clone().cpu()
-    return out
+            raise ValueError("excluded_from='base' needs a base model; pass an expert index instead")
+        return base_sd
+    if isinstance(excluded_from, int) and not isinstance(excluded_from, bool) and 0 <= excluded_from < len(expert_sds):
+        return expert_sds[excluded_from]
+    raise ValueError(f"excluded_from must be 'base' or an expert index 0..{len(expert_sds) - 1}, got {excluded_from!r}")
 
 
 def task_vectors(base: StateDict, experts: Sequence[StateDict]) -> list[StateDict]:

@@ -1,3 +1,191 @@
-"""TIES-Merging: trim, elect sign, disjoint mean (Yadav et al. 2023); the trim/elect/disjoint-mean steps are reused by DRM."""
+"""TIES-Merging: trim, elect sign, disjoint mean (Yadav et al. 2023); the trim/elect/disjoint-mean steps are reused by DRM.
+
+The three steps are small public functions over stacked task vectors ``(N, ...)`` so that other
+methods (DARE-TIES, DRM) compose them:
+
+>>> kept = trim_topk(taus, density=0.2, batch_dims=1)      # each expert's top 20 % magnitudes
+>>> merged_tau = disjoint_mean(kept, elect_sign(kept))
+
+Conventions, stated once because they decide edge cases:
+
+* "top-density magnitudes" keeps every entry whose magnitude is at least the k-th largest, with
+  ``k = ceil(density * n)``; entries tied with the k-th largest are all kept. Magnitudes are
+  compared in float32 (float64 task vectors are ranked by their float32 rounding), which is what
+  makes the model-wide threshold exact and cheap to stream (see :func:`kth_largest_magnitude`).
+* An entry whose summed mass is exactly zero gets no elected sign and merges to 0. The reference
+  implementation instead gives such entries the model-wide majority sign; that needs a look
+  across the whole model for a measure-zero event, so we do not.
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import check_finite_number, check_range, register, run_items, stack, task_vectors
+
+#: radix select works on 16-bit digits of the float32 bit pattern: two passes, 65536 bins each
+_DIGIT_BITS = 16
+_BINS = 1 << _DIGIT_BITS
+
+
+def kept_count(n: int, density: float) -> int:
+    """How many of ``n`` entries a trim at ``density`` keeps: ``ceil(density * n)``, robust to
+    float rounding (``0.2 * 10`` is 2.0000000000000004, which must still give 2)."""
+    return min(n, max(0, math.ceil(density * n * (1 - 1e-12))))
+
+
+def _magnitude_bits(t: Tensor) -> Tensor:
+    """|t| as float32 bit patterns read as int32: for non-negative floats the integer order is
+    the value order, so selecting on bits selects on magnitudes."""
+    return t.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
+
+
+def trim_topk(tau: Tensor, density: float, *, batch_dims: int = 0) -> Tensor:
+    """Zero all but the top-``density`` fraction of magnitudes of ``tau``.
+
+    ``batch_dims=0`` ranks the whole tensor; ``batch_dims=1`` ranks each ``tau[i]`` separately
+    (one task vector per row of a stack ``(N, ...)``).
+    """
+    check_range("density", density, 0.0, 1.0)
+    if batch_dims not in (0, 1):
+        raise ValueError(f"batch_dims must be 0 (whole tensor) or 1 (each tau[i] separately), got {batch_dims}")
+    rows = tau.reshape(1, -1) if batch_dims == 0 else tau.reshape(tau.shape[0], -1)
+    k = kept_count(rows.shape[1], density)
+    if k == 0:
+        return torch.zeros_like(tau)
+    magnitude = rows.abs().to(torch.float32)
+    kth = torch.topk(magnitude, k, dim=1, sorted=True).values[:, -1:]
+    return (rows * (magnitude >= kth)).reshape(tau.shape)
+
+
+def trim_below(tau: Tensor, threshold: float | Tensor) -> Tensor:
+    """Zero the entries of ``tau`` whose float32 magnitude is below ``threshold`` (a scalar, or
+    one threshold per row of a stack ``(N, ...)``)."""
+    threshold = torch.as_tensor(threshold, dtype=torch.float32, device=tau.device)
+    threshold = threshold.reshape(-1, *([1] * (tau.ndim - 1))) if threshold.ndim else threshold
+    return tau * (tau.abs().to(torch.float32) >= threshold)
+
+
+def elect_sign(taus: Tensor) -> Tensor:
+    """Sign of the summed mass over experts (dim 0): +1, -1, or 0 where the sum is exactly 0."""
+    return torch.sign(taus.sum(dim=0))
+
+
+def disjoint_mean(taus: Tensor, signs: Tensor) -> Tensor:
+    """Mean over experts (dim 0) of the non-zero entries that agree with the elected sign; 0
+    where none does."""
+    agree = (torch.sign(taus) == signs) & (taus != 0)
+    total = (taus * agree).sum(dim=0)
+    count = agree.sum(dim=0).clamp(min=1)
+    return total / count
+
+
+def kth_largest_magnitude(items: Iterable[Sequence[Tensor]], ks: Sequence[int]) -> list[float]:
+    """Exact k-th largest float32 magnitude of each of N streams of tensors, reading them twice.
+
+    ``items`` yields, once per tensor position, a sequence of N tensors (one per stream, e.g. the
+    task vectors of N experts for one key); it must be re-iterable (a list, or an object whose
+    ``__iter__`` starts over, such as a reader that reopens the checkpoint files). ``ks[i]`` is the
+    rank wanted in stream ``i`` (1 = the largest). Returns ``inf`` where ``ks[i] == 0``.
+
+    Radix select on float32 bit patterns: pass 1 histograms the top 16 bits of every magnitude
+    and finds the bin holding the k-th largest; pass 2 histograms the low 16 bits of the entries
+    in that bin. Memory: one ``(N, 65536)`` int64 histogram (0.5 MiB per stream) plus one tensor
+    at a time -- never the whole model.
+    """
+    n_streams = len(ks)
+    remaining = list(ks)
+    prefix = [0] * n_streams
+    for shift in (_DIGIT_BITS, 0):
+        counts = None
+        for tensors in items:
+            if len(tensors) != n_streams:
+                raise ValueError(f"expected {n_streams} tensors per item (one per stream), got {len(tensors)}")
+            if counts is None:
+                counts = torch.zeros(n_streams, _BINS, dtype=torch.int64, device=tensors[0].device)
+            for i, t in enumerate(tensors):
+                bits = _magnitude_bits(t)
+                if shift == 0:  # second pass: only the entries in the bin chosen by the first
+                    bits = bits[(bits >> _DIGIT_BITS) == prefix[i]]
+                counts[i] += torch.bincount((bits >> shift) & (_BINS - 1), minlength=_BINS)
+        if counts is None:
+            raise ValueError("no tensors to rank: the selection of keys is empty")
+        # from the largest bin down: the first bin where the running count reaches k
+        from_top = counts.flip(1).cumsum(1).cpu()
+        for i in range(n_streams):
+            if remaining[i] == 0:
+                continue
+            if from_top[i, -1] < remaining[i]:
+                raise ValueError(f"stream {i} has {int(from_top[i, -1])} entries, cannot take the {remaining[i]}-th largest")
+            top_bin = int(torch.searchsorted(from_top[i], remaining[i]))
+            above = int(from_top[i, top_bin - 1]) if top_bin > 0 else 0
+            remaining[i] -= above
+            prefix[i] = (prefix[i] << _DIGIT_BITS) | (_BINS - 1 - top_bin)
+    return [
+        math.inf if k == 0 else float(torch.tensor([p], dtype=torch.int32).view(torch.float32))
+        for k, p in zip(ks, prefix)
+    ]
+
+
+def _check(density, lam, scope):
+    check_range("density", density, 0.0, 1.0)
+    check_finite_number("lam", lam)
+    if scope not in ("model", "tensor"):
+        raise ValueError(f"scope must be 'model' (one magnitude threshold per expert over all tensors) or 'tensor', got {scope!r}")
+
+
+def model_thresholds(items, *, density, lam=1.0, scope="model"):
+    """Prepass of ``ties``: each expert's model-wide magnitude threshold (the k-th largest |tau|
+    over every selected tensor of that expert), or None for ``scope="tensor"``."""
+    _check(density, lam, scope)
+    if scope == "tensor":
+        return None
+    tau_items = _TaskVectorItems(items)
+    sizes = [0] * tau_items.n_experts
+    for taus in tau_items:
+        sizes = [s + t.numel() for s, t in zip(sizes, taus)]
+    return kth_largest_magnitude(tau_items, [kept_count(n, density) for n in sizes])
+
+
+class _TaskVectorItems:
+    """Re-iterable view of prepass items ``(key, base, [experts])`` as lists of task vectors."""
+
+    def __init__(self, items):
+        self.items = items
+        first = next(iter(items), None)
+        if first is None:
+            raise ValueError("no tensors to merge: the selection of keys is empty")
+        if first[1] is None:
+            raise ValueError("ties works on task vectors (expert - base) and needs the base model")
+        self.n_experts = len(first[2])
+
+    def __iter__(self):
+        for _key, base, experts in self.items:
+            yield [e - base for e in experts]
+
+
+def ties_merge_taus(taus: Tensor, density: float, *, thresholds=None) -> Tensor:
+    """TIES on one stack of task vectors ``(N, ...)``: trim (per tensor, or below the given
+    per-expert ``thresholds``), elect signs, disjoint mean."""
+    kept = trim_topk(taus, density, batch_dims=1) if thresholds is None else trim_below(taus, thresholds)
+    return disjoint_mean(kept, elect_sign(kept))
+
+
+@register(
+    "ties",
+    description="TIES: trim each task vector to its top-density magnitudes, elect signs by mass, disjoint mean (Yadav et al. 2023)",
+    prepass=model_thresholds,
+    check=_check,
+    density=0.2,
+    lam=1.0,
+    scope="model",
+)
+def ties(base, experts, *, context=None, density=0.2, lam=1.0, scope="model"):
+    if scope == "model" and context is None:
+        context = model_thresholds(run_items(base, experts), density=density, lam=lam, scope=scope)
+    taus = task_vectors(base, experts)
+    return {k: base[k] + lam * ties_merge_taus(stack(taus, k), density, thresholds=context) for k in base}

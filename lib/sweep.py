@@ -1,0 +1,239 @@
+"""One runner for the merging sweeps of notebooks 01-03 (the Sapienza report's experiments).
+
+A sweep is a list of :class:`Run` objects (a merge method with its hyperparameters) built by
+:func:`snr_runs`, :func:`threshold_runs` and :func:`reference_runs`. :func:`run_sweep` merges
+each, evaluates the merged model with a callable the notebook supplies, and returns *tidy
+records*: one dict per (model, task, metric) with the sweep coordinates, the value and the
+measured merge/evaluation times. :func:`summarize` turns the records of several seeds into
+mean +- std.
+
+The evaluation is a callable ``evaluate(state_dict) -> {task: {metric: value}}`` so that the
+runner knows nothing about models or data (and is tested with a fake one). Identical merged
+models (``top=0`` and ``top=1`` make many strategies coincide, and at those two values the SNR
+definition does not matter) are recognised by a hash of their tensors and evaluated once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from .statedict import StateDict
+
+#: the six strategies of the report's Table 1 besides the Standard merge
+SNR_STRATEGIES = ("snr_base_reset", "snr_winner", "snr_low_a", "snr_low_b", "snr_max", "snr_weighted")
+#: the merges drawn as horizontal reference lines, each at its default hyperparameters
+REFERENCES = ("average", "task_arithmetic", "ties", "dare", "star", "drm_h")
+#: the report's grid: the fraction of layers (ranked by SNR) counted as "high SNR"
+TOPS = tuple(np.round(np.linspace(0.0, 1.0, 11), 6).tolist())
+
+Evaluate = Callable[[StateDict], Mapping[str, Mapping[str, float]]]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One merged model of a sweep: ``method`` with the sweep coordinates that are set
+    (``snr_method``, ``top``, ``threshold``) plus any other hyperparameters in ``extra``."""
+
+    method: str
+    snr_method: str | None = None
+    top: float | None = None
+    threshold: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def hparams(self) -> dict[str, Any]:
+        """The keyword arguments for :func:`lib.merge.merge` (unset coordinates are left to the
+        method's defaults)."""
+        coords = {"snr_method": self.snr_method, "top": self.top, "threshold": self.threshold}
+        return {**{k: v for k, v in coords.items() if v is not None}, **self.extra}
+
+    def label(self) -> str:
+        coords = [f"{k}={v}" for k, v in self.hparams().items()]
+        return f"{self.method}({', '.join(coords)})"
+
+
+def snr_runs(strategies: Iterable[str] = SNR_STRATEGIES, snr_methods: Iterable[str] = ("mp",),
+             tops: Iterable[float] = TOPS) -> list[Run]:
+    """Every strategy x SNR definition x ``top`` fraction, grouped by (SNR definition, strategy)
+    so that runs sharing an SNR prepass are consecutive."""
+    tops = [_check_fraction(t) for t in tops]
+    return [Run(s, snr_method=m, top=t) for m in snr_methods for s in strategies for t in tops]
+
+
+def threshold_runs(strategies: Iterable[str], snr_method: str, thresholds: Iterable[float]) -> list[Run]:
+    """Every strategy at absolute SNR thresholds (the report's ResNet sweep: 3, 5, 15, 25 with
+    ``max_median``)."""
+    return [Run(s, snr_method=snr_method, threshold=float(th)) for s in strategies for th in thresholds]
+
+
+def reference_runs(references: Iterable[str] = REFERENCES) -> list[Run]:
+    """The reference merges, each at its registered default hyperparameters."""
+    return [Run(r) for r in references]
+
+
+def _check_fraction(top: float) -> float:
+    top = round(float(top), 6)
+    if not 0.0 <= top <= 1.0:
+        raise ValueError(f"top is the fraction of layers counted as high-SNR and must lie in [0, 1], got {top}")
+    return top
+
+
+def fingerprint(sd: Mapping[str, torch.Tensor]) -> str:
+    """A hash of names, dtypes, shapes and bytes: equal fingerprints mean identical models (about
+    0.05 s for MiniLM's 23M parameters, far less than one evaluation)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(sd):
+        t = sd[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class CachedEvaluate:
+    """Wrap ``evaluate`` so that a model identical to one already evaluated is not evaluated
+    again. ``reused`` tells whether the last call was answered from the cache."""
+
+    def __init__(self, evaluate: Evaluate):
+        self.evaluate = evaluate
+        self.seen: dict[str, dict[str, dict[str, float]]] = {}
+        self.reused = False
+
+    def __call__(self, sd: StateDict) -> dict[str, dict[str, float]]:
+        key = fingerprint(sd)
+        self.reused = key in self.seen
+        if not self.reused:
+            self.seen[key] = _check_scores(self.evaluate(sd))
+        return self.seen[key]
+
+
+def _check_scores(scores) -> dict[str, dict[str, float]]:
+    if not isinstance(scores, Mapping) or not all(isinstance(m, Mapping) for m in scores.values()):
+        raise TypeError(
+            f"evaluate must return {{task: {{metric: value}}}}, e.g. {{'sst2': {{'accuracy': 0.9}}}}; got {scores!r}"
+        )
+    return {task: {metric: float(v) for metric, v in metrics.items()} for task, metrics in scores.items()}
+
+
+def _records(scores, *, seed, method, model, run: Run | None, merge_s, eval_s, reused) -> list[dict]:
+    coords = {"run": f"{method}:{model}", "snr_method": None, "top": None, "threshold": None}
+    if run is not None:
+        coords = {"run": run.label(), "snr_method": run.snr_method, "top": run.top, "threshold": run.threshold}
+    return [
+        {"seed": seed, "method": method, "model": model, **coords, "task": task, "metric": metric, "value": value,
+         "merge_s": merge_s, "eval_s": eval_s, "reused": reused}
+        for task, metrics in scores.items()
+        for metric, value in metrics.items()
+    ]
+
+
+def evaluate_models(models: Mapping[str, StateDict], evaluate: Evaluate, *, seed: int, method: str = "expert",
+                    cache: CachedEvaluate | None = None) -> list[dict]:
+    """Records for models evaluated as they are (each expert alone, the base), tagged with
+    ``method`` and the model's name in ``model``."""
+    cache = cache if cache is not None else CachedEvaluate(evaluate)
+    out = []
+    for name, sd in models.items():
+        t0 = time.perf_counter()
+        scores = cache(sd)
+        out += _records(scores, seed=seed, method=method, model=name, run=None, merge_s=0.0,
+                        eval_s=time.perf_counter() - t0, reused=cache.reused)
+    return out
+
+
+def run_sweep(base: StateDict | None, experts: Sequence[StateDict], evaluate: Evaluate, runs: Sequence[Run], *,
+              seed: int, merge_fn: Callable[..., StateDict] | None = None, cache: CachedEvaluate | None = None,
+              progress: bool = True, **merge_kwargs) -> list[dict]:
+    """Merge ``experts`` once per run and evaluate each merged model.
+
+    ``merge_kwargs`` (``include``, ``exclude``, ``excluded_from``, ``device``) go to every merge
+    unchanged: they say which tensors are merged (for example ``exclude="classifier"`` keeps each
+    task's own head out of the merge). ``merge_fn`` defaults to :func:`lib.merge.merge`. Pass one
+    ``cache`` to several calls of the same seed so that identical models are evaluated once
+    across them. Returns tidy records (see :func:`records_frame`).
+    """
+    if merge_fn is None:
+        from .merge import merge as merge_fn
+    cache = cache if cache is not None else CachedEvaluate(evaluate)
+    out = []
+    bar = tqdm(runs, desc=f"seed {seed}: merge + evaluate", disable=not progress, leave=False)
+    for run in bar:
+        bar.set_postfix_str(run.label(), refresh=False)
+        t0 = time.perf_counter()
+        try:
+            merged = merge_fn(run.method, base, list(experts), **merge_kwargs, **run.hparams())
+        except Exception as err:
+            raise RuntimeError(f"merging with {run.label()} failed (seed {seed}): {err}") from err
+        t1 = time.perf_counter()
+        scores = cache(merged)
+        t2 = time.perf_counter()
+        out += _records(scores, seed=seed, method=run.method, model="merged", run=run, merge_s=t1 - t0,
+                        eval_s=t2 - t1, reused=cache.reused)
+    return out
+
+
+RECORD_COLUMNS = ["seed", "method", "model", "run", "snr_method", "top", "threshold", "task", "metric", "value",
+                  "merge_s", "eval_s", "reused"]
+#: ``run`` (the merge with all its hyperparameters, or the name of a model evaluated alone)
+#: identifies a model; the other columns are kept so that the summary can be plotted directly
+GROUP_COLUMNS = ["run", "method", "model", "snr_method", "top", "threshold", "task", "metric"]
+
+
+def records_frame(records: Iterable[Mapping]) -> pd.DataFrame:
+    """The records as a DataFrame with the columns in :data:`RECORD_COLUMNS`."""
+    df = pd.DataFrame(list(records), columns=RECORD_COLUMNS)
+    missing = df[["method", "task", "metric", "value"]].isna().any()
+    if missing.any():
+        raise ValueError(f"records without {list(missing[missing].index)}: every record needs method, task, metric and value")
+    return df
+
+
+def summarize(records: Iterable[Mapping]) -> pd.DataFrame:
+    """Mean, standard deviation (ddof=1; NaN for one seed) and number of seeds of every value,
+    per sweep coordinate, task and metric."""
+    df = records_frame(records)
+    g = df.groupby(GROUP_COLUMNS, dropna=False, sort=False)["value"]
+    out = g.agg(mean="mean", std="std", n="count").reset_index()
+    return out
+
+
+def timing(records: Iterable[Mapping]) -> dict[str, float]:
+    """Measured seconds: merges, fresh evaluations, and how many evaluations the cache saved.
+    Each model appears once per (task, metric) in the records, so models are counted once."""
+    df = records_frame(records)
+    models = df.drop_duplicates(["seed", "run"])
+    merged = models[models["model"] == "merged"]
+    fresh = models[~models["reused"].astype(bool)]
+    return {
+        "models": int(len(models)),
+        "merges": int(len(merged)),
+        "merge_s_total": float(merged["merge_s"].sum()),
+        "merge_s_mean": float(merged["merge_s"].mean()) if len(merged) else float("nan"),
+        "evaluations": int(len(fresh)),
+        "evaluations_reused": int(len(models) - len(fresh)),
+        "eval_s_total": float(fresh["eval_s"].sum()),
+        "eval_s_mean": float(fresh["eval_s"].mean()) if len(fresh) else float("nan"),
+    }
+
+
+def versions(packages: Iterable[str] = ("torch", "torchvision", "transformers", "numpy", "scipy", "pandas",
+                                        "matplotlib")) -> dict[str, str]:
+    """Python, library versions and the compute device, for the results JSON."""
+    from .device import get_device
+
+    out = {"python": platform.python_version(), "platform": platform.platform(), "device": str(get_device())}
+    for p in packages:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out

@@ -1,0 +1,180 @@
+"""The sweep runner of notebooks 01-03, with tiny state dicts, a fake merge and a fake
+evaluation (so nothing here needs a trained model)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lib import sweep
+from lib.merge import merge
+
+
+def tiny(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "body.weight": scale * torch.randn(6, 4, generator=g),
+        "body.bias": scale * torch.randn(6, generator=g),
+        "classifier.weight": scale * torch.randn(2, 6, generator=g),
+        "bn.num_batches_tracked": torch.tensor(3),
+    }
+
+
+class CountingEvaluate:
+    """A fake evaluation: two tasks, a score that depends on every float tensor, and a count of
+    calls so that the cache can be checked."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, sd):
+        self.calls += 1
+        total = float(sum(v.double().sum() for v in sd.values() if v.is_floating_point()))
+        return {"a": {"accuracy": total}, "b": {"accuracy": -total, "mcc": 2 * total}}
+
+
+def fake_merge(method, base, experts, *, top=None, snr_method=None, threshold=None, **kwargs):
+    """A merge whose result depends on ``top`` but not on ``snr_method`` at top 0 and 1, like
+    the real SNR strategies: both definitions agree when all or no layers are high-SNR."""
+    shift = float(top or 0.0) + (0.01 if snr_method == "seed" and top not in (0.0, 1.0) else 0.0)
+    return {k: (v + shift if v.is_floating_point() else v) for k, v in experts[0].items()}
+
+
+def test_snr_runs_cover_the_grid_grouped_by_prepass():
+    runs = sweep.snr_runs(["snr_winner", "snr_max"], ["mp", "seed"], np.linspace(0, 1, 11))
+    assert len(runs) == 2 * 2 * 11
+    assert runs[0] == sweep.Run("snr_winner", snr_method="mp", top=0.0)
+    assert [r.top for r in runs[:11]] == list(sweep.TOPS), "linspace noise (0.30000000000000004) must be rounded"
+    # runs that share (snr_method, strategy) are consecutive, so a shared SNR prepass could serve them
+    keys = [(r.snr_method, r.method) for r in runs]
+    assert keys == sorted(keys, key=keys.index)
+
+
+def test_top_outside_unit_interval_is_refused():
+    with pytest.raises(ValueError, match=r"top .* \[0, 1\], got 1.5"):
+        sweep.snr_runs(["snr_winner"], ["mp"], [1.5])
+
+
+def test_run_hparams_leave_unset_coordinates_to_the_method():
+    assert sweep.Run("average").hparams() == {}
+    assert sweep.Run("snr_max", snr_method="max_median", threshold=5.0).hparams() == {"snr_method": "max_median", "threshold": 5.0}
+    assert sweep.Run("ties", extra={"density": 0.2}).label() == "ties(density=0.2)"
+    th = sweep.threshold_runs(["snr_low_a", "snr_low_b"], "max_median", [3, 25])
+    assert [(r.method, r.threshold) for r in th] == [("snr_low_a", 3.0), ("snr_low_a", 25.0), ("snr_low_b", 3.0), ("snr_low_b", 25.0)]
+
+
+def test_fingerprint_sees_every_change_and_nothing_else():
+    sd = tiny(0)
+    same = {k: v.clone() for k, v in reversed(list(sd.items()))}
+    assert sweep.fingerprint(sd) == sweep.fingerprint(same), "key order and storage must not matter"
+    changed = {**sd, "body.weight": sd["body.weight"].clone()}
+    changed["body.weight"][3, 2] += 1e-6
+    assert sweep.fingerprint(changed) != sweep.fingerprint(sd)
+    assert sweep.fingerprint({**sd, "body.bias": sd["body.bias"].double()}) != sweep.fingerprint(sd)
+    half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in sd.items()}
+    assert len(sweep.fingerprint(half)) == 32
+    transposed = {**sd, "body.weight": sd["body.weight"].t().contiguous().t()}  # non-contiguous view of equal values
+    assert sweep.fingerprint(transposed) == sweep.fingerprint(sd)
+
+
+def test_run_sweep_evaluates_identical_models_once():
+    experts = [tiny(1), tiny(2)]
+    evaluate = CountingEvaluate()
+    runs = sweep.snr_runs(["snr_winner"], ["mp", "seed"], [0.0, 0.5, 1.0])
+    recs = sweep.run_sweep(tiny(0), experts, evaluate, runs, seed=7, merge_fn=fake_merge, progress=False)
+    # top 0 and 1 give the same model under both SNR definitions: 6 runs, 4 distinct models
+    assert evaluate.calls == 4
+    assert len(recs) == len(runs) * 3, "one record per run, task and metric"
+    df = sweep.records_frame(recs)
+    assert set(df["seed"]) == {7}
+    reused = df.drop_duplicates("run").set_index("run")["reused"]
+    assert reused.sum() == 2 and not reused["snr_winner(snr_method=mp, top=0.0)"]
+    assert reused["snr_winner(snr_method=seed, top=1.0)"]
+    # a reused evaluation gives exactly the numbers of the first one
+    v = df[(df.task == "a") & (df.top == 1.0)]["value"]
+    assert v.nunique() == 1
+
+
+def test_run_sweep_passes_merge_options_and_reports_the_failing_run():
+    seen = []
+
+    def recording_merge(method, base, experts, **kw):
+        seen.append(kw)
+        if kw.get("top") == 0.5:
+            raise ValueError("boom")
+        return experts[0]
+
+    runs = sweep.snr_runs(["snr_max"], ["mp"], [0.0, 0.5])
+    with pytest.raises(RuntimeError, match=r"snr_max\(snr_method=mp, top=0.5\) failed \(seed 3\): boom"):
+        sweep.run_sweep(tiny(0), [tiny(1)], CountingEvaluate(), runs, seed=3, merge_fn=recording_merge,
+                        progress=False, exclude="classifier")
+    assert seen[0] == {"exclude": "classifier", "snr_method": "mp", "top": 0.0}
+
+
+def test_run_sweep_with_the_real_average_merge():
+    experts = [tiny(1), tiny(2)]
+    recs = sweep.run_sweep(None, experts, CountingEvaluate(), sweep.reference_runs(["average"]), seed=0, progress=False)
+    expected = sum(float((experts[0][k].double() + experts[1][k].double()).sum()) / 2
+                   for k in experts[0] if experts[0][k].is_floating_point())
+    got = [r["value"] for r in recs if r["task"] == "a"]
+    assert got == [pytest.approx(expected, rel=1e-6)]
+    assert recs[0]["top"] is None and recs[0]["model"] == "merged"
+
+
+def test_evaluate_must_return_tasks_of_metrics():
+    with pytest.raises(TypeError, match=r"\{task: \{metric: value\}\}"):
+        sweep.evaluate_models({"x": tiny(0)}, lambda sd: {"accuracy": 0.5}, seed=0)
+
+
+def test_experts_alone_share_the_cache_with_merges():
+    experts = {"a": tiny(1), "b": tiny(2)}
+    evaluate = CountingEvaluate()
+    cache = sweep.CachedEvaluate(evaluate)
+    alone = sweep.evaluate_models(experts, evaluate, seed=0, cache=cache)
+    # a merge that returns expert 0 unchanged is recognised as the expert evaluated above
+    merged = sweep.run_sweep(None, list(experts.values()), evaluate, [sweep.Run("x")], seed=0,
+                             merge_fn=lambda m, b, e, **kw: e[0], cache=cache, progress=False)
+    assert evaluate.calls == 2
+    assert {r["run"] for r in alone} == {"expert:a", "expert:b"}
+    assert all(r["reused"] for r in merged)
+
+
+def test_summarize_gives_mean_and_sample_std_over_seeds():
+    runs = sweep.snr_runs(["snr_winner"], ["mp"], [0.0, 0.5]) + sweep.reference_runs(["average"])
+    recs = []
+    for seed in range(3):
+        recs += sweep.run_sweep(tiny(0), [tiny(10 + seed), tiny(20 + seed)], CountingEvaluate(), runs, seed=seed,
+                                merge_fn=fake_merge, progress=False)
+    s = sweep.summarize(recs)
+    assert len(s) == 3 * 3, "three models x three (task, metric) pairs"
+    assert (s["n"] == 3).all()
+    df = sweep.records_frame(recs)
+    sel = df[(df.top == 0.5) & (df.task == "b") & (df.metric == "mcc")]["value"].to_numpy()
+    row = s[(s.top == 0.5) & (s.task == "b") & (s.metric == "mcc")].iloc[0]
+    assert row["mean"] == pytest.approx(sel.mean())
+    assert row["std"] == pytest.approx(sel.std(ddof=1))
+    ref = s[s.method == "average"]
+    assert len(ref) == 3 and ref["top"].isna().all(), "a reference has no top and must survive the grouping"
+
+
+def test_summarize_of_one_seed_has_no_std():
+    recs = sweep.run_sweep(None, [tiny(1)], CountingEvaluate(), [sweep.Run("average")], seed=0, progress=False)
+    assert sweep.summarize(recs)["std"].map(math.isnan).all()
+
+
+def test_timing_counts_each_model_once():
+    runs = sweep.snr_runs(["snr_winner"], ["mp", "seed"], [0.0, 0.5, 1.0])
+    recs = sweep.run_sweep(tiny(0), [tiny(1)], CountingEvaluate(), runs, seed=0, merge_fn=fake_merge, progress=False)
+    t = sweep.timing(recs)
+    assert (t["models"], t["merges"], t["evaluations"], t["evaluations_reused"]) == (6, 6, 4, 2)
+    assert t["merge_s_total"] >= 0 and t["eval_s_total"] >= 0
+
+
+def test_versions_name_the_device_and_libraries():
+    v = sweep.versions(["torch", "surely-not-a-package"])
+    assert torch.__version__.startswith(v["torch"])
+    assert v["surely-not-a-package"] == "not installed"
+    assert v["device"].split(":")[0] in {"cpu", "cuda", "mps"}

@@ -178,3 +178,65 @@ def test_versions_name_the_device_and_libraries():
     assert torch.__version__.startswith(v["torch"])
     assert v["surely-not-a-package"] == "not installed"
     assert v["device"].split(":")[0] in {"cpu", "cuda", "mps"}
+
+
+# --- figures: drawn from a results dict built by the runner with fakes --------------------------
+
+
+def fake_results(notebook: str) -> dict:
+    runs = (sweep.snr_runs(["snr_winner", "snr_low_b"], ["mp", "seed"], [0.0, 0.5, 1.0])
+            + sweep.threshold_runs(["snr_low_a"], "max_median", [3, 25]) + sweep.reference_runs(["average"]))
+    records = []
+    for seed in range(2):
+        experts = {"a": tiny(10 + seed), "b": tiny(20 + seed)}
+        records += sweep.run_sweep(tiny(0), list(experts.values()), CountingEvaluate(), runs, seed=seed,
+                                   merge_fn=fake_merge, progress=False)
+        records += sweep.evaluate_models(experts, CountingEvaluate(), seed=seed)
+    layers = [{"seed": 0, "expert": e, "key": f"l{i}.weight", "rows": 4 * (1 + i % 2), "cols": 4, "snr_method": m,
+               "snr": float(1 + i + (e == "b"))} for e in "ab" for m in ("mp", "seed") for i in range(5)]
+    return {
+        "notebook": notebook,
+        "config": {"snr_methods": ["mp", "seed"]},
+        "tasks": {"a": {"metrics": ["accuracy"], "n_eval": 10}, "b": {"metrics": ["accuracy", "mcc"], "n_eval": 12}},
+        "records": records,
+        "layers": layers,
+        "head_variants": {
+            "own": {"title": "own heads", "records": [r for r in records if r["model"] == "merged"]},
+            "report": {"title": "re-initialised head", "records": records[:6], "majority": {"b": 0.7}},
+        },
+    }
+
+
+@pytest.fixture
+def figures_dir(tmp_path, monkeypatch):
+    from lib import paths
+
+    monkeypatch.setattr(paths, "FIGURES", tmp_path)
+    return tmp_path / "smoke"
+
+
+def test_sweep_figures_are_written_from_results(figures_dir):
+    from lib.figures import snr_sweep
+
+    results = fake_results("99_fake")
+    written = []
+    for fn in (snr_sweep.draw_top_sweep, snr_sweep.draw_threshold_sweep, snr_sweep.draw_layer_snr,
+               snr_sweep.draw_head_variants):
+        written += fn(results, smoke=True)
+    assert sorted(p.name for p in written) == sorted(
+        f"99_fake_{n}.png" for n in ("top_sweep", "threshold_sweep", "layer_snr", "head_variants"))
+    assert all(p.parent == figures_dir and p.stat().st_size > 1000 for p in written)
+
+
+def test_panels_follow_the_tasks_and_their_metrics():
+    from lib.figures import snr_sweep
+
+    assert snr_sweep.panels(fake_results("x")) == [("a", "accuracy"), ("b", "accuracy"), ("b", "mcc")]
+
+
+@pytest.mark.parametrize("module", ["f01_resnet_fashion_kmnist", "f02_text_sst2_emotion", "f03_text_sst2_cola"])
+def test_each_notebook_module_names_its_notebook(module):
+    import importlib
+
+    mod = importlib.import_module(f"lib.figures.{module}")
+    assert mod.NOTEBOOK == module[1:], "the results file and the figure names are keyed by the notebook's stem"

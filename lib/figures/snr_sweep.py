@@ -1,0 +1,222 @@
+"""Figures shared by notebooks 01-03 (the SNR-routed merges of the Sapienza report).
+
+Every function takes the notebook's results dict and returns the saved paths. What the dict
+holds (written by the notebooks through :mod:`lib.sweep`):
+
+``notebook``   the notebook's stem, used as the prefix of every figure name
+``config``     ``snr_methods`` (ours first), ``strategies``, ``references``, ...
+``tasks``      task -> ``{"metrics": [...], "n_eval": int, ...}`` (the metrics to plot, in order)
+``records``    tidy sweep records (:func:`lib.sweep.run_sweep`), all seeds
+``layers``     per-layer SNR rows: ``expert``, ``key``, ``rows``, ``cols``, ``snr_method``, ``snr``
+``esd``        a few layers' spectra: ``expert``, ``key``, ``why``, ``eigenvalues``, ``q``,
+               ``sigma2``, ``lambda_plus``
+``head_variants`` (notebook 02) variant -> records of the same merges evaluated another way
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from .. import sweep
+from ..plotting import color, savefig
+
+#: how the SNR definitions are named in legends and titles
+SNR_NAMES = {
+    "mp": "ours (MP bulk fitted, shape-aware)",
+    "seed": "report's (variance sigma^2, no shape correction)",
+    "max_median": "report's ResNet (lambda_max / lambda_median)",
+}
+#: the merges drawn as reference lines, and their line styles
+REFERENCE_STYLE = {"linestyle": "--", "linewidth": 1.1}
+EXPERT_STYLES = ("-.", ":")
+
+
+def panels(results: dict) -> list[tuple[str, str]]:
+    """(task, metric) pairs in the order of ``results["tasks"]``: one row of panels each."""
+    return [(task, metric) for task, spec in results["tasks"].items() for metric in spec["metrics"]]
+
+
+def metric_label(results: dict, task: str, metric: str) -> str:
+    n = results["tasks"][task].get("n_eval")
+    return f"{task} {metric}" + (f" (n={n})" if n else "")
+
+
+def _summary(records) -> pd.DataFrame:
+    return sweep.summarize(records)
+
+
+def _band(ax, x, mean, std, *, label, c, marker="o"):
+    ax.plot(x, mean, marker=marker, markersize=3, color=c, label=label, linewidth=1.4)
+    if np.isfinite(std).any():
+        ax.fill_between(x, mean - std, mean + std, color=c, alpha=0.18, linewidth=0)
+
+
+def _reference_lines(ax, summary: pd.DataFrame, task: str, metric: str) -> None:
+    """Horizontal lines for the reference merges and for each expert (and the base) alone."""
+    sel = summary[(summary.task == task) & (summary.metric == metric)]
+    refs = sel[(sel.model == "merged") & sel.top.isna() & sel.threshold.isna()]
+    for _, row in refs.iterrows():
+        ax.axhline(row["mean"], color=color(row["method"]), label=row["method"], **REFERENCE_STYLE)
+    alone = sel[sel.model != "merged"].reset_index(drop=True)
+    for i, row in alone.iterrows():
+        own = row["model"] == task
+        ax.axhline(row["mean"], color=color(row["method"]), linewidth=1.0 if own else 0.8,
+                   linestyle=EXPERT_STYLES[0] if own else EXPERT_STYLES[1],
+                   label=f"{row['model']} {row['method']} alone")
+
+
+def _legend(fig, axes) -> None:
+    """One legend for the figure, each label once, outside the panels."""
+    seen = {}
+    for ax in np.ravel(axes):
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    fig.legend(seen.values(), seen.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5))
+
+
+def draw_top_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
+    """Metric vs the fraction of layers counted as high-SNR, one line (mean +- std over seeds)
+    per strategy; one column per SNR definition, so the shape bias shows as the difference
+    between the columns; reference merges and experts alone as horizontal lines."""
+    summary = _summary(results["records"])
+    swept = summary[summary.top.notna()]
+    snr_methods = [m for m in results["config"]["snr_methods"] if m in set(swept.snr_method)]
+    rows = panels(results)
+    fig, axes = plt.subplots(len(rows), len(snr_methods), figsize=(5.2 * len(snr_methods), 2.9 * len(rows)),
+                             squeeze=False, sharex=True)
+    for (task, metric), axrow in zip(rows, axes):
+        for snr_method, ax in zip(snr_methods, axrow):
+            sel = swept[(swept.task == task) & (swept.metric == metric) & (swept.snr_method == snr_method)]
+            for method, g in sel.groupby("method", sort=False):
+                g = g.sort_values("top")
+                _band(ax, 100 * g.top.to_numpy(), g["mean"].to_numpy(), g["std"].to_numpy(), label=method, c=color(method))
+            _reference_lines(ax, summary, task, metric)
+            ax.set_title(f"{task}: SNR {SNR_NAMES.get(snr_method, snr_method)}", fontsize=9)
+            ax.set_ylabel(metric_label(results, task, metric))
+    for ax in axes[-1]:
+        ax.set_xlabel("top: % of layers counted as high-SNR")
+    _legend(fig, axes)
+    return savefig(fig, f"{results['notebook']}_top_sweep", smoke=smoke)
+
+
+def draw_threshold_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
+    """Metric vs an absolute SNR threshold (the report's ResNet experiment: a layer is high-SNR
+    when its SNR exceeds the threshold), one line per strategy."""
+    summary = _summary(results["records"])
+    swept = summary[summary.threshold.notna()]
+    rows = panels(results)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(6.0, 2.9 * len(rows)), squeeze=False, sharex=True)
+    for (task, metric), (ax,) in zip(rows, axes):
+        sel = swept[(swept.task == task) & (swept.metric == metric)]
+        for method, g in sel.groupby("method", sort=False):
+            g = g.sort_values("threshold")
+            _band(ax, g.threshold.to_numpy(), g["mean"].to_numpy(), g["std"].to_numpy(), label=method, c=color(method))
+        _reference_lines(ax, summary, task, metric)
+        snr_method = ", ".join(sorted(set(sel.snr_method.dropna())))
+        ax.set_title(f"{task}: absolute threshold on SNR {snr_method}", fontsize=9)
+        ax.set_ylabel(metric_label(results, task, metric))
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(set(sel.threshold)), [f"{t:g}" for t in sorted(set(sel.threshold))])
+    axes[-1][0].set_xlabel("SNR threshold (layers above it are high-SNR)")
+    _legend(fig, axes)
+    return savefig(fig, f"{results['notebook']}_threshold_sweep", smoke=smoke)
+
+
+def draw_layer_snr(results: dict, *, smoke: bool = False) -> list[Path]:
+    """Top row: every layer's SNR for each expert, one panel per SNR definition. Bottom row: the
+    same SNR against the layer's aspect ratio min(rows, cols) / max(rows, cols): a definition
+    without shape correction ranks layers by their shape rather than by what they learned."""
+    layers = pd.DataFrame(results["layers"])
+    layers["aspect"] = layers[["rows", "cols"]].min(axis=1) / layers[["rows", "cols"]].max(axis=1)
+    snr_methods = [m for m in results["config"]["snr_methods"] if m in set(layers.snr_method)]
+    # one seed is enough to show the profile; the first is drawn
+    layers = layers[layers.seed == layers.seed.min()] if "seed" in layers else layers
+    fig, axes = plt.subplots(2, len(snr_methods), figsize=(6.5 * len(snr_methods), 7.0), squeeze=False)
+    experts = list(dict.fromkeys(layers.expert))
+    markers = ("o", "s", "^", "D")
+    for j, snr_method in enumerate(snr_methods):
+        sel = layers[layers.snr_method == snr_method]
+        for i, expert in enumerate(experts):
+            g = sel[sel.expert == expert]
+            c = plt.get_cmap("tab10")(i)
+            axes[0][j].plot(np.arange(len(g)), g.snr.to_numpy(), marker=markers[i % 4], markersize=3, linewidth=0.8,
+                            color=c, label=f"{expert} expert")
+            axes[1][j].scatter(g.aspect, g.snr, s=14, marker=markers[i % 4], color=c, alpha=0.7, label=f"{expert} expert")
+        axes[0][j].set_title(f"SNR {SNR_NAMES.get(snr_method, snr_method)}", fontsize=9)
+        axes[0][j].set_xlabel("layer (order of the state dict)")
+        axes[1][j].set_xlabel("aspect ratio min(rows, cols) / max(rows, cols)")
+        for ax in axes[:, j]:
+            ax.set_ylabel("SNR")
+            if (sel.snr > 0).all():
+                ax.set_yscale("log")
+    _legend(fig, axes)
+    return savefig(fig, f"{results['notebook']}_layer_snr", smoke=smoke)
+
+
+def draw_esd(results: dict, *, smoke: bool = False) -> list[Path]:
+    """The eigenvalue histogram of a few telling layers with the fitted Marchenko-Pastur density:
+    eigenvalues beyond the bulk edge lambda_+ are the "signal" the SNR counts."""
+    from ..spectral import mp_pdf
+
+    items = results["esd"]
+    fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items), 3.4), squeeze=False)
+    for item, ax in zip(items, axes[0]):
+        eig = np.asarray(item["eigenvalues"], dtype=float)
+        edge = float(item["lambda_plus"])
+        # a few huge spikes would squash the bulk into one bin: show the bulk, count the rest
+        right = max(2.5 * edge, float(np.quantile(eig, 0.9)))
+        shown = eig[eig <= right]
+        ax.hist(shown, bins=50, density=True, color=color("noise"), alpha=0.9, label="eigenvalues")
+        x = np.linspace(0.0, right, 400)
+        ax.plot(x, mp_pdf(x, item["q"], item["sigma2"]) * len(eig) / max(len(shown), 1), color=color("mp"),
+                label="fitted MP density")
+        ax.axvline(edge, color=color("signal"), linestyle="--", linewidth=1, label=r"bulk edge $\lambda_+$")
+        spikes = eig[eig > edge]
+        ax.plot(spikes[spikes <= right], np.zeros(int((spikes <= right).sum())), "|", color=color("signal"),
+                markersize=12, label="signal eigenvalues")
+        beyond = int((eig > right).sum())
+        note = f"\n{beyond} more beyond the axis (max {eig.max():.3g})" if beyond else ""
+        ax.set_title(f"{item['expert']}: {item['key']}\n{item['why']}{note}", fontsize=8)
+        ax.set_xlabel("eigenvalue of W W^T / n")
+    axes[0][0].set_ylabel("density")
+    _legend(fig, axes)
+    return savefig(fig, f"{results['notebook']}_esd", smoke=smoke)
+
+
+def draw_head_variants(results: dict, *, smoke: bool = False) -> list[Path]:
+    """The same merges evaluated in different ways (notebook 02: each task's own head over the
+    merged body, against the report's re-initialised two-class head on collapsed labels). One
+    panel per variant, one group of bars per merge, one bar per (task, metric); dotted lines
+    mark the score of always predicting the majority class where the results give it."""
+    variants: dict = results["head_variants"]
+    fig, axes = plt.subplots(1, len(variants), figsize=(6.0 * len(variants), 3.6), squeeze=False, sharey=True)
+    for (variant, spec), ax in zip(variants.items(), axes[0]):
+        s = _summary(spec["records"])
+        s["bar"] = s.task + " " + s.metric
+        runs = list(dict.fromkeys(s.run))
+        bars = list(dict.fromkeys(s.bar))
+        width = 0.8 / len(bars)
+        for i, bar in enumerate(bars):
+            g = s[s.bar == bar].set_index("run").reindex(runs)
+            ax.bar(np.arange(len(runs)) + i * width, g["mean"], width, yerr=g["std"].fillna(0), label=bar,
+                   color=plt.get_cmap("tab10")(i), alpha=0.85)
+        for label, value in spec.get("majority", {}).items():
+            ax.axhline(value, color="black", linestyle=":", linewidth=1, label=f"majority class: {label}")
+        ax.set_xticks(np.arange(len(runs)) + 0.4 - width / 2, runs, rotation=30, ha="right", fontsize=7)
+        ax.set_title(spec.get("title", variant), fontsize=9)
+    axes[0][0].set_ylabel("score")
+    _legend(fig, axes)
+    return savefig(fig, f"{results['notebook']}_head_variants", smoke=smoke)
+
+
+def draw_common(results: dict, *, smoke: bool = False, extra: Sequence = ()) -> list[Path]:
+    """The figures every notebook of the series draws, then ``extra`` drawing functions."""
+    out = []
+    for fn in (draw_top_sweep, draw_layer_snr, draw_esd, *extra):
+        out += fn(results, smoke=smoke)
+    return out

@@ -155,6 +155,11 @@ class _TaskVectorItems:
     """Re-iterable view of prepass items ``(key, base, [experts])`` as lists of task vectors."""
 
     def __init__(self, items):
+        if iter(items) is items:
+            raise TypeError(
+                "ties with scope='model' reads the tensors twice (exact radix select of the magnitude "
+                "threshold); pass a re-iterable -- a list, or an object whose __iter__ starts over -- not an iterator"
+            )
         self.items = items
         first = next(iter(items), None)
         if first is None:

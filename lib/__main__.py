@@ -3,6 +3,8 @@
   figures   redraw every figure from results/*.json (``--run-missing`` runs a notebook first
             where its results are missing)
   experts   train every expert the notebooks use, once (full mode; resumable)
+  scan      spectra and SNR of every matrix of a checkpoint on disk -> CSV (+ plot)   (lib/cli.py)
+  merge     merge checkpoints on disk, streaming, into a loadable model folder      (lib/cli.py)
 
 Each command lives in its own function below and is added to the parser in ``main``.
 """
@@ -40,6 +42,10 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, train nothing")
     p.add_argument("--smoke", action="store_true", help="tiny slices, seconds per expert")
     p.set_defaults(func=_experts)
+
+    from .cli import add_commands
+
+    add_commands(sub)
 
     args = parser.parse_args(argv)
     return args.func(args)

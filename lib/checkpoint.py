@@ -1,0 +1,371 @@
+"""Checkpoints on disk, one tensor at a time: lazy reading and atomic, sharded writing of
+safetensors, so that the command line can merge models larger than the memory it has.
+
+A *model* is either a Hugging Face model folder (``config.json`` plus ``model.safetensors``, or
+shards ``model-XXXXX-of-YYYYY.safetensors`` listed by ``model.safetensors.index.json``) or a
+single ``.safetensors`` file.
+
+Reading parses the safetensors header ourselves (8-byte little-endian length, then JSON) and
+reads each tensor with a plain positioned read into a fresh buffer. We deliberately do not
+memory-map: pages of a mapped file count in the process's resident memory for as long as the
+mapping lives, so mapping N checkpoints would make peak RSS grow to N models even though only
+one tensor of each is in use at a time.
+
+Writing lays out every shard's header up front (the merged model has the keys, shapes and
+dtypes of its reference model, known before any tensor is merged) and writes each tensor at its
+offset as soon as it is computed, so no shard is ever held in memory. Everything is written
+into a temporary folder beside the output, renamed into place only once complete
+(:func:`atomic_output_dir`): an interrupted or failed run leaves no half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .statedict import check_finite
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+#: files of a model folder that hold weights; everything else at the top level (config,
+#: tokenizer, generation config, README) is copied from the reference model into the output
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+#: a header larger than this is not a real safetensors header but garbage read as a length
+MAX_HEADER_BYTES = 100 * 2**20
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A model path that cannot be read: missing, not safetensors, corrupt or truncated."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its file, dtype, shape and byte range in that file."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensors of one ``.safetensors`` file, in header order, checked against the file size
+    so that a truncated or corrupt file is reported before any tensor is used."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file: it holds only {size} byte(s)")
+        header_len = int.from_bytes(head, "little")
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(
+                f"{path} is corrupt or truncated: its header claims {header_len} bytes but the file holds {size}; "
+                "re-download or re-save it"
+            )
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path} is not a valid safetensors file: unreadable header ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a valid safetensors file: its header is not a JSON object")
+    data_start = 8 + header_len
+    entries = {}
+    for key, spec in header.items():
+        if key == "__metadata__":
+            continue
+        entries[key] = _entry(path, key, spec, data_start)
+    data_end = max((e.end for e in entries.values()), default=data_start)
+    if data_end > size:
+        worst = max(entries, key=lambda k: entries[k].end)
+        raise CheckpointError(
+            f"{path} is truncated: tensor {worst!r} ends at byte {data_end} but the file has {size} bytes; "
+            "re-download or re-save it"
+        )
+    return entries
+
+
+def _entry(path: Path, key: str, spec, data_start: int) -> TensorEntry:
+    try:
+        dtype = DTYPES[spec["dtype"]]
+        shape = tuple(int(d) for d in spec["shape"])
+        begin, end = (int(x) for x in spec["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(
+            f"{path} is corrupt: header entry {key!r} is {spec!r}, expected dtype (one of {', '.join(DTYPES)}), "
+            "shape and data_offsets"
+        ) from None
+    expected = math.prod(shape) * dtype.itemsize
+    if begin < 0 or end - begin != expected:
+        raise CheckpointError(
+            f"{path} is corrupt: {key!r} ({spec['dtype']}, shape {list(shape)}) needs {expected} bytes, "
+            f"its data_offsets {[begin, end]} give {end - begin}"
+        )
+    return TensorEntry(path, dtype, shape, data_start + begin, data_start + end)
+
+
+class Checkpoint:
+    """A model on disk whose tensors are read one at a time.
+
+    >>> ckpt = Checkpoint("path/to/bert")            # folder or .safetensors file
+    >>> ckpt.keys()[:2], ckpt.entries["pooler.dense.weight"].shape
+    >>> w = ckpt.read("pooler.dense.weight")         # only this tensor is read
+    """
+
+    def __init__(self, path: str | os.PathLike, label: str | None = None):
+        self.path = Path(path)
+        self.label = label or str(self.path)
+        if sys.byteorder != "little":
+            raise RuntimeError("safetensors stores little-endian data; this reader supports little-endian machines only")
+        if not self.path.exists():
+            raise CheckpointError(f"{self.label}: {self.path} does not exist")
+        self.folder = self.path if self.path.is_dir() else None
+        self.entries: dict[str, TensorEntry] = self._index() if self.folder else read_header(self.path)
+
+    def _index(self) -> dict[str, TensorEntry]:
+        index = self.path / INDEX_NAME
+        if index.exists():
+            return self._sharded(index)
+        if (self.path / SINGLE_NAME).exists():
+            return read_header(self.path / SINGLE_NAME)
+        others = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        hint = (
+            f"; it has {others[0]}: re-save it with model.save_pretrained(folder) (safetensors is the default)"
+            if others
+            else ""
+        )
+        raise CheckpointError(f"{self.label}: no {SINGLE_NAME} or {INDEX_NAME} in {self.path}{hint}")
+
+    def _sharded(self, index: Path) -> dict[str, TensorEntry]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index (no readable 'weight_map': {err})") from None
+        shards: dict[str, dict[str, TensorEntry]] = {}
+        for name in dict.fromkeys(weight_map.values()):
+            shard = self.path / name
+            if not shard.exists():
+                raise CheckpointError(f"{index} lists shard {name}, which is missing from {self.path}")
+            shards[name] = read_header(shard)
+        entries = {}
+        for key, name in weight_map.items():
+            if key not in shards[name]:
+                raise CheckpointError(f"{index} maps {key!r} to {name}, which does not contain it")
+            entries[key] = shards[name][key]
+        return entries
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def meta(self) -> dict[str, Tensor]:
+        """Key -> ``device="meta"`` tensor: shapes and dtypes without data, for key selection."""
+        return {k: torch.empty(e.shape, dtype=e.dtype, device="meta") for k, e in self.entries.items()}
+
+    def read(self, key: str, *, finite: bool = True) -> Tensor:
+        """The tensor ``key`` read from disk into a new CPU tensor; with ``finite`` (default) a
+        floating-point tensor holding NaN/Inf is an error naming the model and key."""
+        e = self.entries[key]
+        buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        with open(e.file, "rb") as fh:
+            fh.seek(e.start)
+            got = fh.readinto(buf.numpy()) if e.nbytes else 0
+        if got != e.nbytes:
+            raise CheckpointError(f"{e.file} is truncated: {key!r} needs {e.nbytes} bytes, read {got}")
+        t = buf.view(e.dtype).reshape(e.shape)
+        if finite:
+            check_finite(t, f"{self.label}: {key!r}")
+        return t
+
+
+def check_same_architecture(reference: Checkpoint, others: Sequence[Checkpoint]) -> list[str]:
+    """Keys of ``reference`` after checking, from the headers alone, that every other model has
+    exactly the same keys, shapes and dtypes. The error names the first differing key."""
+    keys = reference.keys()
+    for other in others:
+        extra = [k for k in other.entries if k not in reference.entries]
+        for k in keys:
+            if k not in other.entries:
+                raise CheckpointError(f"architectures differ: {other.label} has no {k!r}, present in {reference.label}")
+            a, b = reference.entries[k], other.entries[k]
+            if a.shape != b.shape:
+                raise CheckpointError(
+                    f"architectures differ at {k!r}: shape {list(b.shape)} in {other.label}, "
+                    f"{list(a.shape)} in {reference.label}"
+                )
+        if extra:
+            raise CheckpointError(f"architectures differ: {other.label} has {extra[0]!r}, absent from {reference.label}")
+    return keys
+
+
+def _tensor_bytes(t: Tensor):
+    """The raw little-endian bytes of ``t`` as a buffer, without a copy when ``t`` is contiguous."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+class ShardedWriter:
+    """Writes a model as safetensors shards plus ``model.safetensors.index.json``.
+
+    The layout (which key goes to which shard, at which offset) is fixed from the keys, shapes
+    and dtypes given up front; :meth:`write` then puts each tensor straight at its place in its
+    file, in any order, and :meth:`close` checks that every tensor was written and writes the
+    index. Shards are filled in key order up to ``max_shard_bytes`` (a tensor larger than that
+    gets a shard of its own).
+    """
+
+    def __init__(self, folder: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], max_shard_bytes: int):
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.folder = Path(folder)
+        self.layout = layout
+        groups = _fill_shards(layout, max_shard_bytes)
+        self.where: dict[str, tuple[Path, int]] = {}
+        self.weight_map: dict[str, str] = {}
+        for i, keys in enumerate(groups):
+            name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            self._create_shard(self.folder / name, keys)
+            self.weight_map.update({k: name for k in keys})
+        self.pending = set(layout)
+
+    def _create_shard(self, path: Path, keys: list[str]) -> None:
+        # larger items first keeps every tensor aligned to its item size without padding
+        # (safetensors requires the data to be contiguous, so padding is not an option)
+        ordered = sorted(keys, key=lambda k: -self.layout[k][0].itemsize)
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for k in ordered:
+            dtype, shape = self.layout[k]
+            size = math.prod(shape) * dtype.itemsize
+            header[k] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        data_start = 8 + len(text)
+        with open(path, "wb") as fh:
+            fh.write(len(text).to_bytes(8, "little") + text)
+            fh.truncate(data_start + offset)
+        for k in ordered:
+            self.where[k] = (path, data_start + header[k]["data_offsets"][0])
+
+    def write(self, key: str, t: Tensor) -> None:
+        dtype, shape = self.layout[key]
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"{key!r}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+        path, offset = self.where[key]
+        with open(path, "r+b") as fh:
+            fh.seek(offset)
+            fh.write(_tensor_bytes(t))
+        self.pending.discard(key)
+
+    def close(self) -> Path:
+        """Check completeness, flush the shards to disk and write the index; returns its path."""
+        if self.pending:
+            raise RuntimeError(f"{len(self.pending)} tensor(s) never written, e.g. {sorted(self.pending)[0]!r}")
+        for name in dict.fromkeys(self.weight_map.values()):
+            with open(self.folder / name, "rb+") as fh:
+                os.fsync(fh.fileno())
+        total = sum(math.prod(shape) * dtype.itemsize for dtype, shape in self.layout.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        path = self.folder / INDEX_NAME
+        path.write_text(json.dumps(index, indent=2) + "\n")
+        return path
+
+
+def _fill_shards(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], max_shard_bytes: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    used = 0
+    for k, (dtype, shape) in layout.items():
+        size = math.prod(shape) * dtype.itemsize
+        if groups[-1] and used + size > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(k)
+        used += size
+    return groups
+
+
+def copy_side_files(model: Checkpoint, dest: Path) -> list[str]:
+    """Copy the top-level non-weight files of a model folder (config, tokenizer, generation
+    config, ...) into ``dest``; nothing for a single ``.safetensors`` file. Returns their names."""
+    if model.folder is None:
+        return []
+    copied = []
+    for p in sorted(model.folder.iterdir()):
+        if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name != INDEX_NAME:
+            shutil.copy2(p, dest / p.name)
+            copied.append(p.name)
+    return copied
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """A fresh temporary folder beside ``out`` that becomes ``out`` when the block succeeds.
+
+    If the block raises (or is interrupted), the temporary folder is deleted and ``out`` is
+    untouched. An existing ``out`` is an error unless ``force``; with ``force`` it is replaced
+    only after the new folder is complete.
+    """
+    out = Path(out)
+    check_can_write(out, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        check_can_write(out, force=force)  # something may have appeared at ``out`` meanwhile
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_can_write(out: Path, *, force: bool) -> None:
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it, or choose another output")
+
+
+def _replace(new: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(new, out)
+        return
+    # move the old output aside first: a rename is atomic, deleting a folder is not
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    os.replace(out, old / out.name)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,417 @@
+"""``python -m lib scan`` and ``python -m lib merge``: spectra and merges of the user's own
+Hugging Face checkpoints, streamed tensor by tensor from disk.
+
+    python -m lib scan MODEL --out scan.csv [--plot scan.png]
+    python -m lib merge --method ties --base BASE --experts A B --out merged [--set density=0.3]
+    python -m lib merge --config merge.yaml --out merged
+
+MODEL is a model folder (``config.json`` + safetensors, sharded or not) or one ``.safetensors``
+file. The merge config follows mergekit's shape::
+
+    merge_method: ties
+    base_model: path/to/base
+    models:
+      - model: path/to/expert_a
+        parameters: {weight: 0.7}      # per-model weights, for methods that take ``weights``
+      - path/to/expert_b
+    parameters: {density: 0.3}
+    exclude: [classifier]              # regexes of keys kept from the base, as in lib.merge.merge
+
+Flags override the config; ``--set`` overrides its parameters. Merging reads one module's
+tensors of each model at a time (a module: the keys sharing a prefix such as
+``encoder.layer.0.attention.self.query``, so weight and bias travel together, which the SNR
+strategies' per-module decisions need), and writes each merged tensor straight into its shard.
+Methods that look across the whole model first visit every selected key in a prepass (see
+:mod:`lib.merge`). The result equals :func:`lib.merge.merge` on the same inputs.
+
+Bad input (missing or corrupt file, architectures that differ, NaN/Inf, unknown method or
+hyperparameter, an existing output without ``--force``) ends the command with one line on
+stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from . import merge as merging
+from .checkpoint import (
+    Checkpoint,
+    ShardedWriter,
+    atomic_output_dir,
+    check_can_write,
+    check_same_architecture,
+    copy_side_files,
+)
+from .paths import atomic_write_bytes
+from .statedict import matches, module_of
+
+#: the file written next to the shards that records how the model was made, in the same
+#: format as ``--config`` so that the merge can be repeated
+MERGE_RECORD = "merge_config.yaml"
+CONFIG_KEYS = ("merge_method", "method", "base_model", "models", "parameters", "include", "exclude")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+EXIT_BAD_INPUT = 1
+EXIT_INTERRUPTED = 130
+
+
+# ---------------------------------------------------------------- parsing values and configs
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values: ``none``/``null`` -> None, ``true``/``false`` -> bool, numbers (``1e-3``
+    too), ``[a, b]`` or ``a,b`` -> list, anything else stays a string."""
+    s = text.strip()
+    if s.lower() in ("none", "null", "~"):
+        return None
+    if s.lower() in ("true", "false"):
+        return s.lower() == "true"
+    for number in (int, float):
+        try:
+            return number(s)
+        except ValueError:
+            pass
+    if s.startswith("[") and s.endswith("]"):
+        s = s[1:-1]
+        return [parse_value(x) for x in s.split(",")] if s.strip() else []
+    if "," in s:
+        return [parse_value(x) for x in s.split(",")]
+    return s
+
+
+def parse_assignments(pairs: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"``, ``"500MiB"``, ``"1000"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in SIZE_UNITS:
+        raise ValueError(f"cannot read size {text!r}; write e.g. 2GB, 500MB, 512MiB or a number of bytes")
+    return int(float(m.group(1)) * SIZE_UNITS[unit])
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """A mergekit-style YAML file as ``{method, base, experts, parameters, include, exclude}``
+    (absent entries are left out, so command-line flags can fill them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a merge config is a mapping with keys {', '.join(CONFIG_KEYS)}")
+    unknown = sorted(set(raw) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; valid: {', '.join(CONFIG_KEYS)}")
+    spec: dict[str, Any] = {}
+    method = raw.get("merge_method", raw.get("method"))
+    if method is not None:
+        spec["method"] = method
+    if raw.get("base_model") is not None:
+        spec["base"] = str(raw["base_model"])
+    parameters = dict(raw.get("parameters") or {})
+    if "models" in raw:
+        spec["experts"], weights = _config_models(path, raw["models"])
+        if any(w is not None for w in weights):
+            if None in weights:
+                raise ValueError(f"{path}: give a weight to every model or to none")
+            parameters["weights"] = weights
+    spec["parameters"] = parameters
+    for key in ("include", "exclude"):
+        if raw.get(key) is not None:
+            spec[key] = raw[key]
+    return spec
+
+
+def _config_models(path: Path, models) -> tuple[list[str], list[float | None]]:
+    if not isinstance(models, list) or not models:
+        raise ValueError(f"{path}: 'models' must be a non-empty list of paths or {{model: path}} entries")
+    experts, weights = [], []
+    for entry in models:
+        entry = {"model": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ValueError(f"{path}: each entry of 'models' is a path or {{model: path, parameters: ...}}, got {entry!r}")
+        params = dict(entry.get("parameters") or {})
+        other = sorted(set(params) - {"weight"})
+        if other:
+            raise ValueError(
+                f"{path}: per-model parameters {other} are not supported (only 'weight'); "
+                "put method hyperparameters under the top-level 'parameters'"
+            )
+        experts.append(str(entry["model"]))
+        weights.append(params.get("weight"))
+    return experts, weights
+
+
+def merge_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The merge to run: the config file (if any), overridden by the flags that were given."""
+    spec = load_config(args.config) if args.config else {"parameters": {}}
+    for field, value in (("method", args.method), ("base", args.base), ("experts", args.experts),
+                         ("include", args.include), ("exclude", args.exclude)):
+        if value:
+            spec[field] = value
+    spec["parameters"] = {**spec["parameters"], **parse_assignments(args.set or [])}
+    missing = [flag for field, flag in (("method", "--method"), ("experts", "--experts")) if not spec.get(field)]
+    if missing:
+        raise ValueError(f"missing {' and '.join(missing)} (give the flag or put it in --config)")
+    return spec
+
+
+# ---------------------------------------------------------------- streaming merge
+
+
+class _PrepassItems:
+    """Re-iterable ``(key, base, [experts])`` over the selected keys, read lazily from disk in
+    compute precision; each pass starts over (TIES' exact threshold reads the model twice)."""
+
+    def __init__(self, base: Checkpoint | None, experts: Sequence[Checkpoint], keys: Sequence[str], device, progress: bool):
+        self.base, self.experts, self.keys = base, experts, keys
+        self.device, self.progress = device, progress
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        bar = tqdm(self.keys, desc=f"prepass {self.passes}", unit="tensor", leave=False, disable=not self.progress)
+        for k in bar:
+            base = None if self.base is None else merging.to_compute(self.base.read(k), self.device)
+            yield k, base, [merging.to_compute(e.read(k), self.device) for e in self.experts]
+
+
+def module_groups(keys: Sequence[str]) -> list[list[str]]:
+    """Keys grouped by module, in order of first appearance."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(module_of(k), []).append(k)
+    return list(groups.values())
+
+
+def merge_checkpoints(
+    method: str,
+    base: str | Path | None,
+    experts: Sequence[str | Path],
+    out: str | Path,
+    *,
+    parameters: dict[str, Any] | None = None,
+    include=None,
+    exclude=None,
+    device=None,
+    force: bool = False,
+    max_shard_bytes: int = 5 * 10**9,
+    progress: bool = True,
+) -> Path:
+    """Merge checkpoints on disk into the model folder ``out``, streaming (module docstring).
+
+    ``out`` receives safetensors shards, ``model.safetensors.index.json``, the non-weight files
+    of the reference model (the base, or expert 0 without a base: config, tokenizer) and
+    ``merge_config.yaml``. Returns ``out``.
+    """
+    params = merging.resolve_hparams(merging.get_method(method), dict(parameters or {}))
+    if base is None and merging.get_method(method).needs_base:
+        raise ValueError(f"{method!r} works on task vectors (expert - base) and needs --base")
+    if not experts:
+        raise ValueError("need at least one expert model")
+    out = Path(out)
+    check_can_write(out, force=force)
+    inputs = ([] if base is None else [Path(base)]) + [Path(p) for p in experts]
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise ValueError(f"--out {out} is one of the input models; write the merge somewhere else")
+
+    base_ck = None if base is None else Checkpoint(base, label=f"base ({base})")
+    expert_cks = [Checkpoint(p, label=f"expert {i} ({p})") for i, p in enumerate(experts)]
+    ref = base_ck or expert_cks[0]
+    keys = check_same_architecture(ref, [c for c in (base_ck, *expert_cks) if c is not None and c is not ref])
+    selected = merging.select_keys(ref.meta(), include, exclude)
+    context = merging.run_prepass(method, _PrepassItems(base_ck, expert_cks, selected, device, progress), **params) if selected else None
+
+    layout = {k: (e.dtype, e.shape) for k, e in ref.entries.items()}
+    with atomic_output_dir(out, force=force) as tmp:
+        writer = ShardedWriter(tmp, layout, max_shard_bytes)
+        with tqdm(total=len(keys), desc=f"merge {method}", unit="tensor", disable=not progress) as bar:
+            for group in module_groups(keys):
+                base_part = None if base_ck is None else {k: base_ck.read(k) for k in group}
+                expert_parts = [{k: e.read(k) for k in group} for e in expert_cks]
+                merged = merging.merge(method, base_part, expert_parts, include=include, exclude=exclude,
+                                       device=device, context=context, **params)
+                for k in group:
+                    writer.write(k, merged[k])
+                bar.update(len(group))
+        writer.close()
+        copy_side_files(ref, tmp)
+        record = {"merge_method": method, "base_model": None if base is None else str(Path(base).resolve()),
+                  "models": [str(Path(p).resolve()) for p in experts], "parameters": params,
+                  "include": include, "exclude": exclude}
+        (tmp / MERGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
+    return out
+
+
+# ---------------------------------------------------------------- streaming scan
+
+
+def scan_checkpoint(model: str | Path, *, include=None, exclude=None, snr_method: str = "mp", device=None,
+                    progress: bool = True):
+    """:func:`lib.spectral.scan` of every matrix of a checkpoint on disk, one matrix in memory at
+    a time. Returns its DataFrame (one row per matrix, in the checkpoint's order)."""
+    import pandas as pd  # only scan needs pandas and the spectral code; merge stays lean
+
+    from . import spectral
+
+    ckpt = Checkpoint(model)
+    names = [k for k, e in ckpt.entries.items() if e.dtype.is_floating_point and len(e.shape) >= 2
+             and matches(k, include, exclude)]
+    if not names:
+        raise ValueError(f"{model}: no floating-point matrix passes the include/exclude filters")
+    rows = [spectral.scan({k: ckpt.read(k)}, method=snr_method, device=device)
+            for k in tqdm(names, desc="scan", unit="matrix", disable=not progress)]
+    return pd.concat(rows, ignore_index=True)
+
+
+def plot_scan(table, title: str = ""):
+    """Bar chart of the SNR of every matrix in model order, coloured by the kind of matrix
+    (query, key, value, dense, ...), with one tick per layer: where along the depth the
+    fine-tuned signal sits, and which kinds of matrix carry it."""
+    import matplotlib.pyplot as plt
+
+    from . import plotting  # noqa: F401  (applies the project's figure style)
+
+    names = list(table["name"])
+    kinds = [module_of(n).rsplit(".", 1)[-1] or n for n in names]
+    palette = dict(zip(dict.fromkeys(kinds), plt.get_cmap("tab10").colors * 10))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.08 * len(names)), 4.2))
+    for kind, c in palette.items():
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        ax.bar(idx, [table["snr"].iloc[i] for i in idx], color=c, label=kind, width=0.85)
+    ticks = {}
+    for i, n in enumerate(names):
+        layer = re.search(r"\.(\d+)\.", n)
+        ticks.setdefault(layer.group(1) if layer else module_of(n).split(".")[0], i)
+    ax.set_xticks(list(ticks.values()), list(ticks.keys()), fontsize=7)
+    ax.set_xlabel("matrix, in model order (ticks: first matrix of each layer)")
+    ax.set_ylabel("SNR (signal / noise from the Marchenko-Pastur fit)")
+    ax.set_title(title)
+    ax.legend(ncols=min(len(palette), 4))
+    return fig
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save ``fig`` at an arbitrary user path (``lib.plotting.savefig`` writes to figures/)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _scan(args: argparse.Namespace) -> int:
+    out, plot = Path(args.out), Path(args.plot) if args.plot else None
+    for path in (out, plot):
+        if path is not None:
+            check_can_write(path, force=args.force)
+    table = scan_checkpoint(args.model, include=args.include, exclude=args.exclude, snr_method=args.snr_method,
+                            device=args.device, progress=not args.quiet)
+    atomic_write_bytes(out, table.to_csv(index=False).encode())
+    print(f"scanned {len(table)} matrices of {args.model} -> {out}")
+    if plot is not None:
+        save_figure(plot_scan(table, title=Path(args.model).name), plot)
+        print(f"plot -> {plot}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    spec = merge_spec(args)
+    with _sigterm_as_interrupt():
+        out = merge_checkpoints(spec["method"], spec.get("base"), spec["experts"], args.out,
+                                parameters=spec["parameters"], include=spec.get("include"),
+                                exclude=spec.get("exclude"), device=args.device, force=args.force,
+                                max_shard_bytes=parse_size(args.max_shard_size), progress=not args.quiet)
+    print(f"merged {len(spec['experts'])} expert(s) with {spec['method']} -> {out}")
+    return 0
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """A batch scheduler stops jobs with SIGTERM; turn it into KeyboardInterrupt so the
+    temporary output folder is cleaned up as for Ctrl-C."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
+
+
+def run(command, args: argparse.Namespace) -> int:
+    """Run a command; bad input becomes one line on stderr and a non-zero exit status. Other
+    exceptions are bugs and keep their traceback."""
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError, yaml.YAMLError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def add_commands(sub) -> None:
+    """Add ``scan`` and ``merge`` to the subparsers of ``python -m lib``."""
+    p = sub.add_parser("scan", help="per-matrix Marchenko-Pastur spectra and SNR of a checkpoint -> CSV (+ plot)")
+    p.add_argument("model", help="model folder (config.json + safetensors, sharded or not) or a .safetensors file")
+    p.add_argument("--out", required=True, help="CSV to write: one row per matrix")
+    p.add_argument("--plot", help="also draw the per-matrix SNR as an image (e.g. scan.png)")
+    p.add_argument("--snr-method", default="mp", help="SNR variant of lib.spectral.scan (default: mp)")
+    _add_common(p)
+    p.set_defaults(func=lambda args: run(_scan, args))
+
+    p = sub.add_parser("merge", help="merge checkpoints on disk, streaming, into a loadable model folder")
+    p.add_argument("--method", help=f"merge method: {', '.join(sorted(merging.METHODS))}")
+    p.add_argument("--base", help="the pre-trained model the experts were fine-tuned from")
+    p.add_argument("--experts", nargs="+", metavar="MODEL", help="the fine-tuned models")
+    p.add_argument("--out", required=True, help="output model folder (written atomically)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="method hyperparameter, repeatable (e.g. --set density=0.3 --set weights=[0.7,0.3])")
+    p.add_argument("--config", help="mergekit-style YAML: merge_method, base_model, models, parameters")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    _add_common(p)
+    p.set_defaults(func=lambda args: run(_merge, args))
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include", action="append", metavar="REGEX", help="only keys matching (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="REGEX", help="skip keys matching (repeatable)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -159,8 +159,10 @@ def _check(*, top, threshold, snr_method, score, index=0):
         check_finite_number("threshold", threshold)
     if score not in ("max", "mean"):
         raise ValueError(f"score must be 'max' (largest SNR over experts, as the report) or 'mean', got {score!r}")
-    if not isinstance(snr_method, str):
-        raise ValueError(f"snr_method must be the name of a lib.spectral SNR method such as 'mp', got {snr_method!r}")
+    from ..spectral import SNR_METHODS
+
+    if snr_method not in SNR_METHODS:
+        raise ValueError(f"snr_method must be one of {sorted(SNR_METHODS)} (see lib.spectral), got {snr_method!r}")
     if not isinstance(index, int) or isinstance(index, bool) or index < 0:
         raise ValueError(f"index must be a non-negative expert index, got {index!r}")
 

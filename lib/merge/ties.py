@@ -94,8 +94,8 @@ def kth_largest_magnitude(items: Iterable[Sequence[Tensor]], ks: Sequence[int]) 
 
     Radix select on float32 bit patterns: pass 1 histograms the top 16 bits of every magnitude
     and finds the bin holding the k-th largest; pass 2 histograms the low 16 bits of the entries
-    in that bin. Memory: one ``(N, 65536)`` int64 histogram (0.5 MiB per stream) plus one tensor
-    at a time -- never the whole model.
+    in that bin. Memory: one ``(N, 65536)`` int64 histogram (0.5 MiB per stream) plus one tensor's
+    bit patterns at a time -- never the whole model.
     """
     n_streams = len(ks)
     remaining = list(ks)
@@ -111,7 +111,11 @@ def kth_largest_magnitude(items: Iterable[Sequence[Tensor]], ks: Sequence[int]) 
                 bits = _magnitude_bits(t)
                 if shift == 0:  # second pass: only the entries in the bin chosen by the first
                     bits = bits[(bits >> _DIGIT_BITS) == prefix[i]]
-                counts[i] += torch.bincount((bits >> shift) & (_BINS - 1), minlength=_BINS)
+                digits = (bits >> shift) & (_BINS - 1)
+                if digits.numel() >= _BINS:  # bincount's 65536-bin output is small next to the tensor
+                    counts[i] += torch.bincount(digits, minlength=_BINS)
+                else:  # a small tensor: touch only the bins it hits
+                    counts[i].index_add_(0, digits.long(), torch.ones(digits.shape, dtype=torch.int64, device=digits.device))
         if counts is None:
             raise ValueError("no tensors to rank: the selection of keys is empty")
         # from the largest bin down: the first bin where the running count reaches k

@@ -11,6 +11,14 @@ The evaluation is a callable ``evaluate(state_dict) -> {task: {metric: value}}``
 runner knows nothing about models or data (and is tested with a fake one). Identical merged
 models (``top=0`` and ``top=1`` make many strategies coincide, and at those two values the SNR
 definition does not matter) are recognised by a hash of their tensors and evaluated once.
+
+The SNR strategies rank layers by the experts' per-layer SNRs, which depend on the SNR definition
+but not on ``top`` or ``threshold``. :class:`SnrPrepass` computes them once per definition and
+hands each run its layer decisions as the merge's ``context`` (:func:`lib.merge.merge`), so a
+sweep over eleven ``top`` values computes the spectra once instead of eleven times.
+
+:func:`layer_snr_records`, :func:`telling_layers` and :func:`esd_records` read the experts'
+spectra for the figures; :func:`compare_with_report` puts the report's numbers beside ours.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from .device import get_device
+from .merge import get_method, merge, resolve_hparams, select_keys, snr, to_compute
+from .merge.snr import decide_layers, expert_snrs
 from .statedict import StateDict
 
 #: the six strategies of the report's Table 1 besides the Standard merge
@@ -150,27 +161,67 @@ def evaluate_models(models: Mapping[str, StateDict], evaluate: Evaluate, *, seed
     return out
 
 
+def is_snr_strategy(method: str) -> bool:
+    """Whether ``method`` is one of the SNR-routed strategies, whose context is the layer
+    decisions of :mod:`lib.merge.snr`."""
+    return get_method(method).fn.__module__ == snr.__name__
+
+
+class SnrPrepass:
+    """The experts' per-layer SNRs, computed once per SNR definition, and the layer decisions
+    of each SNR run derived from them: the same ``context`` the merge's own prepass would build
+    (tested equal), without recomputing every spectrum for every ``top``."""
+
+    def __init__(self, base: StateDict | None, experts: Sequence[StateDict], *, include=None, exclude=None,
+                 device=None):
+        self.experts, self.device = list(experts), device
+        ref = base if base is not None else self.experts[0]
+        self.keys = select_keys(ref, include, exclude)
+        self.scores: dict[str, tuple[list[str], dict]] = {}
+
+    def snrs(self, snr_method: str) -> tuple[list[str], dict]:
+        """``(keys, {layer: per-expert SNRs})`` for ``snr_method``, computed on first use."""
+        if snr_method not in self.scores:
+            items = ((k, None, [to_compute(e[k], self.device) for e in self.experts]) for k in self.keys)
+            self.scores[snr_method] = expert_snrs(items, snr_method=snr_method)
+        return self.scores[snr_method]
+
+    def context(self, run: Run):
+        """The layer decisions for ``run``, or None when ``run`` is not an SNR strategy."""
+        if not is_snr_strategy(run.method):
+            return None
+        hp = resolve_hparams(get_method(run.method), run.hparams())
+        keys, scores = self.snrs(hp["snr_method"])
+        return decide_layers(scores, keys, top=hp["top"], threshold=hp["threshold"], score=hp["score"])
+
+
 def run_sweep(base: StateDict | None, experts: Sequence[StateDict], evaluate: Evaluate, runs: Sequence[Run], *,
               seed: int, merge_fn: Callable[..., StateDict] | None = None, cache: CachedEvaluate | None = None,
-              progress: bool = True, **merge_kwargs) -> list[dict]:
+              share_prepass: bool = True, progress: bool = True, **merge_kwargs) -> list[dict]:
     """Merge ``experts`` once per run and evaluate each merged model.
 
     ``merge_kwargs`` (``include``, ``exclude``, ``excluded_from``, ``device``) go to every merge
     unchanged: they say which tensors are merged (for example ``exclude="classifier"`` keeps each
-    task's own head out of the merge). ``merge_fn`` defaults to :func:`lib.merge.merge`. Pass one
-    ``cache`` to several calls of the same seed so that identical models are evaluated once
-    across them. Returns tidy records (see :func:`records_frame`).
+    task's own head out of the merge). ``merge_fn`` defaults to :func:`lib.merge.merge`; with
+    ``share_prepass`` the SNR runs get their layer decisions from one :class:`SnrPrepass` as
+    ``context=``. Pass one ``cache`` to several calls of the same seed so that identical models
+    are evaluated once across them. Returns tidy records (see :func:`records_frame`).
     """
-    if merge_fn is None:
-        from .merge import merge as merge_fn
+    merge_fn = merge if merge_fn is None else merge_fn
     cache = cache if cache is not None else CachedEvaluate(evaluate)
+    prepass = None
+    if share_prepass:
+        prepass = SnrPrepass(base, experts, include=merge_kwargs.get("include"), exclude=merge_kwargs.get("exclude"),
+                             device=merge_kwargs.get("device"))
     out = []
     bar = tqdm(runs, desc=f"seed {seed}: merge + evaluate", disable=not progress, leave=False)
     for run in bar:
         bar.set_postfix_str(run.label(), refresh=False)
         t0 = time.perf_counter()
         try:
-            merged = merge_fn(run.method, base, list(experts), **merge_kwargs, **run.hparams())
+            context = None if prepass is None else prepass.context(run)
+            shared = {} if context is None else {"context": context}
+            merged = merge_fn(run.method, base, list(experts), **merge_kwargs, **shared, **run.hparams())
         except Exception as err:
             raise RuntimeError(f"merging with {run.label()} failed (seed {seed}): {err}") from err
         t1 = time.perf_counter()
@@ -178,6 +229,18 @@ def run_sweep(base: StateDict | None, experts: Sequence[StateDict], evaluate: Ev
         t2 = time.perf_counter()
         out += _records(scores, seed=seed, method=run.method, model="merged", run=run, merge_s=t1 - t0,
                         eval_s=t2 - t1, reused=cache.reused)
+    return out
+
+
+def sweep_seed(base: StateDict | None, experts: Mapping[str, StateDict], evaluate: Evaluate, runs: Sequence[Run], *,
+               seed: int, progress: bool = True, **merge_kwargs) -> list[dict]:
+    """Everything one seed contributes: each expert alone (``method="expert"``, ``model`` = its
+    name), then every run, sharing one evaluation cache (a merge that reproduces an expert is not
+    evaluated again)."""
+    cache = CachedEvaluate(evaluate)
+    out = evaluate_models(experts, evaluate, seed=seed, cache=cache)
+    out += run_sweep(base, list(experts.values()), evaluate, runs, seed=seed, cache=cache, progress=progress,
+                     **merge_kwargs)
     return out
 
 
@@ -228,8 +291,6 @@ def timing(records: Iterable[Mapping]) -> dict[str, float]:
 def versions(packages: Iterable[str] = ("torch", "torchvision", "transformers", "numpy", "scipy", "pandas",
                                         "matplotlib")) -> dict[str, str]:
     """Python, library versions and the compute device, for the results JSON."""
-    from .device import get_device
-
     out = {"python": platform.python_version(), "platform": platform.platform(), "device": str(get_device())}
     for p in packages:
         try:
@@ -237,3 +298,95 @@ def versions(packages: Iterable[str] = ("torch", "torchvision", "transformers", 
         except importlib.metadata.PackageNotFoundError:
             out[p] = "not installed"
     return out
+
+
+# --- the experts' spectra, for the per-layer SNR and ESD figures ------------------------------
+
+
+def layer_snr_records(experts: Mapping[str, StateDict], snr_methods: Iterable[str], *, seed: int, include=None,
+                      exclude=None) -> list[dict]:
+    """One row per (expert, weight matrix, SNR definition): ``seed``, ``expert``, ``key``,
+    ``rows``, ``cols``, ``q``, ``snr_method``, ``snr`` and our fit's ``n_signal``."""
+    from .spectral import scan
+
+    out = []
+    for name, sd in experts.items():
+        for snr_method in snr_methods:
+            df = scan(sd, include=include, exclude=exclude, method=snr_method)
+            out += [{"seed": seed, "expert": name, "key": r.name, "rows": int(r.rows), "cols": int(r.cols),
+                     "q": float(r.q), "snr_method": snr_method, "snr": float(r.snr), "n_signal": int(r.n_signal)}
+                    for r in df.itertuples()]
+    return out
+
+
+def telling_layers(layers: Iterable[Mapping], expert: str, *, ours: str = "mp", theirs: str) -> list[tuple[str, str]]:
+    """Three layers of ``expert`` worth looking at, as ``(key, why)``: the one with the most signal
+    by our SNR, the one with the least, and the one whose rank the two definitions disagree on
+    most (the shape bias at work). Fewer when they coincide."""
+    df = pd.DataFrame(list(layers))
+    df = df[df.expert == expert]
+    wide = df.pivot_table(index="key", columns="snr_method", values="snr", sort=False)
+    missing = {ours, theirs} - set(wide.columns)
+    if missing or wide.empty:
+        raise ValueError(f"no per-layer SNR of {expert!r} under {sorted(missing) or [ours, theirs]}; "
+                         "compute them with layer_snr_records first")
+    rank_gap = (wide[ours].rank(ascending=False) - wide[theirs].rank(ascending=False)).abs()
+    picks = [
+        (wide[ours].idxmax(), f"highest SNR ({ours})"),
+        (wide[ours].idxmin(), f"lowest SNR ({ours})"),
+        (rank_gap.idxmax(), f"ranked {int(rank_gap.max())} places apart by {ours} and {theirs}"),
+    ]
+    out, seen = [], set()
+    for key, why in picks:
+        if key not in seen:
+            seen.add(key)
+            out.append((key, why))
+    return out
+
+
+def esd_records(sd: StateDict, picks: Iterable[tuple[str, str]], *, expert: str) -> list[dict]:
+    """The eigenvalues of the chosen layers with our Marchenko-Pastur fit (``q``, ``sigma2``,
+    ``lambda_plus``, the detection ``threshold``, ``n_signal``, ``snr``) for :func:`draw_esd`."""
+    from .spectral import spectrum
+
+    out = []
+    for key, why in picks:
+        sp = spectrum(sd[key])
+        out.append({"expert": expert, "key": key, "why": why, "shape": list(sp.shape),
+                    "eigenvalues": sp.eigenvalues.tolist(), "q": sp.q, "sigma2": sp.sigma2,
+                    "lambda_plus": sp.lambda_plus, "threshold": sp.threshold, "n_signal": sp.n_signal,
+                    "snr": sp.snr})
+    return out
+
+
+# --- the report's numbers beside ours ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A number of the report (seed 000, section 4) and where our sweep measures the same thing:
+    ``run`` is a record's ``run`` label (for example ``"snr_winner(snr_method=seed, top=0.2)"``
+    or ``"expert:sst2"``)."""
+
+    what: str
+    report: float
+    run: str
+    task: str
+    metric: str
+    note: str = ""
+
+
+def compare_with_report(records: Iterable[Mapping], claims: Iterable[Claim]) -> pd.DataFrame:
+    """One row per claim: the report's value, ours (mean, std, seeds) and the difference."""
+    summary = summarize(records).set_index(["run", "task", "metric"])
+    rows = []
+    for c in claims:
+        try:
+            ours = summary.loc[(c.run, c.task, c.metric)]
+        except KeyError:
+            raise KeyError(f"claim {c.what!r}: no records for run {c.run!r}, task {c.task!r}, metric {c.metric!r}; "
+                           f"runs measured: {sorted(set(summary.index.get_level_values(0)))}") from None
+        rows.append({"what": c.what, "report": c.report, "ours_mean": float(ours["mean"]),
+                     "ours_std": float(ours["std"]), "seeds": int(ours["n"]),
+                     "difference": float(ours["mean"]) - c.report, "run": c.run, "metric": c.metric, "note": c.note})
+    return pd.DataFrame(rows)

@@ -110,7 +110,7 @@ def test_run_sweep_passes_merge_options_and_reports_the_failing_run():
     runs = sweep.snr_runs(["snr_max"], ["mp"], [0.0, 0.5])
     with pytest.raises(RuntimeError, match=r"snr_max\(snr_method=mp, top=0.5\) failed \(seed 3\): boom"):
         sweep.run_sweep(tiny(0), [tiny(1)], CountingEvaluate(), runs, seed=3, merge_fn=recording_merge,
-                        progress=False, exclude="classifier")
+                        share_prepass=False, progress=False, exclude="classifier")
     assert seen[0] == {"exclude": "classifier", "snr_method": "mp", "top": 0.0}
 
 
@@ -136,7 +136,7 @@ def test_experts_alone_share_the_cache_with_merges():
     alone = sweep.evaluate_models(experts, evaluate, seed=0, cache=cache)
     # a merge that returns expert 0 unchanged is recognised as the expert evaluated above
     merged = sweep.run_sweep(None, list(experts.values()), evaluate, [sweep.Run("x")], seed=0,
-                             merge_fn=lambda m, b, e, **kw: e[0], cache=cache, progress=False)
+                             merge_fn=lambda m, b, e, **kw: e[0], cache=cache, share_prepass=False, progress=False)
     assert evaluate.calls == 2
     assert {r["run"] for r in alone} == {"expert:a", "expert:b"}
     assert all(r["reused"] for r in merged)
@@ -240,3 +240,109 @@ def test_each_notebook_module_names_its_notebook(module):
 
     mod = importlib.import_module(f"lib.figures.{module}")
     assert mod.NOTEBOOK == module[1:], "the results file and the figure names are keyed by the notebook's stem"
+
+
+# --- the shared SNR prepass, the experts' spectra, the report comparison ------------------------
+
+
+class FingerprintEvaluate:
+    """Records which model each call saw, so two sweeps can be compared model by model."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, sd):
+        self.seen.append(sweep.fingerprint(sd))
+        return {"t": {"accuracy": 0.0}}
+
+
+def test_shared_snr_prepass_builds_the_models_the_merge_would(tiny_base, make_experts):
+    experts = make_experts(tiny_base, 2)
+    runs = (sweep.snr_runs(["snr_winner", "snr_base_reset", "snr_low_b", "snr_weighted"], ["mp", "seed"],
+                           [0.0, 0.3, 0.7, 1.0])
+            + sweep.threshold_runs(["snr_max"], "max_median", [3.0, 25.0])
+            + [sweep.Run("snr_winner", snr_method="mp", top=0.5, extra={"score": "mean"})]
+            + sweep.reference_runs(["average", "task_arithmetic"]))
+    shared, plain = FingerprintEvaluate(), FingerprintEvaluate()
+    for evaluate, share in ((shared, True), (plain, False)):
+        sweep.run_sweep(tiny_base, experts, evaluate, runs, seed=0, share_prepass=share,
+                        cache=sweep.CachedEvaluate(evaluate), progress=False, exclude="classifier")
+    # the caches differ in nothing, so both evaluated the same distinct models in the same order
+    assert shared.seen == plain.seen and len(shared.seen) > 10
+
+
+def test_snr_prepass_computes_each_definition_once(tiny_base, make_experts, monkeypatch):
+    calls = []
+    real = sweep.expert_snrs
+    monkeypatch.setattr(sweep, "expert_snrs", lambda items, snr_method: calls.append(snr_method) or real(items, snr_method=snr_method))
+    pre = sweep.SnrPrepass(tiny_base, make_experts(tiny_base, 2))
+    for run in sweep.snr_runs(["snr_winner", "snr_max"], ["mp", "seed"], [0.2, 0.8]):
+        assert pre.context(run) is not None
+    assert calls == ["mp", "seed"]
+    assert pre.context(sweep.Run("average")) is None
+
+
+def spiked_expert(seed: int) -> dict[str, torch.Tensor]:
+    """Noise matrices of three shapes, one with a strong planted rank-one spike."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "square.weight": torch.randn(64, 64, generator=g),
+        "wide.weight": torch.randn(32, 128, generator=g),
+        "spiked.weight": torch.randn(96, 48, generator=g),
+        "spiked.bias": torch.zeros(96),
+    }
+    u, v = torch.randn(96, 1, generator=g), torch.randn(1, 48, generator=g)
+    sd["spiked.weight"] += 3.0 * (u @ v) / (96 * 48) ** 0.25
+    return sd
+
+
+def test_layer_records_and_telling_layers_find_the_planted_spike():
+    layers = sweep.layer_snr_records({"a": spiked_expert(0)}, ["mp", "seed"], seed=4)
+    assert len(layers) == 3 * 2, "one row per matrix and SNR definition; the bias has no spectrum"
+    assert {r["seed"] for r in layers} == {4}
+    mp = {r["key"]: r for r in layers if r["snr_method"] == "mp"}
+    assert mp["spiked.weight"]["n_signal"] >= 1 and mp["square.weight"]["n_signal"] == 0
+    picks = sweep.telling_layers(layers, "a", theirs="seed")
+    assert picks[0] == ("spiked.weight", "highest SNR (mp)")
+    assert len({k for k, _ in picks}) == len(picks)
+    with pytest.raises(ValueError, match="max_median"):
+        sweep.telling_layers(layers, "a", theirs="max_median")
+
+
+def test_esd_records_carry_the_fit_and_draw(figures_dir):
+    from lib.figures import snr_sweep
+
+    sd = spiked_expert(1)
+    esd = sweep.esd_records(sd, [("spiked.weight", "planted spike"), ("square.weight", "noise")], expert="a")
+    assert [len(e["eigenvalues"]) for e in esd] == [48, 64], "eigenvalues of the smaller Gram matrix"
+    assert esd[0]["n_signal"] >= 1 and esd[0]["lambda_plus"] < max(esd[0]["eigenvalues"])
+    assert esd[1]["n_signal"] == 0
+    (path,) = snr_sweep.draw_esd({"notebook": "99_fake", "esd": esd}, smoke=True)
+    assert path.name == "99_fake_esd.png" and path.stat().st_size > 1000
+
+
+def test_sweep_seed_evaluates_experts_first_and_shares_the_cache():
+    experts = {"a": tiny(1), "b": tiny(2)}
+    evaluate = CountingEvaluate()
+    # with no layer high-SNR, snr_low_a is expert a itself: recognised, not evaluated again
+    runs = [sweep.Run("snr_low_a", snr_method="mp", top=0.0), sweep.Run("average")]
+    recs = sweep.sweep_seed(None, experts, evaluate, runs, seed=1, progress=False)
+    assert [r["run"] for r in recs[::3]] == ["expert:a", "expert:b", "snr_low_a(snr_method=mp, top=0.0)", "average()"]
+    assert evaluate.calls == 3
+    assert [r["reused"] for r in recs[::3]] == [False, False, True, False]
+
+
+def test_compare_with_report_puts_numbers_side_by_side():
+    runs = sweep.snr_runs(["snr_winner"], ["mp"], [0.5])
+    recs = []
+    for seed in range(2):
+        recs += sweep.run_sweep(tiny(0), [tiny(10 + seed)], CountingEvaluate(), runs, seed=seed, merge_fn=fake_merge,
+                                progress=False)
+    claim = sweep.Claim("a at top 50%", 0.5, "snr_winner(snr_method=mp, top=0.5)", "a", "accuracy")
+    table = sweep.compare_with_report(recs, [claim])
+    values = [r["value"] for r in recs if r["task"] == "a"]
+    assert table.loc[0, "ours_mean"] == pytest.approx(np.mean(values))
+    assert table.loc[0, "difference"] == pytest.approx(np.mean(values) - 0.5)
+    assert table.loc[0, "seeds"] == 2
+    with pytest.raises(KeyError, match="no records for run 'average\\(\\)'"):
+        sweep.compare_with_report(recs, [sweep.Claim("x", 0.1, "average()", "a", "accuracy")])

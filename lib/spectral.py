@@ -1,0 +1,452 @@
+"""Spectra of weight matrices against the Marchenko–Pastur law, and the signal-to-noise ratios
+(SNR) that the merge strategies use to rank layers.
+
+The idea in one paragraph
+-------------------------
+Take a weight matrix ``W`` with ``N`` rows and ``M`` columns after orienting it so that
+``N >= M`` (a conv kernel ``(out, in, kh, kw)`` is first read as ``(out, in*kh*kw)``). If ``W``
+were pure noise, i.i.d. entries of variance ``sigma2``, the ``M`` eigenvalues of the Gram matrix
+``G = WᵀW / N`` would fill the Marchenko–Pastur (MP) bulk ``[lambda_minus, lambda_plus]`` with
+
+    lambda_minus = sigma2 * (1 - sqrt(q))**2,   lambda_plus = sigma2 * (1 + sqrt(q))**2,   q = M / N.
+
+What training writes into ``W`` is (approximately) low rank; it shows up as eigenvalues *above*
+the bulk ("spikes"). So we fit the noise level ``sigma2`` to the bulk, call every eigenvalue above
+the detection ``threshold`` signal, and report ``snr = sum(signal eigenvalues) / sum(bulk
+eigenvalues)`` (the Sapienza report's NLP definition, seed 000).
+
+Two details make this correct rather than approximately right:
+
+* **Detection threshold.** ``lambda_plus`` is where the bulk ends for an infinite matrix. For a
+  finite one the largest *noise* eigenvalue fluctuates around it and lands above it in about
+  one draw in six (``P(TW1 > 0) = 0.17``), so thresholding at ``lambda_plus`` calls noise
+  "signal" in one matrix out of six. Johnstone (2001) showed that
+  the largest eigenvalue ``l1`` of a real white Wishart matrix ``XᵀX`` (``X`` an ``n x p``
+  standard Gaussian matrix) satisfies ``(l1 - mu) / s -> TW1``, the Tracy–Widom law of the
+  Gaussian orthogonal ensemble, with ``mu = (sqrt(n-1) + sqrt(p))**2`` and
+  ``s = (sqrt(n-1) + sqrt(p)) * (1/sqrt(n-1) + 1/sqrt(p))**(1/3)``. Our threshold is the edge plus
+  that fluctuation scale times the 99.9% quantile of TW1 (3.2722):
+
+      threshold = lambda_plus + sigma2 * 3.2722 * s / N.
+
+  Why 99.9%: a model has about a hundred weight matrices and ``n_signal`` should be 0 for every
+  pure-noise one, so the false alarm rate per matrix must be well below 1%; a single false spike
+  in a 64-column matrix already gives an SNR of about 0.03. (Centring on ``lambda_plus``, which
+  uses ``N`` rather than ``N - 1``, makes the threshold very slightly more conservative.)
+
+* **Noise level.** ``sigma2="median"`` (default) is a robust fit of the bulk: it is the value at
+  which the median of the bulk eigenvalues equals the median of the MP law with ratio ``q``
+  (:func:`mp_median`). Spikes sit far from the median, so they barely move it, unlike the entry
+  variance, which they inflate. The bulk is "the eigenvalues at or below the threshold", which
+  itself depends on ``sigma2``; we start from all eigenvalues and iterate (drop the eigenvalues
+  above the threshold, refit) to the fixed point, which takes one or two steps when there are a
+  few spikes. ``sigma2="var"`` uses the entry variance of ``W`` as the report does (inflated by the
+  signal it is meant to separate from); a number is taken as a known noise level.
+
+SNR variants (``method``):
+
+* ``"mp"``: the above.
+* ``"max_median"``: the report's ResNet SNR, ``lambda_max / (median + 1e-8)`` of the eigenvalues of
+  the ``rows x rows`` matrix ``W Wᵀ / cols`` exactly as its notebook computes them. When ``rows >
+  cols`` that matrix has ``rows - cols`` zero eigenvalues (ResNet's 1x1 downsampling convolutions),
+  which enter the median; the published float32 code sees round-off there instead of zeros, so
+  its value for those shapes is an arbitrary very large number and ours is ``lambda_max / 1e-8``.
+* ``"seed"``: the report's NLP SNR exactly as its published code (``compute_snr``) computes it:
+  ``corr = WᵀW / min(N, M)`` (the *in-features* Gram, whatever the shape), edge
+  ``var(W) * (1 + sqrt(1/Q))**2`` with ``Q = max/min``. Normalising by ``min(N, M)`` instead of
+  ``max(N, M)`` scales the eigenvalues by ``1/q`` while the edge keeps its ``q``-scale, so for any
+  non-square matrix most of the pure-noise bulk lies above the edge and the SNR is large for
+  noise alone, growing with the aspect ratio. Kept for comparison (see notebook 00), not fixed.
+
+All eigenvalues come from the smaller Gram matrix, computed batched by shape on the selected
+device (:func:`lib.device.get_device`); no SVD is taken.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .device import get_device, supports_float64
+from .statedict import as_matrix, check_finite, compute_dtype, is_matrix, matches, to_state_dict
+
+#: the detection level: the probability that the largest eigenvalue of a pure-noise matrix stays
+#: below ``threshold``
+DETECTION_LEVEL = 0.999
+#: the ``DETECTION_LEVEL`` quantile of the Tracy–Widom law TW1 (real matrices), computed from
+#: ``F1(s) = det(I - K)`` with ``K(x, y) = Ai((x + y) / 2) / 2`` on ``(s, inf)`` (Bornemann 2010);
+#: tests/test_spectral.py recomputes it
+TW1_QUANTILE = 3.2722
+#: the constants the report's code adds to its denominators; kept so "seed" and "max_median" match
+SEED_EPS = 1e-9
+MAX_MEDIAN_EPS = 1e-8
+SIGMA2_ESTIMATORS = ("median", "var")
+
+
+@dataclass(frozen=True, eq=False)
+class Spectrum:
+    """The spectrum of one weight matrix read against the Marchenko–Pastur law.
+
+    ``eigenvalues`` are those of the ``M x M`` Gram matrix divided by the larger dimension
+    ``N``, in descending order (float64, CPU); ``q = M / N <= 1``.
+    """
+
+    eigenvalues: Tensor
+    shape: tuple[int, int]  # the 2-D shape of the weight (rows, cols), before orienting
+    q: float
+    sigma2: float  # the noise level (entry variance of the noise part)
+    lambda_minus: float  # sigma2 * (1 - sqrt(q))**2
+    lambda_plus: float  # sigma2 * (1 + sqrt(q))**2, the asymptotic bulk edge
+    threshold: float  # lambda_plus plus the Tracy–Widom margin: the finite-size detection level
+    n_signal: int  # eigenvalues above threshold
+    snr: float  # sum(signal eigenvalues) / sum(bulk eigenvalues)
+    signal_fraction: float  # sum(signal eigenvalues) / sum(all eigenvalues): the share of ||W||_F^2 in spikes
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.eigenvalues[0]) if len(self.eigenvalues) else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The Marchenko–Pastur law
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_ratio(q: float) -> float:
+    q = float(q)
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"aspect ratio q = M/N must be in (0, 1] (smaller over larger dimension), got {q}")
+    return q
+
+
+def mp_edges(q: float, sigma2: float = 1.0) -> tuple[float, float]:
+    """``(lambda_minus, lambda_plus) = sigma2 * (1 -/+ sqrt(q))**2``."""
+    q = _check_ratio(q)
+    return sigma2 * (1.0 - math.sqrt(q)) ** 2, sigma2 * (1.0 + math.sqrt(q)) ** 2
+
+
+def mp_pdf(x, q: float, sigma2: float = 1.0) -> np.ndarray:
+    """Marchenko–Pastur density of the eigenvalues of ``WᵀW / N`` (``M x M``, ``q = M/N <= 1``)
+    for i.i.d. entries of variance ``sigma2``:
+    ``sqrt((lambda_plus - x)(x - lambda_minus)) / (2 pi sigma2 q x)`` on the bulk, 0 elsewhere."""
+    lo, hi = mp_edges(q, sigma2)
+    x = np.asarray(x, dtype=np.float64)
+    inside = (x > lo) & (x < hi)
+    xs = np.where(inside, x, 1.0)  # keeps sqrt and division finite outside the bulk
+    dens = np.sqrt(np.clip((hi - xs) * (xs - lo), 0.0, None)) / (2.0 * math.pi * sigma2 * q * xs)
+    return np.where(inside, dens, 0.0)
+
+
+@lru_cache(maxsize=256)
+def _mp_cdf_table(q: float, points: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
+    """The unit-variance MP CDF tabulated on the bulk. Integrating in the angle ``phi`` with
+    ``x = c - r cos(phi)`` turns the square-root endpoints (and the ``1/sqrt(x)`` pole at
+    ``q = 1``) into a smooth integrand, so a midpoint rule is accurate to about 1e-8."""
+    lo, hi = mp_edges(q)
+    c, r = (lo + hi) / 2.0, (hi - lo) / 2.0
+    edges = np.linspace(0.0, math.pi, points + 1)
+    mid = (edges[:-1] + edges[1:]) / 2.0
+    integrand = r**2 * np.sin(mid) ** 2 / (2.0 * math.pi * q * (c - r * np.cos(mid)))
+    cdf = np.concatenate([[0.0], np.cumsum(integrand) * (math.pi / points)])
+    return c - r * np.cos(edges), cdf
+
+
+def mp_cdf(x, q: float, sigma2: float = 1.0) -> np.ndarray:
+    """Cumulative distribution function of :func:`mp_pdf`."""
+    grid, cdf = _mp_cdf_table(_check_ratio(q))
+    return np.interp(np.asarray(x, dtype=np.float64) / sigma2, grid, cdf, left=0.0, right=1.0)
+
+
+@lru_cache(maxsize=4096)
+def mp_median(q: float) -> float:
+    """Median of the unit-variance MP law with ratio ``q`` (``sigma2 * mp_median(q)`` in general)."""
+    grid, cdf = _mp_cdf_table(_check_ratio(q))
+    return float(np.interp(0.5, cdf, grid))
+
+
+def tracy_widom_margin(n: int, m: int, sigma2: float = 1.0) -> float:
+    """How far above ``lambda_plus`` the detection threshold sits for an ``n x m`` noise matrix
+    (``n >= m``): ``sigma2 * TW1_QUANTILE * s / n`` with Johnstone's (2001) scale
+    ``s = (sqrt(n-1) + sqrt(m)) * (1/sqrt(n-1) + 1/sqrt(m))**(1/3)`` (see the module docstring)."""
+    n, m = max(n, m), min(n, m)
+    root_n = math.sqrt(max(n - 1, 1))
+    scale = (root_n + math.sqrt(m)) * (1.0 / root_n + 1.0 / math.sqrt(m)) ** (1.0 / 3.0)
+    return sigma2 * TW1_QUANTILE * scale / n
+
+
+def detection_threshold(n: int, m: int, sigma2: float = 1.0) -> float:
+    """``lambda_plus + tracy_widom_margin``: above it an eigenvalue is signal at
+    :data:`DETECTION_LEVEL`."""
+    n, m = max(n, m), min(n, m)
+    return mp_edges(m / n, sigma2)[1] + tracy_widom_margin(n, m, sigma2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eigenvalues, batched by shape
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _GramSpectrum:
+    """What every SNR variant is computed from: the eigenvalues of the smaller Gram matrix
+    divided by the larger dimension (ascending, float64, CPU) and the entry variance."""
+
+    eigenvalues: Tensor
+    rows: int
+    cols: int
+    entry_var: float
+
+    @property
+    def n(self) -> int:
+        return max(self.rows, self.cols)
+
+    @property
+    def m(self) -> int:
+        return min(self.rows, self.cols)
+
+
+#: at most this many float elements are stacked on the device at once (512 MiB in float32)
+_BATCH_ELEMENTS = 1 << 27
+
+
+def _as_checked_matrix(W, name: str) -> Tensor:
+    if not isinstance(W, Tensor):
+        W = torch.as_tensor(W)
+    if not torch.is_floating_point(W):
+        raise ValueError(f"{name} has dtype {W.dtype}: a spectrum needs a floating-point weight")
+    mat = as_matrix(W.detach(), name)
+    if mat.numel() == 0:
+        raise ValueError(f"{name} has shape {tuple(W.shape)}: an empty matrix has no spectrum")
+    check_finite(mat, name)
+    return mat
+
+
+def _group_dtype(mats: Sequence[Tensor], device: torch.device) -> torch.dtype:
+    wide = any(m.dtype == torch.float64 for m in mats) and supports_float64(device)
+    return torch.float64 if wide else compute_dtype(mats[0])
+
+
+def _eigvalsh(gram: Tensor) -> Tensor:
+    # MPS has no symmetric eigensolver; the (small) Gram matrices go to the CPU there
+    if gram.device.type == "mps":
+        gram = gram.cpu()
+    return torch.linalg.eigvalsh(gram)
+
+
+def gram_spectra(mats: Sequence[Tensor], *, names: Sequence[str] | None = None, device=None) -> list[_GramSpectrum]:
+    """Eigenvalues of ``WᵀW / N`` (the smaller Gram matrix) for every matrix, computed in stacks
+    of equal shape on the device."""
+    names = list(names) if names is not None else [f"mats[{i}]" for i in range(len(mats))]
+    checked = [_as_checked_matrix(W, name) for W, name in zip(mats, names)]
+    dev = get_device(device)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, mat in enumerate(checked):
+        by_shape.setdefault(tuple(mat.shape), []).append(i)
+    out: list[_GramSpectrum | None] = [None] * len(checked)
+    for (rows, cols), idx in by_shape.items():
+        per_chunk = max(1, _BATCH_ELEMENTS // (rows * cols))
+        for start in range(0, len(idx), per_chunk):
+            chunk = idx[start : start + per_chunk]
+            dtype = _group_dtype([checked[i] for i in chunk], dev)
+            stack = torch.stack([checked[i] for i in chunk]).to(device=dev, dtype=dtype)
+            tall = stack if rows >= cols else stack.transpose(1, 2)  # N x M with N >= M
+            gram = tall.transpose(1, 2) @ tall / max(rows, cols)
+            eigs = _eigvalsh(gram).to(device="cpu", dtype=torch.float64)
+            entry_var = stack.var(dim=(1, 2), unbiased=False).to(device="cpu", dtype=torch.float64)
+            for j, i in enumerate(chunk):
+                out[i] = _GramSpectrum(eigs[j], rows, cols, float(entry_var[j]))
+    return out  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a spectrum: noise level, threshold, SNR
+# ---------------------------------------------------------------------------------------------
+
+
+def _median(values: Tensor) -> float:
+    # np.median convention (mean of the two middle values), as the report's code uses
+    return float(torch.quantile(values, 0.5)) if len(values) else 0.0
+
+
+def _bulk_median_sigma2(ascending: Tensor, n: int, m: int) -> float:
+    """The fixed point of: sigma2 = median(bulk) / mp_median(q), bulk = eigenvalues at or below
+    ``detection_threshold(sigma2)``. ``k`` (the number above) only grows from 0, so it terminates."""
+    reference = mp_median(m / n)
+    k = 0
+    while True:
+        sigma2 = _median(ascending[: m - k]) / reference
+        k_next = int((ascending > detection_threshold(n, m, sigma2)).sum())
+        if k_next <= k:
+            return sigma2
+        k = k_next
+
+
+def _check_sigma2(sigma2) -> str | float:
+    """``sigma2`` as an estimator name or a positive float; anything else is an error."""
+    if isinstance(sigma2, str):
+        if sigma2 not in SIGMA2_ESTIMATORS:
+            raise ValueError(f"sigma2 must be a positive number or one of {SIGMA2_ESTIMATORS}, got {sigma2!r}")
+        return sigma2
+    try:
+        value = float(sigma2)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"sigma2 must be a positive finite number (a known noise level) or one of {SIGMA2_ESTIMATORS}, got {sigma2!r}")
+    return value
+
+
+def _noise_level(gs: _GramSpectrum, sigma2) -> float:
+    sigma2 = _check_sigma2(sigma2)
+    if sigma2 == "median":
+        return _bulk_median_sigma2(gs.eigenvalues, gs.n, gs.m)
+    if sigma2 == "var":
+        return gs.entry_var
+    return sigma2
+
+
+def _ratio(signal: float, bulk: float) -> float:
+    if signal == 0.0:
+        return 0.0
+    return signal / bulk if bulk > 0 else math.inf
+
+
+def _read_mp(gs: _GramSpectrum, sigma2="median") -> Spectrum:
+    noise = _noise_level(gs, sigma2)
+    q = gs.m / gs.n
+    lo, hi = mp_edges(q, noise)
+    threshold = hi + tracy_widom_margin(gs.n, gs.m, noise)
+    descending = gs.eigenvalues.flip(0)
+    is_signal = descending > threshold
+    signal = float(descending[is_signal].sum())
+    total = float(descending.sum())
+    return Spectrum(
+        eigenvalues=descending,
+        shape=(gs.rows, gs.cols),
+        q=q,
+        sigma2=noise,
+        lambda_minus=lo,
+        lambda_plus=hi,
+        threshold=threshold,
+        n_signal=int(is_signal.sum()),
+        snr=_ratio(signal, total - signal),
+        signal_fraction=signal / total if total > 0 else 0.0,
+    )
+
+
+def _padded(eigenvalues: Tensor, size: int) -> Tensor:
+    """The spectrum of the larger Gram matrix: the smaller one's eigenvalues plus zeros."""
+    return torch.cat([eigenvalues.new_zeros(size - len(eigenvalues)), eigenvalues])
+
+
+def _snr_mp(gs: _GramSpectrum) -> float:
+    return _read_mp(gs).snr
+
+
+def _snr_max_median(gs: _GramSpectrum) -> float:
+    """``lambda_max / (median + 1e-8)`` of ``W Wᵀ / cols`` (``rows x rows``), as the report's
+    ResNet notebook computes it."""
+    outer = _padded(gs.eigenvalues * (gs.n / gs.cols), gs.rows)
+    return float(outer.max()) / (_median(outer) + MAX_MEDIAN_EPS)
+
+
+def _snr_seed(gs: _GramSpectrum) -> float:
+    """The report's ``compute_snr``: eigenvalues of ``WᵀW / min(N, M)`` (``cols x cols``),
+    floored at 1e-9, edge ``var(W) * (1 + sqrt(1/Q))**2`` with ``Q = max/min``."""
+    corr = _padded(gs.eigenvalues * (gs.n / gs.m), gs.cols).clamp_min(SEED_EPS)
+    edge = gs.entry_var * (1.0 + math.sqrt(gs.m / gs.n)) ** 2
+    above = corr > edge
+    return float(corr[above].sum()) / (float(corr[~above].sum()) + SEED_EPS)
+
+
+SNR_METHODS: dict[str, Callable[[_GramSpectrum], float]] = {
+    "mp": _snr_mp,
+    "max_median": _snr_max_median,
+    "seed": _snr_seed,
+}
+
+
+def _snr_fn(method: str) -> Callable[[_GramSpectrum], float]:
+    try:
+        return SNR_METHODS[method]
+    except KeyError:
+        raise ValueError(f"unknown SNR method {method!r}; choose one of {', '.join(SNR_METHODS)}") from None
+
+
+def _check_sigma2_applies(method: str, sigma2) -> None:
+    if method != "mp" and not (isinstance(sigma2, str) and sigma2 == "median"):
+        raise ValueError(f"sigma2 only applies to method='mp'; {method!r} has its own fixed normalisation")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def spectrum(W: Tensor, *, sigma2="median", device=None) -> Spectrum:
+    """The Marchenko–Pastur reading of one weight matrix (any float dtype; conv kernels are read
+    as ``(out, in*kh*kw)``). ``sigma2``: ``"median"`` (robust bulk fit, default), ``"var"`` (entry
+    variance, as the report) or a known noise level. 1-D tensors and NaN/Inf are errors."""
+    _check_sigma2(sigma2)  # fail before any linear algebra
+    (gs,) = gram_spectra([W], names=["W"], device=device)
+    return _read_mp(gs, sigma2)
+
+
+def snr(W: Tensor, method: str = "mp", *, sigma2="median", device=None) -> float:
+    """The SNR of one weight matrix: ``"mp"`` (ours), ``"max_median"`` (report, ResNet) or
+    ``"seed"`` (report, NLP, shape-biased). ``sigma2`` applies to ``"mp"`` only."""
+    fn = _snr_fn(method)
+    _check_sigma2_applies(method, sigma2)
+    if method == "mp":
+        return spectrum(W, sigma2=sigma2, device=device).snr
+    (gs,) = gram_spectra([W], names=["W"], device=device)
+    return fn(gs)
+
+
+def snr_batch(mats: Sequence[Tensor], method: str = "mp", *, device=None) -> Tensor:
+    """One SNR per matrix (float64, CPU), the same values as :func:`snr` one by one, with the
+    eigenvalues computed in stacks of equal shape on ``get_device(device)``."""
+    fn = _snr_fn(method)
+    spectra = gram_spectra(list(mats), device=device)
+    return torch.tensor([fn(gs) for gs in spectra], dtype=torch.float64)
+
+
+def scan(model_or_state_dict, *, include=None, exclude=None, method: str = "mp", device=None) -> pd.DataFrame:
+    """One row per weight matrix of a model (floating-point tensors with two or more dimensions
+    whose names pass ``include``/``exclude``; 1-D tensors are skipped).
+
+    Columns: ``name``, ``rows``, ``cols``, ``q``, the MP fit (``sigma2``, ``lambda_plus``,
+    ``threshold``, ``lambda_max``, ``n_signal``, ``signal_fraction``, ``snr_mp``) and ``snr``, the
+    SNR of ``method`` (equal to ``snr_mp`` for ``"mp"``)."""
+    fn = _snr_fn(method)
+    sd = to_state_dict(model_or_state_dict)
+    names = [k for k, v in sd.items() if is_matrix(v) and matches(k, include, exclude)]
+    spectra = gram_spectra([sd[k] for k in names], names=names, device=device)
+    rows = []
+    for name, gs in zip(names, spectra):
+        sp = _read_mp(gs)
+        rows.append(
+            {
+                "name": name,
+                "rows": gs.rows,
+                "cols": gs.cols,
+                "q": sp.q,
+                "sigma2": sp.sigma2,
+                "lambda_plus": sp.lambda_plus,
+                "threshold": sp.threshold,
+                "lambda_max": sp.lambda_max,
+                "n_signal": sp.n_signal,
+                "signal_fraction": sp.signal_fraction,
+                "snr_mp": sp.snr,
+                "snr": sp.snr if method == "mp" else fn(gs),
+            }
+        )
+    columns = ["name", "rows", "cols", "q", "sigma2", "lambda_plus", "threshold", "lambda_max", "n_signal", "signal_fraction", "snr_mp", "snr"]
+    return pd.DataFrame(rows, columns=columns)

@@ -4,12 +4,14 @@ task arithmetic once STAR is registered)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from lib.merge import METHODS, merge, run_items, select_keys
 from lib.merge.dare import keep_mask, mask_seed
-from lib.merge.snr import assign_layers, decide_layers
+from lib.merge.snr import alpha_weights, assign_layers, decide_layers
 from lib.merge.ties import disjoint_mean, elect_sign, kept_count, kth_largest_magnitude, trim_topk
 from lib.statedict import is_float, is_matrix
 
@@ -200,6 +202,19 @@ def test_decide_layers_ties_go_by_key_order():
     scores = scores_for({"x": [2.0], "y": [2.0], "z": [2.0]})
     decisions = decide_layers(scores, list(scores), top=0.34)
     assert [k for k, h in decisions.high.items() if h] == ["x", "y"]
+
+
+def test_alpha_weights_handle_zero_and_infinite_snrs():
+    assert alpha_weights(torch.tensor([1.0, 3.0])).tolist() == [0.25, 0.75]
+    assert alpha_weights(torch.tensor([0.0, 0.0])).tolist() == [0.5, 0.5]
+    assert alpha_weights(torch.tensor([math.inf, 2.0, math.inf])).tolist() == [0.5, 0.0, 0.5]
+    with pytest.raises(ValueError, match="non-negative"):
+        alpha_weights(torch.tensor([-1.0, 2.0]))
+
+
+def test_nan_snr_is_an_error_naming_the_layer():
+    with pytest.raises(ValueError, match="SNR of 'b' is NaN"):
+        decide_layers(scores_for({"a": [1.0], "b": [math.nan]}), ["a", "b"])
 
 
 def context_with(base, high_layers, scores_per_layer):

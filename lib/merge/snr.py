@@ -21,7 +21,8 @@ method              high SNR               low SNR
 ==================  =====================  ======================
 
 *winner*: the expert with the highest SNR on that layer (the lowest index among equal ones);
-*alpha-mix*: ``sum_t alpha_t W_t`` with ``alpha_t = SNR_t / sum_s SNR_s`` (uniform if all are 0).
+*alpha-mix*: ``sum_t alpha_t W_t`` with ``alpha_t = SNR_t / sum_s SNR_s`` (see :func:`alpha_weights`
+for all-zero and infinite SNRs).
 
 A layer's decision (high/low, and its per-expert SNRs for winner and alpha) also applies to the
 1-D tensors that belong to it: the biases and other 1-D tensors of its own module, and the norm
@@ -63,7 +64,7 @@ import torch
 from torch import Tensor
 
 from ..statedict import as_matrix, module_of
-from . import check_finite_number, check_range, register, run_items, stack
+from . import check_finite_number, check_range, register, run_items
 from .ties import kept_count
 
 #: matrices buffered before one batched SNR call; bounds the prepass's memory when streaming
@@ -112,6 +113,9 @@ def decide_layers(scores: Mapping[str, Tensor], keys: Sequence[str], *, top: flo
     """
     layers = list(scores)
     per_expert = {k: torch.as_tensor(v, dtype=torch.float64).reshape(-1).cpu() for k, v in scores.items()}
+    undefined = [k for k, v in per_expert.items() if torch.isnan(v).any()]
+    if undefined:
+        raise ValueError(f"SNR of {undefined[0]!r} is NaN ({per_expert[undefined[0]].tolist()}); exclude that layer or use another snr_method")
     combined = {k: float(v.max() if score == "max" else v.mean()) for k, v in per_expert.items()}
     if threshold is not None:
         high = {k: combined[k] > threshold for k in layers}
@@ -174,9 +178,9 @@ def snr_prepass(items, *, top=0.25, threshold=None, snr_method="mp", score="max"
     return decide_layers(scores, keys, top=top, threshold=threshold, score=score)
 
 
-# The per-layer rules of Table 1: (base tensor, stacked experts (N, ...), per-expert SNR, index) -> tensor
+# The per-layer rules of Table 1: (base tensor, [expert tensors], per-expert SNR, index) -> tensor
 def _mean(base, experts, snrs, index):
-    return experts.mean(dim=0)
+    return torch.stack(experts).mean(dim=0)
 
 
 def _base(base, experts, snrs, index):
@@ -191,12 +195,19 @@ def _winner(base, experts, snrs, index):
     return experts[int(torch.argmax(snrs))]  # argmax returns the first of equal maxima
 
 
-def _alpha_mix(base, experts, snrs, index):
+def alpha_weights(snrs: Tensor) -> Tensor:
+    """``SNR_t / sum_s SNR_s``; uniform when all are 0, shared by the infinite ones when some are
+    infinite (a matrix with no noise bulk has SNR inf under ``snr_method="mp"``)."""
     if (snrs < 0).any():
         raise ValueError(f"alpha-mix needs non-negative SNRs, got {snrs.tolist()}")
+    if torch.isinf(snrs).any():
+        snrs = torch.isinf(snrs).to(snrs.dtype)
     total = snrs.sum()
-    alpha = snrs / total if total > 0 else torch.full_like(snrs, 1.0 / len(snrs))
-    return torch.einsum("n,n...->...", alpha.to(experts), experts)
+    return snrs / total if total > 0 else torch.full_like(snrs, 1.0 / len(snrs))
+
+
+def _alpha_mix(base, experts, snrs, index):
+    return sum(a * e for a, e in zip(alpha_weights(snrs).tolist(), experts))
 
 
 def _strategy(name: str, high_rule, low_rule, *, fixed_index: int | None = None, description: str):
@@ -204,8 +215,9 @@ def _strategy(name: str, high_rule, low_rule, *, fixed_index: int | None = None,
     defaults = dict(top=0.25, threshold=None, snr_method="mp", score="max")
     if fixed_index is None and _expert in (high_rule, low_rule):
         defaults["index"] = 0
+    default_index = 0 if fixed_index is None else fixed_index  # methods without an expert rule ignore it
 
-    def fn(base, experts, *, context=None, index=fixed_index or 0, **hp):
+    def fn(base, experts, *, context=None, index=default_index, **hp):
         if _expert in (high_rule, low_rule) and not index < len(experts):
             raise ValueError(f"{name} takes low-SNR layers from expert {index} but only {len(experts)} expert(s) were given")
         if context is None:
@@ -214,13 +226,13 @@ def _strategy(name: str, high_rule, low_rule, *, fixed_index: int | None = None,
         for k in experts[0]:
             is_high, snrs = context.decision(k)
             rule = high_rule if is_high else low_rule
-            out[k] = rule(None if base is None else base[k], stack(experts, k), snrs, index)
+            out[k] = rule(None if base is None else base[k], [e[k] for e in experts], snrs, index)
         return out
 
-    def prepass(items, index=fixed_index or 0, **hp):
+    def prepass(items, index=default_index, **hp):
         return snr_prepass(items, index=index, **hp)
 
-    def check(index=fixed_index or 0, **hp):
+    def check(index=default_index, **hp):
         _check(index=index, **hp)
 
     fn.__name__ = fn.__qualname__ = name

@@ -94,6 +94,18 @@ def test_radix_select_equals_sorting(seed):
     assert kth_largest_magnitude(items, ks) == [everything[k - 1].item() for k in ks]
 
 
+def test_radix_select_rank_from_stream_size_and_errors():
+    t = torch.arange(1.0, 11.0)
+    assert kth_largest_magnitude([[t, -t]], lambda n: n // 2) == [6.0, 6.0]
+    assert kth_largest_magnitude([[t]], [0]) == [math.inf]
+    with pytest.raises(ValueError, match="11-th largest of 10 entries"):
+        kth_largest_magnitude([[t]], [11])
+    with pytest.raises(ValueError, match="2 ranks for 1 streams"):
+        kth_largest_magnitude([[t]], [1, 2])
+    with pytest.raises(ValueError, match="selection of keys is empty"):
+        kth_largest_magnitude([], [1])
+
+
 def test_ties_model_threshold_is_exact_over_all_tensors(tiny_base, tiny_experts):
     density = 0.3
     merged = merge("ties", tiny_base, tiny_experts[:1], density=density)
@@ -124,6 +136,7 @@ def test_ties_prepass_reads_a_lazy_reiterable_twice_and_rejects_an_iterator(tiny
             return iter(items)
 
     assert model_thresholds(Reader(), density=0.2) == model_thresholds(items, density=0.2)
+    assert Reader.passes == 2, "the sizes come from the first pass's histogram, not from an extra read"
     with pytest.raises(TypeError, match="re-iterable"):
         model_thresholds(iter(items), density=0.2)
 

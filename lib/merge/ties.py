@@ -20,7 +20,7 @@ Conventions, stated once because they decide edge cases:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -84,55 +84,65 @@ def disjoint_mean(taus: Tensor, signs: Tensor) -> Tensor:
     return total / count
 
 
-def kth_largest_magnitude(items: Iterable[Sequence[Tensor]], ks: Sequence[int]) -> list[float]:
+def kth_largest_magnitude(items: Iterable[Sequence[Tensor]], rank: Sequence[int] | Callable[[int], int]) -> list[float]:
     """Exact k-th largest float32 magnitude of each of N streams of tensors, reading them twice.
 
     ``items`` yields, once per tensor position, a sequence of N tensors (one per stream, e.g. the
     task vectors of N experts for one key); it must be re-iterable (a list, or an object whose
-    ``__iter__`` starts over, such as a reader that reopens the checkpoint files). ``ks[i]`` is the
-    rank wanted in stream ``i`` (1 = the largest). Returns ``inf`` where ``ks[i] == 0``.
+    ``__iter__`` starts over, such as a reader that reopens the checkpoint files). ``rank`` is the
+    k wanted in each stream (1 = the largest), or a function from a stream's number of entries to
+    its k (counted during the first pass, so the sizes cost no extra read). Returns ``inf`` for a
+    stream whose k is 0.
 
     Radix select on float32 bit patterns: pass 1 histograms the top 16 bits of every magnitude
     and finds the bin holding the k-th largest; pass 2 histograms the low 16 bits of the entries
     in that bin. Memory: one ``(N, 65536)`` int64 histogram (0.5 MiB per stream) plus one tensor's
     bit patterns at a time -- never the whole model.
     """
-    n_streams = len(ks)
-    remaining = list(ks)
-    prefix = [0] * n_streams
+    remaining: list[int] = []
+    prefix: list[int] = []
     for shift in (_DIGIT_BITS, 0):
-        counts = None
-        for tensors in items:
-            if len(tensors) != n_streams:
-                raise ValueError(f"expected {n_streams} tensors per item (one per stream), got {len(tensors)}")
-            if counts is None:
-                counts = torch.zeros(n_streams, _BINS, dtype=torch.int64, device=tensors[0].device)
-            for i, t in enumerate(tensors):
-                bits = _magnitude_bits(t)
-                if shift == 0:  # second pass: only the entries in the bin chosen by the first
-                    bits = bits[(bits >> _DIGIT_BITS) == prefix[i]]
-                digits = (bits >> shift) & (_BINS - 1)
-                if digits.numel() >= _BINS:  # bincount's 65536-bin output is small next to the tensor
-                    counts[i] += torch.bincount(digits, minlength=_BINS)
-                else:  # a small tensor: touch only the bins it hits
-                    counts[i].index_add_(0, digits.long(), torch.ones(digits.shape, dtype=torch.int64, device=digits.device))
-        if counts is None:
-            raise ValueError("no tensors to rank: the selection of keys is empty")
+        counts = _digit_histogram(items, shift, prefix)
+        if shift == _DIGIT_BITS:
+            sizes = counts.sum(dim=1).tolist()
+            remaining = [rank(n) for n in sizes] if callable(rank) else list(rank)
+            if len(remaining) != len(sizes):
+                raise ValueError(f"got {len(remaining)} ranks for {len(sizes)} streams")
+            bad = [(k, n) for k, n in zip(remaining, sizes) if not 0 <= k <= n]
+            if bad:
+                raise ValueError(f"cannot take the {bad[0][0]}-th largest of {bad[0][1]} entries")
+            ks, prefix = list(remaining), [0] * len(sizes)
         # from the largest bin down: the first bin where the running count reaches k
         from_top = counts.flip(1).cumsum(1).cpu()
-        for i in range(n_streams):
-            if remaining[i] == 0:
-                continue
-            if from_top[i, -1] < remaining[i]:
-                raise ValueError(f"stream {i} has {int(from_top[i, -1])} entries, cannot take the {remaining[i]}-th largest")
-            top_bin = int(torch.searchsorted(from_top[i], remaining[i]))
-            above = int(from_top[i, top_bin - 1]) if top_bin > 0 else 0
-            remaining[i] -= above
-            prefix[i] = (prefix[i] << _DIGIT_BITS) | (_BINS - 1 - top_bin)
-    return [
-        math.inf if k == 0 else float(torch.tensor([p], dtype=torch.int32).view(torch.float32))
-        for k, p in zip(ks, prefix)
-    ]
+        for i, k in enumerate(remaining):
+            if k > 0:
+                top_bin = int(torch.searchsorted(from_top[i], k))
+                remaining[i] -= int(from_top[i, top_bin - 1]) if top_bin > 0 else 0
+                prefix[i] = (prefix[i] << _DIGIT_BITS) | (_BINS - 1 - top_bin)
+    return [math.inf if k == 0 else float(torch.tensor([p], dtype=torch.int32).view(torch.float32)) for k, p in zip(ks, prefix)]
+
+
+def _digit_histogram(items, shift: int, prefix: Sequence[int]) -> Tensor:
+    """``(N, 65536)`` counts of the 16-bit digit at ``shift`` of every magnitude of each stream;
+    with ``prefix`` (second pass) only of the entries whose high digit equals ``prefix[i]``."""
+    counts = None
+    for tensors in items:
+        if counts is None:
+            counts = torch.zeros(len(tensors), _BINS, dtype=torch.int64, device=tensors[0].device)
+        if len(tensors) != len(counts):
+            raise ValueError(f"expected {len(counts)} tensors per item (one per stream), got {len(tensors)}")
+        for i, t in enumerate(tensors):
+            bits = _magnitude_bits(t)
+            if prefix:
+                bits = bits[(bits >> _DIGIT_BITS) == prefix[i]]
+            digits = (bits >> shift) & (_BINS - 1)
+            if digits.numel() >= _BINS:  # bincount's 65536-bin output is small next to the tensor
+                counts[i] += torch.bincount(digits, minlength=_BINS)
+            else:  # a small tensor: touch only the bins it hits
+                counts[i].index_add_(0, digits.long(), torch.ones(digits.shape, dtype=torch.int64, device=digits.device))
+    if counts is None:
+        raise ValueError("no tensors to rank: the selection of keys is empty")
+    return counts
 
 
 def _check(density, lam, scope):
@@ -148,32 +158,24 @@ def model_thresholds(items, *, density, lam=1.0, scope="model"):
     _check(density, lam, scope)
     if scope == "tensor":
         return None
-    tau_items = _TaskVectorItems(items)
-    sizes = [0] * tau_items.n_experts
-    for taus in tau_items:
-        sizes = [s + t.numel() for s, t in zip(sizes, taus)]
-    return kth_largest_magnitude(tau_items, [kept_count(n, density) for n in sizes])
+    return kth_largest_magnitude(_TaskVectorItems(items), lambda n: kept_count(n, density))
 
 
 class _TaskVectorItems:
     """Re-iterable view of prepass items ``(key, base, [experts])`` as lists of task vectors."""
 
     def __init__(self, items):
-        if iter(items) is items:
+        if isinstance(items, Iterator):  # a generator would be empty on the second pass
             raise TypeError(
                 "ties with scope='model' reads the tensors twice (exact radix select of the magnitude "
                 "threshold); pass a re-iterable -- a list, or an object whose __iter__ starts over -- not an iterator"
             )
         self.items = items
-        first = next(iter(items), None)
-        if first is None:
-            raise ValueError("no tensors to merge: the selection of keys is empty")
-        if first[1] is None:
-            raise ValueError("ties works on task vectors (expert - base) and needs the base model")
-        self.n_experts = len(first[2])
 
     def __iter__(self):
-        for _key, base, experts in self.items:
+        for key, base, experts in self.items:
+            if base is None:
+                raise ValueError(f"ties works on task vectors (expert - base) and needs the base model; {key!r} has none")
             yield [e - base for e in experts]
 
 

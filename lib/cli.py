@@ -245,8 +245,9 @@ def merge_checkpoints(
         writer = ShardedWriter(tmp, layout, max_shard_bytes)
         with tqdm(total=len(keys), desc=f"merge {method}", unit="tensor", disable=not progress) as bar:
             for group in module_groups(keys):
-                base_part = None if base_ck is None else {k: base_ck.read(k) for k in group}
-                expert_parts = [{k: e.read(k) for k in group} for e in expert_cks]
+                # merge() checks NaN/Inf itself (naming the model and key), so read unchecked here
+                base_part = None if base_ck is None else {k: base_ck.read(k, finite=False) for k in group}
+                expert_parts = [{k: e.read(k, finite=False) for k in group} for e in expert_cks]
                 merged = merging.merge(method, base_part, expert_parts, include=include, exclude=exclude,
                                        device=device, context=context, **params)
                 for k in group:

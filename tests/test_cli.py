@@ -332,3 +332,19 @@ def test_scan_writes_one_row_per_matrix_and_a_plot(models, tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rc, _, err = run_cli(capsys, "scan", models["experts"][0], "--out", out, "--quiet")
     assert rc == 1 and "--force" in error_line(err)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["missing_folder"], ["does not exist"]),
+        (["EXPERT", "--snr-method", "nonsense"], ["nonsense", "mp"]),
+        (["EXPERT", "--include", "no_such_key"], ["no floating-point matrix"]),
+    ],
+)
+def test_bad_scan_input_gives_one_line(argv, expected, models, tmp_path, capsys):
+    argv = [str(models["experts"][0]) if a == "EXPERT" else str(tmp_path / a) if a == "missing_folder" else a for a in argv]
+    rc, _, err = run_cli(capsys, "scan", *argv, "--out", tmp_path / "scan.csv", "--quiet")
+    line = error_line(err)
+    assert rc == 1 and all(f in line for f in expected), line
+    assert not (tmp_path / "scan.csv").exists()

@@ -1,0 +1,206 @@
+"""The plan of every expert the notebooks merge, and ``python -m lib experts`` (``make experts``).
+
+Notebooks 01-06 share these experts through the cache (:mod:`lib.train`): whichever runs first
+trains an expert, the others load it. ``make experts`` trains them all up front, seed by seed:
+
+* text, fine-tuned from the pre-trained MiniLM body (variant ``pretrained``), for every text
+  task of :data:`lib.data.TASKS`;
+* vision ``mnist_base``: a ResNet-18 trained here on MNIST (the base), then the Fashion-MNIST and
+  KMNIST experts fine-tuned from it, each with a fresh head;
+* vision ``shared_init``: the Fashion-MNIST and KMNIST experts trained from the seed's random
+  initialisation -- the same one the MNIST base started from, so the MNIST expert of this
+  variant *is* the base above and is trained once.
+
+The cache may not survive a change of machine, so a full run must fit in one working session:
+the plan prints an estimate from throughputs measured on two CPU cores (:data:`RATES`) before
+it starts, and a run is resumable -- every finished expert is stored at once, so an interrupted
+run loses at most the expert in progress. ``--dry-run`` prints the plan only.
+
+After training, the command measures how *mergeable* the vision experts of each variant are:
+it averages the Fashion-MNIST and KMNIST experts' bodies and scores the average on each task with
+that task's own head, with and without re-estimating BatchNorm statistics. It writes every
+expert's metrics and these measurements to ``results/experts.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import data, paths, train
+from .models import HEAD_PATTERNS
+
+SEEDS = (0, 1, 2)
+
+#: quality every expert must reach in full mode (mean over seeds): task -> (metric, minimum)
+TARGETS = {
+    "mnist": ("accuracy", 0.98),
+    "fashion_mnist": ("accuracy", 0.90),
+    "kmnist": ("accuracy", 0.85),
+    "sst2": ("accuracy", 0.86),
+    "emotion": ("accuracy", 0.88),
+    "cola": ("mcc", 0.25),
+}
+
+#: measured training and evaluation throughput (examples/s) on the project's two-core CPU with
+#: the recipes of lib.train (length-bucketed text batches); used only for time estimates
+RATES = {
+    "sst2": (60.0, 250.0),
+    "cola": (70.0, 300.0),
+    "emotion": (45.0, 200.0),
+    "trec": (65.0, 300.0),
+    "mrpc": (22.0, 90.0),
+    "rte": (18.0, 70.0),
+    "rotten_tomatoes": (40.0, 180.0),
+    "mnist": (210.0, 1000.0),
+    "fashion_mnist": (210.0, 1000.0),
+    "kmnist": (210.0, 1000.0),
+}
+#: seconds to build a model and load its data, per expert
+OVERHEAD_S = 10.0
+
+
+@dataclass(frozen=True)
+class Planned:
+    task: str
+    variant: str
+    seed: int
+
+    def config(self, smoke: bool) -> dict:
+        return train.expert_config(self.task, seed=self.seed, variant=self.variant, smoke=smoke)
+
+    def __str__(self) -> str:
+        return f"{self.task:<16} {self.variant:<12} seed {self.seed}"
+
+
+def plan(seeds=SEEDS) -> list[Planned]:
+    """Every expert the notebooks use, seed by seed (a partial run leaves whole seeds), bases
+    before the experts fine-tuned from them."""
+    out = []
+    for seed in seeds:
+        out += [Planned(task, "pretrained", seed) for task in data.TEXT_TASKS]
+        out.append(Planned("mnist", "shared_init", seed))
+        out += [Planned(task, variant, seed) for variant in ("mnist_base", "shared_init")
+                for task in ("fashion_mnist", "kmnist")]
+    return out
+
+
+def estimate_seconds(config: dict) -> float:
+    """Expected training plus evaluation time of an expert on the project's CPU."""
+    task = config["task"]
+    recipe = train.Recipe(**config["recipe"])
+    n_train = len(data.load(task, "train"))
+    if recipe.max_train_examples is not None:
+        n_train = min(n_train, recipe.max_train_examples)
+    n_eval = len(train.eval_indices(task, data.get_task(task).eval_split, smoke=config["smoke"]))
+    train_rate, eval_rate = RATES[task]
+    return OVERHEAD_S + recipe.epochs * n_train / train_rate + n_eval / eval_rate
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _status_line(item: Planned, config: dict) -> tuple[str, float]:
+    key = train.config_key(config)
+    cached = train.load_expert(config)
+    if cached is not None:
+        took = cached.runtime["train_s"] + cached.runtime["eval_s"]
+        return f"  {item}  {key[:10]}  cached   (took {_clock(took)}) {_metrics_text(cached.metrics)}", 0.0
+    est = estimate_seconds(config)
+    return f"  {item}  {key[:10]}  missing  (~{_clock(est)})", est
+
+
+def _metrics_text(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "n")
+
+
+def print_plan(items: list[Planned], smoke: bool) -> float:
+    """Print each expert with its cache status; return the estimated seconds still to train."""
+    total = 0.0
+    print(f"experts ({'SMOKE' if smoke else 'full'} mode), cache {train.experts_dir()}")
+    for item in items:
+        line, est = _status_line(item, item.config(smoke))
+        total += est
+        print(line)
+    return total
+
+
+def mergeability(seed: int, variant: str, *, smoke: bool) -> list[dict]:
+    """Average the Fashion-MNIST and KMNIST experts of ``variant`` (bodies only: BatchNorm
+    statistics are averaged too) and score the average on each task with the task's own head,
+    without and with BatchNorm re-estimation; beside each expert's own score."""
+    from .merge import merge
+
+    tasks = ("fashion_mnist", "kmnist")
+    experts = [train.fit_expert(t, seed=seed, variant=variant, smoke=smoke) for t in tasks]
+    base = train.base_state_dict("fashion_mnist", seed=seed, variant=variant, smoke=smoke)
+    body = merge("average", base, [e.state_dict for e in experts], exclude=HEAD_PATTERNS["vision"])
+    records = []
+    for expert in experts:
+        merged = expert.model()
+        merged.load_state_dict(train.with_head(body, expert, "vision"))
+        plain = train.evaluate(merged, expert.task, smoke=smoke)["accuracy"]
+        train.reestimate_batchnorm(merged, expert.task, batches=2 if smoke else 20)
+        bn = train.evaluate(merged, expert.task, smoke=smoke)["accuracy"]
+        records.append({"seed": seed, "variant": variant, "task": expert.task,
+                        "expert": expert.metrics["accuracy"], "average": plain, "average_bn_reestimated": bn})
+    return records
+
+
+def summarize(items: list[Planned], smoke: bool) -> dict:
+    """Metrics of every cached expert of the plan, mean and std over seeds, and the targets."""
+    rows = []
+    for item in items:
+        expert = train.load_expert(item.config(smoke))
+        if expert is not None:
+            rows.append({"task": item.task, "variant": item.variant, "seed": item.seed, "key": expert.key,
+                         "metrics": expert.metrics, "runtime": expert.runtime, "versions": expert.versions})
+    summary = {}
+    for task, variant in dict.fromkeys((r["task"], r["variant"]) for r in rows):
+        group = [r for r in rows if (r["task"], r["variant"]) == (task, variant)]
+        names = [k for k in group[0]["metrics"] if k != "n"]
+        entry = {"seeds": [r["seed"] for r in group]}
+        for name in names + ["train_s"]:
+            values = [r["metrics"][name] if name != "train_s" else r["runtime"]["train_s"] for r in group]
+            entry[name] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+        if task in TARGETS:
+            metric, minimum = TARGETS[task]
+            entry["target"] = {"metric": metric, "minimum": minimum, "met": entry[metric]["mean"] >= minimum}
+        summary[f"{task}/{variant}"] = entry
+    return {"experts": rows, "summary": summary}
+
+
+def main(args) -> int:
+    smoke = bool(getattr(args, "smoke", False))
+    items = plan()
+    remaining = print_plan(items, smoke)
+    missing = [i for i in items if not train.is_cached(i.config(smoke))]
+    print(f"{len(missing)} of {len(items)} experts to train; estimated {_clock(remaining)} on two CPU cores "
+          "(longer while other work shares the CPU)")
+    if getattr(args, "dry_run", False):
+        return 0
+    start = time.perf_counter()
+    for n, item in enumerate(missing, 1):
+        print(f"[{n}/{len(missing)}] {item} (~{_clock(estimate_seconds(item.config(smoke)))})", flush=True)
+        expert = train.fit_expert(item.task, seed=item.seed, variant=item.variant, smoke=smoke)
+        took = expert.runtime["train_s"] + expert.runtime["eval_s"]
+        print(f"    {_metrics_text(expert.metrics)} in {_clock(took)}; {_clock(time.perf_counter() - start)} so far",
+              flush=True)
+    results = summarize(items, smoke)
+    results["mergeability"] = [r for seed in SEEDS for variant in ("mnist_base", "shared_init")
+                               for r in mergeability(seed, variant, smoke=smoke)]
+    results["config"] = {"seeds": list(SEEDS), "smoke": smoke, "recipes": {t: asdict(r) for t, r in train.RECIPES.items()}}
+    out = paths.write_json(paths.results_dir(smoke) / "experts.json", results)
+    for name, entry in results["summary"].items():
+        target = entry.get("target")
+        check = f"  target {target['metric']} >= {target['minimum']}: {'met' if target['met'] else 'NOT MET'}" if target else ""
+        means = " ".join(f"{k}={v['mean']:.4f}±{v['std']:.4f}" for k, v in entry.items()
+                         if isinstance(v, dict) and "mean" in v and k != "train_s")
+        print(f"  {name:<28} {means}  train {entry['train_s']['mean']:.0f}s{check}")
+    print(f"wrote {out}")
+    return 0

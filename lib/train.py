@@ -1,0 +1,835 @@
+"""Fit, cache and evaluate the experts every notebook merges.
+
+>>> expert = fit_expert("sst2", seed=0)                 # trained once, then loaded from the cache
+>>> expert.metrics                                      # {'accuracy': 0.88..., 'n': 872, ...}
+>>> evaluate(expert.state_dict, "sst2")                 # any model or state dict of the task
+>>> base = base_state_dict("sst2", seed=0)              # the explicit starting point of a merge
+
+Starting points (``variant``)
+-----------------------------
+* text (``"pretrained"``): the pre-trained MiniLM body with a linear head drawn from the seed
+  alone, so the SST-2 and CoLA experts of a seed (both binary) start from the same head and
+  their heads can be merged like the rest; Emotion's 6-way head has its own shape.
+* vision ``"mnist_base"``: a ResNet-18 pre-trained here on MNIST (the ``shared_init`` MNIST
+  expert of the seed) is the base; the Fashion-MNIST and KMNIST experts are fine-tuned from it,
+  each with a fresh random head, as the report fine-tunes ImageNet ResNet-18s (which cannot be
+  loaded offline).
+* vision ``"shared_init"``: the Fashion-MNIST, KMNIST and MNIST experts are trained from the same
+  random initialisation (drawn from the seed).
+
+Weights are comparable coordinate by coordinate only when the experts share a starting point;
+that is what makes averaging or task arithmetic meaningful. Experts trained from different
+random initialisations differ by permutations of their hidden units, and their average is
+usually no better than chance.
+
+Cache
+-----
+An expert is identified by a hash of its full configuration (task, seed, starting point --
+including the base's own hash --, the recipe, the content of the training data, and
+:data:`CODE_VERSION`). It is stored as ``CACHE/experts/<hash>/{model.safetensors, meta.json}``,
+written to a temporary folder and renamed, so an interrupted run never leaves half an expert and
+an existing expert is never overwritten. A second call with the same configuration loads it.
+
+Evaluation
+----------
+:func:`evaluate` scores a model or state dict on a whole split (SMOKE: a fixed slice) with
+accuracy and the task's own metric (CoLA: ``mcc``; MRPC: ``f1``; Emotion, TREC: ``macro_f1``),
+batched with dynamic padding over length-sorted examples, under ``torch.inference_mode`` on
+:func:`lib.device.get_device`. Tokenised splits are kept in memory, so scoring hundreds of
+merged models costs only the forward passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import data, models, paths
+from .device import get_device
+from .statedict import StateDict, matches, to_state_dict
+
+#: bump when a change to this module changes what a given configuration trains, so that old
+#: cache entries are no longer found
+CODE_VERSION = 1
+
+VARIANTS = {"text": ("pretrained",), "vision": ("mnist_base", "shared_init")}
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How an expert is trained. ``max_train_examples`` takes a fixed-seed subset of the training
+    split (:func:`lib.data.fixed_subset`, seed 0, the same for every expert seed) where the whole
+    split would not fit the time budget; ``epochs`` are passes over that subset. The schedule is
+    AdamW with linear warm-up over ``warmup`` of the steps, then cosine decay to zero."""
+
+    epochs: float
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    max_train_examples: int | None = None
+    max_length: int = 128  # text: tokens per example after truncation
+    augment: bool = False  # vision: random shifts of up to 2 pixels
+
+
+# Chosen to reach the quality targets within ~5 min per text expert and ~2-3 min per vision
+# expert on two CPU cores (measured times in lib/experts.py and the project README).
+RECIPES: dict[str, Recipe] = {
+    # SST-2 has 67,349 training phrases; a fixed 16k subset reaches ~0.87-0.88 validation accuracy
+    "sst2": Recipe(epochs=1, batch_size=32, lr=5e-5, max_train_examples=16_000),
+    "cola": Recipe(epochs=2, batch_size=32, lr=5e-5),
+    "emotion": Recipe(epochs=2, batch_size=32, lr=1e-4),
+    "trec": Recipe(epochs=3, batch_size=32, lr=1e-4),
+    "mrpc": Recipe(epochs=3, batch_size=32, lr=5e-5),
+    "rte": Recipe(epochs=3, batch_size=32, lr=5e-5, max_length=256),
+    "rotten_tomatoes": Recipe(epochs=2, batch_size=32, lr=5e-5),
+    # MNIST and Fashion-MNIST: a fixed half of the 60k training images, one pass
+    "mnist": Recipe(epochs=1, batch_size=128, lr=2e-3, weight_decay=5e-4, max_train_examples=30_000),
+    "fashion_mnist": Recipe(epochs=1, batch_size=128, lr=2e-3, weight_decay=5e-4, max_train_examples=30_000),
+    # only 7,011 KMNIST training images exist locally: several passes with random shifts
+    "kmnist": Recipe(epochs=4, batch_size=128, lr=2e-3, weight_decay=5e-4, augment=True),
+}
+
+#: SMOKE mode: a tiny training slice and a fixed evaluation slice, seconds per expert
+SMOKE_TRAIN = {"text": 64, "vision": 256}
+SMOKE_EVAL = {"text": 128, "vision": 500}
+EVAL_BATCH = {"text": 128, "vision": 1000}
+
+
+def recipe_for(task: str, *, smoke: bool = False, **overrides) -> Recipe:
+    spec = data.get_task(task)
+    recipe = replace(RECIPES[spec.name], **overrides)
+    if smoke:
+        small = SMOKE_TRAIN[spec.kind]
+        cap = small if recipe.max_train_examples is None else min(small, recipe.max_train_examples)
+        recipe = replace(recipe, epochs=1, max_train_examples=cap, batch_size=min(recipe.batch_size, 32))
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration and its hash
+
+
+def resolve_variant(task: str, variant: str | None) -> str:
+    """The default starting point of a task, checked. MNIST has a single one: it is both the
+    ``mnist_base`` variant's base and the ``shared_init`` variant's MNIST expert."""
+    spec = data.get_task(task)
+    allowed = VARIANTS[spec.kind]
+    variant = allowed[0] if variant is None else variant
+    if variant not in allowed:
+        raise ValueError(f"{task} experts have variants {allowed}, not {variant!r}")
+    return "shared_init" if spec.name == "mnist" else variant
+
+
+def derive_seed(*parts) -> int:
+    """A 31-bit seed from any parts (e.g. the expert seed and the task), stable across runs and
+    machines, so that related random draws are independent but reproducible."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "big") >> 1
+
+
+def expert_config(
+    task: str,
+    *,
+    seed: int,
+    variant: str | None = None,
+    smoke: bool | None = None,
+    model_name: str | None = None,
+    data_dir=None,
+    **overrides,
+) -> dict:
+    """The full configuration of an expert: everything its weights depend on."""
+    spec = data.get_task(task)
+    smoke = paths.is_smoke() if smoke is None else bool(smoke)
+    variant = resolve_variant(task, variant)
+    recipe = recipe_for(task, smoke=smoke, **overrides)
+    source = data.find_source(spec, "train", data_dir)
+    if spec.kind == "text":
+        model = {"arch": models.text_model_id(model_name), "num_labels": spec.num_labels}
+        init = {"body": "pre-trained", "head_seed": int(seed)}
+    else:
+        if model_name is not None:
+            raise ValueError("model_name applies to text tasks; vision experts are always resnet18_28")
+        model = {"arch": "resnet18_28", "num_labels": spec.num_labels}
+        if variant == "shared_init":
+            init = {"random_init_seed": int(seed)}
+        else:
+            base = expert_config("mnist", seed=seed, smoke=smoke, data_dir=data_dir)
+            init = {"base": config_key(base), "head_seed": derive_seed(seed, spec.name)}
+    return {
+        "task": spec.name,
+        "variant": variant,
+        "seed": int(seed),
+        "smoke": smoke,
+        "model": model,
+        "init": init,
+        "recipe": asdict(recipe),
+        "data": {"train": source.fingerprint(spec, "train"), "subset_seed": 0},
+        "code_version": CODE_VERSION,
+    }
+
+
+def config_key(config: Mapping) -> str:
+    """Hash of a configuration (canonical JSON), the expert's name in the cache."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------------------------
+# experts and the cache
+
+
+@dataclass
+class Expert:
+    """A trained expert: weights, configuration, measured metrics and runtime."""
+
+    key: str
+    config: dict
+    state_dict: StateDict
+    metrics: dict
+    runtime: dict
+    versions: dict
+    path: Path
+    from_cache: bool = False
+    history: dict = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        return self.config["task"]
+
+    @property
+    def seed(self) -> int:
+        return self.config["seed"]
+
+    @property
+    def variant(self) -> str:
+        return self.config["variant"]
+
+    def model(self) -> nn.Module:
+        """A fresh module holding the expert's weights (CPU, eval mode)."""
+        module = _architecture(self.task, model_name_of(self.config))
+        module.load_state_dict(self.state_dict)
+        return module.eval()
+
+
+def experts_dir() -> Path:
+    # read at call time so that tests (and users) can point SPECTRAL_MERGE_CACHE elsewhere
+    return paths._env_path("SPECTRAL_MERGE_CACHE", paths.ROOT / ".cache") / "experts"
+
+
+def expert_path(key: str) -> Path:
+    return experts_dir() / key
+
+
+def is_cached(config: Mapping) -> bool:
+    return (expert_path(config_key(config)) / "meta.json").is_file()
+
+
+def load_expert(config: Mapping) -> Expert | None:
+    """The cached expert of ``config``, or None."""
+    from safetensors.torch import load_file
+
+    key = config_key(config)
+    folder = expert_path(key)
+    if not (folder / "meta.json").is_file():
+        return None
+    meta = paths.read_json(folder / "meta.json")
+    if meta["config"] != json.loads(json.dumps(config)):
+        raise RuntimeError(
+            f"{folder} holds a different configuration than its hash says; delete the folder "
+            "and train the expert again"
+        )
+    return Expert(
+        key, meta["config"], load_file(folder / "model.safetensors"), meta["metrics"], meta["runtime"],
+        meta["versions"], folder, from_cache=True, history=meta.get("history", {}),
+    )
+
+
+def _save_expert(expert: Expert) -> Path:
+    """Write the expert through a temporary folder and one rename; never replace an existing one."""
+    from safetensors.torch import save_file
+
+    final = expert_path(expert.key)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{expert.key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in expert.state_dict.items()}
+        save_file(tensors, tmp / "model.safetensors")
+        meta = {
+            "key": expert.key, "config": expert.config, "metrics": expert.metrics, "runtime": expert.runtime,
+            "versions": expert.versions, "history": expert.history,
+        }
+        paths.write_json(tmp / "meta.json", meta)
+        if final.exists():  # another process finished the same expert first: keep theirs
+            warnings.warn(f"{final} appeared while training; keeping the existing copy", stacklevel=2)
+            shutil.rmtree(tmp)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def versions() -> dict:
+    import transformers
+    import torchvision
+
+    import lib
+
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "transformers": transformers.__version__, "lib": lib.__version__, "device": str(get_device()),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# models and starting points
+
+
+def model_name_of(config: Mapping) -> str | None:
+    """The Hugging Face model name of a text expert's configuration (None: the offline MiniLM)."""
+    arch = config["model"]["arch"]
+    return None if arch in ("resnet18_28", models.text_model_id()) else arch
+
+
+def _architecture(task: str, model_name: str | None = None, head_seed: int | None = None) -> nn.Module:
+    """A model of the right shape for ``task``: the pre-trained text body with a new head, or a
+    randomly initialised ResNet."""
+    spec = data.get_task(task)
+    if spec.kind == "vision":
+        return models.resnet18_28(spec.num_labels)
+    model, _ = models.text_classifier(spec.num_labels, model_name, label_names=spec.label_names, head_seed=head_seed)
+    return model
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed the global random stream (dropout) and use deterministic kernels where PyTorch has
+    them, restoring the previous settings afterwards."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def initial_model(config: Mapping, *, data_dir=None, progress: bool = True) -> nn.Module:
+    """The model an expert's training starts from (trains the MNIST base first if needed)."""
+    task, init = config["task"], config["init"]
+    if data.get_task(task).kind == "text":
+        return _architecture(task, model_name_of(config), head_seed=init["head_seed"])
+    if "random_init_seed" in init:
+        with _seeded(init["random_init_seed"]):
+            return _architecture(task)
+    base = fit_expert("mnist", seed=config["seed"], smoke=config["smoke"], data_dir=data_dir, progress=progress)
+    if base.key != init["base"]:
+        raise RuntimeError(f"the MNIST base has key {base.key}, the configuration expects {init['base']}")
+    model = base.model()
+    return models.init_head(model, init["head_seed"])
+
+
+def base_state_dict(task: str, *, seed: int, variant: str | None = None, smoke: bool | None = None,
+                    model_name: str | None = None) -> StateDict:
+    """The explicit base of a merge of ``task``'s experts (every expert of the same kind, seed
+    and variant shares it): for text, the pre-trained MiniLM body with the seed's head (the
+    common starting point of the binary experts' heads); for ``shared_init``, the shared random
+    initialisation; for ``mnist_base``, the MNIST-trained ResNet-18 (its ``fc`` is MNIST's head,
+    which no expert shares: merge heads with ``exclude=HEAD_PATTERNS['vision']``)."""
+    config = expert_config(task, seed=seed, variant=variant, smoke=smoke, model_name=model_name)
+    if config["variant"] == "mnist_base":
+        return fit_expert("mnist", seed=seed, smoke=config["smoke"]).state_dict
+    return to_state_dict(initial_model(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenised text split: token ids per example (unpadded), labels, lengths."""
+
+    input_ids: list[np.ndarray]
+    token_type_ids: list[np.ndarray]
+    labels: np.ndarray
+    pad_id: int
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+
+_ENCODED: dict[tuple, Encoded] = {}
+_TOKENIZERS: dict[str | None, object] = {}
+
+
+def _tokenizer(model_name: str | None):
+    if model_name not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[model_name] = AutoTokenizer.from_pretrained(
+            str(models.default_text_model_path()) if model_name is None else model_name
+        )
+    return _TOKENIZERS[model_name]
+
+
+def encode(task: str, split: str, *, max_length: int = 128, model_name: str | None = None, data_dir=None) -> Encoded:
+    """``split`` tokenised for the model (pairs as ``[CLS] a [SEP] b [SEP]``), once per process."""
+    spec = data.get_task(task)
+    key = (spec.name, split, max_length, model_name, str(data.find_source(spec, split, data_dir).root))
+    if key not in _ENCODED:
+        ds = data.load_text(spec.name, split, data_dir)
+        tok = _tokenizer(model_name)
+        columns = [list(ds[c]) for c in spec.text_columns]
+        enc = tok(*columns, truncation=True, max_length=max_length)
+        type_ids = enc.get("token_type_ids") or [[0] * len(x) for x in enc["input_ids"]]
+        _ENCODED[key] = Encoded(
+            [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]],
+            [np.asarray(x, dtype=np.int64) for x in type_ids],
+            np.asarray(ds[spec.label_column], dtype=np.int64),
+            tok.pad_token_id,
+        )
+    return _ENCODED[key]
+
+
+def collate(enc: Encoded, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    """The examples ``idx`` padded to the longest of them (dynamic padding)."""
+    width = max(len(enc.input_ids[i]) for i in idx)
+    ids = np.full((len(idx), width), enc.pad_id, dtype=np.int64)
+    types = np.zeros((len(idx), width), dtype=np.int64)
+    mask = np.zeros((len(idx), width), dtype=np.int64)
+    for row, i in enumerate(idx):
+        n = len(enc.input_ids[i])
+        ids[row, :n], types[row, :n], mask[row, :n] = enc.input_ids[i], enc.token_type_ids[i], 1
+    return {
+        "input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
+        "attention_mask": torch.from_numpy(mask),
+    }
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                            pool_batches: int = 50) -> list[np.ndarray]:
+    """One epoch of shuffled batches of similar lengths: the examples are shuffled, cut into
+    pools of ``pool_batches`` batches, sorted by length inside each pool, batched, and the
+    batches shuffled, so padding stays small while every epoch sees a different order."""
+    order = rng.permutation(len(lengths))
+    pool = batch_size * pool_batches
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = order[start : start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Evaluation batches: examples sorted by length (longest first, so memory peaks at once)."""
+    order = np.argsort(-lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def shift_images(images: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Each image of ``(n, 1, h, w)`` moved by its own random offset of up to ``max_shift``
+    pixels in each direction, filling with zeros (the background of these datasets)."""
+    n, _, h, w = images.shape
+    padded = nn.functional.pad(images, (max_shift,) * 4)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]
+    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def _train_batches(config: Mapping, recipe: Recipe, data_dir=None) -> tuple[Iterator, int, int]:
+    """An iterator of ``(inputs, labels)`` training batches over all epochs, the number of steps
+    and the number of training examples used."""
+    spec = data.get_task(config["task"])
+    rng = np.random.default_rng(derive_seed(config["seed"], spec.name, "batches"))
+    if spec.kind == "text":
+        enc = encode(spec.name, "train", max_length=recipe.max_length, model_name=model_name_of(config),
+                     data_dir=data_dir)
+        subset = data.fixed_subset(len(enc.labels), recipe.max_train_examples)
+        lengths = enc.lengths[subset]
+
+        def epoch():
+            for b in length_bucketed_batches(lengths, recipe.batch_size, rng):
+                idx = subset[b]
+                yield collate(enc, idx), torch.from_numpy(enc.labels[idx])
+    else:
+        ds = data.load_vision(spec.name, "train", data_dir)
+        subset = torch.from_numpy(data.fixed_subset(len(ds), recipe.max_train_examples))
+        gen = torch.Generator().manual_seed(derive_seed(config["seed"], spec.name, "augment"))
+
+        def epoch():
+            order = subset[torch.from_numpy(rng.permutation(len(subset)))]
+            for start in range(0, len(order), recipe.batch_size):
+                idx = order[start : start + recipe.batch_size]
+                x = data.to_float(ds.images[idx])
+                yield (shift_images(x, 2, gen) if recipe.augment else x), ds.labels[idx]
+
+    n = len(subset)
+    steps_per_epoch = math.ceil(n / recipe.batch_size)
+    steps = max(1, round(recipe.epochs * steps_per_epoch))
+
+    def stream():
+        while True:
+            yield from epoch()
+
+    return (b for _, b in zip(range(steps), stream())), steps, n
+
+
+def logits_of(model: nn.Module, inputs) -> torch.Tensor:
+    return model(**inputs).logits if isinstance(inputs, Mapping) else model(inputs)
+
+
+def _to(inputs, device):
+    if isinstance(inputs, Mapping):
+        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=True)
+
+
+def warmup_cosine(step: int, total: int, warmup: float) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` of the steps, then cosine to zero."""
+    warm = max(1, round(warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def train(model: nn.Module, batches, *, steps: int, recipe: Recipe, device=None, progress: bool = True,
+          desc: str = "train") -> list[float]:
+    """Minimise cross-entropy over ``batches`` for ``steps`` AdamW steps (warm-up + cosine,
+    gradients clipped at norm 1). Returns the loss of every step. Works for any classifier whose
+    forward takes a tensor or a dict of tensors (see :func:`logits_of`)."""
+    device = get_device(device)
+    model.to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # biases and norms: no decay
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, steps, recipe.warmup))
+    losses = []
+    bar = tqdm(batches, total=steps, desc=desc, disable=not progress, mininterval=2.0, leave=False)
+    for inputs, labels in bar:
+        loss = nn.functional.cross_entropy(logits_of(model, _to(inputs, device)), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if len(losses) % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    model.eval()
+    return losses
+
+
+def fit_expert(
+    task: str,
+    *,
+    seed: int,
+    variant: str | None = None,
+    smoke: bool | None = None,
+    model_name: str | None = None,
+    data_dir=None,
+    progress: bool = True,
+    **overrides,
+) -> Expert:
+    """Train the expert of ``task`` for ``seed`` and ``variant`` (see the module docstring), or
+    load it if this exact configuration was trained before. ``smoke=None`` follows ``SMOKE``;
+    ``overrides`` change fields of the task's :class:`Recipe` (and so the cache key)."""
+    config = expert_config(task, seed=seed, variant=variant, smoke=smoke, model_name=model_name,
+                           data_dir=data_dir, **overrides)
+    cached = load_expert(config)
+    if cached is not None:
+        return cached
+    key = config_key(config)
+    recipe = Recipe(**config["recipe"])
+    desc = f"{task} seed {seed} {config['variant']}"
+    model = initial_model(config, data_dir=data_dir, progress=progress)
+    start = time.perf_counter()
+    with _seeded(derive_seed(seed, task, "train")):
+        batches, steps, n_train = _train_batches(config, recipe, data_dir)
+        losses = train(model, batches, steps=steps, recipe=recipe, progress=progress, desc=desc)
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics = evaluate(model, task, smoke=config["smoke"], data_dir=data_dir, model_name=model_name, progress=progress)
+    eval_s = time.perf_counter() - start
+    examples_seen = min(steps * recipe.batch_size, round(recipe.epochs * n_train))
+    expert = Expert(
+        key, config, to_state_dict(model.cpu()), metrics,
+        {"train_s": round(train_s, 2), "eval_s": round(eval_s, 2), "train_examples": n_train, "steps": steps,
+         "train_examples_per_s": round(examples_seen / train_s, 1),
+         "eval_examples_per_s": round(metrics["n"] / eval_s, 1)},
+        versions(), expert_path(key), history={"loss_first10": float(np.mean(losses[:10])),
+                                               "loss_last10": float(np.mean(losses[-10:]))},
+    )
+    expert.path = _save_expert(expert)
+    return expert
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def compute_metrics(task: str, y_true, y_pred) -> dict:
+    """Accuracy and the task's own metric (``mcc``, ``f1`` of class 1, or ``macro_f1``)."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    spec = data.get_task(task)
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    out = {"accuracy": float(accuracy_score(y_true, y_pred))}
+    if spec.metric == "mcc":
+        out["mcc"] = float(matthews_corrcoef(y_true, y_pred))
+    elif spec.metric == "f1":
+        out["f1"] = float(f1_score(y_true, y_pred, pos_label=1, zero_division=0))
+    elif spec.metric == "macro_f1":
+        out["macro_f1"] = float(f1_score(y_true, y_pred, average="macro", labels=range(spec.num_labels),
+                                         zero_division=0))
+    return out
+
+
+def eval_indices(task: str, split: str, *, smoke: bool, data_dir=None) -> np.ndarray:
+    """The examples scored: the whole split, or in SMOKE mode a fixed seed-0 slice."""
+    spec = data.get_task(task)
+    n = len(data.load(spec.name, split, data_dir))
+    return data.fixed_subset(n, SMOKE_EVAL[spec.kind] if smoke else None)
+
+
+_EVAL_BATCHES: dict[tuple, list] = {}
+
+
+def _eval_batches(task: str, split: str, *, smoke: bool, max_length: int, model_name, data_dir) -> list:
+    """``(inputs, idx)`` per batch, built once per split and kept in memory."""
+    spec = data.get_task(task)
+    source = data.find_source(spec, split, data_dir)
+    key = (spec.name, split, smoke, max_length, model_name, str(source.root))
+    if key not in _EVAL_BATCHES:
+        subset = eval_indices(spec.name, split, smoke=smoke, data_dir=data_dir)
+        if spec.kind == "text":
+            enc = encode(spec.name, split, max_length=max_length, model_name=model_name, data_dir=data_dir)
+            batches = sorted_batches(enc.lengths[subset], EVAL_BATCH["text"])
+            _EVAL_BATCHES[key] = [(collate(enc, subset[b]), subset[b]) for b in batches]
+        else:
+            ds = data.load_vision(spec.name, split, data_dir)
+            size = EVAL_BATCH["vision"]
+            chunks = [subset[i : i + size] for i in range(0, len(subset), size)]
+            _EVAL_BATCHES[key] = [(data.to_float(ds.images[torch.from_numpy(c)]), c) for c in chunks]
+    return _EVAL_BATCHES[key]
+
+
+_SKELETONS: dict[tuple, nn.Module] = {}
+
+
+def _skeleton(task: str, model_name: str | None = None) -> nn.Module:
+    # one module per architecture, reused by every call that loads a state dict into it
+    spec = data.get_task(task)
+    key = (spec.kind, spec.num_labels, model_name)
+    if key not in _SKELETONS:
+        _SKELETONS[key] = _architecture(spec.name, model_name)
+    return _SKELETONS[key]
+
+
+def as_model(model_or_state_dict, task: str, model_name: str | None = None) -> nn.Module:
+    """A module for ``task``: the module itself, or the state dict loaded into a cached
+    architecture of the task's shape (so scoring many state dicts builds the model once)."""
+    if isinstance(model_or_state_dict, nn.Module):
+        return model_or_state_dict
+    if isinstance(model_or_state_dict, Expert):
+        model_or_state_dict = model_or_state_dict.state_dict
+    spec = data.get_task(task)
+    skeleton = _skeleton(spec.name, model_name)
+    try:
+        skeleton.load_state_dict(to_state_dict(model_or_state_dict))
+    except RuntimeError as err:
+        raise ValueError(f"the state dict does not fit a {spec.title} model ({spec.num_labels} labels): {err}") from err
+    return skeleton
+
+
+@torch.inference_mode()
+def predict(model_or_state_dict, task: str, split: str | None = None, *, smoke: bool | None = None,
+            max_length: int | None = None, model_name: str | None = None, data_dir=None, device=None,
+            progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits, indices)``: the model's logits on the scored examples of ``split`` and their
+    indices in the split, in the split's order."""
+    spec = data.get_task(task)
+    split = spec.check_split(split or spec.eval_split)
+    smoke = paths.is_smoke() if smoke is None else smoke
+    max_length = max_length or RECIPES[spec.name].max_length
+    model = as_model(model_or_state_dict, spec.name, model_name)
+    device = get_device(device)
+    was_training, old_device = model.training, next(model.parameters()).device
+    model.to(device).eval()
+    try:
+        batches = _eval_batches(spec.name, split, smoke=smoke, max_length=max_length, model_name=model_name,
+                                data_dir=data_dir)
+        logits, order = [], []
+        for inputs, idx in tqdm(batches, desc=f"eval {task}", disable=not progress, leave=False):
+            logits.append(logits_of(model, _to(inputs, device)).float().cpu())
+            order.append(idx)
+    finally:
+        model.to(old_device).train(was_training)
+    order = np.concatenate(order)
+    back = np.argsort(order, kind="stable")
+    return torch.cat(logits).numpy()[back], order[back]
+
+
+def evaluate(model_or_state_dict, task: str, split: str | None = None, *, smoke: bool | None = None,
+             max_length: int | None = None, model_name: str | None = None, data_dir=None, device=None,
+             progress: bool = False) -> dict:
+    """Score a model (module, state dict or :class:`Expert`) on ``split`` (default: the task's
+    evaluation split) over every example (SMOKE: a fixed slice). Returns accuracy, the task's own
+    metric, and ``n``, the number of examples scored."""
+    spec = data.get_task(task)
+    logits, idx = predict(model_or_state_dict, task, split, smoke=smoke, max_length=max_length,
+                          model_name=model_name, data_dir=data_dir, device=device, progress=progress)
+    labels = data.labels_of(spec.name, split or spec.eval_split, data_dir)[idx]
+    return {**compute_metrics(spec.name, labels, logits.argmax(1)), "n": int(len(idx))}
+
+
+# ---------------------------------------------------------------------------------------------
+# heads over merged bodies, BatchNorm re-estimation
+
+
+def split_head(state_dict: Mapping, kind: str) -> tuple[StateDict, StateDict]:
+    """``(body, head)`` of a state dict of ``kind`` (``"text"`` or ``"vision"``)."""
+    pattern = models.HEAD_PATTERNS[kind]
+    body = {k: v for k, v in state_dict.items() if not matches(k, pattern)}
+    head = {k: v for k, v in state_dict.items() if matches(k, pattern)}
+    return body, head
+
+
+def with_head(body: Mapping, head_from: Mapping | Expert, kind: str) -> StateDict:
+    """``body``'s tensors with the head of ``head_from`` (a state dict or an expert): how a merged
+    body is scored on a task whose head was not merged (SST-2 + Emotion, the vision experts)."""
+    source = head_from.state_dict if isinstance(head_from, Expert) else head_from
+    merged_body, _ = split_head(body, kind)
+    _, head = split_head(source, kind)
+    return {**merged_body, **head}
+
+
+def evaluate_with_head(body: Mapping, expert: Expert, split: str | None = None, **kwargs) -> dict:
+    """Score a merged ``body`` on ``expert``'s task with ``expert``'s own head."""
+    kind = data.get_task(expert.task).kind
+    return evaluate(with_head(body, expert, kind), expert.task, split, **kwargs)
+
+
+def fresh_head(body: Mapping, task: str, *, seed: int, probe_examples: int = 0, smoke: bool | None = None,
+               probe_steps: int = 300, data_dir=None, device=None) -> StateDict:
+    """The report's re-initialised-head variant: ``body`` with a head redrawn from ``seed``.
+
+    With ``probe_examples > 0`` the new head is then fitted as a linear probe on the frozen body:
+    the body's features of a fixed subset of that many training examples are computed once, and
+    the head alone is trained on them (``probe_steps`` full-batch AdamW steps). With 0 the head
+    stays random, which shows what merging a body without a matching head costs."""
+    spec = data.get_task(task)
+    smoke = paths.is_smoke() if smoke is None else smoke
+    body, _ = split_head(body, spec.kind)
+    model = _skeleton(spec.name)
+    missing, unexpected = model.load_state_dict(body, strict=False)
+    not_head = [k for k in list(missing) + list(unexpected) if not matches(k, models.HEAD_PATTERNS[spec.kind])]
+    if not_head:
+        raise ValueError(f"the body does not fit a {spec.title} model: {not_head[0]!r} is missing or unexpected")
+    models.init_head(model, seed)
+    if probe_examples > 0:
+        features, labels = _head_inputs(model, task, probe_examples if not smoke else min(probe_examples, 64),
+                                        data_dir=data_dir, device=device)
+        head = models.head_of(model)
+        with _seeded(derive_seed(seed, task, "probe")), torch.enable_grad():
+            optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.0)
+            for _ in range(probe_steps):
+                loss = nn.functional.cross_entropy(head(features), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    _, head_sd = split_head(to_state_dict(model), spec.kind)
+    return {**body, **{k: v.detach().clone().cpu() for k, v in head_sd.items()}}
+
+
+@torch.no_grad()  # not inference_mode: the features are then used to train the head
+def _head_inputs(model: nn.Module, task: str, n: int, *, data_dir=None, device=None):
+    """The inputs of the head (the body's features) for a fixed subset of ``n`` training
+    examples, and their labels."""
+    spec = data.get_task(task)
+    device = get_device(device)
+    captured = []
+    hook = models.head_of(model).register_forward_pre_hook(lambda _m, args: captured.append(args[0].float().cpu()))
+    subset = data.fixed_subset(len(data.load(spec.name, "train", data_dir)), n)
+    model.to(device).eval()
+    try:
+        if spec.kind == "text":
+            enc = encode(spec.name, "train", max_length=RECIPES[spec.name].max_length, data_dir=data_dir)
+            batches = [subset[b] for b in sorted_batches(enc.lengths[subset], EVAL_BATCH["text"])]
+            for idx in batches:
+                logits_of(model, _to(collate(enc, idx), device))
+            labels = enc.labels[np.concatenate(batches)]
+        else:
+            ds = data.load_vision(spec.name, "train", data_dir)
+            idx = torch.from_numpy(subset)
+            model(data.to_float(ds.images[idx]).to(device))
+            labels = ds.labels[idx].numpy()
+    finally:
+        hook.remove()
+        model.cpu()
+    return torch.cat(captured), torch.from_numpy(labels)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, task: str, *, batches: int = 20, batch_size: int = 256, seed: int = 0,
+                         data_dir=None, device=None) -> nn.Module:
+    """Recompute every BatchNorm's running mean and variance from ``batches`` training batches of
+    ``task`` (a cumulative average, not the momentum average of training). Merging averages the
+    running statistics along with the weights, but the merged weights produce different
+    activations, so the stored statistics no longer match them; re-estimating fixes that without
+    any gradient step. Off by default in the notebooks and flagged in their results when used.
+    Returns ``model`` (modified in place, in eval mode)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm layers to re-estimate")
+    ds = data.load_vision(task, "train", data_dir)
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(ds))[: batches * batch_size])
+    device = get_device(device)
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches seen
+    model.to(device).train()
+    try:
+        for start in range(0, len(order), batch_size):
+            model(data.to_float(ds.images[order[start : start + batch_size]]).to(device))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+    return model

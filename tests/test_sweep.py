@@ -174,8 +174,8 @@ def test_timing_counts_each_model_once():
 
 
 def test_versions_name_the_device_and_libraries():
-    v = sweep.versions(["torch", "surely-not-a-package"])
-    assert torch.__version__.startswith(v["torch"])
+    v = sweep.versions(["numpy", "surely-not-a-package"])
+    assert v["numpy"] == np.__version__ and v["torch"] == torch.__version__
     assert v["surely-not-a-package"] == "not installed"
     assert v["device"].split(":")[0] in {"cpu", "cuda", "mps"}
 
@@ -193,7 +193,7 @@ def fake_results(notebook: str) -> dict:
                                    merge_fn=fake_merge, progress=False)
         records += sweep.evaluate_models(experts, CountingEvaluate(), seed=seed)
     layers = [{"seed": 0, "expert": e, "key": f"l{i}.weight", "rows": 4 * (1 + i % 2), "cols": 4, "snr_method": m,
-               "snr": float(1 + i + (e == "b"))} for e in "ab" for m in ("mp", "seed") for i in range(5)]
+               "snr": float(1 + i + (e == "b")) if i else math.inf} for e in "ab" for m in ("mp", "seed") for i in range(5)]
     return {
         "notebook": notebook,
         "config": {"snr_methods": ["mp", "seed"]},
@@ -333,16 +333,18 @@ def test_sweep_seed_evaluates_experts_first_and_shares_the_cache():
 
 
 def test_compare_with_report_puts_numbers_side_by_side():
-    runs = sweep.snr_runs(["snr_winner"], ["mp"], [0.5])
+    runs = sweep.snr_runs(["snr_winner"], ["mp"], [0.5, 1.0])
     recs = []
     for seed in range(2):
         recs += sweep.run_sweep(tiny(0), [tiny(10 + seed)], CountingEvaluate(), runs, seed=seed, merge_fn=fake_merge,
-                                progress=False)
-    claim = sweep.Claim("a at top 50%", 0.5, "snr_winner(snr_method=mp, top=0.5)", "a", "accuracy")
-    table = sweep.compare_with_report(recs, [claim])
-    values = [r["value"] for r in recs if r["task"] == "a"]
+                                share_prepass=False, progress=False)
+    best = "snr_winner(snr_method=mp, top=1.0)"  # fake_merge adds top to every weight: task a grows with it
+    claims = [sweep.Claim("a, best top", 0.5, ("snr_winner(snr_method=mp, top=0.5)", best), "a", "accuracy"),
+              sweep.Claim("not in this grid", 0.1, ("average()",), "a", "accuracy")]
+    table = sweep.compare_with_report(recs, claims)
+    values = [r["value"] for r in recs if r["task"] == "a" and r["run"] == best]
+    assert table.loc[0, "run"] == best
     assert table.loc[0, "ours_mean"] == pytest.approx(np.mean(values))
     assert table.loc[0, "difference"] == pytest.approx(np.mean(values) - 0.5)
     assert table.loc[0, "seeds"] == 2
-    with pytest.raises(KeyError, match="no records for run 'average\\(\\)'"):
-        sweep.compare_with_report(recs, [sweep.Claim("x", 0.1, "average()", "a", "accuracy")])
+    assert math.isnan(table.loc[1, "ours_mean"]) and table.loc[1, "run"] == "not measured in this run"

@@ -24,6 +24,7 @@ import pandas as pd
 
 from .. import sweep
 from ..plotting import color, savefig
+from ..spectral import mp_pdf
 
 #: how the SNR definitions are named in legends and titles
 SNR_NAMES = {
@@ -132,6 +133,10 @@ def draw_layer_snr(results: dict, *, smoke: bool = False) -> list[Path]:
     same SNR against the layer's aspect ratio min(rows, cols) / max(rows, cols): a definition
     without shape correction ranks layers by their shape rather than by what they learned."""
     layers = pd.DataFrame(results["layers"])
+    # our SNR is infinite for a matrix with no noise bulk at all: drawn at 10x the largest finite one
+    layers["infinite"] = ~np.isfinite(layers.snr)
+    finite_max = layers.snr.where(~layers.infinite).groupby(layers.snr_method).transform("max")
+    layers["snr"] = layers.snr.clip(upper=10 * finite_max)
     layers["aspect"] = layers[["rows", "cols"]].min(axis=1) / layers[["rows", "cols"]].max(axis=1)
     snr_methods = [m for m in results["config"]["snr_methods"] if m in set(layers.snr_method)]
     # one seed is enough to show the profile; the first is drawn
@@ -147,7 +152,9 @@ def draw_layer_snr(results: dict, *, smoke: bool = False) -> list[Path]:
             axes[0][j].plot(np.arange(len(g)), g.snr.to_numpy(), marker=markers[i % 4], markersize=3, linewidth=0.8,
                             color=c, label=f"{expert} expert")
             axes[1][j].scatter(g.aspect, g.snr, s=14, marker=markers[i % 4], color=c, alpha=0.7, label=f"{expert} expert")
-        axes[0][j].set_title(f"SNR {SNR_NAMES.get(snr_method, snr_method)}", fontsize=9)
+        n_inf = int(sel.infinite.sum())
+        axes[0][j].set_title(f"SNR {SNR_NAMES.get(snr_method, snr_method)}"
+                             + (f"\n{n_inf} infinite (no noise bulk), drawn at the top" if n_inf else ""), fontsize=9)
         axes[0][j].set_xlabel("layer (order of the state dict)")
         axes[1][j].set_xlabel("aspect ratio min(rows, cols) / max(rows, cols)")
         for ax in axes[:, j]:
@@ -159,33 +166,44 @@ def draw_layer_snr(results: dict, *, smoke: bool = False) -> list[Path]:
 
 
 def draw_esd(results: dict, *, smoke: bool = False) -> list[Path]:
-    """The eigenvalue histogram of a few telling layers with the fitted Marchenko-Pastur density:
-    eigenvalues beyond the bulk edge lambda_+ are the "signal" the SNR counts."""
-    from ..spectral import mp_pdf
-
-    items = results["esd"]
-    fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items), 3.4), squeeze=False)
-    for item, ax in zip(items, axes[0]):
-        eig = np.asarray(item["eigenvalues"], dtype=float)
-        edge = float(item["lambda_plus"])
-        # a few huge spikes would squash the bulk into one bin: show the bulk, count the rest
-        right = max(2.5 * edge, float(np.quantile(eig, 0.9)))
-        shown = eig[eig <= right]
-        ax.hist(shown, bins=50, density=True, color=color("noise"), alpha=0.9, label="eigenvalues")
-        x = np.linspace(0.0, right, 400)
-        ax.plot(x, mp_pdf(x, item["q"], item["sigma2"]) * len(eig) / max(len(shown), 1), color=color("mp"),
-                label="fitted MP density")
-        ax.axvline(edge, color=color("signal"), linestyle="--", linewidth=1, label=r"bulk edge $\lambda_+$")
-        spikes = eig[eig > edge]
-        ax.plot(spikes[spikes <= right], np.zeros(int((spikes <= right).sum())), "|", color=color("signal"),
-                markersize=12, label="signal eigenvalues")
-        beyond = int((eig > right).sum())
-        note = f"\n{beyond} more beyond the axis (max {eig.max():.3g})" if beyond else ""
-        ax.set_title(f"{item['expert']}: {item['key']}\n{item['why']}{note}", fontsize=8)
-        ax.set_xlabel("eigenvalue of W W^T / n")
-    axes[0][0].set_ylabel("density")
+    """The eigenvalue histogram of a few telling layers of each expert (one row per expert) with
+    the fitted Marchenko-Pastur density: eigenvalues beyond the detection threshold are the
+    "signal" our SNR counts."""
+    items = pd.DataFrame(results["esd"])
+    experts = list(dict.fromkeys(items.expert))
+    ncols = int(items.groupby("expert", sort=False).size().max())
+    fig, axes = plt.subplots(len(experts), ncols, figsize=(4.2 * ncols, 3.4 * len(experts)), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_visible(False)
+    for i, expert in enumerate(experts):
+        for ax, (_, item) in zip(axes[i], items[items.expert == expert].iterrows()):
+            ax.set_visible(True)
+            _esd_panel(ax, item)
+        axes[i][0].set_ylabel("density")
     _legend(fig, axes)
     return savefig(fig, f"{results['notebook']}_esd", smoke=smoke)
+
+
+def _esd_panel(ax, item) -> None:
+    eig = np.asarray(item["eigenvalues"], dtype=float)
+    edge, threshold = float(item["lambda_plus"]), float(item["threshold"])
+    # a few huge spikes would squash the bulk into one bin: show the bulk, count the rest
+    right = max(2.5 * threshold, float(np.quantile(eig, 0.9)))
+    shown = eig[eig <= right]
+    ax.hist(shown, bins=50, density=True, color=color("noise"), alpha=0.9, label="eigenvalues")
+    x = np.linspace(0.0, right, 400)
+    # the histogram is normalised over the shown eigenvalues only, so is the density
+    ax.plot(x, mp_pdf(x, item["q"], item["sigma2"]) * len(eig) / max(len(shown), 1), color=color("mp"),
+            label="fitted MP density")
+    ax.axvline(edge, color=color("mp"), linestyle=":", linewidth=1, label=r"bulk edge $\lambda_+$")
+    ax.axvline(threshold, color=color("signal"), linestyle="--", linewidth=1, label="detection threshold")
+    spikes = eig[(eig > threshold) & (eig <= right)]
+    ax.plot(spikes, np.zeros(len(spikes)), "|", color=color("signal"), markersize=12, label="signal eigenvalues")
+    beyond = int((eig > right).sum())
+    note = f"; {beyond} beyond the axis (max {eig.max():.3g})" if beyond else ""
+    ax.set_title(f"{item['expert']}: {item['key']} {tuple(item['shape'])}\n{item['why']}\n"
+                 f"{int(item['n_signal'])} signal eigenvalues{note}", fontsize=7)
+    ax.set_xlabel("eigenvalue of the Gram matrix / N")
 
 
 def draw_head_variants(results: dict, *, smoke: bool = False) -> list[Path]:

@@ -222,8 +222,9 @@ def merge_checkpoints(
     of the reference model (the base, or expert 0 without a base: config, tokenizer) and
     ``merge_config.yaml``. Returns ``out``.
     """
-    params = merging.resolve_hparams(merging.get_method(method), dict(parameters or {}))
-    if base is None and merging.get_method(method).needs_base:
+    spec = merging.get_method(method)
+    params = merging.resolve_hparams(spec, dict(parameters or {}))
+    if base is None and spec.needs_base:
         raise ValueError(f"{method!r} works on task vectors (expert - base) and needs --base")
     if not experts:
         raise ValueError("need at least one expert model")
@@ -238,7 +239,9 @@ def merge_checkpoints(
     ref = base_ck or expert_cks[0]
     keys = check_same_architecture(ref, [c for c in (base_ck, *expert_cks) if c is not None and c is not ref])
     selected = merging.select_keys(ref.meta(), include, exclude)
-    context = merging.run_prepass(method, _PrepassItems(base_ck, expert_cks, selected, device, progress), **params) if selected else None
+    context = None
+    if selected:  # an empty selection merges nothing: every tensor is copied
+        context = merging.run_prepass(method, _PrepassItems(base_ck, expert_cks, selected, device, progress), **params)
 
     layout = {k: (e.dtype, e.shape) for k, e in ref.entries.items()}
     with atomic_output_dir(out, force=force) as tmp:
@@ -425,8 +428,10 @@ def add_commands(sub) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--include", action="append", metavar="REGEX", help="only keys matching (repeatable)")
-    p.add_argument("--exclude", action="append", metavar="REGEX", help="skip keys matching (repeatable)")
+    p.add_argument("--include", action="append", metavar="REGEX",
+                   help="only keys matching this regex (repeatable); merge copies the others from the base")
+    p.add_argument("--exclude", action="append", metavar="REGEX",
+                   help="skip keys matching this regex (repeatable); merge copies them from the base")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,3 +1,128 @@
-"""DRM: Decom-Renorm-Merge (seed 004), horizontal and vertical variants."""
+"""DRM: Decom-Renorm-Merge (Chaichana et al. 2025, seed 004), horizontal and vertical variants.
+
+For one weight matrix and N experts with deltas ``D_t = expert_t - base`` (``m x n``), DRM-H:
+
+1. decompose the horizontal concatenation ``[D_1 ... D_N] = U S [V_1ᵀ ... V_Nᵀ]`` (a shared
+   column basis ``U``), keeping the singular values above ``rtol * sigma_max``;
+2. renormalise each row ``v_{t,i}`` of every block ``V_tᵀ`` to unit length and move its norm into
+   that task's singular values, ``S_t = S diag(|v_{t,i}|)``;
+3. keep each task's top-``density`` fraction of entries of its renormalised ``Ṽ_tᵀ`` by magnitude;
+4. elect signs on ``S_t Ṽ_tᵀ`` by summed mass and take the disjoint mean (TIES' steps,
+   :mod:`lib.merge.ties`); 5. reconstruct ``base + lam * U (merged)``.
+
+DRM-V does the same on the vertical concatenation ``[D_1; ...; D_N] = [U_1; ...; U_N] S Vᵀ`` (a shared
+row basis ``Vᵀ``) with the columns of each ``U_t`` renormalised; it is DRM-H applied to the
+transposed deltas, which is how it is computed here. With ``renorm=False`` step 2 is skipped:
+``V_tᵀ`` is pruned as split and scaled by the shared ``S``.
+
+Decisions, and where the official code (yophis/decom-renorm-merge) differs:
+
+* Pruning is per task, as the paper's step 4 and its Table 8 ("individual pruning") say; the
+  official ``right_drm``/``left_drm`` rank the stacked blocks of all tasks together.
+* Ranking and ties follow :func:`lib.merge.ties.trim_topk` (keep ``ceil(density * entries)``,
+  ties with the last kept are kept); entries whose summed mass is exactly 0 merge to 0 (the
+  official code gives them the model-wide majority sign).
+* A task's block is computed as ``S V_tᵀ = Uᵀ D_t`` (the paper's eq. 4 solved for ``V_t``), which
+  is exactly zero for an expert equal to the base, and a zero row stays zero under
+  renormalisation. Splitting a full SVD's ``Vᵀ`` instead leaves round-off there, which
+  renormalisation blows up to unit length and the disjoint mean then counts as votes.
+* Matrices are all floating-point tensors with two or more dimensions, conv kernels read as
+  ``(out, in*kh*kw)``; the official code decomposes the ``nn.Linear`` weights it is given.
+* Other tensors (biases, norm affine, running statistics): ``base + lam * mean of the deltas``, the
+  paper's "weighted averaging with the weights lambda_t" for one shared ``lam``. The official code
+  elects signs and takes a disjoint mean there as well.
+
+Fast and exact. Instead of a full SVD of the ``m x N n`` concatenation, :func:`lib.linalg.left_singular`
+takes ``eigh`` of its smaller Gram matrix (``sum_t D_t D_tᵀ``, ``m x m``, or the ``N n x N n`` one),
+batched over same-shape keys. Then ``S_t Ṽ_tᵀ`` with its row norms is just ``Uᵀ D_t``. DRM's result
+depends on the basis chosen inside clusters of nearly equal singular values (it prunes entries of
+singular vectors), so the eigenvectors must be accurate to well below the cluster gaps: with a
+float32 Gram the merge differs from a float64 SVD reference by about 11 % (relative Frobenius) on
+BERT-shaped low-rank-plus-noise deltas; with a float64 Gram (:data:`PRECISION`) by 1e-10 or less.
+"""
 
 from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..linalg import left_singular, map_matrix_stacks
+from . import check_finite_number, check_range, register, stack
+from .ties import disjoint_mean, elect_sign, trim_topk
+
+#: precision of the joint decomposition (see the module docstring for the measurements)
+PRECISION = torch.float64
+#: entries of deltas per batch of same-shape matrices (256 MiB in float64)
+BATCH_ELEMENTS = 1 << 25
+
+
+def merge_in_joint_basis(projections: Tensor, scale: Tensor, density: float) -> Tensor:
+    """Steps 3-4 for one matrix: ``projections (N, r, n)`` are the tasks' ``S_t Ṽ_tᵀ`` before
+    pruning, i.e. each task's coordinates ``Uᵀ D_t`` in the shared basis; each task's entries are
+    ranked by ``projections / scale`` (``scale (N, r, 1)``: the row norms with renormalisation,
+    the shared singular values without), the top ``density`` kept, signs elected, disjoint mean.
+    Returns the merged coordinates ``(r, n)``."""
+    directions = projections / torch.where(scale > 0, scale, torch.ones_like(scale))
+    kept = trim_topk(directions, density, batch_dims=1) * scale
+    return disjoint_mean(kept, elect_sign(kept))
+
+
+def drm_h_deltas(deltas: Tensor, *, density: float = 0.2, renorm: bool = True, rtol: float = 1e-2,
+                 dtype: torch.dtype = PRECISION) -> Tensor:
+    """The merged delta (before ``lam``) of DRM-H for each matrix of ``deltas (B, N, m, n)``:
+    returns ``(B, m, n)`` in ``deltas``' dtype, computed in ``dtype``."""
+    batch, n_tasks, m, n = deltas.shape
+    joint = deltas.transpose(1, 2).reshape(batch, m, n_tasks * n)  # [D_1 D_2 ... D_N]
+    u, sigma = left_singular(joint, dtype=dtype, rtol=rtol)
+    joint = joint.to(device=u.device, dtype=dtype)
+    merged = []
+    for b in range(batch):
+        rank = int((sigma[b] > 0).sum())
+        # S V_tᵀ = Uᵀ D_t: exact zeros for an expert equal to the base, unlike a split of Vh
+        coordinates = (u[b, :, :rank].mT @ joint[b]).reshape(rank, n_tasks, n).transpose(0, 1)
+        if renorm:
+            scale = torch.linalg.vector_norm(coordinates, dim=-1, keepdim=True)
+        else:
+            scale = sigma[b, :rank, None].expand(n_tasks, rank, 1)
+        merged.append(u[b, :, :rank] @ merge_in_joint_basis(coordinates, scale, density))
+    return torch.stack(merged).to(device=deltas.device, dtype=deltas.dtype)
+
+
+def drm_v_deltas(deltas: Tensor, **hp) -> Tensor:
+    """DRM-V: DRM-H on the transposed deltas (a shared row basis), transposed back."""
+    return drm_h_deltas(deltas.mT, **hp).mT
+
+
+def _check(density, lam, renorm, rtol):
+    check_range("density", density, 0.0, 1.0)
+    check_finite_number("lam", lam)
+    if not isinstance(renorm, bool):
+        raise ValueError(f"renorm must be True or False (renormalise the split singular vectors), got {renorm!r}")
+    check_range("rtol", rtol, 0.0, 1.0, high_open=True)
+
+
+def _drm(base, experts, merge_deltas, *, density, lam, renorm, rtol):
+    def deltas(key):
+        return stack(experts, key) - base[key]
+
+    matrices = {k: t.shape for k, t in base.items() if t.ndim >= 2}
+    merged = map_matrix_stacks(
+        matrices,
+        deltas,
+        lambda d: merge_deltas(d, density=density, renorm=renorm, rtol=rtol),
+        max_elements=BATCH_ELEMENTS // len(experts),
+    )
+    return {k: base[k] + lam * (merged[k] if k in merged else deltas(k).mean(0)) for k in base}
+
+
+_HP = dict(check=_check, density=0.2, lam=1.0, renorm=True, rtol=1e-2)
+
+
+@register("drm_h", description="DRM-H: joint SVD of the horizontally stacked deltas, renormalise, TIES in the shared column basis (Chaichana et al. 2025)", **_HP)
+def drm_h(base, experts, *, context=None, density=0.2, lam=1.0, renorm=True, rtol=1e-2):
+    return _drm(base, experts, drm_h_deltas, density=density, lam=lam, renorm=renorm, rtol=rtol)
+
+
+@register("drm_v", description="DRM-V: joint SVD of the vertically stacked deltas, renormalise, TIES in the shared row basis (Chaichana et al. 2025)", **_HP)
+def drm_v(base, experts, *, context=None, density=0.2, lam=1.0, renorm=True, rtol=1e-2):
+    return _drm(base, experts, drm_v_deltas, density=density, lam=lam, renorm=renorm, rtol=rtol)

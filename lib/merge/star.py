@@ -1,3 +1,96 @@
-"""STAR: Spectral Truncation And Rescale of task vectors (seed 002)."""
+"""STAR: Spectral Truncation And Rescale of task vectors (Lee et al. 2025, seed 002).
+
+For every weight matrix and every expert, STAR takes the task vector ``tau = expert - base``,
+keeps the smallest rank ``r`` whose singular values reach ``eta`` % of its nuclear norm
+(``sum(s[:r]) >= eta/100 * sum(s)``), optionally rescales the kept singular values by
+``sum(s) / sum(s[:r])`` so the truncated matrix has the nuclear norm of the original, and returns
+``base + mean over experts of the truncated task vectors``.
+
+Decisions the paper leaves open, stated once:
+
+* Matrices are the floating-point tensors with two or more dimensions; conv kernels are read as
+  ``(out, in*kh*kw)`` (:func:`lib.statedict.as_matrix`), embeddings are matrices too. The official
+  code (IBM/STAR) applies STAR to the LoRA matrices only, where every task vector is a matrix.
+* 1-D tensors (biases, norm scales, running statistics) have no spectrum: their task vectors are
+  averaged, which is what STAR does to a matrix with nothing to truncate. So ``eta=100,
+  rescale=False`` is exactly task arithmetic with ``lam = 1/N`` on every tensor.
+* A zero task vector stays zero (its nuclear norm is 0 and there is nothing to rescale).
+
+Fast and exact. The truncated, rescaled matrix is ``c * tau V_r V_rᵀ`` (or ``c * U_r U_rᵀ tau``),
+with ``V_r`` the top-``r`` eigenvectors of the smaller Gram matrix and ``c = sum(s) / sum(s[:r])``:
+one ``eigh`` of a ``min(m, n)``-sized matrix per task vector, batched over same-shape keys and
+experts (:mod:`lib.linalg`), instead of a full SVD. It is computed in float64
+(:data:`PRECISION`): against a float64 ``torch.linalg.svd`` reference on rank-16-plus-noise deltas
+of BERT shapes (768x768, 768x3072, 3072x768; ``eta=40``) the float64 Gram path agrees to about
+1e-14 (relative Frobenius error), while a float32 Gram path drifts from 2e-6 (weak low-rank part)
+to 1.4e-4 (low-rank part 30x the noise), above the 1e-4 we require: its error comes from the
+small singular values that decide the nuclear norm and from eigenvectors near the cut, both
+known only to ``eps * sigma_max**2``. On exactly low-rank (LoRA) deltas float32 is worse still,
+since the zero singular values come out as ``sqrt(round-off)``.
+"""
 
 from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..linalg import gram_eigh, map_matrix_stacks
+from . import check_range, register, stack
+
+#: precision of the Gram eigendecomposition (see the module docstring for the measurements)
+PRECISION = torch.float64
+#: entries of task vectors per batch of same-shape matrices (256 MiB in float64)
+BATCH_ELEMENTS = 1 << 25
+
+
+def kept_rank(singular_values: Tensor, eta: float) -> Tensor:
+    """The smallest ``r`` with ``sum(s[:r]) >= eta/100 * sum(s)`` for each row of descending
+    ``singular_values (..., k)``; 0 for a zero matrix."""
+    cumulative = singular_values.cumsum(-1)
+    total = cumulative[..., -1:]
+    rank = (cumulative < total * (eta / 100)).sum(-1) + 1
+    return torch.where(total[..., 0] > 0, rank.clamp(max=singular_values.shape[-1]), torch.zeros_like(rank))
+
+
+def star_truncate(taus: Tensor, eta: float = 40, rescale: bool = True, *, dtype: torch.dtype = PRECISION) -> Tensor:
+    """Every matrix of ``taus (..., m, n)`` truncated to its STAR rank and, with ``rescale``,
+    rescaled to its original nuclear norm. Computed in ``dtype``; returned in ``taus``' dtype."""
+    sigma, vectors, right = gram_eigh(taus, dtype=dtype)
+    rank = kept_rank(sigma, eta)
+    width = max(1, int(rank.max()))  # no product wider than the largest kept rank in the batch
+    kept = torch.arange(width, device=rank.device) < rank.unsqueeze(-1)
+    basis = vectors[..., :width] * kept.unsqueeze(-2)
+    x = taus.to(device=basis.device, dtype=dtype)
+    truncated = (x @ basis) @ basis.mT if right else basis @ (basis.mT @ x)
+    if rescale:
+        kept_sum = (sigma[..., :width] * kept).sum(-1)
+        scale = torch.where(kept_sum > 0, sigma.sum(-1) / torch.where(kept_sum > 0, kept_sum, 1.0), 0.0)
+        truncated = truncated * scale[..., None, None]
+    return truncated.to(device=taus.device, dtype=taus.dtype)
+
+
+def _check(eta, rescale):
+    check_range("eta", eta, 0.0, 100.0, low_open=True)
+    if not isinstance(rescale, bool):
+        raise ValueError(f"rescale must be True or False (rescale the kept singular values to the nuclear norm), got {rescale!r}")
+
+
+@register(
+    "star",
+    description="STAR: truncate each task-vector matrix to the rank holding eta % of its nuclear norm, rescale, average (Lee et al. 2025)",
+    check=_check,
+    eta=40,
+    rescale=True,
+)
+def star(base, experts, *, context=None, eta=40, rescale=True):
+    def taus(key):
+        return stack(experts, key) - base[key]
+
+    matrices = {k: t.shape for k, t in base.items() if t.ndim >= 2}
+    truncated = map_matrix_stacks(
+        matrices,
+        taus,
+        lambda deltas: star_truncate(deltas, eta, rescale).mean(1),
+        max_elements=BATCH_ELEMENTS // len(experts),
+    )
+    return {k: base[k] + (truncated[k] if k in truncated else taus(k).mean(0)) for k in base}

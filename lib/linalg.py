@@ -1,0 +1,146 @@
+"""Batched singular value decompositions through the smaller Gram matrix.
+
+A thin SVD of an ``m x n`` matrix ``A`` costs several times an eigendecomposition of its smaller
+Gram matrix (``AᵀA`` when ``n <= m``, else ``AAᵀ``), which gives the same singular values
+(``sigma = sqrt(lambda)``) and the singular vectors of the smaller side; the vectors of the other
+side follow from one product (``U = A V / sigma``). The merge methods that need spectra (STAR, DRM)
+call these helpers on a batch of same-shape matrices at once, on the tensors' device.
+
+Precision is a parameter because squaring ``A`` squares its condition number: an eigenvalue of
+the Gram matrix is only known to about ``eps * lambda_max``, so a singular value ``sigma`` to about
+``eps * sigma_max**2 / sigma``, and a singular vector to ``eps * lambda_max / gap`` where ``gap`` is
+the distance to the nearest other eigenvalue. In float32 (``eps = 6e-8``) that is too coarse for
+the small and clustered singular values of fine-tuning deltas (STAR and DRM measurements are in
+their module docstrings); in float64 (``eps = 1e-16``) it is far below anything a merge can see.
+Hence ``dtype=torch.float64`` by default. MPS has neither float64 nor ``eigh``: there the
+eigendecomposition runs on the CPU.
+
+Eigenvalues below ``k * eps * lambda_max`` (``k`` the Gram size) are round-off, not spectrum: they
+are set to exactly zero, so an exactly low-rank matrix (a LoRA delta) gets exact zeros instead of
+``sqrt(round-off)``, which would otherwise add up to a visible nuclear norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .device import supports_float64
+
+
+class GramEigh(NamedTuple):
+    """Eigendecomposition of the smaller Gram matrix of a batch of matrices ``A (..., m, n)``.
+
+    ``singular_values (..., k)`` descending, ``k = min(m, n)``; ``vectors (..., k, k)`` the matching
+    singular vectors of the smaller side as columns: right singular vectors (``V``) when ``right``
+    (``n <= m``, Gram ``AᵀA``), left ones (``U``) otherwise.
+    """
+
+    singular_values: Tensor
+    vectors: Tensor
+    right: bool
+
+
+def _solver_device(device: torch.device, dtype: torch.dtype) -> torch.device:
+    """Where ``eigh`` can run in ``dtype``: the tensor's device, or the CPU for MPS (no ``eigh``
+    kernel, no float64)."""
+    if device.type == "mps" or (dtype == torch.float64 and not supports_float64(device)):
+        return torch.device("cpu")
+    return device
+
+
+def gram_eigh(a: Tensor, *, dtype: torch.dtype = torch.float64) -> GramEigh:
+    """Singular values and the smaller side's singular vectors of every matrix in ``a (..., m, n)``,
+    from ``eigh`` of the smaller Gram matrix computed in ``dtype``. Results are on ``a``'s device
+    in ``dtype`` (on the CPU when ``a`` is on MPS)."""
+    if a.ndim < 2:
+        raise ValueError(f"gram_eigh needs matrices (..., m, n), got a tensor of shape {tuple(a.shape)}")
+    m, n = a.shape[-2:]
+    right = n <= m
+    x = a.to(device=_solver_device(a.device, dtype), dtype=dtype)
+    gram = x.mT @ x if right else x @ x.mT
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    eigenvalues, vectors = eigenvalues.flip(-1), vectors.flip(-1)  # descending, like an SVD
+    round_off = eigenvalues[..., :1] * (gram.shape[-1] * torch.finfo(dtype).eps)
+    eigenvalues = torch.where(eigenvalues > round_off, eigenvalues, torch.zeros_like(eigenvalues))
+    return GramEigh(eigenvalues.sqrt(), vectors, right)
+
+
+def _truncated(a: Tensor, dtype: torch.dtype, rtol: float):
+    """:func:`gram_eigh` with the components not above ``rtol * sigma_max`` zeroed, ``a`` in
+    ``dtype`` on the solver's device, and ``1/sigma`` where ``sigma > 0`` (0 elsewhere)."""
+    if not 0.0 <= rtol < 1.0:
+        raise ValueError(f"rtol must be in [0, 1) (a fraction of the largest singular value), got {rtol!r}")
+    sigma, vectors, right = gram_eigh(a, dtype=dtype)
+    kept = sigma > rtol * sigma[..., :1]
+    sigma = torch.where(kept, sigma, torch.zeros_like(sigma))
+    inverse = kept / torch.where(kept, sigma, torch.ones_like(sigma))
+    return a.to(device=vectors.device, dtype=dtype), sigma, vectors * kept.unsqueeze(-2), right, inverse
+
+
+def left_singular(a: Tensor, *, dtype: torch.dtype = torch.float64, rtol: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``U (..., m, k)`` and ``S (..., k)`` of the thin SVD of every matrix in ``a (..., m, n)``,
+    truncated as in :func:`thin_svd`, without forming ``Vh`` (``diag(S) Vh = Uᵀ a``)."""
+    x, sigma, vectors, right, inverse = _truncated(a, dtype, rtol)
+    return ((x @ vectors) * inverse.unsqueeze(-2) if right else vectors), sigma
+
+
+def thin_svd(a: Tensor, *, dtype: torch.dtype = torch.float64, rtol: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``a = U diag(S) Vh`` of every matrix in ``a (..., m, n)`` via :func:`gram_eigh`.
+
+    Shapes as :func:`torch.linalg.svd` with ``full_matrices=False``: ``U (..., m, k)``, ``S (..., k)``
+    descending, ``Vh (..., k, n)``, ``k = min(m, n)``. Components whose singular value is not above
+    ``rtol * sigma_max`` (and exactly-zero ones, where the other side's vector is undefined) are
+    returned as zero singular values with zero vectors, so the batch keeps one shape while each
+    matrix keeps its own rank: ``(S > 0).sum(-1)``.
+    """
+    x, sigma, vectors, right, inverse = _truncated(a, dtype, rtol)
+    # the other side from one product, scaled by 1/sigma
+    if right:
+        return (x @ vectors) * inverse.unsqueeze(-2), sigma, vectors.mT
+    return vectors, sigma, (vectors.mT @ x) * inverse.unsqueeze(-1)
+
+
+def shape_batches(shapes: Mapping[str, tuple[int, ...]], max_elements: int) -> list[list[str]]:
+    """Keys grouped by shape (in first-seen order), each group cut into batches of at most
+    ``max_elements`` entries in all (a single larger matrix still gets a batch of its own), so
+    that batched linear algebra never holds more than about that much at a time."""
+    if max_elements < 1:
+        raise ValueError(f"max_elements must be a positive number of tensor entries, got {max_elements!r}")
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for key, shape in shapes.items():
+        groups.setdefault(tuple(shape), []).append(key)
+    batches = []
+    for shape, keys in groups.items():
+        size = max(1, int(torch.Size(shape).numel()))
+        per_batch = max(1, max_elements // size)
+        batches += [keys[i : i + per_batch] for i in range(0, len(keys), per_batch)]
+    return batches
+
+
+def map_matrix_stacks(
+    shapes: Mapping[str, tuple[int, ...]],
+    load: Callable[[str], Tensor],
+    fn: Callable[[Tensor], Tensor],
+    *,
+    max_elements: int,
+) -> dict[str, Tensor]:
+    """Apply a batched matrix function to same-shape stacks, one batch at a time.
+
+    ``load(key)`` returns the stack ``(N, *shape)`` of one key (for example the N task vectors of
+    one weight); it is called only when that key's batch is processed, so at most one batch of
+    stacks is alive. Each stack is read as ``(N, m, n)`` with ``m = shape[0]`` (conv kernels become
+    ``(out, in*kh*kw)``, see :func:`lib.statedict.as_matrix`); ``fn`` maps ``(B, N, m, n)`` to
+    ``(B, m, n)``; the results come back in each key's ``shape``. Batches hold at most
+    ``max_elements`` entries of ``shape`` per stack member (see :func:`shape_batches`).
+    """
+    out = {}
+    for keys in shape_batches(shapes, max_elements):
+        shape = tuple(shapes[keys[0]])
+        stacks = torch.stack([load(k).flatten(2) for k in keys])
+        results = fn(stacks)
+        out.update({k: r.reshape(shape) for k, r in zip(keys, results)})
+    return out

@@ -188,6 +188,48 @@ def detection_threshold(n: int, m: int, sigma2: float = 1.0) -> float:
     return mp_edges(m / n, sigma2)[1] + tracy_widom_margin(n, m, sigma2)
 
 
+def bbp_location(strength: float, q: float, sigma2: float = 1.0) -> float:
+    """Where a planted rank-one signal of relative ``strength`` ``t`` puts its eigenvalue:
+    ``sigma2 * (1 + t²)(q + t²) / t²`` above the BBP transition ``t = q**(1/4)``, the bulk edge
+    below it (Baik, Ben Arous and Péché 2005; Benaych-Georges and Nadakuditi 2012). ``t`` is the
+    signal's singular value over ``sigma * sqrt(N)``, see :func:`planted_spikes`."""
+    q = _check_ratio(q)
+    t2 = float(strength) ** 2
+    if t2 <= math.sqrt(q):
+        return mp_edges(q, sigma2)[1]
+    return sigma2 * (1.0 + t2) * (q + t2) / t2
+
+
+def detection_strength(n: int, m: int) -> float:
+    """The smallest relative strength whose BBP location reaches the detection threshold of an
+    ``n x m`` matrix: the root ``t²`` of ``(1 + t²)(q + t²) / t² = threshold / sigma2``."""
+    n, m = max(n, m), min(n, m)
+    q, level = m / n, detection_threshold(n, m)
+    b = level - 1.0 - q
+    return math.sqrt((b + math.sqrt(b * b - 4.0 * q)) / 2.0)
+
+
+def planted_spikes(rows: int, cols: int, strengths: Sequence[float], *, sigma: float = 1.0,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Gaussian noise of standard deviation ``sigma`` plus one rank-one signal per strength:
+    ``sigma * X + sum_i t_i * sigma * sqrt(N) * u_i v_iᵀ`` with orthonormal ``u``'s and ``v``'s
+    (``N = max(rows, cols)``), float32. Strength ``t`` puts an eigenvalue at
+    :func:`bbp_location` once it passes ``q**(1/4)``."""
+    k = len(strengths)
+    u = torch.linalg.qr(torch.randn(rows, k, generator=generator, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(cols, k, generator=generator, dtype=torch.float64))[0]
+    scale = torch.tensor([float(t) for t in strengths], dtype=torch.float64) * sigma * math.sqrt(max(rows, cols))
+    noise = sigma * torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    return (noise + (u * scale) @ v.T).float()
+
+
+def shuffled(W: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``W`` with its entries randomly permuted: the same entry distribution (and variance) with
+    every structure between rows and columns destroyed, the natural null model of a weight."""
+    flat = W.reshape(-1)
+    return flat[torch.randperm(flat.numel(), generator=generator, device=flat.device)].reshape(W.shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # Eigenvalues, batched by shape
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +282,7 @@ def _eigvalsh(gram: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(gram)
 
 
-def gram_spectra(mats: Sequence[Tensor], *, names: Sequence[str] | None = None, device=None) -> list[_GramSpectrum]:
+def _gram_spectra(mats: Sequence[Tensor], *, names: Sequence[str] | None = None, device=None) -> list[_GramSpectrum]:
     """Eigenvalues of ``WᵀW / N`` (the smaller Gram matrix) for every matrix, computed in stacks
     of equal shape on the device."""
     names = list(names) if names is not None else [f"mats[{i}]" for i in range(len(mats))]
@@ -395,8 +437,14 @@ def spectrum(W: Tensor, *, sigma2="median", device=None) -> Spectrum:
     as ``(out, in*kh*kw)``). ``sigma2``: ``"median"`` (robust bulk fit, default), ``"var"`` (entry
     variance, as the report) or a known noise level. 1-D tensors and NaN/Inf are errors."""
     _check_sigma2(sigma2)  # fail before any linear algebra
-    (gs,) = gram_spectra([W], names=["W"], device=device)
+    (gs,) = _gram_spectra([W], names=["W"], device=device)
     return _read_mp(gs, sigma2)
+
+
+def spectra(mats: Sequence[Tensor], *, sigma2="median", device=None) -> list[Spectrum]:
+    """:func:`spectrum` of every matrix, with the eigenvalues computed in stacks of equal shape."""
+    _check_sigma2(sigma2)
+    return [_read_mp(gs, sigma2) for gs in _gram_spectra(list(mats), device=device)]
 
 
 def snr(W: Tensor, method: str = "mp", *, sigma2="median", device=None) -> float:
@@ -406,7 +454,7 @@ def snr(W: Tensor, method: str = "mp", *, sigma2="median", device=None) -> float
     _check_sigma2_applies(method, sigma2)
     if method == "mp":
         return spectrum(W, sigma2=sigma2, device=device).snr
-    (gs,) = gram_spectra([W], names=["W"], device=device)
+    (gs,) = _gram_spectra([W], names=["W"], device=device)
     return fn(gs)
 
 
@@ -414,7 +462,7 @@ def snr_batch(mats: Sequence[Tensor], method: str = "mp", *, device=None) -> Ten
     """One SNR per matrix (float64, CPU), the same values as :func:`snr` one by one, with the
     eigenvalues computed in stacks of equal shape on ``get_device(device)``."""
     fn = _snr_fn(method)
-    spectra = gram_spectra(list(mats), device=device)
+    spectra = _gram_spectra(list(mats), device=device)
     return torch.tensor([fn(gs) for gs in spectra], dtype=torch.float64)
 
 
@@ -428,7 +476,7 @@ def scan(model_or_state_dict, *, include=None, exclude=None, method: str = "mp",
     fn = _snr_fn(method)
     sd = to_state_dict(model_or_state_dict)
     names = [k for k, v in sd.items() if is_matrix(v) and matches(k, include, exclude)]
-    spectra = gram_spectra([sd[k] for k in names], names=names, device=device)
+    spectra = _gram_spectra([sd[k] for k in names], names=names, device=device)
     rows = []
     for name, gs in zip(names, spectra):
         sp = _read_mp(gs)

@@ -15,7 +15,20 @@ from scipy import integrate
 from scipy.special import airy
 
 from lib import spectral
-from lib.spectral import mp_cdf, mp_edges, mp_median, mp_pdf, scan, snr, snr_batch, spectrum
+from lib.spectral import (
+    bbp_location,
+    detection_strength,
+    mp_cdf,
+    mp_edges,
+    mp_median,
+    mp_pdf,
+    planted_spikes,
+    scan,
+    shuffled,
+    snr,
+    snr_batch,
+    spectrum,
+)
 
 NOISE_SHAPES = [(768, 768), (3072, 768), (768, 3072), (64, 576), (576, 64), (128, 4096)]
 SIGMAS = [1.0, 0.02, 3e-4, 25.0]
@@ -32,20 +45,7 @@ def draws_for(shape):
 
 
 def planted(n, m, strengths, sigma, seed):
-    """``sigma * X + sum_i t_i * sigma * sqrt(N) * u_i v_iᵀ`` with orthonormal u's and v's, where
-    ``t_i`` is the spike strength relative to the noise (BBP scale)."""
-    gen = torch.Generator().manual_seed(seed)
-    big = max(n, m)
-    u = torch.linalg.qr(torch.randn(n, len(strengths), generator=gen, dtype=torch.float64))[0]
-    v = torch.linalg.qr(torch.randn(m, len(strengths), generator=gen, dtype=torch.float64))[0]
-    signal = (u * torch.tensor(strengths, dtype=torch.float64)) @ v.T * sigma * math.sqrt(big)
-    return (sigma * torch.randn(n, m, generator=gen, dtype=torch.float64) + signal).float()
-
-
-def bbp_location(t, q, sigma2):
-    """Where a rank-one spike of strength ``t > q**(1/4)`` puts its eigenvalue (Benaych-Georges
-    and Nadakuditi 2012, rectangular information-plus-noise model)."""
-    return sigma2 * (1 + t**2) * (q + t**2) / t**2
+    return planted_spikes(n, m, strengths, sigma=sigma, generator=torch.Generator().manual_seed(seed))
 
 
 # --- pure noise --------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def bbp_location(t, q, sigma2):
 def test_pure_noise_has_no_spikes_and_tiny_snr(shape):
     sigmas = [SIGMAS[i % len(SIGMAS)] for i in range(draws_for(shape))]
     mats = [noise(shape, sigma, seed=1000 * i + shape[0] + shape[1]) for i, sigma in enumerate(sigmas)]
-    spectra = [spectral._read_mp(gs) for gs in spectral.gram_spectra(mats)]
+    spectra = spectral.spectra(mats)
     assert max(sp.n_signal for sp in spectra) <= 2
     assert max(sp.snr for sp in spectra) < 0.02
     ratios = np.array([sp.sigma2 / sigma**2 for sp, sigma in zip(spectra, sigmas)])
@@ -75,8 +75,7 @@ def test_noise_esd_follows_marchenko_pastur(q):
 def test_largest_noise_eigenvalue_crosses_the_edge_but_not_the_threshold():
     """Why the threshold has a Tracy–Widom margin: over many draws the top noise eigenvalue lands
     above lambda_plus often, above the threshold (almost) never."""
-    spectra = spectral.gram_spectra([noise((200, 50), seed=s) for s in range(400)])
-    top = np.array([float(gs.eigenvalues[-1]) for gs in spectra])
+    top = np.array([sp.lambda_max for sp in spectral.spectra([noise((200, 50), seed=s) for s in range(400)])])
     assert np.mean(top > mp_edges(0.25)[1]) > 0.05
     assert np.mean(top > spectral.detection_threshold(200, 50)) <= 0.005
 
@@ -113,10 +112,19 @@ def test_median_fit_ignores_spikes_that_inflate_the_entry_variance():
 
 def test_spike_leaves_the_bulk_only_past_the_detection_threshold():
     n, m = 1024, 256
-    q = m / n
-    weak, strong = spectrum(planted(n, m, [0.5 * q**0.25], 1.0, 5)), spectrum(planted(n, m, [3 * q**0.25], 1.0, 5))
+    t_detect = detection_strength(n, m)
+    assert bbp_location(t_detect, m / n) == pytest.approx(spectral.detection_threshold(n, m))
+    assert t_detect > (m / n) ** 0.25  # detection needs more than the asymptotic BBP transition
+    weak, strong = spectrum(planted(n, m, [0.5 * t_detect], 1.0, 5)), spectrum(planted(n, m, [1.5 * t_detect], 1.0, 5))
     assert weak.n_signal == 0 and weak.snr == 0.0
     assert strong.n_signal == 1 and strong.eigenvalues[0] > strong.threshold
+
+
+def test_shuffling_entries_destroys_planted_structure():
+    W = planted(512, 128, [4.0, 3.0], 0.1, 6)
+    null = shuffled(W, torch.Generator().manual_seed(0))
+    assert sorted(null.flatten().tolist()) == sorted(W.flatten().tolist())
+    assert spectrum(W).n_signal == 2 and spectrum(null).n_signal == 0
 
 
 # --- definitions and identities -----------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""Figures of notebook 00, the Marchenko–Pastur primer, drawn from ``results/00_marchenko_pastur.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ..plotting import color, savefig
+from ..spectral import mp_pdf
+
+NOTEBOOK = "00_marchenko_pastur"
+
+
+def draw_esd(results: dict, *, smoke: bool = False) -> list[Path]:
+    """Histogram of pure-noise eigenvalues against the MP density, one panel per aspect ratio."""
+    items = results["esd"]
+    fig, axes = plt.subplots(1, len(items), figsize=(3.6 * len(items), 3.2), squeeze=False)
+    for item, ax in zip(items, axes[0]):
+        eig = np.asarray(item["eigenvalues"])
+        ax.hist(eig, bins=60, density=True, color=color("noise"), label="eigenvalues")
+        x = np.linspace(0.0, item["lambda_plus"] * 1.1, 500)
+        ax.plot(x, mp_pdf(x, item["q"]), color=color("mp"), label="Marchenko–Pastur")
+        ax.axvline(item["lambda_plus"], color=color("signal"), linestyle="--", linewidth=1, label=r"$\lambda_+$")
+        ax.set_title(f"{item['rows']}x{item['cols']}, q = {item['q']:.2f}  (KS {item['ks']:.3f})")
+        ax.set_xlabel(r"eigenvalue of $W^\top W / N$ ($\sigma^2 = 1$)")
+    axes[0][0].set_ylabel("density")
+    axes[0][0].legend()
+    return savefig(fig, f"{NOTEBOOK}_esd", smoke=smoke)
+
+
+def draw_tracy_widom(results: dict, *, smoke: bool = False) -> list[Path]:
+    """Where the largest noise eigenvalue lands, draw after draw: often past the asymptotic edge,
+    almost never past the detection threshold."""
+    tw = results["tracy_widom"]
+    top = np.asarray(tw["top"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.hist(top, bins=40, color=color("noise"), label=f"largest eigenvalue, {len(top)} noise draws")
+    ax.axvline(tw["lambda_plus"], color=color("mp"), linestyle="--",
+               label=rf"$\lambda_+$ (exceeded in {100 * tw['frac_above_edge']:.0f}% of draws)")
+    ax.axvline(tw["threshold"], color=color("signal"),
+               label=f"detection threshold (exceeded in {100 * tw['frac_above_threshold']:.1f}%)")
+    ax.set_title(f"Tracy–Widom fluctuations of the bulk edge, {tw['rows']}x{tw['cols']}")
+    ax.set_xlabel(r"largest eigenvalue ($\sigma^2 = 1$)")
+    ax.set_ylabel("draws")
+    ax.legend()
+    return savefig(fig, f"{NOTEBOOK}_tracy_widom", smoke=smoke)
+
+
+def draw_spike(results: dict, *, smoke: bool = False) -> list[Path]:
+    """A planted rank-one signal of growing strength: the top eigenvalue follows the BBP curve and
+    is counted as signal once it clears the threshold."""
+    sp = results["spike"]
+    t = np.asarray(sp["strengths"])
+    found = np.asarray(sp["n_signal"]) > 0
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax.plot(t, sp["bbp"], color=color("mp"), label="BBP prediction")
+    ax.plot(t[~found], np.asarray(sp["lambda_max"])[~found], "o", color=color("noise"), label="top eigenvalue: bulk")
+    ax.plot(t[found], np.asarray(sp["lambda_max"])[found], "o", color=color("signal"), label="top eigenvalue: signal")
+    ax.axhline(sp["lambda_plus"], color=color("mp"), linestyle="--", linewidth=1, label=r"$\lambda_+$")
+    ax.axhline(sp["threshold"], color=color("signal"), linestyle=":", linewidth=1, label="detection threshold")
+    ax.axvline(sp["bbp_transition"], color="#999999", linewidth=0.8)
+    ax.axvline(sp["detection_strength"], color=color("signal"), linewidth=0.8)
+    ax.set_xlabel(r"signal strength $t$ (singular value / $\sigma\sqrt{N}$)")
+    ax.set_ylabel(r"largest eigenvalue ($\sigma^2 = 1$)")
+    ax.set_title(f"One planted spike in {sp['rows']}x{sp['cols']} noise")
+    ax.legend()
+    ax2.plot(t, sp["snr"], "o-", color=color("mp"), label="our SNR (mp)")
+    ax2.axvline(sp["detection_strength"], color=color("signal"), linewidth=0.8, label="detection strength")
+    ax2.set_xlabel(r"signal strength $t$")
+    ax2.set_ylabel("SNR = signal / bulk eigenvalue mass")
+    ax2.legend()
+    return savefig(fig, f"{NOTEBOOK}_spike", smoke=smoke)
+
+
+def draw_shape_bias(results: dict, *, smoke: bool = False) -> list[Path]:
+    """SNR of pure-noise matrices of BERT's (and ResNet's) shapes under each definition: noise
+    should score zero whatever its shape."""
+    items = results["shape_bias"]
+    labels = [f"{r}x{c}" for r, c in (item["shape"] for item in items)]
+    methods = [("seed", "report NLP (seed)"), ("max_median", "report ResNet (max/median)"), ("mp", "ours (mp)")]
+    x = np.arange(len(items))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    floor = 1e-3  # zero cannot sit on a log axis: bars at the floor mean "exactly zero"
+    for i, (method, label) in enumerate(methods):
+        values = np.array([np.mean(item[f"snr_{method}"]) for item in items])
+        ax.bar(x + (i - 1) * width, np.maximum(values, floor), width, color=color(method if method != "max_median" else "base"),
+               label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel(f"SNR of pure noise (mean of {len(items[0]['snr_mp'])} draws)")
+    ax.set_title("The same noise, different shapes: only the MP reading stays at zero")
+    ax.legend()
+    return savefig(fig, f"{NOTEBOOK}_shape_bias", smoke=smoke)
+
+
+def _short(name: str) -> str:
+    return (name.replace("encoder.layer.", "L").replace(".weight", "").replace("attention.self.", "")
+            .replace("attention.output.dense", "attn_out").replace("intermediate.dense", "ffn_in")
+            .replace("output.dense", "ffn_out").replace("embeddings.", "emb."))
+
+
+def draw_minilm_scan(results: dict, *, smoke: bool = False) -> list[Path]:
+    """SNR of every MiniLM weight matrix, pre-trained against entry-shuffled, under our definition
+    and the report's: real structure scores high, shuffled noise should score zero."""
+    real, null = results["minilm"]["real"], results["minilm"]["shuffled"]
+    names = [_short(r["name"]) for r in real]
+    x = np.arange(len(names))
+    floor = 1e-3
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.22 * len(names)), 6.4), sharex=True)
+    for ax, key, title in [(axes[0], "snr_mp", "ours (mp)"), (axes[1], "snr_seed", "report NLP (seed)")]:
+        ax.plot(x, np.maximum([r[key] for r in real], floor), "o", color=color("signal"), label="pre-trained")
+        ax.plot(x, np.maximum([r[key] for r in null], floor), "x", color=color("noise"), label="entries shuffled")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"SNR, {title}")
+        ax.legend(loc="best")
+    axes[1].set_xticks(x, names, rotation=90, fontsize=6)
+    axes[0].set_title("all-MiniLM-L6-v2: learned structure versus the same entries shuffled (floor = exactly 0)")
+    return savefig(fig, f"{NOTEBOOK}_minilm_scan", smoke=smoke)
+
+
+def draw_minilm_esd(results: dict, *, smoke: bool = False) -> list[Path]:
+    """One pre-trained layer and its shuffled copy against their fitted MP densities."""
+    esd = results["minilm"]["esd"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, title in [(axes[0], "real", "pre-trained"), (axes[1], "shuffled", "entries shuffled")]:
+        item = esd[key]
+        eig = np.asarray(item["eigenvalues"])
+        right = max(2.0 * item["threshold"], float(np.quantile(eig, 0.95)))
+        shown = eig[eig <= right]
+        ax.hist(shown, bins=60, density=True, color=color("noise"), label=f"eigenvalues ({len(eig) - len(shown)} beyond the axis)")
+        xs = np.linspace(0.0, right, 500)
+        ax.plot(xs, mp_pdf(xs, item["q"], item["sigma2"]) * len(eig) / max(len(shown), 1), color=color("mp"), label="fitted MP")
+        ax.axvline(item["threshold"], color=color("signal"), linestyle="--", linewidth=1,
+                   label=f"threshold: {item['n_signal']} of {len(eig)} above")
+        ax.set_title(f"{_short(esd['name'])}, {title}")
+        ax.set_xlabel("eigenvalue")
+        ax.legend()
+    axes[0].set_ylabel("density")
+    return savefig(fig, f"{NOTEBOOK}_minilm_esd", smoke=smoke)
+
+
+def draw(results: dict, *, smoke: bool = False) -> list[Path]:
+    out = []
+    for fn in (draw_esd, draw_tracy_widom, draw_spike, draw_shape_bias, draw_minilm_scan, draw_minilm_esd):
+        out += fn(results, smoke=smoke)
+    return out

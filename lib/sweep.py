@@ -137,13 +137,13 @@ def _check_scores(scores) -> dict[str, dict[str, float]]:
     return {task: {metric: float(v) for metric, v in metrics.items()} for task, metrics in scores.items()}
 
 
-def _records(scores, *, seed, method, model, run: Run | None, merge_s, eval_s, reused) -> list[dict]:
+def _records(scores, *, seed, method, model, run: Run | None, prepass_s=0.0, merge_s=0.0, eval_s, reused) -> list[dict]:
     coords = {"run": f"{method}:{model}", "snr_method": None, "top": None, "threshold": None}
     if run is not None:
         coords = {"run": run.label(), "snr_method": run.snr_method, "top": run.top, "threshold": run.threshold}
     return [
         {"seed": seed, "method": method, "model": model, **coords, "task": task, "metric": metric, "value": value,
-         "merge_s": merge_s, "eval_s": eval_s, "reused": reused}
+         "prepass_s": prepass_s, "merge_s": merge_s, "eval_s": eval_s, "reused": reused}
         for task, metrics in scores.items()
         for metric, value in metrics.items()
     ]
@@ -158,8 +158,8 @@ def evaluate_models(models: Mapping[str, StateDict], evaluate: Evaluate, *, seed
     for name, sd in models.items():
         t0 = time.perf_counter()
         scores = cache(sd)
-        out += _records(scores, seed=seed, method=method, model=name, run=None, merge_s=0.0,
-                        eval_s=time.perf_counter() - t0, reused=cache.reused)
+        out += _records(scores, seed=seed, method=method, model=name, run=None, eval_s=time.perf_counter() - t0,
+                        reused=cache.reused)
     return out
 
 
@@ -222,32 +222,34 @@ def run_sweep(base: StateDict | None, experts: Sequence[StateDict], evaluate: Ev
         t0 = time.perf_counter()
         try:
             context = None if prepass is None else prepass.context(run)
+            t1 = time.perf_counter()
             shared = {} if context is None else {"context": context}
             merged = merge_fn(run.method, base, list(experts), **merge_kwargs, **shared, **run.hparams())
         except Exception as err:
             raise RuntimeError(f"merging with {run.label()} failed (seed {seed}): {err}") from err
-        t1 = time.perf_counter()
-        scores = cache(merged)
         t2 = time.perf_counter()
-        out += _records(scores, seed=seed, method=run.method, model="merged", run=run, merge_s=t1 - t0,
-                        eval_s=t2 - t1, reused=cache.reused)
+        scores = cache(merged)
+        t3 = time.perf_counter()
+        out += _records(scores, seed=seed, method=run.method, model="merged", run=run, prepass_s=t1 - t0,
+                        merge_s=t2 - t1, eval_s=t3 - t2, reused=cache.reused)
     return out
 
 
 def sweep_seed(base: StateDict | None, experts: Mapping[str, StateDict], evaluate: Evaluate, runs: Sequence[Run], *,
                seed: int, progress: bool = True, **merge_kwargs) -> list[dict]:
-    """Everything one seed contributes: each expert alone (``method="expert"``, ``model`` = its
-    name), then every run, sharing one evaluation cache (a merge that reproduces an expert is not
-    evaluated again)."""
+    """Everything one seed contributes: the base alone (``method="base"``) when there is one, each
+    expert alone (``method="expert"``, ``model`` = its name), then every run, all sharing one
+    evaluation cache (a merge that reproduces an expert or the base is not evaluated again)."""
     cache = CachedEvaluate(evaluate)
-    out = evaluate_models(experts, evaluate, seed=seed, cache=cache)
+    out = [] if base is None else evaluate_models({"base": base}, evaluate, seed=seed, method="base", cache=cache)
+    out += evaluate_models(experts, evaluate, seed=seed, cache=cache)
     out += run_sweep(base, list(experts.values()), evaluate, runs, seed=seed, cache=cache, progress=progress,
                      **merge_kwargs)
     return out
 
 
 RECORD_COLUMNS = ["seed", "method", "model", "run", "snr_method", "top", "threshold", "task", "metric", "value",
-                  "merge_s", "eval_s", "reused"]
+                  "prepass_s", "merge_s", "eval_s", "reused"]
 #: ``run`` (the merge with all its hyperparameters, or the name of a model evaluated alone)
 #: identifies a model; the other columns are kept so that the summary can be plotted directly
 GROUP_COLUMNS = ["run", "method", "model", "snr_method", "top", "threshold", "task", "metric"]
@@ -272,20 +274,24 @@ def summarize(records: Iterable[Mapping]) -> pd.DataFrame:
 
 
 def timing(records: Iterable[Mapping]) -> dict[str, float]:
-    """Measured seconds: merges, fresh evaluations, and how many evaluations the cache saved.
-    Each model appears once per (task, metric) in the records, so models are counted once."""
+    """Measured seconds, per seed on average: SNR prepasses (once per SNR definition), merges,
+    fresh evaluations, and how many evaluations the cache saved. Each model appears once per
+    (task, metric) in the records, so models are counted once."""
     df = records_frame(records)
+    seeds = max(df.seed.nunique(), 1)
     models = df.drop_duplicates(["seed", "run"])
     merged = models[models["model"] == "merged"]
     fresh = models[~models["reused"].astype(bool)]
     return {
-        "models": int(len(models)),
-        "merges": int(len(merged)),
-        "merge_s_total": float(merged["merge_s"].sum()),
+        "seeds": int(seeds),
+        "models": len(models) / seeds,
+        "merges": len(merged) / seeds,
+        "prepass_s": float(merged["prepass_s"].sum()) / seeds,
+        "merge_s": float(merged["merge_s"].sum()) / seeds,
         "merge_s_mean": float(merged["merge_s"].mean()) if len(merged) else float("nan"),
-        "evaluations": int(len(fresh)),
-        "evaluations_reused": int(len(models) - len(fresh)),
-        "eval_s_total": float(fresh["eval_s"].sum()),
+        "evaluations": len(fresh) / seeds,
+        "evaluations_reused": (len(models) - len(fresh)) / seeds,
+        "eval_s": float(fresh["eval_s"].sum()) / seeds,
         "eval_s_mean": float(fresh["eval_s"].mean()) if len(fresh) else float("nan"),
     }
 
@@ -305,17 +311,23 @@ def versions(packages: Iterable[str] = ("numpy", "scipy", "pandas", "scikit-lear
 # --- the experts' spectra, for the per-layer SNR and ESD figures ------------------------------
 
 
-def layer_snr_records(experts: Mapping[str, StateDict], snr_methods: Iterable[str], *, seed: int, include=None,
+def layer_snr_records(experts: Mapping[str, StateDict], snr_methods: Sequence[str], *, seed: int, include=None,
                       exclude=None) -> list[dict]:
     """One row per (expert, weight matrix, SNR definition): ``seed``, ``expert``, ``key``,
     ``rows``, ``cols``, ``q``, ``snr_method``, ``snr`` and our fit's ``n_signal``."""
+    # scan() reports our MP fit ("snr_mp") beside the definition it is asked for, so the
+    # eigenvalues are computed once per expert for "mp" and one other definition
+    others = [m for m in snr_methods if m != "mp"] or ["mp"]
     out = []
     for name, sd in experts.items():
-        for snr_method in snr_methods:
-            df = scan(sd, include=include, exclude=exclude, method=snr_method)
-            out += [{"seed": seed, "expert": name, "key": r.name, "rows": int(r.rows), "cols": int(r.cols),
-                     "q": float(r.q), "snr_method": snr_method, "snr": float(r.snr), "n_signal": int(r.n_signal)}
-                    for r in df.itertuples()]
+        for i, method in enumerate(others):
+            df = scan(sd, include=include, exclude=exclude, method=method)
+            columns = {"mp": "snr_mp"} if i == 0 and "mp" in snr_methods else {}
+            columns[method] = "snr"
+            out += [{"seed": seed, "expert": name, "key": r["name"], "rows": int(r["rows"]), "cols": int(r["cols"]),
+                     "q": float(r["q"]), "snr_method": snr_method, "snr": float(r[column]),
+                     "n_signal": int(r["n_signal"])}
+                    for snr_method, column in columns.items() for r in df.to_dict("records")]
     return out
 
 
@@ -466,3 +478,56 @@ def spectra(experts: Mapping[str, StateDict], snr_methods: Sequence[str], *, see
     for name, sd in experts.items():
         esd += esd_records(sd, telling_layers(layers, name, ours=ours, theirs=theirs), expert=name)
     return layers, esd
+
+
+# --- reading the results -----------------------------------------------------------------------
+
+
+def leaderboard(records: Iterable[Mapping], task: str, metric: str) -> pd.DataFrame:
+    """Each SNR strategy and definition at its best ``top`` (or threshold), each reference merge,
+    each expert and the base, ranked by the mean over seeds of ``metric`` on ``task``."""
+    s = summarize(records)
+    s = s[(s.task == task) & (s.metric == metric)].copy()
+    if s.empty:
+        raise ValueError(f"no records for task {task!r} and metric {metric!r}")
+    s["family"] = s.method + " " + s.snr_method.fillna("") + " " + s.model.where(s.model != "merged", "")
+    best = s.loc[s.groupby("family", sort=False)["mean"].idxmax()]
+    cols = ["run", "method", "snr_method", "top", "threshold", "model", "mean", "std", "n"]
+    return best.sort_values("mean", ascending=False)[cols].reset_index(drop=True)
+
+
+def shape_bias(layers: Iterable[Mapping]) -> pd.DataFrame:
+    """Per expert, Spearman rank correlations across its weight matrices: of each SNR definition
+    with the aspect ratio min(rows, cols) / max(rows, cols) (a definition free of shape bias
+    should not track it), and between the definitions."""
+    from scipy.stats import spearmanr
+
+    df = pd.DataFrame(list(layers))
+    df["aspect"] = df[["rows", "cols"]].min(axis=1) / df[["rows", "cols"]].max(axis=1)
+    out = []
+    for (seed, expert), g in df.groupby(["seed", "expert"], sort=False):
+        wide = g.pivot_table(index="key", columns="snr_method", values="snr", sort=False)
+        aspect = g.drop_duplicates("key").set_index("key")["aspect"].reindex(wide.index)
+        row = {"seed": seed, "expert": expert, "layers": len(wide)}
+        for m in wide.columns:
+            row[f"rho({m}, aspect)"] = float(spearmanr(wide[m], aspect).statistic)
+        for i, a in enumerate(wide.columns):
+            for b in wide.columns[i + 1:]:
+                row[f"rho({a}, {b})"] = float(spearmanr(wide[a], wide[b]).statistic)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def full_mode_estimate(records: Iterable[Mapping], tasks_now: Mapping[str, Mapping], tasks_full: Mapping[str, Mapping],
+                       *, merges: int, evaluations: int) -> dict[str, float]:
+    """Seconds per seed of a sweep of ``merges`` merges and ``evaluations`` fresh evaluations on
+    the full evaluation sets, extrapolated from these records: the measured SNR prepass time (the
+    same experts' architecture, the same definitions), the mean merge time, and the measured
+    evaluation time per example times the full sets' size. ``tasks_*``: :func:`task_table`."""
+    t = timing(records)
+    n_now = sum(v["n_eval"] for v in tasks_now.values())
+    n_full = sum(v["n_eval"] for v in tasks_full.values())
+    eval_s = t["eval_s_mean"] * n_full / n_now
+    return {"prepass_s": t["prepass_s"], "merge_s_per_model": t["merge_s_mean"], "eval_s_per_model": eval_s,
+            "merges": merges, "evaluations": evaluations,
+            "total_s": t["prepass_s"] + merges * t["merge_s_mean"] + evaluations * eval_s}

@@ -170,7 +170,17 @@ def test_timing_counts_each_model_once():
     recs = sweep.run_sweep(tiny(0), [tiny(1)], CountingEvaluate(), runs, seed=0, merge_fn=fake_merge, progress=False)
     t = sweep.timing(recs)
     assert (t["models"], t["merges"], t["evaluations"], t["evaluations_reused"]) == (6, 6, 4, 2)
-    assert t["merge_s_total"] >= 0 and t["eval_s_total"] >= 0
+    assert min(t["merge_s"], t["eval_s"], t["prepass_s"]) >= 0
+
+
+def test_full_mode_estimate_scales_evaluation_by_examples():
+    recs = sweep.run_sweep(tiny(0), [tiny(1)], CountingEvaluate(), sweep.snr_runs(["snr_winner"], ["mp"], [0.0, 0.5]),
+                           seed=0, merge_fn=fake_merge, share_prepass=False, progress=False)
+    for r in recs:
+        r.update(merge_s=2.0, eval_s=3.0)
+    est = sweep.full_mode_estimate(recs, {"a": {"n_eval": 10}}, {"a": {"n_eval": 1000}}, merges=100, evaluations=50)
+    assert est["eval_s_per_model"] == pytest.approx(300.0)
+    assert est["total_s"] == pytest.approx(100 * 2.0 + 50 * 300.0)
 
 
 def test_versions_name_the_device_and_libraries():
@@ -348,3 +358,26 @@ def test_compare_with_report_puts_numbers_side_by_side():
     assert table.loc[0, "difference"] == pytest.approx(np.mean(values) - 0.5)
     assert table.loc[0, "seeds"] == 2
     assert math.isnan(table.loc[1, "ours_mean"]) and table.loc[1, "run"] == "not measured in this run"
+
+
+def test_leaderboard_keeps_each_strategy_at_its_best_setting():
+    results = fake_results("x")
+    board = sweep.leaderboard(results["records"], "a", "accuracy")
+    assert list(board["mean"]) == sorted(board["mean"], reverse=True)
+    # fake_merge grows task a's score with top, so each SNR family is best at top=1
+    swept = board[board.top.notna()]
+    assert set(swept.top) == {1.0} and len(swept) == 2 * 2, "two strategies x two SNR definitions"
+    assert {"expert:a", "expert:b", "average()"} <= set(board.run)
+    with pytest.raises(ValueError, match="no records for task 'a' and metric 'mcc'"):
+        sweep.leaderboard(results["records"], "a", "mcc")
+
+
+def test_shape_bias_sees_a_definition_that_tracks_the_aspect_ratio():
+    rng = np.random.default_rng(0)
+    shapes = [(64, c) for c in (8, 16, 24, 32, 48, 64)]
+    layers = [{"seed": 0, "expert": "a", "key": f"l{i}", "rows": r, "cols": c, "snr_method": m,
+               "snr": (c / r if m == "seed" else float(rng.uniform()))}
+              for i, (r, c) in enumerate(shapes) for m in ("mp", "seed")]
+    (row,) = sweep.shape_bias(layers).to_dict("records")
+    assert row["rho(seed, aspect)"] == pytest.approx(1.0)
+    assert abs(row["rho(mp, aspect)"]) < 1.0 and row["layers"] == 6

@@ -63,12 +63,11 @@ def _reference_lines(ax, summary: pd.DataFrame, task: str, metric: str) -> None:
     refs = sel[(sel.model == "merged") & sel.top.isna() & sel.threshold.isna()]
     for _, row in refs.iterrows():
         ax.axhline(row["mean"], color=color(row["method"]), label=row["method"], **REFERENCE_STYLE)
-    alone = sel[sel.model != "merged"].reset_index(drop=True)
-    for i, row in alone.iterrows():
-        own = row["model"] == task
+    for _, row in sel[sel.model != "merged"].iterrows():
+        own = row["model"] == task  # the task's own expert, against the other expert(s) and the base
+        label = f"{row['model']} expert alone" if row["method"] == "expert" else f"{row['model']} alone"
         ax.axhline(row["mean"], color=color(row["method"]), linewidth=1.0 if own else 0.8,
-                   linestyle=EXPERT_STYLES[0] if own else EXPERT_STYLES[1],
-                   label=f"{row['model']} {row['method']} alone")
+                   linestyle=EXPERT_STYLES[0] if own else EXPERT_STYLES[1], label=label)
 
 
 def _legend(fig, axes) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -411,14 +412,17 @@ def compare_with_report(records: Iterable[Mapping], claims: Iterable[Claim]) -> 
 
 
 def task_table(tasks: Iterable[str], *, smoke: bool) -> dict[str, dict]:
-    """task -> the split scored, its size (the whole split; SMOKE: lib.train's fixed slice) and the
-    metrics recorded (accuracy, then the task's own metric)."""
+    """task -> the split scored, its size (the whole split; SMOKE: lib.train's fixed slice), the
+    metrics recorded (accuracy, then the task's own metric) and the accuracy of always answering
+    the most common label (``majority``), the floor an accuracy should be read against."""
     out = {}
     for task in tasks:
         spec = data.get_task(task)
-        n = len(train.eval_indices(task, spec.eval_split, smoke=smoke))
+        idx = train.eval_indices(task, spec.eval_split, smoke=smoke)
+        labels = data.labels_of(task, spec.eval_split)[idx]
         metrics = ["accuracy"] + ([spec.metric] if spec.metric != "accuracy" else [])
-        out[task] = {"title": spec.title, "split": spec.eval_split, "n_eval": n, "metrics": metrics}
+        out[task] = {"title": spec.title, "split": spec.eval_split, "n_eval": len(idx), "metrics": metrics,
+                     "majority": float(np.bincount(labels).max() / len(labels))}
     return out
 
 
@@ -494,6 +498,35 @@ def leaderboard(records: Iterable[Mapping], task: str, metric: str) -> pd.DataFr
     best = s.loc[s.groupby("family", sort=False)["mean"].idxmax()]
     cols = ["run", "method", "snr_method", "top", "threshold", "model", "mean", "std", "n"]
     return best.sort_values("mean", ascending=False)[cols].reset_index(drop=True)
+
+
+def verdict(records: Iterable[Mapping], task: str, metric: str, *, reference: str = "average()") -> str:
+    """One sentence comparing the best SNR merge on the grid with ``reference`` (the Standard
+    merge) and with the task's own expert, with the seeds' spread: what a notebook may conclude
+    from its own numbers. The best of a grid is an optimistic pick, and the sentence says so."""
+    board = leaderboard(records, task, metric).set_index("run")
+    snr_rows = board[board.snr_method.notna()]
+    if snr_rows.empty or reference not in board.index:
+        return f"{task} {metric}: no SNR merge or no {reference} in these records."
+    best, ref = snr_rows.iloc[0], board.loc[reference]
+    diff = best["mean"] - ref["mean"]
+    if min(best["n"], ref["n"]) < 2:
+        spread = "one seed, so no error bar: read it as anecdotal"
+    else:
+        se = math.sqrt(best["std"] ** 2 / best["n"] + ref["std"] ** 2 / ref["n"])
+        spread = (f"more than two standard errors ({2 * se:.3f})" if abs(diff) > 2 * se
+                  else f"within two standard errors ({2 * se:.3f}): not distinguishable with {int(best['n'])} seeds")
+    text = (f"{task} {metric}: the best SNR merge on the grid (an optimistic pick), {snr_rows.index[0]}, scores "
+            f"{best['mean']:.3f} ± {_std(best)}; {reference} scores {ref['mean']:.3f} ± {_std(ref)}; "
+            f"difference {diff:+.3f}, {spread}.")
+    own = f"expert:{task}"
+    if own in board.index:
+        text += f" The {task} expert alone scores {board.loc[own, 'mean']:.3f} ± {_std(board.loc[own])}."
+    return text
+
+
+def _std(row) -> str:
+    return "n/a" if pd.isna(row["std"]) else f"{row['std']:.3f}"
 
 
 def shape_bias(layers: Iterable[Mapping]) -> pd.DataFrame:

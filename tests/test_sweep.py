@@ -207,7 +207,8 @@ def fake_results(notebook: str) -> dict:
     return {
         "notebook": notebook,
         "config": {"snr_methods": ["mp", "seed"]},
-        "tasks": {"a": {"metrics": ["accuracy"], "n_eval": 10}, "b": {"metrics": ["accuracy", "mcc"], "n_eval": 12}},
+        "tasks": {"a": {"metrics": ["accuracy"], "n_eval": 10, "majority": 0.6},
+                  "b": {"metrics": ["accuracy", "mcc"], "n_eval": 12}},
         "records": records,
         "layers": layers,
         "head_variants": {
@@ -381,3 +382,12 @@ def test_shape_bias_sees_a_definition_that_tracks_the_aspect_ratio():
     (row,) = sweep.shape_bias(layers).to_dict("records")
     assert row["rho(seed, aspect)"] == pytest.approx(1.0)
     assert abs(row["rho(mp, aspect)"]) < 1.0 and row["layers"] == 6
+
+
+def test_verdict_states_the_difference_and_whether_seeds_resolve_it():
+    results = fake_results("x")
+    text = sweep.verdict(results["records"], "a", "accuracy")
+    assert "snr_" in text and "average()" in text and "two standard errors" in text
+    assert "The a expert alone scores" in text
+    one_seed = [r for r in results["records"] if r["seed"] == 0]
+    assert "one seed" in sweep.verdict(one_seed, "a", "accuracy")

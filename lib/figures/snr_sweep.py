@@ -57,9 +57,13 @@ def _band(ax, x, mean, std, *, label, c, marker="o"):
         ax.fill_between(x, mean - std, mean + std, color=c, alpha=0.18, linewidth=0)
 
 
-def _reference_lines(ax, summary: pd.DataFrame, task: str, metric: str) -> None:
-    """Horizontal lines for the reference merges and for each expert (and the base) alone."""
+def _reference_lines(ax, results: dict, summary: pd.DataFrame, task: str, metric: str) -> None:
+    """Horizontal lines for the reference merges, each expert (and the base) alone, and, for
+    accuracy, the score of always answering the majority class."""
     sel = summary[(summary.task == task) & (summary.metric == metric)]
+    majority = results["tasks"][task].get("majority")
+    if metric == "accuracy" and majority is not None:
+        ax.axhline(majority, color=color("base"), linewidth=2.5, alpha=0.6, label="majority class")
     refs = sel[(sel.model == "merged") & sel.top.isna() & sel.threshold.isna()]
     for _, row in refs.iterrows():
         ax.axhline(row["mean"], color=color(row["method"]), label=row["method"], **REFERENCE_STYLE)
@@ -95,7 +99,7 @@ def draw_top_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
             for method, g in sel.groupby("method", sort=False):
                 g = g.sort_values("top")
                 _band(ax, 100 * g.top.to_numpy(), g["mean"].to_numpy(), g["std"].to_numpy(), label=method, c=color(method))
-            _reference_lines(ax, summary, task, metric)
+            _reference_lines(ax, results, summary, task, metric)
             ax.set_title(f"{task}: SNR {SNR_NAMES.get(snr_method, snr_method)}", fontsize=9)
             ax.set_ylabel(metric_label(results, task, metric))
     for ax in axes[-1]:
@@ -116,7 +120,7 @@ def draw_threshold_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
         for method, g in sel.groupby("method", sort=False):
             g = g.sort_values("threshold")
             _band(ax, g.threshold.to_numpy(), g["mean"].to_numpy(), g["std"].to_numpy(), label=method, c=color(method))
-        _reference_lines(ax, summary, task, metric)
+        _reference_lines(ax, results, summary, task, metric)
         snr_method = ", ".join(sorted(set(sel.snr_method.dropna())))
         ax.set_title(f"{task}: absolute threshold on SNR {snr_method}", fontsize=9)
         ax.set_ylabel(metric_label(results, task, metric))

@@ -71,6 +71,7 @@ lab: setup
 bench: setup
 	$(PY) benchmarks/spectral.py
 	$(PY) benchmarks/merge.py
+	$(PY) benchmarks/stream_merge.py --quick
 
 strip: setup
 	$(BIN)/nbstripout $(NOTEBOOKS)

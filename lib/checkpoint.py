@@ -11,10 +11,14 @@ memory-map: pages of a mapped file count in the process's resident memory for as
 mapping lives, so mapping N checkpoints would make peak RSS grow to N models even though only
 one tensor of each is in use at a time.
 
+Both directions also work on a block of rows of a tensor (a slice of its first dimension, which
+is a contiguous byte range in safetensors' row-major layout): a tensor larger than the memory
+the merge should use is read, merged and written one block at a time.
+
 Writing lays out every shard's header up front (the merged model has the keys, shapes and
-dtypes of its reference model, known before any tensor is merged) and writes each tensor at its
-offset as soon as it is computed, so no shard is ever held in memory. Everything is written
-into a temporary folder beside the output, renamed into place only once complete
+dtypes of its reference model, known before any tensor is merged) and writes each tensor (or
+block of rows) at its offset as soon as it is computed, so no shard is ever held in memory.
+Everything is written into a temporary folder beside the output, renamed into place only once complete
 (:func:`atomic_output_dir`): an interrupted or failed run leaves no half-written model.
 """
 
@@ -81,6 +85,25 @@ class TensorEntry:
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (one index of the first dimension); the whole tensor for a scalar."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+
+    def block(self, rows: slice | None) -> tuple[int, int, tuple[int, ...]]:
+        """Byte range and shape of the block ``rows`` (a slice of the first dimension with step
+        1; None: the whole tensor)."""
+        if rows is None:
+            return self.start, self.end, self.shape
+        if not self.shape:
+            raise ValueError("a scalar tensor has no rows to slice")
+        first, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError(f"a block of rows is a contiguous slice, got step {step}")
+        stop = max(first, stop)
+        return (self.start + first * self.row_bytes, self.start + stop * self.row_bytes,
+                (stop - first, *self.shape[1:]))
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
@@ -199,17 +222,19 @@ class Checkpoint:
         """Key -> ``device="meta"`` tensor: shapes and dtypes without data, for key selection."""
         return {k: torch.empty(e.shape, dtype=e.dtype, device="meta") for k, e in self.entries.items()}
 
-    def read(self, key: str, *, finite: bool = True) -> Tensor:
-        """The tensor ``key`` read from disk into a new CPU tensor; with ``finite`` (default) a
-        floating-point tensor holding NaN/Inf is an error naming the model and key."""
+    def read(self, key: str, rows: slice | None = None, *, finite: bool = True) -> Tensor:
+        """The tensor ``key`` (only its block ``rows`` of the first dimension, when given) read
+        from disk into a new CPU tensor; with ``finite`` (default) a floating-point tensor holding
+        NaN/Inf is an error naming the model and key."""
         e = self.entries[key]
-        buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        start, end, shape = e.block(rows)
+        buf = torch.empty(end - start, dtype=torch.uint8)
         with open(e.file, "rb") as fh:
-            fh.seek(e.start)
-            got = fh.readinto(buf.numpy()) if e.nbytes else 0
-        if got != e.nbytes:
-            raise CheckpointError(f"{e.file} is truncated: {key!r} needs {e.nbytes} bytes, read {got}")
-        t = buf.view(e.dtype).reshape(e.shape)
+            fh.seek(start)
+            got = fh.readinto(buf.numpy()) if end > start else 0
+        if got != end - start:
+            raise CheckpointError(f"{e.file} is truncated: {key!r} needs bytes {start}..{end}, read {got} of them")
+        t = buf.view(e.dtype).reshape(shape)
         if finite:
             check_finite(t, f"{self.label}: {key!r}")
         return t
@@ -247,7 +272,8 @@ class ShardedWriter:
     and dtypes given up front; :meth:`write` then puts each tensor straight at its place in its
     file, in any order, and :meth:`close` checks that every tensor was written and writes the
     index. Shards are filled in key order up to ``max_shard_bytes`` (a tensor larger than that
-    gets a shard of its own).
+    gets a shard of its own). A tensor may also be written as blocks of rows, in order
+    (``write(key, block, row=first_row)``).
     """
 
     def __init__(self, folder: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], max_shard_bytes: int):
@@ -262,7 +288,7 @@ class ShardedWriter:
             name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
             self._create_shard(self.folder / name, keys)
             self.weight_map.update({k: name for k in keys})
-        self.pending = set(layout)
+        self.rows_done = dict.fromkeys(layout, 0)
 
     def _create_shard(self, path: Path, keys: list[str]) -> None:
         # larger items first keeps every tensor aligned to its item size without padding
@@ -284,20 +310,26 @@ class ShardedWriter:
         for k in ordered:
             self.where[k] = (path, data_start + header[k]["data_offsets"][0])
 
-    def write(self, key: str, t: Tensor) -> None:
+    def write(self, key: str, t: Tensor, *, row: int = 0) -> None:
+        """Write ``t``: the whole tensor ``key``, or its rows ``row, row + 1, ...`` (a block of the
+        first dimension). The blocks of a tensor come in order, each starting where the last ended."""
         dtype, shape = self.layout[key]
-        if t.dtype != dtype or tuple(t.shape) != shape:
-            raise ValueError(f"{key!r}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+        if row != self.rows_done[key]:
+            raise ValueError(f"{key!r}: blocks of rows are written in order; the next starts at row {self.rows_done[key]}, got {row}")
+        if t.dtype != dtype or t.ndim != len(shape) or t.shape[1:] != shape[1:] or row + _rows(t.shape) > _rows(shape):
+            raise ValueError(f"{key!r}: expected {dtype} {list(shape)} or a block of its rows, got {t.dtype} "
+                             f"{list(t.shape)} from row {row}")
         path, offset = self.where[key]
         with open(path, "r+b") as fh:
-            fh.seek(offset)
+            fh.seek(offset + row * math.prod(shape[1:]) * dtype.itemsize)
             fh.write(_tensor_bytes(t))
-        self.pending.discard(key)
+        self.rows_done[key] += _rows(t.shape)
 
     def close(self) -> Path:
         """Check completeness, flush the shards to disk and write the index; returns its path."""
-        if self.pending:
-            raise RuntimeError(f"{len(self.pending)} tensor(s) never written, e.g. {sorted(self.pending)[0]!r}")
+        pending = sorted(k for k, done in self.rows_done.items() if done < _rows(self.layout[k][1]))
+        if pending:
+            raise RuntimeError(f"{len(pending)} tensor(s) never written (or written in part), e.g. {pending[0]!r}")
         for name in dict.fromkeys(self.weight_map.values()):
             with open(self.folder / name, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -306,6 +338,11 @@ class ShardedWriter:
         path = self.folder / INDEX_NAME
         path.write_text(json.dumps(index, indent=2) + "\n")
         return path
+
+
+def _rows(shape) -> int:
+    """Rows of a tensor of ``shape``: its first dimension; a scalar is one row."""
+    return shape[0] if shape else 1
 
 
 def _fill_shards(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], max_shard_bytes: int) -> list[list[str]]:

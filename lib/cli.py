@@ -17,12 +17,15 @@ file. The merge config follows mergekit's shape::
     parameters: {density: 0.3}
     exclude: [classifier]              # regexes of keys kept from the base, as in lib.merge.merge
 
-Flags override the config; ``--set`` overrides its parameters. Merging reads one module's
-tensors of each model at a time (a module: the keys sharing a prefix such as
-``encoder.layer.0.attention.self.query``, so weight and bias travel together, which the SNR
-strategies' per-module decisions need), and writes each merged tensor straight into its shard.
-Methods that look across the whole model first visit every selected key in a prepass (see
-:mod:`lib.merge`). The result equals :func:`lib.merge.merge` on the same inputs.
+Flags override the config; ``--set`` overrides its parameters. Merging reads one tensor of
+each model at a time and writes the merged tensor straight into its shard. Methods that look
+across the whole model first visit every selected key in a prepass, whose small result (TIES'
+thresholds, the SNR strategies' per-layer decisions) then merges each key on its own (see
+:mod:`lib.merge`). A tensor larger than ``--block-size`` (in compute precision) is read, merged
+and written in blocks of rows when that gives the same result: for the methods that act entry
+by entry (``elementwise`` in the registry) and for tensors copied rather than merged; so the
+memory a merge needs is a few blocks per model, not a few copies of the largest tensor (BERT's
+word embeddings: 94 MB each). The result equals :func:`lib.merge.merge` on the same inputs.
 
 Bad input (missing or corrupt file, architectures that differ, NaN/Inf, unknown method or
 hyperparameter, an existing output without ``--force``) ends the command with one line on
@@ -32,7 +35,7 @@ stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
-import io
+import math
 import re
 import signal
 import sys
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import merge as merging
@@ -54,13 +58,16 @@ from .checkpoint import (
     copy_side_files,
 )
 from .paths import atomic_write_bytes
-from .statedict import matches, module_of
+from .statedict import compute_dtype, matches, module_of
 
 #: the file written next to the shards that records how the model was made, in the same
 #: format as ``--config`` so that the merge can be repeated
 MERGE_RECORD = "merge_config.yaml"
 CONFIG_KEYS = ("merge_method", "method", "base_model", "models", "parameters", "include", "exclude")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+#: largest block of rows of one tensor of one model merged at a time (in compute precision): a
+#: merge holds a few such blocks per model, so this sets its memory beyond the fixed cost of torch
+DEFAULT_BLOCK_BYTES = 16 * 2**20
 EXIT_BAD_INPUT = 1
 EXIT_INTERRUPTED = 130
 
@@ -177,12 +184,44 @@ def merge_spec(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- streaming merge
 
 
-class _PrepassItems:
-    """Re-iterable ``(key, base, [experts])`` over the selected keys, read lazily from disk in
-    compute precision; each pass starts over (TIES' exact threshold reads the model twice)."""
+def row_blocks(shape: Sequence[int], itemsize: int, block_bytes: int) -> list[slice | None]:
+    """Slices of the first dimension that cut a tensor of ``shape`` (``itemsize`` bytes an entry)
+    into blocks of at most ``block_bytes`` (at least one row each); ``[None]``, the whole tensor,
+    when it fits in one block."""
+    if block_bytes <= 0:
+        raise ValueError(f"the block size must be positive, got {block_bytes} bytes")
+    size = math.prod(shape) * itemsize
+    if not shape or size <= block_bytes:
+        return [None]
+    step = max(1, block_bytes // (size // shape[0]))
+    return [slice(first, min(first + step, shape[0])) for first in range(0, shape[0], step)]
 
-    def __init__(self, base: Checkpoint | None, experts: Sequence[Checkpoint], keys: Sequence[str], device, progress: bool):
-        self.base, self.experts, self.keys = base, experts, keys
+
+def tensor_blocks(t: Tensor, block_bytes: int) -> list[slice | None]:
+    """:func:`row_blocks` of a tensor (or meta tensor) whose entries take, in compute precision,
+    4 or 8 bytes if floating-point (float16 is merged in float32) and their own size otherwise."""
+    itemsize = compute_dtype(t).itemsize if t.dtype.is_floating_point else t.element_size()
+    return row_blocks(t.shape, itemsize, block_bytes)
+
+
+def merge_blocks(method: merging.Method, params: dict[str, Any], meta: dict[str, Tensor], selected: Sequence[str],
+                 block_bytes: int) -> dict[str, list[slice | None]]:
+    """Key -> the row blocks it is merged in: :func:`tensor_blocks` where the result does not
+    depend on the cut (the method is elementwise, or the key is not merged but copied), the
+    whole tensor otherwise."""
+    by_rows = merging.is_elementwise(method, params)
+    merged = set(selected)
+    return {k: tensor_blocks(t, block_bytes) if by_rows or k not in merged else [None] for k, t in meta.items()}
+
+
+class _PrepassItems:
+    """Re-iterable ``(key, base, [experts])`` over the selected keys (over their row blocks when
+    ``blocks`` is given), read lazily from disk in compute precision; each pass starts over (TIES'
+    exact threshold reads the model twice)."""
+
+    def __init__(self, base: Checkpoint | None, experts: Sequence[Checkpoint], keys: Sequence[str],
+                 blocks: dict[str, list[slice | None]] | None, device, progress: bool):
+        self.base, self.experts, self.keys, self.blocks = base, experts, keys, blocks
         self.device, self.progress = device, progress
         self.passes = 0
 
@@ -190,16 +229,9 @@ class _PrepassItems:
         self.passes += 1
         bar = tqdm(self.keys, desc=f"prepass {self.passes}", unit="tensor", leave=False, disable=not self.progress)
         for k in bar:
-            base = None if self.base is None else merging.to_compute(self.base.read(k), self.device)
-            yield k, base, [merging.to_compute(e.read(k), self.device) for e in self.experts]
-
-
-def module_groups(keys: Sequence[str]) -> list[list[str]]:
-    """Keys grouped by module, in order of first appearance."""
-    groups: dict[str, list[str]] = {}
-    for k in keys:
-        groups.setdefault(module_of(k), []).append(k)
-    return list(groups.values())
+            for rows in [None] if self.blocks is None else self.blocks[k]:
+                base = None if self.base is None else merging.to_compute(self.base.read(k, rows), self.device)
+                yield k, base, [merging.to_compute(e.read(k, rows), self.device) for e in self.experts]
 
 
 def merge_checkpoints(
@@ -214,13 +246,15 @@ def merge_checkpoints(
     device=None,
     force: bool = False,
     max_shard_bytes: int = 5 * 10**9,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: bool = True,
 ) -> Path:
     """Merge checkpoints on disk into the model folder ``out``, streaming (module docstring).
 
     ``out`` receives safetensors shards, ``model.safetensors.index.json``, the non-weight files
     of the reference model (the base, or expert 0 without a base: config, tokenizer) and
-    ``merge_config.yaml``. Returns ``out``.
+    ``merge_config.yaml``. Tensors larger than ``block_bytes`` are merged in blocks of rows
+    where the method allows it. Returns ``out``.
     """
     spec = merging.get_method(method)
     params = merging.resolve_hparams(spec, dict(parameters or {}))
@@ -238,24 +272,26 @@ def merge_checkpoints(
     expert_cks = [Checkpoint(p, label=f"expert {i} ({p})") for i, p in enumerate(experts)]
     ref = base_ck or expert_cks[0]
     keys = check_same_architecture(ref, [c for c in (base_ck, *expert_cks) if c is not None and c is not ref])
-    selected = merging.select_keys(ref.meta(), include, exclude)
+    meta = ref.meta()
+    selected = merging.select_keys(meta, include, exclude)
+    blocks = merge_blocks(spec, params, meta, selected, block_bytes)
     context = None
     if selected:  # an empty selection merges nothing: every tensor is copied
-        context = merging.run_prepass(method, _PrepassItems(base_ck, expert_cks, selected, device, progress), **params)
+        prepass_blocks = {k: tensor_blocks(meta[k], block_bytes) for k in selected} if spec.prepass_elementwise else None
+        items = _PrepassItems(base_ck, expert_cks, selected, prepass_blocks, device, progress)
+        context = merging.run_prepass(method, items, **params)
 
     layout = {k: (e.dtype, e.shape) for k, e in ref.entries.items()}
     with atomic_output_dir(out, force=force) as tmp:
         writer = ShardedWriter(tmp, layout, max_shard_bytes)
-        with tqdm(total=len(keys), desc=f"merge {method}", unit="tensor", disable=not progress) as bar:
-            for group in module_groups(keys):
+        for k in tqdm(keys, desc=f"merge {method}", unit="tensor", disable=not progress):
+            for rows in blocks[k]:
                 # merge() checks NaN/Inf itself (naming the model and key), so read unchecked here
-                base_part = None if base_ck is None else {k: base_ck.read(k, finite=False) for k in group}
-                expert_parts = [{k: e.read(k, finite=False) for k in group} for e in expert_cks]
+                base_part = None if base_ck is None else {k: base_ck.read(k, rows, finite=False)}
+                expert_parts = [{k: e.read(k, rows, finite=False)} for e in expert_cks]
                 merged = merging.merge(method, base_part, expert_parts, include=include, exclude=exclude,
                                        device=device, context=context, **params)
-                for k in group:
-                    writer.write(k, merged[k])
-                bar.update(len(group))
+                writer.write(k, merged[k], row=0 if rows is None else rows.start)
         writer.close()
         copy_side_files(ref, tmp)
         record = {"merge_method": method, "base_model": None if base is None else str(Path(base).resolve()),
@@ -327,17 +363,6 @@ def plot_scan(table, title: str = ""):
     return fig
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Save ``fig`` at an arbitrary user path (``lib.plotting.savefig`` writes to figures/)."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 # ---------------------------------------------------------------- commands
 
 
@@ -351,7 +376,9 @@ def _scan(args: argparse.Namespace) -> int:
     atomic_write_bytes(out, table.to_csv(index=False).encode())
     print(f"scanned {len(table)} matrices of {args.model} -> {out}")
     if plot is not None:
-        save_figure(plot_scan(table, title=f"SNR per matrix of {args.model}"), plot)
+        from .plotting import savefig
+
+        savefig(plot_scan(table, title=f"SNR per matrix of {args.model}"), path=plot)
         print(f"plot -> {plot}")
     return 0
 
@@ -362,7 +389,8 @@ def _merge(args: argparse.Namespace) -> int:
         out = merge_checkpoints(spec["method"], spec.get("base"), spec["experts"], args.out,
                                 parameters=spec["parameters"], include=spec.get("include"),
                                 exclude=spec.get("exclude"), device=args.device, force=args.force,
-                                max_shard_bytes=parse_size(args.max_shard_size), progress=not args.quiet)
+                                max_shard_bytes=parse_size(args.max_shard_size),
+                                block_bytes=parse_size(args.block_size), progress=not args.quiet)
     print(f"merged {len(spec['experts'])} expert(s) with {spec['method']} -> {out}")
     return 0
 
@@ -423,6 +451,9 @@ def add_commands(sub) -> None:
                    help="method hyperparameter, repeatable (e.g. --set density=0.3 --set weights=[0.7,0.3])")
     p.add_argument("--config", help="mergekit-style YAML: merge_method, base_model, models, parameters")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--block-size", default=f"{DEFAULT_BLOCK_BYTES // 2**20}MiB",
+                   help="tensors larger than this are merged in blocks of rows where the method allows it, "
+                        f"which bounds the memory used (default {DEFAULT_BLOCK_BYTES // 2**20}MiB)")
     _add_common(p)
     p.set_defaults(func=lambda args: run(_merge, args))
 

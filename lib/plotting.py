@@ -65,18 +65,28 @@ def set_style() -> None:
 set_style()
 
 
-def savefig(fig, name: str, *, smoke: bool | None = None, formats=("png",), close: bool = True) -> list[Path]:
-    """Save ``fig`` as ``figures/<name>.<fmt>`` (``figures/smoke/`` in SMOKE mode), atomically.
+def savefig(fig, name: str | None = None, *, path: str | Path | None = None, smoke: bool | None = None,
+            formats=("png",), close: bool = True) -> list[Path]:
+    """Save ``fig`` as ``figures/<name>.<fmt>`` (``figures/smoke/`` in SMOKE mode), atomically;
+    or, with ``path`` instead of ``name``, exactly at ``path`` in the format its suffix names
+    (PNG without a suffix) -- e.g. a plot the user asked for on the command line.
 
     The figure stays open when ``close=False`` so that a notebook can still display it.
     """
-    folder = paths.figures_dir(smoke)
-    out = []
+    if (name is None) == (path is None):
+        raise ValueError("give savefig a figure name (saved under figures/) or a path, not both or neither")
+    if path is not None:
+        path = Path(path)
+        targets = [(path, path.suffix.lstrip(".") or "png")]
+    else:
+        folder = paths.figures_dir(smoke)
+        targets = [(folder / f"{name}.{fmt}", fmt) for fmt in formats]
     fig.tight_layout()
-    for fmt in formats:
+    out = []
+    for target, fmt in targets:
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, bbox_inches="tight")
-        out.append(paths.atomic_write_bytes(folder / f"{name}.{fmt}", buf.getvalue()))
+        out.append(paths.atomic_write_bytes(target, buf.getvalue()))
     if close:
         plt.close(fig)
     return out

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from lib import spectral
 from lib.__main__ import main
 from lib.checkpoint import Checkpoint, ShardedWriter, atomic_output_dir
-from lib.cli import load_config, merge_checkpoints, parse_value
-from lib.merge import METHODS, merge
+from lib.cli import load_config, merge_checkpoints, parse_value, row_blocks
+from lib.merge import METHODS, is_elementwise, merge, resolve_hparams
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,6 +100,80 @@ def test_streamed_merge_equals_in_memory_merge(method, models, tmp_path):
     for k in expected:
         assert got[k].dtype == expected[k].dtype and got[k].shape == expected[k].shape, k
         torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7, msg=f"{method}: {k}")
+
+
+ELEMENTWISE = sorted(n for n, m in METHODS.items() if is_elementwise(m, resolve_hparams(m, {})))
+#: (method, hyperparameters, include/exclude): runs whose selected tensors must be merged whole
+#: (TIES' per-tensor top-k, DARE's per-tensor mask) while the excluded embeddings are copied in blocks
+WHOLE_TENSOR_RUNS = [("ties", {"scope": "tensor"}, {"exclude": "embeddings"}), ("dare", {}, {"exclude": "embeddings"})]
+
+
+def test_elementwise_methods_are_the_expected_ones():
+    """The registry's claim that the blocked-merge test below relies on; a method added as
+    elementwise is covered by that test automatically."""
+    assert {"average", "task_arithmetic", "ties", "snr_base_reset", "snr_weighted"} <= set(ELEMENTWISE)
+    assert not {"dare", "star", "drm_h", "drm_v"} & set(ELEMENTWISE)
+
+
+@pytest.mark.parametrize("method, hp, select", [(m, {}, {}) for m in ELEMENTWISE] + WHOLE_TENSOR_RUNS)
+def test_merge_in_tiny_row_blocks_is_bit_identical(method, hp, select, models, tmp_path, monkeypatch):
+    """With a block size of a few rows, the elementwise methods merge every large tensor (and
+    every method copies every unselected one) in blocks of rows, read and written in place;
+    the result is exactly the in-memory merge. Selected tensors of the other runs stay whole."""
+    blocks: dict[str, list[int]] = {}
+    write = ShardedWriter.write
+
+    def record(self, key, t, *, row=0):
+        blocks.setdefault(key, []).append(row)
+        write(self, key, t, row=row)
+
+    monkeypatch.setattr(ShardedWriter, "write", record)
+    base = state_dict(models["base"])
+    experts = [state_dict(p) for p in models["experts"]]
+    expected = merge(method, base, experts, **select, **hp)
+    out = merge_checkpoints(method, models["base"], models["experts"], tmp_path / "out", parameters=hp,
+                            block_bytes=600, max_shard_bytes=30_000, progress=False, **select)
+    got = state_dict(out)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), f"{method}: {k}"
+    embeddings = "embeddings.word_embeddings.weight"  # 60 x 32 float32: 128-byte rows, 4 to a block
+    assert blocks[embeddings] == list(range(0, 60, 4))
+    assert blocks["encoder.layer.0.attention.self.query.bias"] == [0], "a tensor that fits is written whole"
+    if method not in ELEMENTWISE:
+        assert blocks["encoder.layer.0.intermediate.dense.weight"] == [0], "a selected tensor was cut"
+
+
+def test_row_blocks_cover_the_rows_within_the_budget():
+    assert row_blocks((10, 3), 4, 120) == [None]  # fits: the whole tensor
+    assert row_blocks((10, 3), 4, 119) == [slice(0, 9), slice(9, 10)]
+    assert row_blocks((10, 3), 4, 5) == [slice(i, i + 1) for i in range(10)]  # never less than one row
+    assert row_blocks((), 8, 1) == [None] and row_blocks((0, 5), 4, 1) == [None]
+    with pytest.raises(ValueError, match="block size must be positive"):
+        row_blocks((10, 3), 4, 0)
+
+
+def test_reader_and_writer_work_on_blocks_of_rows(models, tmp_path):
+    ckpt = Checkpoint(models["experts"][1])
+    key = "encoder.layer.0.intermediate.dense.weight"
+    whole = ckpt.read(key)
+    assert torch.equal(ckpt.read(key, slice(5, 17)), whole[5:17])
+    assert ckpt.read(key, slice(60, 99)).shape == (4, 32) and ckpt.read(key, slice(3, 3)).shape == (0, 32)
+    with pytest.raises(ValueError, match="contiguous"):
+        ckpt.read(key, slice(0, 10, 2))
+
+    writer = ShardedWriter(tmp_path, {key: (whole.dtype, tuple(whole.shape)), "scalar": (torch.int64, ())}, 10**6)
+    writer.write(key, whole[:20])
+    with pytest.raises(ValueError, match="in order; the next starts at row 20, got 30"):
+        writer.write(key, whole[30:], row=30)
+    with pytest.raises(ValueError, match="or a block of its rows"):
+        writer.write(key, whole[20:].T, row=20)
+    writer.write("scalar", torch.tensor(7))
+    with pytest.raises(RuntimeError, match="written in part.*intermediate"):
+        writer.close()
+    writer.write(key, whole[20:], row=20)
+    writer.close()
+    written = Checkpoint(tmp_path)
+    assert torch.equal(written.read(key), whole) and written.read("scalar").item() == 7
 
 
 def test_output_is_a_loadable_model(models, tmp_path, capsys):
@@ -198,7 +272,7 @@ def test_existing_output_is_kept_without_force(models, tmp_path, capsys):
 def test_interrupted_merge_leaves_no_output(models, tmp_path, capsys, monkeypatch):
     writes = []
 
-    def interrupt_after_three(self, key, t):
+    def interrupt_after_three(self, key, t, **block):
         writes.append(key)
         if len(writes) == 3:
             raise KeyboardInterrupt

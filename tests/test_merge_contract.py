@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from lib.merge import METHODS, merge, resolve_hparams, run_items, run_prepass, select_keys, to_compute
+from lib.merge import METHODS, is_elementwise, merge, resolve_hparams, run_items, run_prepass, select_keys, to_compute
 from lib.statedict import is_float
 
 N_EXPERTS = 3
@@ -135,6 +135,45 @@ def test_key_by_key_equals_whole_model(name, tiny_base, tiny_experts):
     for k in keys:
         part = m.fn({k: base[k]}, [{k: e[k]} for e in experts], context=context, **params)
         torch.testing.assert_close(part[k].cpu(), whole[k], atol=1e-6, rtol=1e-5, msg=lambda msg: f"{k}: {msg}")
+
+
+def row_halves(t):
+    """A tensor cut into two blocks of rows (a scalar or a single row stays whole)."""
+    return [t] if t.ndim == 0 or t.shape[0] < 2 else list(t.split((t.shape[0] + 1) // 2))
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if is_elementwise(METHODS[n], resolve_hparams(METHODS[n], {}))])
+def test_elementwise_method_on_row_blocks_equals_whole_tensors(name, tiny_base, tiny_experts):
+    """What ``elementwise`` promises the streaming command line: given the context, ``fn`` on
+    blocks of rows (under the tensor's own key) gives exactly the rows of the whole result."""
+    m = METHODS[name]
+    params = resolve_hparams(m, {})
+    keys = select_keys(tiny_base)
+    base = {k: to_compute(tiny_base[k]) for k in keys}
+    experts = [{k: to_compute(e[k]) for k in keys} for e in tiny_experts]
+    context = run_prepass(name, run_items(base, experts, keys))
+    for k in keys:
+        whole = m.fn({k: base[k]}, [{k: e[k]} for e in experts], context=context, **params)[k]
+        blocks = zip(row_halves(base[k]), *(row_halves(e[k]) for e in experts))
+        parts = [m.fn({k: b}, [{k: x} for x in xs], context=context, **params)[k] for b, *xs in blocks]
+        assert torch.equal(torch.cat(parts) if whole.ndim else parts[0], whole), k
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if METHODS[n].prepass_elementwise])
+def test_elementwise_prepass_on_row_blocks_equals_whole_tensors(name, tiny_base, tiny_experts):
+    keys = select_keys(tiny_base)
+    base = {k: to_compute(tiny_base[k]) for k in keys}
+    experts = [{k: to_compute(e[k]) for k in keys} for e in tiny_experts]
+    blocked = [(k, b, xs) for k in keys for b, *xs in zip(row_halves(base[k]), *(row_halves(e[k]) for e in experts))]
+    assert len(blocked) > len(keys)
+    assert run_prepass(name, blocked) == run_prepass(name, run_items(base, experts, keys))
+
+
+def test_tensor_scope_ties_is_not_elementwise():
+    """A block of rows would get its own top-k magnitudes, not the tensor's."""
+    ties = METHODS["ties"]
+    assert is_elementwise(ties, resolve_hparams(ties, {"scope": "model"}))
+    assert not is_elementwise(ties, resolve_hparams(ties, {"scope": "tensor"}))
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -39,6 +39,22 @@ Methods without a prepass get ``context=None``; called directly with ``context=N
 that has a prepass runs it on the tensors it was given. Randomness (DARE) is seeded per key,
 never by a stream shared across keys, for the same reason.
 
+Row blocks. A single tensor can be larger than the memory a streamed merge should use (BERT's
+word embeddings are 94 MB per model, and a method's temporaries multiply that). Two flags of
+:func:`register` let the command line cut such a tensor into blocks of rows:
+
+* ``elementwise``: given its context, each entry of the result depends only on the same entry
+  of the base and of the experts (and on the key). ``fn`` may then be called with row blocks of
+  a tensor under the tensor's own key, and the blocks of the result, put together, are the
+  result. True for average, task arithmetic, TIES with ``scope="model"`` (the thresholds come
+  from the prepass) and the SNR strategies (the decisions come from the prepass); false for
+  TIES with ``scope="tensor"`` (a top-k per tensor), DARE (its seeded mask is drawn for the
+  whole tensor), STAR and DRM (spectra). A callable of the hyperparameters when it depends on
+  them; see :func:`is_elementwise`.
+* ``prepass_elementwise``: the prepass's result is the same when a tensor arrives as several
+  items, each a block of its rows under the same key -- it depends on the entries, not on whole
+  tensors (TIES' magnitude histograms; not the SNR of a matrix).
+
 The command line therefore does::
 
     keys = select_keys(meta, include, exclude)                       # meta: key -> tensor or meta tensor
@@ -73,6 +89,8 @@ class Method:
     needs_base: bool = True
     prepass: Callable[..., Any] | None = None
     check: Callable[..., None] | None = None
+    elementwise: bool | Callable[..., bool] = False
+    prepass_elementwise: bool = False
 
     def __call__(self, base, experts, **hp):
         return merge(self.name, base, experts, **hp)
@@ -81,17 +99,21 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, description: str, needs_base: bool = True, prepass=None, check=None, **defaults):
+def register(name: str, *, description: str, needs_base: bool = True, prepass=None, check=None,
+             elementwise: bool | Callable[..., bool] = False, prepass_elementwise: bool = False, **defaults):
     """Decorator adding ``fn`` to :data:`METHODS` under ``name`` with its default hyperparameters.
 
     ``check(**hp)``, if given, raises ``ValueError`` for a hyperparameter out of range; it runs in
-    :func:`resolve_hparams`, before any tensor is touched.
+    :func:`resolve_hparams`, before any tensor is touched. ``elementwise`` (a bool, or a function
+    of the hyperparameters returning one) and ``prepass_elementwise`` say whether ``fn`` and the
+    prepass accept row blocks of a tensor (module docstring, "Row blocks").
     """
 
     def deco(fn):
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, dict(defaults), description, needs_base, prepass, check)
+        METHODS[name] = Method(name, fn, dict(defaults), description, needs_base, prepass, check,
+                               elementwise, prepass_elementwise)
         return fn
 
     return deco
@@ -113,6 +135,12 @@ def resolve_hparams(method: Method, hp: dict[str, Any]) -> dict[str, Any]:
     if method.check is not None:
         method.check(**params)
     return params
+
+
+def is_elementwise(method: Method, params: dict[str, Any]) -> bool:
+    """Whether ``method.fn`` with the resolved hyperparameters ``params`` (and its context) may be
+    called on row blocks of a tensor (module docstring, "Row blocks")."""
+    return bool(method.elementwise(**params) if callable(method.elementwise) else method.elementwise)
 
 
 def check_range(name: str, value, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:

@@ -19,7 +19,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-from . import check_range, register, task_vectors
+from . import check_range, register
 from .ties import disjoint_mean, elect_sign
 
 
@@ -58,11 +58,10 @@ def _check(p, seed, then):
     then="sum",
 )
 def dare(base, experts, *, context=None, p=0.9, seed=0, then="sum"):
-    taus = task_vectors(base, experts)
     out = {}
-    for k in base:
+    for k in base:  # task vectors of one key at a time, not of the whole model
         dropped = torch.stack(
-            [drop_and_rescale(tau[k], p, key=k, expert=i, seed=seed) for i, tau in enumerate(taus)]
+            [drop_and_rescale(e[k] - base[k], p, key=k, expert=i, seed=seed) for i, e in enumerate(experts)]
         )
         merged = dropped.sum(dim=0) if then == "sum" else disjoint_mean(dropped, elect_sign(dropped))
         out[k] = base[k] + merged

@@ -237,7 +237,10 @@ def _strategy(name: str, high_rule, low_rule, *, fixed_index: int | None = None,
 
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = description
-    register(name, description=description, needs_base=needs_base, prepass=prepass, check=check, **defaults)(fn)
+    # every rule acts entry by entry once the prepass has decided each layer (scores need whole
+    # matrices, so the prepass itself is not elementwise)
+    register(name, description=description, needs_base=needs_base, prepass=prepass, check=check, elementwise=True,
+             **defaults)(fn)
     return fn
 
 

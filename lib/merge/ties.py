@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from . import check_finite_number, check_range, register, run_items, stack, task_vectors
+from . import check_finite_number, check_range, register, run_items, stack
 
 #: radix select works on 16-bit digits of the float32 bit pattern: two passes, 65536 bins each
 _DIGIT_BITS = 16
@@ -191,6 +191,10 @@ def ties_merge_taus(taus: Tensor, density: float, *, thresholds=None) -> Tensor:
     description="TIES: trim each task vector to its top-density magnitudes, elect signs by mass, disjoint mean (Yadav et al. 2023)",
     prepass=model_thresholds,
     check=_check,
+    # with scope="model" every entry is trimmed against the prepass's thresholds; scope="tensor"
+    # ranks the entries of the whole tensor, so a block of rows would get its own top-k
+    elementwise=lambda scope, **_: scope == "model",
+    prepass_elementwise=True,  # the radix select only counts magnitudes, whichever tensor holds them
     density=0.2,
     lam=1.0,
     scope="model",
@@ -198,5 +202,5 @@ def ties_merge_taus(taus: Tensor, density: float, *, thresholds=None) -> Tensor:
 def ties(base, experts, *, context=None, density=0.2, lam=1.0, scope="model"):
     if scope == "model" and context is None:
         context = model_thresholds(run_items(base, experts), density=density, lam=lam, scope=scope)
-    taus = task_vectors(base, experts)
-    return {k: base[k] + lam * ties_merge_taus(stack(taus, k), density, thresholds=context) for k in base}
+    # task vectors of one key at a time, subtracted in place in their stack: N copies of the tensor, not 2N
+    return {k: base[k] + lam * ties_merge_taus(stack(experts, k).sub_(base[k]), density, thresholds=context) for k in base}

@@ -37,8 +37,9 @@ takes ``eigh`` of its smaller Gram matrix (``sum_t D_t D_tᵀ``, ``m x m``, or t
 batched over same-shape keys. Then ``S_t Ṽ_tᵀ`` with its row norms is just ``Uᵀ D_t``. DRM's result
 depends on the basis chosen inside clusters of nearly equal singular values (it prunes entries of
 singular vectors), so the eigenvectors must be accurate to well below the cluster gaps: with a
-float32 Gram the merge differs from a float64 SVD reference by about 11 % (relative Frobenius) on
-BERT-shaped low-rank-plus-noise deltas; with a float64 Gram (:data:`PRECISION`) by 1e-10 or less.
+float32 Gram the merge differed from a float64 SVD reference by 1.7 % to 7.6 % (relative
+Frobenius) on low-rank-plus-noise deltas of 3 experts with shapes 768x768, 768x3072 and 3072x768
+(H and V); with a float64 Gram (:data:`PRECISION`) by 6e-12 or less.
 """
 
 from __future__ import annotations

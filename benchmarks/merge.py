@@ -1,0 +1,153 @@
+"""STAR and DRM-H: the fast merge paths against the slow references, in the same run (issue 4).
+
+Builds a base and N experts with the weight-matrix shapes of BERT-base's encoder (per layer four
+768x768 attention matrices, the 3072x768 intermediate and the 768x3072 output projection; 12
+layers, 85M parameters per model) whose deltas are low rank plus noise, then for N = 3 and 8:
+
+* ``fast``: ``lib.merge.merge(method, base, experts)`` -- batched float64 Gram
+  eigendecompositions on the selected device (``lib.device.get_device()``);
+* ``reference``: the tests' references (``tests/test_star_drm.py``: full float64
+  ``torch.linalg.svd``, one matrix at a time, on the CPU), applied matrix by matrix.
+
+and prints the wall-clock times and their ratio (targets on a 2-core CPU: STAR >= 5x, DRM >= 2x),
+the agreement (relative Frobenius error of the merged deltas over the whole model, and the worst
+single matrix; the tests require <= 1e-4) and the peak extra memory of each (resident memory
+sampled every 5 ms above its level before the call; on CUDA also the peak allocated GPU memory).
+Nothing is asserted. Timings on a shared machine vary with its load: the load average is
+printed with them.
+
+    python benchmarks/merge.py [--quick] [--layers 12] [--experts 3 8] [--methods star drm_h] [--threads N]
+
+``--quick``: one layer, three experts (about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the references live with the tests; the benchmark times the same ones
+
+from test_star_drm import drm_h_reference, low_rank_plus_noise, relative_error, star_reference  # noqa: E402
+
+from lib.device import get_device  # noqa: E402
+from lib.merge import merge  # noqa: E402
+
+HIDDEN, INTERMEDIATE = 768, 3072
+LAYER_SHAPES = {
+    "attention.self.query.weight": (HIDDEN, HIDDEN),
+    "attention.self.key.weight": (HIDDEN, HIDDEN),
+    "attention.self.value.weight": (HIDDEN, HIDDEN),
+    "attention.output.dense.weight": (HIDDEN, HIDDEN),
+    "intermediate.dense.weight": (INTERMEDIATE, HIDDEN),
+    "output.dense.weight": (HIDDEN, INTERMEDIATE),
+}
+REFERENCES = {
+    "star": lambda deltas: torch.stack([star_reference(d, eta=40) for d in deltas]).mean(0),
+    "drm_h": drm_h_reference,
+}
+
+
+def bert_like(layers: int, n_experts: int, seed: int = 0):
+    """A float32 base and ``n_experts`` experts with BERT-base encoder weight shapes."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {f"encoder.layer.{i}.{name}": shape for i in range(layers) for name, shape in LAYER_SHAPES.items()}
+    base = {k: 0.02 * torch.randn(shape, generator=g) for k, shape in shapes.items()}
+    experts = [{} for _ in range(n_experts)]
+    for j, (k, shape) in enumerate(shapes.items()):
+        deltas = low_rank_plus_noise(n_experts, *shape, spike=10.0, seed=seed + 1 + j)
+        for expert, delta in zip(experts, deltas):
+            expert[k] = base[k] + delta
+    return base, experts
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every 5 ms by a thread (and the
+    peak allocated CUDA memory when the device is a GPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.process = psutil.Process()
+
+    def __enter__(self):
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.extra_mib = (self.peak - self.start) / 2**20
+        self.gpu_mib = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+
+
+def timed(fn, device):
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    return out, seconds, memory
+
+
+def reference_merge(method, base, experts):
+    """base + the reference merged delta, matrix by matrix (all tensors here are matrices)."""
+    reference = REFERENCES[method]
+    return {k: (w.double() + reference(torch.stack([e[k] for e in experts]).double() - w.double())).float()
+            for k, w in base.items()}
+
+
+def compare(method, base, experts, device):
+    fast, fast_s, fast_mem = timed(lambda: merge(method, base, experts, device=device), device)
+    ref, ref_s, ref_mem = timed(lambda: reference_merge(method, base, experts), torch.device("cpu"))
+    deltas = {k: (fast[k].double() - base[k].double(), ref[k].double() - base[k].double()) for k in base}
+    whole = relative_error(torch.cat([f.flatten() for f, _ in deltas.values()]), torch.cat([r.flatten() for _, r in deltas.values()]))
+    worst = max(relative_error(f, r) for f, r in deltas.values())
+    gpu = f"  gpu peak {fast_mem.gpu_mib:7.0f} MiB" if fast_mem.gpu_mib is not None else ""
+    print(f"{method:6s} N={len(experts)}  fast {fast_s:8.2f} s  reference {ref_s:8.2f} s  speed-up {ref_s / fast_s:5.1f}x  "
+          f"rel. error {whole:.1e} (worst matrix {worst:.1e})  peak extra RSS fast {fast_mem.extra_mib:6.0f} MiB, "
+          f"reference {ref_mem.extra_mib:6.0f} MiB{gpu}  load {os.getloadavg()[0]:.1f}", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one layer, three experts")
+    parser.add_argument("--layers", type=int, default=None, help="encoder layers (default 12; 1 with --quick)")
+    parser.add_argument("--experts", type=int, nargs="+", default=None, help="expert counts (default 3 8; 3 with --quick)")
+    parser.add_argument("--methods", nargs="+", default=list(REFERENCES), choices=list(REFERENCES))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    layers = args.layers or (1 if args.quick else 12)
+    expert_counts = args.experts or ([3] if args.quick else [3, 8])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = get_device()
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU thread(s), "
+          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {layers} BERT-base layer(s)", flush=True)
+    for n_experts in expert_counts:
+        base, experts = bert_like(layers, n_experts)
+        for method in args.methods:
+            compare(method, base, experts, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

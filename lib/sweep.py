@@ -332,12 +332,17 @@ def layer_snr_records(experts: Mapping[str, StateDict], snr_methods: Sequence[st
     return out
 
 
+#: a spectrum with fewer eigenvalues than this shows no bulk worth drawing (a 2-class head has 2)
+MIN_EIGENVALUES = 32
+
+
 def telling_layers(layers: Iterable[Mapping], expert: str, *, ours: str = "mp", theirs: str) -> list[tuple[str, str]]:
     """Three layers of ``expert`` worth looking at, as ``(key, why)``: the one with the most signal
     by our SNR, the one with the least, and the one whose rank the two definitions disagree on
-    most (the shape bias at work). Fewer when they coincide."""
+    most (the shape bias at work), among matrices with at least :data:`MIN_EIGENVALUES`
+    eigenvalues. Fewer when they coincide."""
     df = pd.DataFrame(list(layers))
-    df = df[df.expert == expert]
+    df = df[(df.expert == expert) & (df[["rows", "cols"]].min(axis=1) >= MIN_EIGENVALUES)]
     wide = df.pivot_table(index="key", columns="snr_method", values="snr", sort=False)
     missing = {ours, theirs} - set(wide.columns)
     if missing or wide.empty:

@@ -301,6 +301,7 @@ def spiked_expert(seed: int) -> dict[str, torch.Tensor]:
         "wide.weight": torch.randn(32, 128, generator=g),
         "spiked.weight": torch.randn(96, 48, generator=g),
         "spiked.bias": torch.zeros(96),
+        "head.weight": torch.randn(2, 64, generator=g),  # two eigenvalues: too few to show a spectrum
     }
     u, v = torch.randn(96, 1, generator=g), torch.randn(1, 48, generator=g)
     sd["spiked.weight"] += 3.0 * (u @ v) / (96 * 48) ** 0.25
@@ -309,13 +310,14 @@ def spiked_expert(seed: int) -> dict[str, torch.Tensor]:
 
 def test_layer_records_and_telling_layers_find_the_planted_spike():
     layers = sweep.layer_snr_records({"a": spiked_expert(0)}, ["mp", "seed"], seed=4)
-    assert len(layers) == 3 * 2, "one row per matrix and SNR definition; the bias has no spectrum"
+    assert len(layers) == 4 * 2, "one row per matrix and SNR definition; the bias has no spectrum"
     assert {r["seed"] for r in layers} == {4}
     mp = {r["key"]: r for r in layers if r["snr_method"] == "mp"}
     assert mp["spiked.weight"]["n_signal"] >= 1 and mp["square.weight"]["n_signal"] == 0
     picks = sweep.telling_layers(layers, "a", theirs="seed")
     assert picks[0] == ("spiked.weight", "highest SNR (mp)")
     assert len({k for k, _ in picks}) == len(picks)
+    assert "head.weight" not in {k for k, _ in picks}, "a 2-row matrix has no bulk to draw"
     with pytest.raises(ValueError, match="max_median"):
         sweep.telling_layers(layers, "a", theirs="max_median")
 

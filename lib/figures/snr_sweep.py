@@ -34,7 +34,8 @@ SNR_NAMES = {
 }
 #: the merges drawn as reference lines, and their line styles
 REFERENCE_STYLE = {"linestyle": "--", "linewidth": 1.1}
-EXPERT_STYLES = ("-.", ":")
+#: below this the per-layer SNR axis is linear, above it logarithmic
+SNR_LINTHRESH = 0.01
 
 
 def panels(results: dict) -> list[tuple[str, str]]:
@@ -68,10 +69,12 @@ def _reference_lines(ax, results: dict, summary: pd.DataFrame, task: str, metric
     for _, row in refs.iterrows():
         ax.axhline(row["mean"], color=color(row["method"]), label=row["method"], **REFERENCE_STYLE)
     for _, row in sel[sel.model != "merged"].iterrows():
-        own = row["model"] == task  # the task's own expert, against the other expert(s) and the base
-        label = f"{row['model']} expert alone" if row["method"] == "expert" else f"{row['model']} alone"
-        ax.axhline(row["mean"], color=color(row["method"]), linewidth=1.0 if own else 0.8,
-                   linestyle=EXPERT_STYLES[0] if own else EXPERT_STYLES[1], label=label)
+        if row["method"] == "expert":  # the task's own expert, against the other expert(s)
+            own = row["model"] == task
+            style = dict(linestyle="-." if own else ":", linewidth=1.0, label="own expert alone" if own else "other expert alone")
+        else:
+            style = dict(linestyle=":", linewidth=1.4, label=f"{row['model']} alone")
+        ax.axhline(row["mean"], color=color(row["method"]), **style)
 
 
 def _legend(fig, axes) -> None:
@@ -91,8 +94,9 @@ def draw_top_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
     swept = summary[summary.top.notna()]
     snr_methods = [m for m in results["config"]["snr_methods"] if m in set(swept.snr_method)]
     rows = panels(results)
+    # panels of a row share their y axis, so the two SNR definitions compare at a glance
     fig, axes = plt.subplots(len(rows), len(snr_methods), figsize=(5.2 * len(snr_methods), 2.9 * len(rows)),
-                             squeeze=False, sharex=True)
+                             squeeze=False, sharex=True, sharey="row")
     for (task, metric), axrow in zip(rows, axes):
         for snr_method, ax in zip(snr_methods, axrow):
             sel = swept[(swept.task == task) & (swept.metric == metric) & (swept.snr_method == snr_method)]
@@ -161,9 +165,9 @@ def draw_layer_snr(results: dict, *, smoke: bool = False) -> list[Path]:
         axes[0][j].set_xlabel("layer (order of the state dict)")
         axes[1][j].set_xlabel("aspect ratio min(rows, cols) / max(rows, cols)")
         for ax in axes[:, j]:
-            ax.set_ylabel("SNR")
-            if (sel.snr > 0).all():
-                ax.set_yscale("log")
+            ax.set_ylabel("SNR (symmetric log scale)")
+            # SNRs span zero (pure noise) to ~1e10 (the report's SNR of a very flat matrix)
+            ax.set_yscale("symlog", linthresh=SNR_LINTHRESH)
     _legend(fig, axes)
     return savefig(fig, f"{results['notebook']}_layer_snr", smoke=smoke)
 
@@ -188,25 +192,29 @@ def draw_esd(results: dict, *, smoke: bool = False) -> list[Path]:
 
 
 def _esd_panel(ax, item) -> None:
+    """Histogram of log10(eigenvalue): spectra span several decades once a layer has learned
+    something, and on a log axis the bulk and the spikes are both visible. The MP density is
+    transformed accordingly: the density of log10(x) is p(x) * x * ln(10)."""
     eig = np.asarray(item["eigenvalues"], dtype=float)
+    positive = eig[eig > 0]
     edge, threshold = float(item["lambda_plus"]), float(item["threshold"])
-    # a few huge spikes would squash the bulk into one bin: show the bulk, count the rest
-    right = max(2.5 * threshold, float(np.quantile(eig, 0.9)))
-    shown = eig[eig <= right]
-    ax.hist(shown, bins=50, density=True, color=color("noise"), alpha=0.9, label="eigenvalues")
-    x = np.linspace(0.0, right, 400)
-    # the histogram is normalised over the shown eigenvalues only, so is the density
-    ax.plot(x, mp_pdf(x, item["q"], item["sigma2"]) * len(eig) / max(len(shown), 1), color=color("mp"),
+    logs = np.log10(positive)
+    ax.hist(logs, bins=50, density=True, color=color("noise"), alpha=0.9, label="eigenvalues (log10)")
+    lo = max(float(item["sigma2"]) * (1 - np.sqrt(item["q"])) ** 2, positive.min() if len(positive) else edge / 10)
+    x = np.geomspace(lo, edge, 400)
+    # the histogram is normalised over all positive eigenvalues; the MP law describes the bulk only
+    bulk_share = float(np.mean(positive <= threshold)) if len(positive) else 1.0
+    ax.plot(np.log10(x), mp_pdf(x, item["q"], item["sigma2"]) * x * np.log(10) * bulk_share, color=color("mp"),
             label="fitted MP density")
-    ax.axvline(edge, color=color("mp"), linestyle=":", linewidth=1, label=r"bulk edge $\lambda_+$")
-    ax.axvline(threshold, color=color("signal"), linestyle="--", linewidth=1, label="detection threshold")
-    spikes = eig[(eig > threshold) & (eig <= right)]
+    ax.axvline(np.log10(edge), color=color("mp"), linestyle=":", linewidth=1, label=r"bulk edge $\lambda_+$")
+    ax.axvline(np.log10(threshold), color=color("signal"), linestyle="--", linewidth=1, label="detection threshold")
+    spikes = logs[positive > threshold]
     ax.plot(spikes, np.zeros(len(spikes)), "|", color=color("signal"), markersize=12, label="signal eigenvalues")
-    beyond = int((eig > right).sum())
-    note = f"; {beyond} beyond the axis (max {eig.max():.3g})" if beyond else ""
+    zeros = len(eig) - len(positive)
+    note = f"; {zeros} zero eigenvalues not shown" if zeros else ""
     ax.set_title(f"{item['expert']}: {item['key']} {tuple(item['shape'])}\n{item['why']}\n"
-                 f"{int(item['n_signal'])} signal eigenvalues{note}", fontsize=7)
-    ax.set_xlabel("eigenvalue of the Gram matrix / N")
+                 f"{int(item['n_signal'])} of {len(eig)} eigenvalues are signal{note}", fontsize=7)
+    ax.set_xlabel("log10 eigenvalue of the Gram matrix / N")
 
 
 def draw_head_variants(results: dict, *, smoke: bool = False) -> list[Path]:

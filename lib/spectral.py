@@ -350,6 +350,8 @@ def _noise_level(gs: _GramSpectrum, sigma2) -> float:
     if sigma2 == "median":
         return _bulk_median_sigma2(gs.eigenvalues, gs.n, gs.m)
     if sigma2 == "var":
+        if math.isnan(gs.entry_var):
+            raise ValueError("sigma2='var' needs the entries of W, not only its eigenvalues: call spectrum(W, sigma2='var')")
         return gs.entry_var
     return sigma2
 
@@ -445,6 +447,18 @@ def spectra(mats: Sequence[Tensor], *, sigma2="median", device=None) -> list[Spe
     """:func:`spectrum` of every matrix, with the eigenvalues computed in stacks of equal shape."""
     _check_sigma2(sigma2)
     return [_read_mp(gs, sigma2) for gs in _gram_spectra(list(mats), device=device)]
+
+
+def from_eigenvalues(eigenvalues, shape: tuple[int, int], *, sigma2="median") -> Spectrum:
+    """The Marchenko–Pastur reading of eigenvalues computed elsewhere (for example squared
+    singular values over ``max(shape)``): the ``min(shape)`` eigenvalues of ``WᵀW / N``, any order.
+    ``sigma2="var"`` is not available here because it needs the entries of ``W``."""
+    rows, cols = (int(d) for d in shape)
+    values = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten().cpu()
+    if len(values) != min(rows, cols):
+        raise ValueError(f"a {rows}x{cols} matrix has {min(rows, cols)} Gram eigenvalues, got {len(values)}")
+    check_finite(values, "eigenvalues")
+    return _read_mp(_GramSpectrum(values.sort().values, rows, cols, math.nan), sigma2)
 
 
 def snr(W: Tensor, method: str = "mp", *, sigma2="median", device=None) -> float:

@@ -159,7 +159,15 @@ def test_eigenvalues_equal_squared_singular_values_over_the_larger_dimension():
         W = noise(shape, seed=1).double()
         mat = W.reshape(shape[0], -1)
         ref = torch.linalg.svdvals(mat) ** 2 / max(mat.shape)
-        torch.testing.assert_close(spectrum(W).eigenvalues, ref, rtol=1e-10, atol=1e-12)
+        sp = spectrum(W)
+        torch.testing.assert_close(sp.eigenvalues, ref, rtol=1e-10, atol=1e-12)
+        slow = spectral.from_eigenvalues(ref.flip(0), mat.shape)
+        assert (slow.sigma2, slow.n_signal) == pytest.approx((sp.sigma2, sp.n_signal), rel=1e-9)
+        assert slow.snr == pytest.approx(sp.snr, rel=1e-9, abs=1e-15)
+    with pytest.raises(ValueError, match="needs the entries"):
+        spectral.from_eigenvalues(ref, mat.shape, sigma2="var")
+    with pytest.raises(ValueError, match="has 8 Gram eigenvalues"):
+        spectral.from_eigenvalues(torch.ones(5), (8, 16))
 
 
 def test_mp_density_is_normalised_with_mean_sigma2():

@@ -66,8 +66,10 @@ MERGE_RECORD = "merge_config.yaml"
 CONFIG_KEYS = ("merge_method", "method", "base_model", "models", "parameters", "include", "exclude")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 #: largest block of rows of one tensor of one model merged at a time (in compute precision): a
-#: merge holds a few such blocks per model, so this sets its memory beyond the fixed cost of torch
-DEFAULT_BLOCK_BYTES = 16 * 2**20
+#: merge holds its inputs and temporaries, 5 to 25 such blocks, so this sets the memory it needs
+#: beyond the fixed cost of torch (benchmarks/stream_merge.py: with 4 MiB, BERT-base merges of 3
+#: experts need tens of MB for average/task arithmetic, ~150 MB for TIES; 16 MiB triples that)
+DEFAULT_BLOCK_BYTES = 4 * 2**20
 EXIT_BAD_INPUT = 1
 EXIT_INTERRUPTED = 130
 
@@ -230,8 +232,13 @@ class _PrepassItems:
         bar = tqdm(self.keys, desc=f"prepass {self.passes}", unit="tensor", leave=False, disable=not self.progress)
         for k in bar:
             for rows in [None] if self.blocks is None else self.blocks[k]:
-                base = None if self.base is None else merging.to_compute(self.base.read(k, rows), self.device)
-                yield k, base, [merging.to_compute(e.read(k, rows), self.device) for e in self.experts]
+                # no local names the tensors, so this generator holds none of them while the
+                # consumer asks for the next item: only one item is in memory at a time
+                yield self._item(k, rows)
+
+    def _item(self, key: str, rows: slice | None):
+        base = None if self.base is None else merging.to_compute(self.base.read(key, rows), self.device)
+        return key, base, [merging.to_compute(e.read(key, rows), self.device) for e in self.experts]
 
 
 def merge_checkpoints(
@@ -281,17 +288,20 @@ def merge_checkpoints(
         items = _PrepassItems(base_ck, expert_cks, selected, prepass_blocks, device, progress)
         context = merging.run_prepass(method, items, **params)
 
+    def read_and_merge(key: str, rows: slice | None) -> Tensor:
+        # a function so that the inputs are freed before the next block is read
+        # merge() checks NaN/Inf itself (naming the model and key), so read unchecked here
+        base_part = None if base_ck is None else {key: base_ck.read(key, rows, finite=False)}
+        expert_parts = [{key: e.read(key, rows, finite=False)} for e in expert_cks]
+        return merging.merge(method, base_part, expert_parts, include=include, exclude=exclude, device=device,
+                             context=context, **params)[key]
+
     layout = {k: (e.dtype, e.shape) for k, e in ref.entries.items()}
     with atomic_output_dir(out, force=force) as tmp:
         writer = ShardedWriter(tmp, layout, max_shard_bytes)
         for k in tqdm(keys, desc=f"merge {method}", unit="tensor", disable=not progress):
             for rows in blocks[k]:
-                # merge() checks NaN/Inf itself (naming the model and key), so read unchecked here
-                base_part = None if base_ck is None else {k: base_ck.read(k, rows, finite=False)}
-                expert_parts = [{k: e.read(k, rows, finite=False)} for e in expert_cks]
-                merged = merging.merge(method, base_part, expert_parts, include=include, exclude=exclude,
-                                       device=device, context=context, **params)
-                writer.write(k, merged[k], row=0 if rows is None else rows.start)
+                writer.write(k, read_and_merge(k, rows), row=0 if rows is None else rows.start)
         writer.close()
         copy_side_files(ref, tmp)
         record = {"merge_method": method, "base_model": None if base is None else str(Path(base).resolve()),

@@ -80,7 +80,9 @@ def disjoint_mean(taus: Tensor, signs: Tensor) -> Tensor:
     where none does."""
     agree = (torch.sign(taus) == signs) & (taus != 0)
     total = (taus * agree).sum(dim=0)
-    count = agree.sum(dim=0).clamp(min=1)
+    # counted in the task vectors' dtype rather than int64: half the memory, and small integer
+    # counts are exact in any float type, so the quotient is unchanged
+    count = agree.sum(dim=0, dtype=taus.dtype).clamp_(min=1)
     return total / count
 
 
@@ -131,18 +133,26 @@ def _digit_histogram(items, shift: int, prefix: Sequence[int]) -> Tensor:
             counts = torch.zeros(len(tensors), _BINS, dtype=torch.int64, device=tensors[0].device)
         if len(tensors) != len(counts):
             raise ValueError(f"expected {len(counts)} tensors per item (one per stream), got {len(tensors)}")
-        for i, t in enumerate(tensors):
-            bits = _magnitude_bits(t)
-            if prefix:
-                bits = bits[(bits >> _DIGIT_BITS) == prefix[i]]
-            digits = (bits >> shift) & (_BINS - 1)
-            if digits.numel() >= _BINS:  # bincount's 65536-bin output is small next to the tensor
-                counts[i] += torch.bincount(digits, minlength=_BINS)
-            else:  # a small tensor: touch only the bins it hits
-                counts[i].index_add_(0, digits.long(), torch.ones(digits.shape, dtype=torch.int64, device=digits.device))
+        for i in range(len(tensors)):
+            _count_digits(counts[i], tensors[i], shift, prefix[i] if prefix else None)
+        del tensors  # the loop variable would keep this item alive while the next one is read
     if counts is None:
         raise ValueError("no tensors to rank: the selection of keys is empty")
     return counts
+
+
+def _count_digits(counts: Tensor, t: Tensor, shift: int, prefix: int | None) -> None:
+    """Add to ``counts`` (65536,) the digits at ``shift`` of the magnitudes of ``t`` (only of those
+    whose high digit is ``prefix``, when given). A function of its own so that its temporaries,
+    each the size of ``t``, are freed before the next tensor's are made."""
+    bits = _magnitude_bits(t)
+    if prefix is not None:
+        bits = bits[(bits >> _DIGIT_BITS) == prefix]
+    digits = (bits >> shift) & (_BINS - 1)
+    if digits.numel() >= _BINS:  # bincount's 65536-bin output is small next to the tensor
+        counts += torch.bincount(digits, minlength=_BINS)
+    else:  # a small tensor: touch only the bins it hits
+        counts.index_add_(0, digits.long(), torch.ones(digits.shape, dtype=torch.int64, device=digits.device))
 
 
 def _check(density, lam, scope):
@@ -173,10 +183,16 @@ class _TaskVectorItems:
         self.items = items
 
     def __iter__(self):
-        for key, base, experts in self.items:
-            if base is None:
-                raise ValueError(f"ties works on task vectors (expert - base) and needs the base model; {key!r} has none")
-            yield [e - base for e in experts]
+        # map, unlike a for loop, holds no reference to an item once its task vectors are made,
+        # so a lazy reader's tensors are freed before it reads the next ones
+        return map(self._task_vectors, self.items)
+
+    @staticmethod
+    def _task_vectors(item) -> list[Tensor]:
+        key, base, experts = item
+        if base is None:
+            raise ValueError(f"ties works on task vectors (expert - base) and needs the base model; {key!r} has none")
+        return [e - base for e in experts]
 
 
 def ties_merge_taus(taus: Tensor, density: float, *, thresholds=None) -> Tensor:

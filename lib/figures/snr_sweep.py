@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 import numpy as np
 import pandas as pd
 
@@ -130,6 +131,7 @@ def draw_threshold_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
         ax.set_ylabel(metric_label(results, task, metric))
         ax.set_xscale("log")
         ax.set_xticks(sorted(set(sel.threshold)), [f"{t:g}" for t in sorted(set(sel.threshold))])
+        ax.xaxis.set_minor_formatter(NullFormatter())  # only the thresholds themselves are labelled
     axes[-1][0].set_xlabel("SNR threshold (layers above it are high-SNR)")
     _legend(fig, axes)
     return savefig(fig, f"{results['notebook']}_threshold_sweep", smoke=smoke)
@@ -223,17 +225,24 @@ def draw_head_variants(results: dict, *, smoke: bool = False) -> list[Path]:
     panel per variant, one group of bars per merge, one bar per (task, metric); dotted lines
     mark the score of always predicting the majority class where the results give it."""
     variants: dict = results["head_variants"]
-    fig, axes = plt.subplots(1, len(variants), figsize=(6.0 * len(variants), 3.6), squeeze=False, sharey=True)
-    for (variant, spec), ax in zip(variants.items(), axes[0]):
+    summaries = {}
+    for variant, spec in variants.items():
         s = _summary(spec["records"])
         s["bar"] = s.task + " " + s.metric
-        runs = list(dict.fromkeys(s.run))
+        summaries[variant] = s
+    # the same merge sits at the same place, and a (task, metric) keeps its colour, in every panel
+    runs = sorted(set().union(*(s.run for s in summaries.values())))
+    bar_colors = {bar: plt.get_cmap("tab10")(i)
+                  for i, bar in enumerate(dict.fromkeys(b for s in summaries.values() for b in s.bar))}
+    fig, axes = plt.subplots(1, len(variants), figsize=(6.0 * len(variants), 3.6), squeeze=False, sharey=True)
+    for (variant, spec), ax in zip(variants.items(), axes[0]):
+        s = summaries[variant]
         bars = list(dict.fromkeys(s.bar))
         width = 0.8 / len(bars)
         for i, bar in enumerate(bars):
             g = s[s.bar == bar].set_index("run").reindex(runs)
             ax.bar(np.arange(len(runs)) + i * width, g["mean"], width, yerr=g["std"].fillna(0), label=bar,
-                   color=plt.get_cmap("tab10")(i), alpha=0.85)
+                   color=bar_colors[bar], alpha=0.85)
         for label, value in spec.get("majority", {}).items():
             ax.axhline(value, color="black", linestyle=":", linewidth=1, label=f"majority class: {label}")
         ax.set_xticks(np.arange(len(runs)) + 0.4 - width / 2, runs, rotation=30, ha="right", fontsize=7)

@@ -47,6 +47,8 @@ by their rounding (1e-6 relative) flips an entry or two per matrix and moves the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -60,14 +62,20 @@ PRECISION = torch.float64
 BATCH_ELEMENTS = 1 << 25
 
 
-def merge_in_joint_basis(projections: Tensor, scale: Tensor, density: float) -> Tensor:
-    """Steps 3-4 for one matrix: ``projections (N, r, n)`` are the tasks' ``S_t Ṽ_tᵀ`` before
+def prune_in_joint_basis(projections: Tensor, scale: Tensor, density: float) -> Tensor:
+    """Step 3 for one matrix: ``projections (N, r, n)`` are the tasks' ``S_t Ṽ_tᵀ`` before
     pruning, i.e. each task's coordinates ``Uᵀ D_t`` in the shared basis; each task's entries are
     ranked by ``projections / scale`` (``scale (N, r, 1)``: the row norms with renormalisation,
-    the shared singular values without), the top ``density`` kept, signs elected, disjoint mean.
-    Returns the merged coordinates ``(r, n)``."""
+    the shared singular values without) and the top ``density`` kept. Returns the kept
+    coordinates ``(N, r, n)``, the others zero."""
     directions = projections / torch.where(scale > 0, scale, torch.ones_like(scale))
-    kept = trim_topk(directions, density, batch_dims=1) * scale
+    return trim_topk(directions, density, batch_dims=1) * scale
+
+
+def merge_in_joint_basis(projections: Tensor, scale: Tensor, density: float) -> Tensor:
+    """Steps 3-4 for one matrix (:func:`prune_in_joint_basis`, then signs elected and the disjoint
+    mean). Returns the merged coordinates ``(r, n)``."""
+    kept = prune_in_joint_basis(projections, scale, density)
     return disjoint_mean(kept, elect_sign(kept))
 
 
@@ -81,15 +89,30 @@ def drm_h_deltas(deltas: Tensor, *, density: float = 0.2, renorm: bool = True, r
     joint = joint.to(device=u.device, dtype=dtype)
     merged = []
     for b in range(batch):
-        rank = int((sigma[b] > 0).sum())
-        # S V_tᵀ = Uᵀ D_t: exact zeros for an expert equal to the base, unlike a split of Vh
-        coordinates = (u[b, :, :rank].mT @ joint[b]).reshape(rank, n_tasks, n).transpose(0, 1)
-        if renorm:
-            scale = torch.linalg.vector_norm(coordinates, dim=-1, keepdim=True)
-        else:
-            scale = sigma[b, :rank, None].expand(n_tasks, rank, 1)
+        coordinates = task_coordinates(u[b], sigma[b], joint[b], n_tasks)
+        rank = coordinates.shape[1]
+        scale = pruning_scale(coordinates, sigma[b, :rank], renorm)
         merged.append(u[b, :, :rank] @ merge_in_joint_basis(coordinates, scale, density))
     return torch.stack(merged).to(device=deltas.device, dtype=deltas.dtype)
+
+
+def task_coordinates(u: Tensor, sigma: Tensor, joint: Tensor, n_tasks: int) -> Tensor:
+    """Each task's ``S V_tᵀ = Uᵀ D_t`` ``(N, r, n)`` over the ``r`` kept components of one matrix:
+    ``u (m, k)`` and ``sigma (k,)`` from :func:`lib.linalg.left_singular` of ``joint = [D_1 ... D_N]``
+    ``(m, N n)``. Exact zeros for an expert equal to the base, unlike a split of ``Vh``."""
+    rank = int((sigma > 0).sum())
+    n = joint.shape[-1] // n_tasks
+    return (u[:, :rank].mT @ joint).reshape(rank, n_tasks, n).transpose(0, 1)
+
+
+def pruning_scale(coordinates: Tensor, sigma: Tensor, renorm: bool) -> Tensor:
+    """What step 3 divides each task's coordinates ``(N, r, n)`` by before ranking them, ``(N, r, 1)``:
+    with ``renorm`` each row's norm ``sigma_i |v_{t,i}|`` (so every row ``ṽ_{t,i}`` has unit length),
+    without it the shared ``sigma_i`` (so the rows ``v_{t,i}`` of the split ``Vᵀ`` are ranked as
+    they are)."""
+    if renorm:
+        return torch.linalg.vector_norm(coordinates, dim=-1, keepdim=True)
+    return sigma[:, None].expand(coordinates.shape[0], -1, 1)
 
 
 def drm_v_deltas(deltas: Tensor, **hp) -> Tensor:
@@ -130,3 +153,40 @@ def drm_h(base, experts, *, context=None, density=0.2, lam=1.0, renorm=True, rto
 @register("drm_v", description="DRM-V: joint SVD of the vertically stacked deltas, renormalise, TIES in the shared row basis (Chaichana et al. 2025)", **_HP)
 def drm_v(base, experts, *, context=None, density=0.2, lam=1.0, renorm=True, rtol=1e-2):
     return _drm(base, experts, drm_v_deltas, density=density, lam=lam, renorm=renorm, rtol=rtol)
+
+
+@dataclass(frozen=True)
+class RowProfile:
+    """What DRM-H's renormalisation and pruning do to one matrix, task by task (seed 004, §6.1).
+
+    ``singular_values (r,)``: the joint decomposition's kept ``sigma_i``, descending.
+    ``row_norms (N, r)``: ``|v_{t,i}|``, the length of row ``i`` of task ``t``'s block of the split
+    ``Vᵀ`` before renormalisation (``sum_t |v_{t,i}|² = 1``: task ``t``'s share of component ``i``).
+    ``kept[renorm] (N, r)``: the fraction of the ``n`` entries of each row that pruning at
+    ``density`` keeps, with (``True``) and without (``False``) renormalisation.
+    ``kept_energy[renorm] (N,)``: the share of each task's ``|D_t|_F² = sum_i sigma_i² |v_{t,i}|²``
+    that the kept entries hold.
+    """
+
+    singular_values: Tensor
+    row_norms: Tensor
+    kept: dict[bool, Tensor]
+    kept_energy: dict[bool, Tensor]
+
+
+def row_profile(deltas: Tensor, *, density: float = 0.2, rtol: float = 1e-2, dtype: torch.dtype = PRECISION) -> RowProfile:
+    """The :class:`RowProfile` of one matrix's deltas ``(N, m, n)`` under DRM-H (for DRM-V pass
+    ``deltas.mT``), computed by the same steps as :func:`drm_h_deltas`; on the CPU."""
+    n_tasks, m, n = deltas.shape
+    joint = deltas.transpose(0, 1).reshape(1, m, n_tasks * n)
+    u, sigma = left_singular(joint, dtype=dtype, rtol=rtol)
+    coordinates = task_coordinates(u[0], sigma[0], joint[0].to(device=u.device, dtype=dtype), n_tasks)
+    sigma = sigma[0, : coordinates.shape[1]]
+    total = coordinates.square().sum((1, 2))
+    kept, energy = {}, {}
+    for renorm in (True, False):
+        pruned = prune_in_joint_basis(coordinates, pruning_scale(coordinates, sigma, renorm), density)
+        kept[renorm] = (pruned != 0).to(dtype).mean(-1).cpu()
+        energy[renorm] = (pruned.square().sum((1, 2)) / torch.where(total > 0, total, 1.0)).cpu()
+    row_norms = torch.linalg.vector_norm(coordinates, dim=-1) / sigma
+    return RowProfile(sigma.cpu(), row_norms.cpu(), kept, energy)

@@ -19,9 +19,8 @@ Two details make this correct rather than approximately right:
 
 * **Detection threshold.** ``lambda_plus`` is where the bulk ends for an infinite matrix. For a
   finite one the largest *noise* eigenvalue fluctuates around it and lands above it in about
-  one draw in six (``P(TW1 > 0) = 0.17``), so thresholding at ``lambda_plus`` calls noise
-  "signal" in one matrix out of six. Johnstone (2001) showed that
-  the largest eigenvalue ``l1`` of a real white Wishart matrix ``XᵀX`` (``X`` an ``n x p``
+  one draw in six (``P(TW1 > 0) = 0.17``): thresholding at ``lambda_plus`` would call noise
+  "signal" in one matrix out of six. Johnstone (2001) showed that the largest eigenvalue ``l1`` of a real white Wishart matrix ``XᵀX`` (``X`` an ``n x p``
   standard Gaussian matrix) satisfies ``(l1 - mu) / s -> TW1``, the Tracy–Widom law of the
   Gaussian orthogonal ensemble, with ``mu = (sqrt(n-1) + sqrt(p))**2`` and
   ``s = (sqrt(n-1) + sqrt(p)) * (1/sqrt(n-1) + 1/sqrt(p))**(1/3)``. Our threshold is the edge plus
@@ -43,6 +42,11 @@ Two details make this correct rather than approximately right:
   few spikes. ``sigma2="var"`` uses the entry variance of ``W`` as the report does (inflated by the
   signal it is meant to separate from); a number is taken as a known noise level.
 
+  Real pre-trained weights are not "MP noise plus a few spikes": their spectra are heavy-tailed
+  and often a third or more of the eigenvalues clear the threshold (notebook 00 shows MiniLM).
+  The median fit then describes the lower half of the spectrum, which is the part that looks
+  most like noise; read ``sigma2`` there as a noise floor rather than a model of the matrix.
+
 SNR variants (``method``):
 
 * ``"mp"``: the above.
@@ -59,7 +63,10 @@ SNR variants (``method``):
   noise alone, growing with the aspect ratio. Kept for comparison (see notebook 00), not fixed.
 
 All eigenvalues come from the smaller Gram matrix, computed batched by shape on the selected
-device (:func:`lib.device.get_device`); no SVD is taken.
+device (:func:`lib.device.get_device`); no SVD is taken. ``benchmarks/spectral.py`` times this
+against a per-matrix SVD. (A partial spectrum, the trace and a few top eigenvalues, would be
+cheaper still, but the median fit needs the middle of the spectrum and real weights have far too
+many spikes for a top-k solver, so every path here computes the full spectrum.)
 """
 
 from __future__ import annotations
@@ -106,7 +113,7 @@ class Spectrum:
     lambda_plus: float  # sigma2 * (1 + sqrt(q))**2, the asymptotic bulk edge
     threshold: float  # lambda_plus plus the Tracy–Widom margin: the finite-size detection level
     n_signal: int  # eigenvalues above threshold
-    snr: float  # sum(signal eigenvalues) / sum(bulk eigenvalues)
+    snr: float  # sum(signal eigenvalues) / sum(bulk eigenvalues); 0 without signal, inf without bulk
     signal_fraction: float  # sum(signal eigenvalues) / sum(all eigenvalues): the share of ||W||_F^2 in spikes
 
     @property

@@ -44,7 +44,8 @@ def draw_tracy_widom(results: dict, *, smoke: bool = False) -> list[Path]:
     ax.set_title(f"Tracy–Widom fluctuations of the bulk edge, {tw['rows']}x{tw['cols']}")
     ax.set_xlabel(r"largest eigenvalue ($\sigma^2 = 1$)")
     ax.set_ylabel("draws")
-    ax.legend()
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.4)  # room for the legend above the histogram
+    ax.legend(loc="upper right")
     return savefig(fig, f"{NOTEBOOK}_tracy_widom", smoke=smoke)
 
 

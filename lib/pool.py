@@ -1,0 +1,525 @@
+"""Expert pools: merge subsets of experts fine-tuned from one base, as STAR (seed 002) and DRM
+(seed 004) do, and score them by normalized accuracy. The runner of notebooks 04-06.
+
+A *pool* (:class:`Pool`, :func:`build_pool`) is the experts of one kind, starting point and seed:
+the seven text experts on the shared MiniLM body, or the vision experts of one variant. Each
+expert is split into its *body* (merged) and its head (kept per task). A merged body is scored
+on each task of its subset under that task's own head, and the headline number is the papers'
+*normalized accuracy*: merged accuracy / the expert's accuracy on the same task, averaged over
+the subset's tasks (1 = as good as every expert alone).
+
+>>> pool = build_pool(["sst2", "cola", "trec"], seed=0, smoke=True)
+>>> subsets = subset_plan(pool.tasks, sizes=[2, 3], max_subsets=10, seed=0)
+>>> runner = PoolRunner(pool)
+>>> records = runner.alone() + runner.run(subsets, [sweep.Run("star", extra={"eta": 40})])
+>>> size_summary(records)        # mean +- std over seeds, per pool, subset size and merge
+
+Subsets of each size are all combinations when there are at most ``max_subsets`` of them, else
+that many drawn without replacement by a seeded generator (:func:`task_subsets`), the papers'
+"at most 10 combinations per size". Drawing them with the expert seed gives every seed other
+combinations, so the spread over seeds covers both the training seed and the choice of tasks.
+
+Everything about merging and evaluating a model is reused from :mod:`lib.sweep`: runs are
+:class:`lib.sweep.Run`, :func:`lib.sweep.run_sweep` merges and times, and
+:class:`lib.sweep.CachedEvaluate` scores a body identical to one already scored (STAR at
+``eta=100`` with and without rescaling) once. The evaluation is a callable per subset,
+``evaluate_for(subset) -> evaluate(body) -> {task: {metric: value}}`` (:meth:`Pool.evaluator`;
+tests pass a fake one).
+
+Records are :func:`lib.sweep.run_sweep`'s, plus ``pool``, ``kind``, ``subset`` (task names joined
+by ``+``), ``size`` and ``hparams`` (the method's hyperparameters with its defaults filled in),
+so a table can select ``star`` runs by ``hp_eta`` (:func:`task_scores` expands them as ``hp_*``
+columns). Each expert alone is recorded with ``method="expert"``, the base body under each task's
+head with ``method="base"`` (the papers' "pretrained model": merging that scores below it has
+lost its purpose).
+
+The diagnostics look inside the methods: :func:`star_ranks` (the rank STAR keeps per matrix),
+:func:`drm_profile` and :func:`drm_pruning_summary` (what DRM's renormalisation changes in its
+pruning, :func:`lib.merge.drm.row_profile`). :func:`estimate_seconds` extrapolates a full-mode
+runtime from the measured merge and evaluation times.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from . import data, sweep, train
+from .device import get_device
+from .linalg import gram_eigh, shape_batches
+from .merge import get_method, resolve_hparams, stack
+from .merge import drm as drm_method
+from .merge.star import BATCH_ELEMENTS, kept_rank
+from .statedict import StateDict, matches
+
+EvaluateFor = Callable[[Sequence[str]], sweep.Evaluate]
+
+#: the methods whose records are not merges
+ALONE = ("expert", "base")
+#: subset scores are grouped by these columns (``run`` names the merge with all its hyperparameters)
+SUBSET_COLUMNS = ["pool", "kind", "seed", "size", "subset", "run"]
+
+
+# --- pools -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pool:
+    """Experts of one kind sharing one base: ``bodies`` (task -> the expert without its head) are
+    merged, ``heads`` (task -> a state dict holding the task's head, e.g. the whole expert) score
+    the merged bodies, ``base`` is the common starting point's body."""
+
+    name: str
+    kind: str
+    seed: int
+    smoke: bool
+    base: StateDict
+    bodies: dict[str, StateDict]
+    heads: dict[str, StateDict]
+    experts: list[dict] = field(default_factory=list)  # key, cache status, metrics, runtime
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.bodies)
+
+    def evaluator(self, subset: Sequence[str]) -> sweep.Evaluate:
+        """Scores a body on every task of ``subset`` under the task's own head (evaluation split;
+        SMOKE: lib.train's fixed slice)."""
+        unknown = [t for t in subset if t not in self.heads]
+        if unknown:
+            raise ValueError(f"{unknown} are not experts of pool {self.name!r} ({', '.join(self.tasks)})")
+        return sweep.evaluate_tasks(list(subset), smoke=self.smoke, heads=self.heads)
+
+
+def build_pool(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | None = None, name: str | None = None,
+               progress: bool = False) -> Pool:
+    """Train (or load from the cache) the experts of ``tasks`` for ``seed`` and ``variant`` (see
+    :mod:`lib.train`) and split them into bodies and heads. All tasks must be of one kind; MNIST
+    is an expert only in the ``shared_init`` variant (it is the ``mnist_base`` variant's base)."""
+    if len(tasks) < 2:
+        raise ValueError(f"a pool needs at least two experts to merge, got {list(tasks)}")
+    kinds = {data.get_task(t).kind for t in tasks}
+    if len(kinds) != 1:
+        raise ValueError(f"a pool holds experts of one kind, got text and vision tasks: {list(tasks)}")
+    kind = kinds.pop()
+    variant = variant or train.VARIANTS[kind][0]
+    if "mnist" in tasks and variant != "shared_init":
+        raise ValueError("MNIST is the base of the mnist_base variant, not an expert; use variant='shared_init'")
+    name = name or (kind if kind == "text" else f"{kind}/{variant}")
+    experts = {t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=progress) for t in tasks}
+    base, _ = train.split_head(train.base_state_dict(tasks[0], seed=seed, variant=variant, smoke=smoke), kind)
+    return Pool(
+        name=name, kind=kind, seed=seed, smoke=smoke, base=base,
+        bodies={t: train.split_head(e.state_dict, kind)[0] for t, e in experts.items()},
+        heads={t: e.state_dict for t, e in experts.items()},
+        experts=[{"pool": name, "seed": seed, "task": t, "variant": e.variant, "key": e.key, "from_cache": e.from_cache,
+                  **{k: v for k, v in e.metrics.items() if k != "n"}, "n_eval": e.metrics.get("n"),
+                  "train_s": e.runtime.get("train_s")} for t, e in experts.items()],
+    )
+
+
+# --- subsets -----------------------------------------------------------------------------------
+
+
+def task_subsets(tasks: Sequence[str], size: int, *, max_subsets: int = 10, seed: int = 0) -> list[tuple[str, ...]]:
+    """The subsets of ``size`` tasks merged together: every combination (in ``tasks``' order) when
+    there are at most ``max_subsets``, else ``max_subsets`` distinct ones drawn by a generator
+    seeded with ``(seed, size, len(tasks))`` -- the same draw on every machine and run."""
+    if not 2 <= size <= len(tasks):
+        raise ValueError(f"subset size must be between 2 and the {len(tasks)} tasks of the pool, got {size}")
+    if max_subsets < 1:
+        raise ValueError(f"max_subsets must be at least 1, got {max_subsets}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks repeat: {list(tasks)}")
+    combos = list(itertools.combinations(tasks, size))
+    if len(combos) <= max_subsets:
+        return combos
+    rng = np.random.default_rng([seed, size, len(tasks)])
+    return [combos[i] for i in sorted(rng.choice(len(combos), size=max_subsets, replace=False))]
+
+
+def subset_plan(tasks: Sequence[str], sizes: Iterable[int], *, max_subsets: int = 10, seed: int = 0) -> list[tuple[str, ...]]:
+    """:func:`task_subsets` for every size in ``sizes`` larger than 1 and at most the pool's size,
+    smallest first (sizes the pool cannot fill are skipped, so one grid serves pools of 2 and 7)."""
+    return [s for size in sorted(set(sizes)) if 2 <= size <= len(tasks)
+            for s in task_subsets(tasks, size, max_subsets=max_subsets, seed=seed)]
+
+
+def subset_name(subset: Sequence[str]) -> str:
+    return "+".join(subset)
+
+
+def subset_tasks(name: str) -> list[str]:
+    return name.split("+")
+
+
+def canonical_run(method: str, **hparams) -> sweep.Run:
+    """A :class:`lib.sweep.Run` with every hyperparameter of ``method`` spelled out (defaults filled
+    in), so that one merge has one label whichever sweep asks for it."""
+    return sweep.Run(method, extra=resolve_hparams(get_method(method), hparams))
+
+
+def short_name(run: sweep.Run) -> str:
+    """The method and the hyperparameters that differ from its defaults: ``star``,
+    ``star(eta=10)``, ``drm_h(renorm=False)``; for legends."""
+    defaults = get_method(run.method).defaults
+    changed = [f"{k}={v}" for k, v in run.hparams().items() if defaults.get(k, object()) != v]
+    return run.method + (f"({', '.join(changed)})" if changed else "")
+
+
+# --- the runner ---------------------------------------------------------------------------------
+
+
+class PoolRunner:
+    """Merges subsets of one pool and scores them, sharing an evaluation cache per subset across
+    calls (a run repeated in two sweeps, or a body that coincides with another, is scored once)."""
+
+    def __init__(self, pool: Pool, evaluate_for: EvaluateFor | None = None, *, progress: bool = True,
+                 merge_fn: Callable[..., StateDict] | None = None):
+        self.pool = pool
+        self.evaluate_for = evaluate_for or pool.evaluator
+        self.progress = progress
+        self.merge_fn = merge_fn
+        self.caches: dict[str, sweep.CachedEvaluate] = {}
+
+    def _tag(self, records: list[dict], subset: Sequence[str] | None, run: sweep.Run | None) -> list[dict]:
+        size = len(subset) if subset is not None else 0
+        hp = {} if run is None else resolve_hparams(get_method(run.method), run.hparams())
+        return [{"pool": self.pool.name, "kind": self.pool.kind, **r,
+                 "subset": subset_name(subset) if subset is not None else None, "size": size, "hparams": hp}
+                for r in records]
+
+    def alone(self) -> list[dict]:
+        """Each expert on its own task (``method="expert"``, ``size`` 1) and the base body on every
+        task under the task's head (``method="base"``, ``size`` 0): the denominators and the floor
+        of normalized accuracy."""
+        out = []
+        for task in self.pool.tasks:
+            recs = sweep.evaluate_models({task: self.pool.bodies[task]}, self.evaluate_for((task,)),
+                                         seed=self.pool.seed, method="expert")
+            out += self._tag(recs, (task,), None)
+        recs = sweep.evaluate_models({"base": self.pool.base}, self.evaluate_for(self.pool.tasks),
+                                     seed=self.pool.seed, method="base")
+        return out + self._tag(recs, None, None)
+
+    def run(self, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run]) -> list[dict]:
+        """Merge each subset's bodies once per run and score the merged body on the subset's tasks."""
+        out = []
+        bar = tqdm(total=len(subsets) * len(runs), desc=f"{self.pool.name} seed {self.pool.seed}",
+                   disable=not self.progress, leave=False)
+        for subset in subsets:
+            name = subset_name(subset)
+            if name not in self.caches:
+                self.caches[name] = sweep.CachedEvaluate(self.evaluate_for(subset))
+            cache = self.caches[name]
+            experts = [self.pool.bodies[t] for t in subset]
+            for run in runs:
+                recs = sweep.run_sweep(self.pool.base, experts, cache.evaluate, [run], seed=self.pool.seed,
+                                       merge_fn=self.merge_fn, cache=cache, share_prepass=False, progress=False)
+                out += self._tag(recs, subset, run)
+                bar.update()
+        bar.close()
+        return out
+
+
+# --- scores -------------------------------------------------------------------------------------
+
+
+def task_scores(records: Iterable[Mapping], metric: str = "accuracy") -> pd.DataFrame:
+    """One row per merged (or base) model and task with ``value``, the task's ``expert`` value (same
+    pool and seed) and ``normalized = value / expert``; hyperparameters as ``hp_*`` columns."""
+    df = pd.DataFrame(list(records))
+    if df.empty:
+        raise ValueError("no records")
+    df = df[df.metric == metric]
+    experts = df[df.method == "expert"].set_index(["pool", "seed", "task"])["value"]
+    if experts.index.duplicated().any():
+        raise ValueError(f"an expert was recorded twice: {experts.index[experts.index.duplicated()][0]}")
+    out = df[df.method != "expert"].reset_index(drop=True)
+    out["expert"] = experts.reindex(pd.MultiIndex.from_frame(out[["pool", "seed", "task"]])).to_numpy()
+    missing = out[out.expert.isna()]
+    if not missing.empty:
+        r = missing.iloc[0]
+        raise ValueError(f"no {metric} of the {r.task!r} expert of pool {r.pool!r}, seed {r.seed}: record the "
+                         "experts alone first (PoolRunner.alone)")
+    if (out.expert <= 0).any():
+        r = out[out.expert <= 0].iloc[0]
+        raise ValueError(f"the {r.task!r} expert scores {r.expert} {metric}: normalized scores are undefined; use a "
+                         "metric every expert scores above 0 on")
+    out["normalized"] = out.value / out.expert
+    hp = pd.json_normalize(out["hparams"].map(lambda h: h if isinstance(h, Mapping) else {}).tolist())
+    hp.columns = [f"hp_{c}" for c in hp.columns]
+    return pd.concat([out.drop(columns=["hparams"]), hp], axis=1)
+
+
+def subset_scores(records: Iterable[Mapping], metric: str = "accuracy") -> pd.DataFrame:
+    """The papers' number: normalized score averaged over the tasks of each merged subset, one row
+    per (pool, seed, subset, run). The base appears once per subset (``run="base"``), averaged over
+    the same tasks."""
+    t = task_scores(records, metric)
+    merged = t[t.method != "base"]
+    hp_cols = [c for c in t.columns if c.startswith("hp_")]
+    agg = {"method": "first", "normalized": "mean", "task": "count", **{c: "first" for c in hp_cols}}
+    out = merged.groupby(SUBSET_COLUMNS, sort=False, dropna=False).agg(agg).reset_index()
+    out = out.rename(columns={"task": "tasks"})
+    if (out.tasks != out["size"]).any():
+        bad = out[out.tasks != out["size"]].iloc[0]
+        raise ValueError(f"run {bad.run!r} on {bad.subset!r} was scored on {bad.tasks} of its {bad['size']} tasks")
+    base = t[t.method == "base"].set_index(["pool", "seed", "task"])["normalized"]
+    rows = []
+    for (pool, kind, seed, size, subset), _ in out.groupby(["pool", "kind", "seed", "size", "subset"], sort=False):
+        tasks = subset_tasks(subset)
+        keys = [(pool, seed, task) for task in tasks]
+        if all(k in base.index for k in keys):
+            rows.append({"pool": pool, "kind": kind, "seed": seed, "size": size, "subset": subset, "run": "base",
+                         "method": "base", "normalized": float(np.mean([base[k] for k in keys])), "tasks": len(tasks)})
+    return pd.concat([out, pd.DataFrame(rows)], ignore_index=True) if rows else out
+
+
+def mean_std(values: pd.Series) -> pd.Series:
+    """Mean, sample standard deviation (NaN for one value) and count."""
+    return pd.Series({"mean": values.mean(), "std": values.std(ddof=1), "n": values.count()})
+
+
+def size_summary(records: Iterable[Mapping], metric: str = "accuracy") -> pd.DataFrame:
+    """Per pool, subset size and run: the mean over subsets of each seed, then ``mean``, ``std``
+    and ``n`` (seeds) over seeds, with the number of ``subsets`` per seed."""
+    s = subset_scores(records, metric)
+    hp_cols = [c for c in s.columns if c.startswith("hp_")]
+    per_seed = (s.groupby(["pool", "kind", "size", "run", "seed"], sort=False, dropna=False)
+                .agg(normalized=("normalized", "mean"), subsets=("subset", "count")).reset_index())
+    out = per_seed.groupby(["pool", "kind", "size", "run"], sort=False)["normalized"].apply(mean_std).unstack().reset_index()
+    first = s.groupby("run", sort=False)[["method", *hp_cols]].first()
+    out = out.join(first, on="run")
+    out["subsets"] = per_seed.groupby(["pool", "kind", "size", "run"], sort=False)["subsets"].mean().to_numpy()
+    out["n"] = out["n"].astype(int)
+    return out.sort_values(["pool", "size"], kind="stable").reset_index(drop=True)
+
+
+def select(frame: pd.DataFrame, method: str, **hparams) -> pd.DataFrame:
+    """Rows of ``method`` whose hyperparameters equal ``hparams`` (``eta=40`` matches ``hp_eta``)."""
+    out = frame[frame.method == method]
+    for k, v in hparams.items():
+        col = f"hp_{k}"
+        if col not in out.columns:
+            raise ValueError(f"{method!r} records have no hyperparameter {k!r}; they have "
+                             f"{[c[3:] for c in out.columns if c.startswith('hp_') and out[c].notna().any()]}")
+        out = out[out[col] == v]
+    return out
+
+
+def best_setting(records: Iterable[Mapping], method: str, param: str, *, metric: str = "accuracy",
+                 **fixed) -> pd.DataFrame:
+    """For each pool, seed and subset: the value of ``param`` of ``method`` (other hyperparameters
+    fixed by ``fixed``) with the highest normalized score (the smallest value on ties), and that score."""
+    s = select(subset_scores(records, metric), method, **fixed)
+    if s.empty:
+        raise ValueError(f"no {method!r} runs with {fixed} in these records")
+    s = s.sort_values(f"hp_{param}", kind="stable")
+    idx = s.groupby(["pool", "seed", "size", "subset"], sort=False)["normalized"].idxmax()
+    best = s.loc[idx, ["pool", "kind", "seed", "size", "subset", f"hp_{param}", "normalized"]]
+    return best.rename(columns={f"hp_{param}": "best"}).sort_values(["pool", "size"], kind="stable").reset_index(drop=True)
+
+
+def paired_differences(records: Iterable[Mapping], better: str, worse: str, *, metric: str = "accuracy") -> pd.DataFrame:
+    """``better - worse`` (run labels, or ``"base"``) in normalized points (x100) on every (pool,
+    seed, subset) where both were scored: a comparison on the same experts and tasks."""
+    s = subset_scores(records, metric)
+    wide = s[s.run.isin([better, worse])].pivot_table(index=["pool", "kind", "seed", "size", "subset"], columns="run",
+                                                      values="normalized", aggfunc="first")
+    missing = {better, worse} - set(wide.columns)
+    if missing:
+        raise ValueError(f"no scores of {sorted(missing)} in these records; runs present: {sorted(s.run.unique())}")
+    wide = wide.dropna()
+    return (100 * (wide[better] - wide[worse])).rename("difference").reset_index()
+
+
+def trend(frame: pd.DataFrame, x: str, y: str) -> dict[str, float]:
+    """Least-squares slope of ``y`` against ``x`` over the rows, and the Spearman rank correlation."""
+    from scipy.stats import spearmanr
+
+    if frame[x].nunique() < 2:
+        return {"slope": float("nan"), "spearman": float("nan"), "points": len(frame)}
+    slope = float(np.polyfit(frame[x].astype(float), frame[y].astype(float), 1)[0])
+    return {"slope": slope, "spearman": float(spearmanr(frame[x], frame[y]).statistic), "points": len(frame)}
+
+
+@dataclass(frozen=True)
+class Effect:
+    """A claim of a paper put as "``better`` scores above ``worse``", with the paper's size of the
+    effect in points of its metric (``paper``; None where it gives only a direction or a figure)
+    and where it says so (``source``). ``pools``/``sizes`` restrict where ours is measured."""
+
+    claim: str
+    better: str
+    worse: str
+    paper: float | None
+    source: str
+    pools: tuple[str, ...] | None = None
+    sizes: tuple[int, ...] | None = None
+    note: str = ""
+
+
+def compare_effects(records: Iterable[Mapping], effects: Iterable[Effect], *, metric: str = "accuracy") -> pd.DataFrame:
+    """One row per effect: the paper's size beside ours (``better - worse`` in normalized points,
+    the mean over subsets of each seed, then mean +- std over seeds), the share of subsets where
+    ``better`` won, and whether our effect has the paper's sign and is more than two standard
+    errors from zero (with one seed: the subsets' standard error, flagged)."""
+    records = list(records)
+    rows = []
+    for e in effects:
+        d = paired_differences(records, e.better, e.worse, metric=metric)
+        if e.pools is not None:
+            d = d[d.pool.isin(e.pools)]
+        if e.sizes is not None:
+            d = d[d["size"].isin(e.sizes)]
+        per_seed = d.groupby("seed")["difference"].mean()
+        mean = float(per_seed.mean()) if len(d) else float("nan")
+        if per_seed.size >= 2:
+            se, basis = float(per_seed.std(ddof=1)) / math.sqrt(per_seed.size), "seeds"
+        elif len(d) >= 2:
+            se, basis = float(d.difference.std(ddof=1)) / math.sqrt(len(d)), "subsets (one seed)"
+        else:
+            se, basis = float("nan"), "too few"
+        resolved = bool(abs(mean) > 2 * se) if math.isfinite(se) else False
+        direction = ("not measured" if not len(d) else "same" if mean > 0 else "opposite" if mean < 0 else "none")
+        rows.append({"claim": e.claim, "source": e.source, "paper": e.paper, "ours": mean,
+                     "ours_std": float(per_seed.std(ddof=1)) if per_seed.size >= 2 else float("nan"),
+                     "seeds": int(per_seed.size), "subsets": len(d),
+                     "wins": float((d.difference > 0).mean()) if len(d) else float("nan"),
+                     "direction": direction, "beyond_2se": resolved, "se_over": basis,
+                     "better": e.better, "worse": e.worse, "note": e.note})
+    return pd.DataFrame(rows)
+
+
+# --- inside the methods -------------------------------------------------------------------------
+
+
+def _matrix_keys(base: StateDict, include=None, exclude=None) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in base.items()
+            if t.is_floating_point() and t.ndim >= 2 and matches(k, include, exclude)}
+
+
+def star_ranks(base: StateDict, bodies: Mapping[str, StateDict], etas: Sequence[float], *, include=None, exclude=None,
+               device=None) -> list[dict]:
+    """The rank STAR keeps of every weight matrix of every expert's task vector at each ``eta``:
+    one row per (expert, matrix) with ``order`` (position in the state dict), ``rows``, ``cols``
+    (conv kernels as ``out x in*kh*kw``), ``nonzero`` (the task vector's numerical rank), and
+    ``kept``, the kept rank for each of ``etas`` (same order). One Gram eigendecomposition per
+    matrix, batched by shape."""
+    shapes = _matrix_keys(base, include, exclude)
+    order = {k: i for i, k in enumerate(base)}
+    device = get_device(device)
+    out = []
+    for expert, body in bodies.items():
+        for keys in shape_batches(shapes, BATCH_ELEMENTS):
+            taus = torch.stack([(body[k] - base[k]).flatten(1) for k in keys]).to(device)
+            sigma = gram_eigh(taus).singular_values.cpu()
+            for key, s in zip(keys, sigma):
+                rows, cols = taus.shape[-2:]
+                out.append({"expert": expert, "key": key, "order": order[key], "rows": int(rows), "cols": int(cols),
+                            "nonzero": int((s > 0).sum()), "kept": [int(kept_rank(s, eta)) for eta in etas]})
+    return sorted(out, key=lambda r: (list(bodies).index(r["expert"]), r["order"]))
+
+
+def _deltas(base: StateDict, bodies: Mapping[str, StateDict], key: str, variant: str, device) -> torch.Tensor:
+    if variant not in ("h", "v"):
+        raise ValueError(f"variant must be 'h' (DRM-H, shared column basis) or 'v' (DRM-V), got {variant!r}")
+    d = (stack(list(bodies.values()), key) - base[key]).flatten(2).to(get_device(device))
+    return d if variant == "h" else d.mT
+
+
+def drm_profile(base: StateDict, bodies: Mapping[str, StateDict], key: str, *, variant: str = "h",
+                density: float = 0.2, rtol: float = 1e-2, device=None) -> dict:
+    """:func:`lib.merge.drm.row_profile` of one matrix as plain lists (for the results file):
+    the joint singular values, each task's row norms ``|v_{t,i}|`` before renormalisation, and the
+    fraction of each row that pruning at ``density`` keeps with and without renormalisation."""
+    p = drm_method.row_profile(_deltas(base, bodies, key, variant, device), density=density, rtol=rtol)
+    return {"key": key, "variant": variant, "density": density, "tasks": list(bodies),
+            "singular_values": p.singular_values.tolist(), "row_norms": p.row_norms.tolist(),
+            "kept_renorm": p.kept[True].tolist(), "kept_plain": p.kept[False].tolist(),
+            "energy_renorm": p.kept_energy[True].tolist(), "energy_plain": p.kept_energy[False].tolist()}
+
+
+def drm_pruning_summary(base: StateDict, bodies: Mapping[str, StateDict], *, variant: str = "h", density: float = 0.2,
+                        rtol: float = 1e-2, top: int = 10, zeroed_below: float = 0.01, include=None, exclude=None,
+                        device=None) -> list[dict]:
+    """For every weight matrix and task: how many of the task's ``top`` largest components (by its
+    contribution ``sigma_i |v_{t,i}|``) pruning leaves with less than ``zeroed_below`` of their
+    entries -- practically zeroed out -- with and without renormalisation, and the share of the
+    task's delta (squared Frobenius norm) the kept entries hold."""
+    out = []
+    for key in _matrix_keys(base, include, exclude):
+        p = drm_method.row_profile(_deltas(base, bodies, key, variant, device), density=density, rtol=rtol)
+        contribution = p.singular_values * p.row_norms  # (N, r)
+        for t, task in enumerate(bodies):
+            mine = torch.argsort(contribution[t], descending=True)[:top]
+            row = {"key": key, "task": task, "rank": int(p.singular_values.numel())}
+            for renorm, label in ((True, "renorm"), (False, "plain")):
+                row[f"zeroed_top_{label}"] = int((p.kept[renorm][t, mine] < zeroed_below).sum())
+                row[f"energy_{label}"] = float(p.kept_energy[renorm][t])
+            out.append(row)
+    return out
+
+
+# --- time ----------------------------------------------------------------------------------------
+
+
+def models_frame(records: Iterable[Mapping]) -> pd.DataFrame:
+    """One row per scored model (records repeat a model once per task and metric)."""
+    df = pd.DataFrame(list(records))
+    return df.drop_duplicates(["pool", "seed", "subset", "run", "method", "model"]).reset_index(drop=True)
+
+
+def measured_rates(records: Iterable[Mapping], n_eval: Mapping[str, int]) -> dict:
+    """From the merged models of ``records``: seconds per merged expert for each (kind, method),
+    and seconds per evaluated example for each kind (fresh evaluations only; ``n_eval``: task ->
+    examples scored in these records)."""
+    m = models_frame(records)
+    merged = m[~m.method.isin(ALONE)]
+    if merged.empty:
+        raise ValueError("no merged models in these records to time")
+    merge_rate = {f"{k}/{meth}": float(g.merge_s.sum() / g["size"].sum())
+                  for (k, meth), g in merged.groupby(["kind", "method"], sort=False)}
+    fresh = merged[~merged.reused.astype(bool)]
+    eval_rate = {}
+    for kind, g in fresh.groupby("kind", sort=False):
+        examples = sum(n_eval[t] for s in g.subset for t in subset_tasks(s))
+        eval_rate[kind] = float(g.eval_s.sum() / examples)
+    return {"merge_s_per_expert": merge_rate, "eval_s_per_example": eval_rate,
+            "merges": len(merged), "fresh_evaluations": len(fresh), "reused_evaluations": len(merged) - len(fresh),
+            "merge_s": float(merged.merge_s.sum()), "eval_s": float(fresh.eval_s.sum())}
+
+
+def planned(pool: str, kind: str, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run]) -> list[dict]:
+    """The merges a grid will make, for :func:`estimate_seconds`."""
+    return [{"pool": pool, "kind": kind, "tasks": list(s), "method": r.method} for s in subsets for r in runs]
+
+
+def estimate_seconds(rates: Mapping, plan: Sequence[Mapping], n_full: Mapping[str, int],
+                     alone: Mapping[str, Sequence[str]] | None = None) -> dict:
+    """Seconds a grid ``plan`` (:func:`planned`) costs at the measured ``rates``
+    (:func:`measured_rates`): merge time per merged expert (a method not measured gets the mean of
+    the measured ones of its kind) plus evaluation time per example of ``n_full`` (task -> examples
+    of the full evaluation split), plus ``alone`` (pool kind -> tasks scored by the experts alone
+    and the base, twice each). Every evaluation is counted as fresh."""
+    merge_rate, eval_rate = rates["merge_s_per_expert"], rates["eval_s_per_example"]
+    merge_s = eval_s = 0.0
+    for item in plan:
+        kind = item["kind"]
+        if kind not in eval_rate:
+            raise ValueError(f"no measured evaluation of a {kind} model; the estimate needs one")
+        same_kind = [v for k, v in merge_rate.items() if k.startswith(f"{kind}/")]
+        rate = merge_rate.get(f"{kind}/{item['method']}", float(np.mean(same_kind)) if same_kind else 0.0)
+        merge_s += rate * len(item["tasks"])
+        eval_s += eval_rate[kind] * sum(n_full[t] for t in item["tasks"])
+    alone_s = sum(2 * eval_rate[kind] * n_full[t] for kind, tasks in (alone or {}).items() for t in tasks)
+    return {"merges": len(plan), "task_evaluations": int(sum(len(i["tasks"]) for i in plan)),
+            "merge_s": merge_s, "eval_s": eval_s + alone_s, "total_s": merge_s + eval_s + alone_s}

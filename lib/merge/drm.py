@@ -42,7 +42,9 @@ Frobenius) on low-rank-plus-noise deltas of 3 experts with shapes 768x768, 768x3
 (H and V); with a float64 Gram (:data:`PRECISION`) by 6e-12 or less. Like TIES, DRM is
 discontinuous where an entry crosses the pruning threshold: perturbing BERT-shaped float32 deltas
 by their rounding (1e-6 relative) flips an entry or two per matrix and moves the merge by about
-1e-3, so agreement to 1e-4 is a statement about identical inputs.
+1e-3, so agreement to 1e-4 is a statement about identical inputs. Speed (``benchmarks/merge.py``,
+BERT-base shapes, shared 2-core CPU): 2.6x (8 experts) to 3.9x (3 experts) faster than the
+full-SVD reference.
 """
 
 from __future__ import annotations

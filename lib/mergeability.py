@@ -8,7 +8,8 @@ Mergeability", which finds gradient alignment the most telling property).
 Every property is computed on the *task vectors* ``tau = expert - base`` of the selected
 floating-point tensors (``include``/``exclude`` as in :func:`lib.statedict.matches`; leave out
 heads whose shapes differ between tasks). An expert equal to the base has no task vector and is
-an error. The properties (keys of :func:`compare`, all symmetric in the two experts):
+an error. The properties (the keys of :func:`pairwise_metrics` and :func:`compare`, all symmetric
+in the two experts):
 
 ``cosine``
     ``<tau_a, tau_b> / (|tau_a| |tau_b|)`` over the whole model: 1 for the same direction, 0 for
@@ -113,47 +114,60 @@ def _same_keys(a: Mapping[str, Tensor], b: Mapping[str, Tensor], what: str) -> l
     return list(a)
 
 
-def _dot_and_norms(a: Tensor, b: Tensor) -> tuple[float, float, float]:
-    a, b = a.double().reshape(-1), b.double().reshape(-1)
-    return float(a @ b), float(a @ a), float(b @ b)
+#: per key, ``(<a, b>, |a|², |b|²)`` in float64: every inner-product property comes from these
+InnerProducts = dict[str, tuple[float, float, float]]
+
+
+def inner_products(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> InnerProducts:
+    """``(<a[k], b[k]>, |a[k]|², |b[k]|²)`` for every key, in float64, one pass over each pair
+    of tensors (the cosines, norms and distances of a pair all derive from these)."""
+    out = {}
+    for k in _same_keys(a, b, "vectors"):
+        x, y = a[k].double().reshape(-1), b[k].double().reshape(-1)
+        out[k] = (float(x @ y), float(x @ x), float(y @ y))
+    return out
+
+
+def _totals(stats: InnerProducts) -> tuple[float, float, float]:
+    return tuple(math.fsum(s[i] for s in stats.values()) for i in range(3))
 
 
 def _cosine(dot: float, norm2_a: float, norm2_b: float) -> float:
     return dot / math.sqrt(norm2_a * norm2_b) if norm2_a > 0 and norm2_b > 0 else math.nan
 
 
-def layer_cosines(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, float]:
+def _ratio(norm2_a: float, norm2_b: float) -> float:
+    return math.sqrt(min(norm2_a, norm2_b) / max(norm2_a, norm2_b)) if max(norm2_a, norm2_b) > 0 else math.nan
+
+
+def layer_cosines(a: Mapping[str, Tensor], b: Mapping[str, Tensor], *, stats: InnerProducts | None = None) -> dict[str, float]:
     """Cosine of ``a[k]`` and ``b[k]`` for every key (NaN where either is zero)."""
-    return {k: _cosine(*_dot_and_norms(a[k], b[k])) for k in _same_keys(a, b, "task vectors")}
+    stats = inner_products(a, b) if stats is None else stats
+    return {k: _cosine(*s) for k, s in stats.items()}
 
 
-def cosine(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
-    """Cosine of two state-dict-shaped vectors (task vectors, gradients) flattened over all keys."""
-    dot = norm2_a = norm2_b = 0.0
-    for k in _same_keys(a, b, "vectors"):
-        d, na, nb = _dot_and_norms(a[k], b[k])
-        dot, norm2_a, norm2_b = dot + d, norm2_a + na, norm2_b + nb
+def cosine(a: Mapping[str, Tensor], b: Mapping[str, Tensor], *, stats: InnerProducts | None = None) -> float:
+    """Cosine of two state-dict-shaped vectors (task vectors, gradients) flattened over all keys.
+    ``stats``: their :func:`inner_products`, if already computed."""
+    dot, norm2_a, norm2_b = _totals(inner_products(a, b) if stats is None else stats)
     if norm2_a == 0 or norm2_b == 0:
         raise ValueError("one of the two vectors is zero over every tensor: its direction, and so the cosine, is undefined")
     return _cosine(dot, norm2_a, norm2_b)
 
 
-def norm(a: Mapping[str, Tensor]) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in a.values()))
+def distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor], *, stats: InnerProducts | None = None) -> float:
+    """Euclidean distance between two state-dict-shaped vectors, ``sqrt(|a|² + |b|² - 2<a, b>)``
+    (float64; exact to about 1e-8 of the norms, far below any distance between two experts)."""
+    dot, norm2_a, norm2_b = _totals(inner_products(a, b) if stats is None else stats)
+    return math.sqrt(max(0.0, norm2_a + norm2_b - 2.0 * dot))
 
 
-def distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
-    """Euclidean distance between two state-dict-shaped vectors."""
-    return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in _same_keys(a, b, "vectors")))
-
-
-def magnitude_ratio(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+def magnitude_ratio(a: Mapping[str, Tensor], b: Mapping[str, Tensor], *, stats: InnerProducts | None = None) -> float:
     """``min(|a|, |b|) / max(|a|, |b|)`` of two task vectors, in [0, 1]."""
-    _same_keys(a, b, "task vectors")
-    norm_a, norm_b = norm(a), norm(b)
-    if max(norm_a, norm_b) == 0:
+    _, norm2_a, norm2_b = _totals(inner_products(a, b) if stats is None else stats)
+    if max(norm2_a, norm2_b) == 0:
         raise ValueError("both task vectors are zero: their magnitude ratio is undefined")
-    return min(norm_a, norm_b) / max(norm_a, norm_b)
+    return _ratio(norm2_a, norm2_b)
 
 
 def sign_conflict(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
@@ -324,37 +338,36 @@ def profile(base: Mapping[str, Tensor], expert: Mapping[str, Tensor], *, k: int 
                    layer_snrs(tv, device=device), {name: dict(g) for name, g in (gradients or {}).items()})
 
 
-def layer_table(a: Profile, b: Profile) -> list[dict]:
+def layer_table(a: Profile, b: Profile, *, stats: InnerProducts | None = None) -> list[dict]:
     """One row per tensor: ``key``, ``cosine`` of the two task vectors there, ``subspace_overlap``
     (matrices only, else NaN) and ``magnitude_ratio`` of the tensor's two updates (NaN where both
-    are zero)."""
-    rows = []
-    for key, cos in layer_cosines(a.task_vector, b.task_vector).items():
-        na, nb = a.task_vector[key].double().norm().item(), b.task_vector[key].double().norm().item()
-        overlap = subspace_overlap(a.subspaces[key], b.subspaces[key]) if key in a.subspaces else math.nan
-        rows.append({"key": key, "cosine": cos, "subspace_overlap": overlap,
-                     "magnitude_ratio": min(na, nb) / max(na, nb) if max(na, nb) > 0 else math.nan})
-    return rows
+    are zero). ``stats``: the task vectors' :func:`inner_products`, if already computed."""
+    stats = inner_products(a.task_vector, b.task_vector) if stats is None else stats
+    return [{"key": key, "cosine": _cosine(*s),
+             "subspace_overlap": subspace_overlap(a.subspaces[key], b.subspaces[key]) if key in a.subspaces else math.nan,
+             "magnitude_ratio": _ratio(s[1], s[2])} for key, s in stats.items()]
 
 
-def compare(a: Profile, b: Profile, *, top: float = DEFAULT_TOP, layers: Sequence[Mapping] | None = None) -> dict[str, float]:
-    """Every pairwise property of two profiles (see the module docstring for definitions), as
-    ``{name: value}``. ``layers``: :func:`layer_table` of the same pair, if already computed."""
-    layers = layer_table(a, b) if layers is None else layers
+def compare(a: Profile, b: Profile, *, top: float = DEFAULT_TOP) -> tuple[dict[str, float], list[dict]]:
+    """``(properties, layers)``: every pairwise property of two profiles as ``{name: value}`` (see
+    the module docstring for definitions) and their :func:`layer_table`."""
+    stats = inner_products(a.task_vector, b.task_vector)
+    layers = layer_table(a, b, stats=stats)
     out = {
-        "cosine": cosine(a.task_vector, b.task_vector),
+        "cosine": cosine(a.task_vector, b.task_vector, stats=stats),
         "layer_cosine": float(np.nanmean([r["cosine"] for r in layers])),
         "subspace_overlap": float(np.nanmean([r["subspace_overlap"] for r in layers if r["key"] in a.subspaces])),
-        "magnitude_ratio": magnitude_ratio(a.task_vector, b.task_vector),
+        "magnitude_ratio": magnitude_ratio(a.task_vector, b.task_vector, stats=stats),
         "sign_conflict": sign_conflict(a.task_vector, b.task_vector),
         "snr_rank_corr": rank_correlation(a.snr, b.snr),
         "snr_agreement": decision_agreement(a.snr, b.snr, top),
         "tv_snr_rank_corr": rank_correlation(a.task_vector_snr, b.task_vector_snr),
     }
     for name in [g for g in a.gradients if g in b.gradients]:
-        out[f"gradient_cosine_{name}"] = cosine(a.gradients[name], b.gradients[name])
-        out[f"gradient_l2_{name}"] = distance(a.gradients[name], b.gradients[name])
-    return out
+        grad_stats = inner_products(a.gradients[name], b.gradients[name])
+        out[f"gradient_cosine_{name}"] = cosine(a.gradients[name], b.gradients[name], stats=grad_stats)
+        out[f"gradient_l2_{name}"] = distance(a.gradients[name], b.gradients[name], stats=grad_stats)
+    return out, layers
 
 
 def pairwise_metrics(base: Mapping[str, Tensor], a: Mapping[str, Tensor], b: Mapping[str, Tensor], *,
@@ -367,7 +380,7 @@ def pairwise_metrics(base: Mapping[str, Tensor], a: Mapping[str, Tensor], b: Map
     grads = gradients or {}
     pa = profile(base, a, k=k, gradients={n: g[0] for n, g in grads.items()}, include=include, exclude=exclude, device=device)
     pb = profile(base, b, k=k, gradients={n: g[1] for n, g in grads.items()}, include=include, exclude=exclude, device=device)
-    return compare(pa, pb, top=top)
+    return compare(pa, pb, top=top)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,9 +412,16 @@ def _check_design(X, y) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
+#: ``alpha=None``: the penalties tried, from the smallest that selects nothing down to this
+#: fraction of it (below 1 % the fit is close to least squares on a dozen properties, which
+#: twenty pairs cannot support), on a log grid of :data:`LASSO_GRID` values
+LASSO_EPS = 1e-2
+LASSO_GRID = 30
+
+
 def _lasso(X: np.ndarray, y: np.ndarray, alpha: float | None, seed: int):
     """Standardised properties -> Lasso; ``alpha=None`` chooses the penalty by (at most) 5-fold
-    cross-validation on these rows over scikit-learn's default grid of 100 values."""
+    cross-validation on these rows over the grid of :data:`LASSO_EPS` and :data:`LASSO_GRID`."""
     from sklearn.linear_model import Lasso, LassoCV
     from sklearn.model_selection import KFold
     from sklearn.pipeline import make_pipeline
@@ -409,7 +429,7 @@ def _lasso(X: np.ndarray, y: np.ndarray, alpha: float | None, seed: int):
 
     if alpha is None:
         folds = KFold(n_splits=min(5, len(y)), shuffle=True, random_state=seed)
-        regressor = LassoCV(cv=folds, max_iter=100_000)
+        regressor = LassoCV(eps=LASSO_EPS, alphas=LASSO_GRID, cv=folds, max_iter=100_000)
     else:
         regressor = Lasso(alpha=alpha, max_iter=100_000)
     return make_pipeline(StandardScaler(), regressor).fit(X, y)
@@ -500,3 +520,157 @@ def univariate(X, y, names: Sequence[str]) -> dict[str, float]:
         usable = np.unique(column).size > 1 and np.unique(y).size > 1
         out[name] = float(spearmanr(column, y).statistic) if usable else math.nan
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the notebook's survey: trained experts, every pair, every method
+
+
+def expert_profile(expert: train.Expert, *, k: int = DEFAULT_K, examples: int = 32, seed: int = 0, exclude=None,
+                   device=None) -> Profile:
+    """The :class:`Profile` of a trained expert (:func:`lib.train.fit_expert`) against the model its
+    training started from, with two gradient sets on ``examples`` fixed training examples of its
+    task: ``base`` (at that starting model) and ``expert`` (at the expert). ``exclude`` should
+    name the head (``lib.models.HEAD_PATTERNS``) when experts of different tasks are compared."""
+    start = train.initial_model(expert.config, progress=False)
+    inputs, labels = task_batch(expert.task, examples, seed=seed)
+    gradients = {name: loss_gradient(model, inputs, labels, exclude=exclude, device=device)
+                 for name, model in (("base", start), ("expert", expert.model()))}
+    return profile(start.state_dict(), expert.state_dict, k=k, gradients=gradients, exclude=exclude, device=device)
+
+
+def pair_name(a: str, b: str) -> str:
+    return f"{a}+{b}"
+
+
+def measure_pairs(profiles: Mapping[str, Profile], pairs: Sequence[tuple[str, str]], *,
+                  top: float = DEFAULT_TOP) -> tuple[list[dict], list[dict]]:
+    """``(properties, layers)``: one row of :func:`compare` per pair (with ``pair``, ``task_a``,
+    ``task_b``), and the :func:`layer_table` rows of every pair."""
+    properties, layers = [], []
+    for a, b in pairs:
+        values, rows = compare(profiles[a], profiles[b], top=top)
+        tag = {"pair": pair_name(a, b), "task_a": a, "task_b": b}
+        properties.append({**tag, **values})
+        layers += [{**tag, **r} for r in rows]
+    return properties, layers
+
+
+def merge_pairs(base_body: Mapping[str, Tensor], experts: Mapping[str, train.Expert], pairs: Sequence[tuple[str, str]],
+                methods: Sequence[str], *, smoke: bool, seed: int = 0, progress: bool = False) -> list[dict]:
+    """Merge the bodies of every pair of experts with every method (its registered defaults;
+    experts of different tasks may have heads of different shapes, so heads are never merged),
+    score each merged body on both tasks under each task's own head, and return the
+    :func:`lib.sweep.run_sweep` records tagged with ``pair``. ``base_body``: the common starting
+    point's body."""
+    from . import sweep
+
+    kinds = {data.get_task(e.task).kind for e in experts.values()}
+    if len(kinds) != 1:
+        raise ValueError(f"experts of one kind only (text or vision), got {sorted(kinds)}")
+    kind = kinds.pop()
+    out = []
+    for a, b in pairs:
+        bodies = [train.split_head(experts[t].state_dict, kind)[0] for t in (a, b)]
+        evaluate = sweep.evaluate_tasks([a, b], smoke=smoke, heads={t: experts[t].state_dict for t in (a, b)})
+        records = sweep.run_sweep(dict(base_body), bodies, evaluate, sweep.reference_runs(methods), seed=seed,
+                                  progress=progress)
+        out += [{"pair": pair_name(a, b), **r} for r in records]
+    return out
+
+
+def outcomes(records: Sequence[Mapping], experts: Mapping[str, train.Expert], *, metric: str = "accuracy") -> list[dict]:
+    """One row per (pair, method): ``normalized`` (:func:`normalized_accuracy`) and each task's
+    merged and own score."""
+    own = {t: e.metrics[metric] for t, e in experts.items()}
+    rows = []
+    for pair in dict.fromkeys(r["pair"] for r in records):
+        mine = [r for r in records if r["pair"] == pair]
+        for method, value in normalized_accuracy(mine, own, metric=metric).items():
+            scores = {f"{r['task']}": r["value"] for r in mine if r["method"] == method and r["metric"] == metric}
+            rows.append({"pair": pair, "method": method, "normalized": value,
+                         "merged": scores, "own": {t: own[t] for t in scores}})
+    return rows
+
+
+def fit_methods(properties: Sequence[Mapping], outcome_rows: Sequence[Mapping], features: Sequence[str], *,
+                alpha: float | None = None, n_perm: int = 100, n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
+    """Per merge method: :func:`leave_one_pair_out` of the normalized accuracy on ``features``, its
+    :func:`r2_interval` and :func:`permutation_pvalue`, and the :func:`univariate` correlations.
+    Each entry also keeps ``pairs``, ``measured`` and ``features`` so a figure needs nothing else."""
+    by_pair = {p["pair"]: p for p in properties}
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in outcome_rows):
+        rows = [r for r in outcome_rows if r["method"] == method]
+        X = np.array([[by_pair[r["pair"]][f] for f in features] for r in rows], dtype=np.float64)
+        y = np.array([r["normalized"] for r in rows])
+        fit = leave_one_pair_out(X, y, alpha=alpha, seed=seed)
+        low, high = r2_interval(y, fit["predicted"], n_boot=n_boot, seed=seed)
+        null = permutation_pvalue(X, y, fit["r2"], n_perm=n_perm, alpha=alpha, seed=seed)
+        out[method] = {"features": list(features), "pairs": [r["pair"] for r in rows], "measured": y.tolist(), **fit,
+                       "r2_interval": [low, high], "permutation_p": null["p"], "null_r2": null["null_r2"],
+                       "univariate": univariate(X, y, features)}
+    return out
+
+
+def full_mode_estimate(records: Sequence[Mapping], tasks_now: Mapping[str, Mapping], tasks_full: Mapping[str, Mapping], *,
+                       methods: Sequence[str], profile_s: float) -> dict:
+    """Seconds of a full-mode survey (every pair of ``tasks_full``, every method in ``methods``,
+    experts already trained) extrapolated from this run: the measured mean seconds per expert
+    profile, the measured mean merge time of each method (the slowest measured one for methods
+    not run here, listed in ``unmeasured_methods``), and the measured evaluation time per
+    example times the full evaluation sets. ``tasks_*``: :func:`lib.sweep.task_table`."""
+    import itertools
+
+    import pandas as pd
+
+    models = pd.DataFrame(list(records)).drop_duplicates(["pair", "run"])
+    fresh = models[~models["reused"].astype(bool)]
+    examples = sum(sum(tasks_now[t]["n_eval"] for t in pair.split("+")) for pair in fresh["pair"])
+    per_example = float(fresh["eval_s"].sum()) / examples
+    merge_s = models.groupby("method")["merge_s"].mean().to_dict()
+    slowest = max(merge_s.values())
+    pairs = list(itertools.combinations(tasks_full, 2))
+    eval_s = per_example * len(methods) * sum(tasks_full[a]["n_eval"] + tasks_full[b]["n_eval"] for a, b in pairs)
+    merges_s = len(pairs) * sum(merge_s.get(m, slowest) for m in methods)
+    profiles_s = len(tasks_full) * profile_s
+    return {"pairs": len(pairs), "methods": list(methods), "profile_s_per_expert": profile_s,
+            "merge_s_per_method": merge_s, "unmeasured_methods": [m for m in methods if m not in merge_s],
+            "eval_s_per_example": per_example, "profiles_s": profiles_s, "merges_s": merges_s, "evaluations_s": eval_s,
+            "total_s": profiles_s + merges_s + eval_s}
+
+
+#: a property is called stable when this share of the leave-one-pair-out fits selects it with
+#: the sign it has in the fit on all pairs
+STABLE_SHARE = 0.8
+
+
+def stable_properties(fit: Mapping) -> dict[str, float]:
+    """Property -> its coefficient on all pairs, for the properties that at least
+    :data:`STABLE_SHARE` of the leave-one-pair-out fits select with the same sign."""
+    coef, folds = np.asarray(fit["coefficients"]), np.asarray(fit["fold_coefficients"])
+    same_sign = (np.sign(folds) == np.sign(coef)) & (folds != 0)
+    return {f: float(c) for f, c, share in zip(fit["features"], coef, same_sign.mean(axis=0))
+            if c != 0 and share >= STABLE_SHARE}
+
+
+def describe_fit(method: str, fit: Mapping, *, level: float = 0.05) -> str:
+    """One sentence on what a :func:`fit_methods` entry allows us to say, computed from it: the
+    left-out R² with its interval, whether shuffled targets do as well, and which properties
+    carry weight stably."""
+    low, high = fit["r2_interval"]
+    n, p = len(fit["pairs"]), len(fit["features"])
+    text = (f"{method}: predicting each of {n} pairs from a model fitted on the others gives R² = {fit['r2']:.2f} "
+            f"(90% bootstrap interval {low:.2f} to {high:.2f}; Spearman {fit['spearman']:.2f}). ")
+    if fit["r2"] > 0 and fit["permutation_p"] < level:
+        text += f"Shuffled targets rarely do as well (permutation p = {fit['permutation_p']:.3f}): the properties carry signal. "
+    else:
+        text += (f"Shuffled targets do as well {fit['permutation_p']:.0%} of the time: no evidence that these {p} properties "
+                 "predict this method's outcome on these pairs. ")
+    stable = stable_properties(fit)
+    if stable:
+        parts = ", ".join(f"{f} ({'+' if c > 0 else '-'}{abs(c):.3f})" for f, c in sorted(stable.items(), key=lambda x: -abs(x[1])))
+        text += f"Selected with a consistent sign in at least {STABLE_SHARE:.0%} of the left-out fits: {parts}."
+    else:
+        text += f"No property is selected with a consistent sign in {STABLE_SHARE:.0%} of the left-out fits."
+    return text

@@ -256,7 +256,7 @@ def planted_design(n=20, p=6, seed=0, signal=1.0):
 
 
 def test_lasso_finds_the_planted_property():
-    X, y = planted_design()
+    X, y = planted_design(n=14)
     fit = mg.leave_one_pair_out(X, y)
     coef = np.abs(fit["coefficients"])
     assert coef.argmax() == 0 and coef[0] > 5 * coef[1:].max()
@@ -287,3 +287,28 @@ def test_univariate():
     X, y = planted_design()
     rho = mg.univariate(np.c_[X[:, :2], np.ones(len(y))], y, ["x0", "x1", "const"])
     assert rho["x0"] > 0.9 and abs(rho["x1"]) < 0.5 and math.isnan(rho["const"])
+
+
+def test_inner_product_properties_equal_direct_computation():
+    a, b = random_tv(14), random_tv(15)
+    flat_a, flat_b = (torch.cat([t.double().reshape(-1) for t in v.values()]) for v in (a, b))
+    assert mg.distance(a, b) == pytest.approx(float((flat_a - flat_b).norm()), rel=1e-10)
+    assert mg.cosine(a, b) == pytest.approx(float(flat_a @ flat_b / (flat_a.norm() * flat_b.norm())), rel=1e-10)
+    assert mg.magnitude_ratio(a, b) == pytest.approx(float(min(flat_a.norm(), flat_b.norm()) / max(flat_a.norm(), flat_b.norm())))
+    assert mg.distance(a, a) == 0.0
+
+
+def test_fit_methods_and_the_sentence_it_supports():
+    X, y = planted_design(n=12)
+    names = [f"p{j}" for j in range(X.shape[1])]
+    properties = [{"pair": f"t{i}+u{i}", **dict(zip(names, row))} for i, row in enumerate(X)]
+    outcome_rows = [{"pair": p["pair"], "method": "ties", "normalized": v} for p, v in zip(properties, y)]
+    fits = mg.fit_methods(properties, outcome_rows, names, alpha=0.002, n_perm=39, n_boot=100)
+    fit = fits["ties"]
+    assert fit["pairs"] == [p["pair"] for p in properties] and fit["measured"] == pytest.approx(y)
+    stable = mg.stable_properties(fit)
+    assert max(stable, key=lambda f: abs(stable[f])) == "p0"
+    text = mg.describe_fit("ties", fit)
+    assert "the properties carry signal" in text and "p0 (+" in text
+    noise = {**fit, "r2": -0.3, "permutation_p": 0.6, "fold_coefficients": [[0.0] * len(names)] * len(y)}
+    assert "no evidence" in mg.describe_fit("ties", noise) and "No property" in mg.describe_fit("ties", noise)

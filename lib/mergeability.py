@@ -55,6 +55,11 @@ properties, fits an L1-regularised linear model (scikit-learn's Lasso, its penal
 cross-validation inside each training set), and predicts every pair from a model that never saw
 it. :func:`r2_interval` (bootstrap over pairs) and :func:`permutation_pvalue` (the same pipeline
 on shuffled targets) say how much a handful of pairs can support.
+
+The merges themselves are :mod:`lib.pool`'s (the runner of notebooks 04-05): each pair is a
+subset of size two of the text pool, its bodies merged and scored under each task's own head,
+and :func:`lib.pool.subset_scores` gives the target. :func:`earlier_records` picks up pairs
+those notebooks already merged, and :func:`merge_missing` merges only the rest.
 """
 
 from __future__ import annotations
@@ -62,13 +67,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from . import data, linalg, spectral, train
+from . import data, linalg, paths, spectral, train
 from .device import get_device
+from .merge.snr import decide_layers
+from .pool import PoolRunner, subset_name
 from .statedict import StateDict, as_matrix, check_finite, compute_dtype, is_matrix, matches
 
 #: singular directions per matrix compared by ``subspace_overlap``
@@ -262,8 +271,6 @@ def rank_correlation(a: Mapping[str, float], b: Mapping[str, float]) -> float:
 def decision_agreement(a: Mapping[str, float], b: Mapping[str, float], top: float = DEFAULT_TOP) -> float:
     """Fraction of matrices that the two experts' SNRs both put among the ``top`` fraction of
     highest-SNR matrices, or both outside it (the ranking rule of the SNR merges)."""
-    from .merge.snr import decide_layers
-
     keys = _same_keys(a, b, "per-matrix scores")
     high_a = decide_layers({k: torch.tensor([a[k]]) for k in keys}, keys, top=top).high
     high_b = decide_layers({k: torch.tensor([b[k]]) for k in keys}, keys, top=top).high
@@ -385,19 +392,6 @@ def pairwise_metrics(base: Mapping[str, Tensor], a: Mapping[str, Tensor], b: Map
 
 # ---------------------------------------------------------------------------------------------
 # predicting the merge's outcome
-
-
-def normalized_accuracy(records: Sequence[Mapping], own: Mapping[str, float], *, metric: str = "accuracy") -> dict[str, float]:
-    """Per merge method, the mean over the pair's tasks of the merged model's ``metric`` divided
-    by the task's own expert's (seed 003's target). ``records``: one pair's
-    :func:`lib.sweep.run_sweep` records; ``own``: task -> the expert's own score."""
-    per_method: dict[str, list[float]] = {}
-    for r in records:
-        if r["metric"] == metric and r["model"] == "merged":
-            if own.get(r["task"], 0) <= 0:
-                raise ValueError(f"the {r['task']} expert's own {metric} must be positive to normalise by it, got {own.get(r['task'])}")
-            per_method.setdefault(r["method"], []).append(r["value"] / own[r["task"]])
-    return {m: float(np.mean(v)) for m, v in per_method.items()}
 
 
 def _check_design(X, y) -> tuple[np.ndarray, np.ndarray]:
@@ -539,105 +533,77 @@ def expert_profile(expert: train.Expert, *, k: int = DEFAULT_K, examples: int = 
     return profile(start.state_dict(), expert.state_dict, k=k, gradients=gradients, exclude=exclude, device=device)
 
 
-def pair_name(a: str, b: str) -> str:
-    return f"{a}+{b}"
-
-
 def measure_pairs(profiles: Mapping[str, Profile], pairs: Sequence[tuple[str, str]], *,
                   top: float = DEFAULT_TOP) -> tuple[list[dict], list[dict]]:
-    """``(properties, layers)``: one row of :func:`compare` per pair (with ``pair``, ``task_a``,
-    ``task_b``), and the :func:`layer_table` rows of every pair."""
+    """``(properties, layers)``: one row of :func:`compare` per pair (with ``pair``, named as
+    :func:`lib.pool.subset_name` names the merged subset, ``task_a`` and ``task_b``), and the
+    :func:`layer_table` rows of every pair."""
     properties, layers = [], []
     for a, b in pairs:
         values, rows = compare(profiles[a], profiles[b], top=top)
-        tag = {"pair": pair_name(a, b), "task_a": a, "task_b": b}
+        tag = {"pair": subset_name((a, b)), "task_a": a, "task_b": b}
         properties.append({**tag, **values})
         layers += [{**tag, **r} for r in rows]
     return properties, layers
 
 
-def merge_pairs(base_body: Mapping[str, Tensor], experts: Mapping[str, train.Expert], pairs: Sequence[tuple[str, str]],
-                methods: Sequence[str], *, smoke: bool, seed: int = 0, progress: bool = False) -> list[dict]:
-    """Merge the bodies of every pair of experts with every method (its registered defaults;
-    experts of different tasks may have heads of different shapes, so heads are never merged),
-    score each merged body on both tasks under each task's own head, and return the
-    :func:`lib.sweep.run_sweep` records tagged with ``pair``. ``base_body``: the common starting
-    point's body."""
-    from . import sweep
-
-    kinds = {data.get_task(e.task).kind for e in experts.values()}
-    if len(kinds) != 1:
-        raise ValueError(f"experts of one kind only (text or vision), got {sorted(kinds)}")
-    kind = kinds.pop()
-    out = []
-    for a, b in pairs:
-        bodies = [train.split_head(experts[t].state_dict, kind)[0] for t in (a, b)]
-        evaluate = sweep.evaluate_tasks([a, b], smoke=smoke, heads={t: experts[t].state_dict for t in (a, b)})
-        records = sweep.run_sweep(dict(base_body), bodies, evaluate, sweep.reference_runs(methods), seed=seed,
-                                  progress=progress)
-        out += [{"pair": pair_name(a, b), **r} for r in records]
+def earlier_records(files: Sequence[str | Path], *, pool: str, seed: int, pairs: Sequence[tuple[str, str]], runs: Sequence) -> list[dict]:
+    """The merges of ``pairs`` by ``runs`` (:class:`lib.sweep.Run`, labels as
+    :func:`lib.pool.canonical_run` spells them) already scored by other notebooks' pool runs
+    (``records`` of their results files; missing files are skipped) for the same ``pool`` and
+    ``seed``: each (pair, run) once, so that only the rest needs merging. Their experts are the
+    same cached ones, scored on the same evaluation slices when the files come from the same
+    mode's results folder."""
+    wanted = {(subset_name(p), r.label()) for p in pairs for r in runs}
+    out: list[dict] = []
+    for path in map(Path, files):
+        if not path.is_file():
+            continue
+        # every record (task, metric) of a (pair, run) comes from the first file that has it
+        found = [r for r in paths.read_json(path).get("records", [])
+                 if r.get("pool") == pool and r.get("seed") == seed and (r.get("subset"), r.get("run")) in wanted]
+        out += found
+        wanted -= {(r["subset"], r["run"]) for r in found}
     return out
 
 
-def outcomes(records: Sequence[Mapping], experts: Mapping[str, train.Expert], *, metric: str = "accuracy") -> list[dict]:
-    """One row per (pair, method): ``normalized`` (:func:`normalized_accuracy`) and each task's
-    merged and own score."""
-    own = {t: e.metrics[metric] for t, e in experts.items()}
-    rows = []
-    for pair in dict.fromkeys(r["pair"] for r in records):
-        mine = [r for r in records if r["pair"] == pair]
-        for method, value in normalized_accuracy(mine, own, metric=metric).items():
-            scores = {f"{r['task']}": r["value"] for r in mine if r["method"] == method and r["metric"] == metric}
-            rows.append({"pair": pair, "method": method, "normalized": value,
-                         "merged": scores, "own": {t: own[t] for t in scores}})
-    return rows
+def merge_missing(runner: PoolRunner, pairs: Sequence[tuple[str, str]], runs: Sequence, done: Sequence[Mapping] = ()) -> list[dict]:
+    """:meth:`lib.pool.PoolRunner.run` for every (pair, run) not among the records ``done``."""
+    have = {(r["subset"], r["run"]) for r in done}
+    out = []
+    for pair in pairs:
+        todo = [run for run in runs if (subset_name(pair), run.label()) not in have]
+        if todo:
+            out += runner.run([pair], todo)
+    return out
 
 
-def fit_methods(properties: Sequence[Mapping], outcome_rows: Sequence[Mapping], features: Sequence[str], *,
-                alpha: float | None = None, n_perm: int = 100, n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
+def fit_methods(properties: Sequence[Mapping], scores, features: Sequence[str], *, alpha: float | None = None,
+                n_perm: int = 100, n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
     """Per merge method: :func:`leave_one_pair_out` of the normalized accuracy on ``features``, its
     :func:`r2_interval` and :func:`permutation_pvalue`, and the :func:`univariate` correlations.
-    Each entry also keeps ``pairs``, ``measured`` and ``features`` so a figure needs nothing else."""
+    ``scores``: rows (or a DataFrame) with ``subset``, ``method`` and ``normalized``, one per pair
+    and method (:func:`lib.pool.subset_scores` of the pairs, one run per method). Each entry also
+    keeps ``pairs``, ``measured`` and ``features`` so a figure needs nothing else."""
+    scores = pd.DataFrame(scores)
     by_pair = {p["pair"]: p for p in properties}
     out = {}
-    for method in dict.fromkeys(r["method"] for r in outcome_rows):
-        rows = [r for r in outcome_rows if r["method"] == method]
-        X = np.array([[by_pair[r["pair"]][f] for f in features] for r in rows], dtype=np.float64)
-        y = np.array([r["normalized"] for r in rows])
+    for method, rows in scores.groupby("method", sort=False):
+        repeated = rows.subset[rows.subset.duplicated()]
+        if not repeated.empty:
+            raise ValueError(f"{method} has several scores for {repeated.iloc[0]!r}: keep one run per method")
+        unknown = sorted(set(rows.subset) - set(by_pair))
+        if unknown:
+            raise ValueError(f"no properties of pair {unknown[0]!r}; measure every merged pair first")
+        X = np.array([[by_pair[s][f] for f in features] for s in rows.subset], dtype=np.float64)
+        y = rows.normalized.to_numpy(dtype=np.float64)
         fit = leave_one_pair_out(X, y, alpha=alpha, seed=seed)
         low, high = r2_interval(y, fit["predicted"], n_boot=n_boot, seed=seed)
         null = permutation_pvalue(X, y, fit["r2"], n_perm=n_perm, alpha=alpha, seed=seed)
-        out[method] = {"features": list(features), "pairs": [r["pair"] for r in rows], "measured": y.tolist(), **fit,
+        out[method] = {"features": list(features), "pairs": rows.subset.tolist(), "measured": y.tolist(), **fit,
                        "r2_interval": [low, high], "permutation_p": null["p"], "null_r2": null["null_r2"],
                        "univariate": univariate(X, y, features)}
     return out
-
-
-def full_mode_estimate(records: Sequence[Mapping], tasks_now: Mapping[str, Mapping], tasks_full: Mapping[str, Mapping], *,
-                       methods: Sequence[str], profile_s: float) -> dict:
-    """Seconds of a full-mode survey (every pair of ``tasks_full``, every method in ``methods``,
-    experts already trained) extrapolated from this run: the measured mean seconds per expert
-    profile, the measured mean merge time of each method (the slowest measured one for methods
-    not run here, listed in ``unmeasured_methods``), and the measured evaluation time per
-    example times the full evaluation sets. ``tasks_*``: :func:`lib.sweep.task_table`."""
-    import itertools
-
-    import pandas as pd
-
-    models = pd.DataFrame(list(records)).drop_duplicates(["pair", "run"])
-    fresh = models[~models["reused"].astype(bool)]
-    examples = sum(sum(tasks_now[t]["n_eval"] for t in pair.split("+")) for pair in fresh["pair"])
-    per_example = float(fresh["eval_s"].sum()) / examples
-    merge_s = models.groupby("method")["merge_s"].mean().to_dict()
-    slowest = max(merge_s.values())
-    pairs = list(itertools.combinations(tasks_full, 2))
-    eval_s = per_example * len(methods) * sum(tasks_full[a]["n_eval"] + tasks_full[b]["n_eval"] for a, b in pairs)
-    merges_s = len(pairs) * sum(merge_s.get(m, slowest) for m in methods)
-    profiles_s = len(tasks_full) * profile_s
-    return {"pairs": len(pairs), "methods": list(methods), "profile_s_per_expert": profile_s,
-            "merge_s_per_method": merge_s, "unmeasured_methods": [m for m in methods if m not in merge_s],
-            "eval_s_per_example": per_example, "profiles_s": profiles_s, "merges_s": merges_s, "evaluations_s": eval_s,
-            "total_s": profiles_s + merges_s + eval_s}
 
 
 #: a property is called stable when this share of the leave-one-pair-out fits selects it with

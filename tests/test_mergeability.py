@@ -236,16 +236,42 @@ def test_task_batch_is_fixed_and_fits_the_models():
     assert set(inputs) == {"input_ids", "token_type_ids", "attention_mask"} and inputs["input_ids"].shape[0] == 4
 
 
-def test_normalized_accuracy():
-    records = [
-        {"method": "ties", "model": "merged", "task": "a", "metric": "accuracy", "value": 0.4},
-        {"method": "ties", "model": "merged", "task": "b", "metric": "accuracy", "value": 0.9},
-        {"method": "ties", "model": "merged", "task": "b", "metric": "mcc", "value": 0.1},
-        {"method": "expert", "model": "a", "task": "a", "metric": "accuracy", "value": 0.8},
-    ]
-    assert mg.normalized_accuracy(records, {"a": 0.8, "b": 0.9}) == {"ties": pytest.approx((0.5 + 1.0) / 2)}
-    with pytest.raises(ValueError, match="positive"):
-        mg.normalized_accuracy(records, {"a": 0.0, "b": 0.9})
+def fake_record(subset, run, task, value, *, pool="text", seed=0):
+    return {"pool": pool, "seed": seed, "subset": subset, "run": run, "task": task, "metric": "accuracy", "value": value}
+
+
+def test_earlier_records_reuses_each_pair_and_run_once(tmp_path):
+    from lib import paths
+    from lib.sweep import Run
+
+    ties, dare = Run("ties"), Run("dare")
+    first = [fake_record("a+b", ties.label(), t, 0.5) for t in "ab"] + [fake_record("a+b", ties.label(), "a", 0.1, seed=1),
+             fake_record("a+c", dare.label(), "a", 0.2, pool="vision")]
+    second = [fake_record("a+b", ties.label(), t, 0.9) for t in "ab"] + [fake_record("b+c", dare.label(), t, 0.7) for t in "bc"]
+    paths.write_json(tmp_path / "04.json", {"records": first})
+    paths.write_json(tmp_path / "05.json", {"records": second})
+    found = mg.earlier_records([tmp_path / "04.json", tmp_path / "missing.json", tmp_path / "05.json"], pool="text",
+                               seed=0, pairs=[("a", "b"), ("b", "c"), ("a", "c")], runs=[ties, dare])
+    assert sorted((r["subset"], r["run"], r["task"], r["value"]) for r in found) == [
+        ("a+b", ties.label(), "a", 0.5), ("a+b", ties.label(), "b", 0.5),
+        ("b+c", dare.label(), "b", 0.7), ("b+c", dare.label(), "c", 0.7)]
+
+
+def test_merge_missing_runs_only_what_is_not_done():
+    from lib.sweep import Run
+
+    class Runner:
+        def __init__(self):
+            self.calls = []
+
+        def run(self, subsets, runs):
+            self.calls.append((list(subsets), [r.label() for r in runs]))
+            return [{"subset": "+".join(subsets[0]), "run": r.label()} for r in runs]
+
+    runner, ties, dare = Runner(), Run("ties"), Run("dare")
+    done = [{"subset": "a+b", "run": ties.label()}, {"subset": "a+c", "run": ties.label()}, {"subset": "a+c", "run": dare.label()}]
+    out = mg.merge_missing(runner, [("a", "b"), ("a", "c")], [ties, dare], done)
+    assert runner.calls == [([("a", "b")], [dare.label()])] and len(out) == 1
 
 
 def planted_design(n=20, p=6, seed=0, signal=1.0):
@@ -302,8 +328,8 @@ def test_fit_methods_and_the_sentence_it_supports():
     X, y = planted_design(n=12)
     names = [f"p{j}" for j in range(X.shape[1])]
     properties = [{"pair": f"t{i}+u{i}", **dict(zip(names, row))} for i, row in enumerate(X)]
-    outcome_rows = [{"pair": p["pair"], "method": "ties", "normalized": v} for p, v in zip(properties, y)]
-    fits = mg.fit_methods(properties, outcome_rows, names, alpha=0.002, n_perm=39, n_boot=100)
+    scores = [{"subset": p["pair"], "method": "ties", "normalized": v} for p, v in zip(properties, y)]
+    fits = mg.fit_methods(properties, scores, names, alpha=0.002, n_perm=39, n_boot=100)
     fit = fits["ties"]
     assert fit["pairs"] == [p["pair"] for p in properties] and fit["measured"] == pytest.approx(y)
     stable = mg.stable_properties(fit)
@@ -312,3 +338,7 @@ def test_fit_methods_and_the_sentence_it_supports():
     assert "the properties carry signal" in text and "p0 (+" in text
     noise = {**fit, "r2": -0.3, "permutation_p": 0.6, "fold_coefficients": [[0.0] * len(names)] * len(y)}
     assert "no evidence" in mg.describe_fit("ties", noise) and "No property" in mg.describe_fit("ties", noise)
+    with pytest.raises(ValueError, match="one run per method"):
+        mg.fit_methods(properties, scores + scores[:1], names, alpha=0.002)
+    with pytest.raises(ValueError, match="no properties of pair"):
+        mg.fit_methods(properties[1:], scores, names, alpha=0.002)

@@ -422,3 +422,19 @@ def test_bad_scan_input_gives_one_line(argv, expected, models, tmp_path, capsys)
     line = error_line(err)
     assert rc == 1 and all(f in line for f in expected), line
     assert not (tmp_path / "scan.csv").exists()
+
+
+def test_savefig_writes_at_a_path_in_the_format_of_its_suffix(tmp_path):
+    """What ``scan --plot`` relies on: ``lib.plotting.savefig(fig, path=...)``, one file, atomically."""
+    import matplotlib.pyplot as plt
+
+    from lib.plotting import savefig
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    assert savefig(fig, path=tmp_path / "plot.svg", close=False) == [tmp_path / "plot.svg"]
+    assert b"<svg" in (tmp_path / "plot.svg").read_bytes()[:500]
+    with pytest.raises(ValueError, match="a figure name .* or a path, not both"):
+        savefig(fig, "name", path=tmp_path / "plot.png")
+    plt.close(fig)
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.svg"]

@@ -26,7 +26,7 @@ A method function has the signature ``fn(base, experts, *, context, **hp) -> dic
 already on the compute device; it returns a dict with the same keys.
 
 Streaming. The command line merges checkpoints that do not fit in memory by calling ``fn`` on
-one key (or one module) at a time. That gives the same result as a whole-model call only if
+one key (or one block of a key's rows, below) at a time. That gives the same result as a whole-model call only if
 nothing in ``fn`` looks across keys. A method whose result does depend on the whole model (TIES'
 model-wide magnitude threshold, the SNR strategies' ranking of layers) declares a ``prepass``:
 ``prepass(items, **hp) -> context`` receives ``items``, an iterable of ``(key, base_tensor_or_None,
@@ -59,11 +59,11 @@ The command line therefore does::
 
     keys = select_keys(meta, include, exclude)                       # meta: key -> tensor or meta tensor
     ctx = run_prepass(name, LazyItems(keys), **hp)                  # None for methods without prepass
-    for key in keys:                                                # or one module at a time
+    for key in keys:                                                # row blocks of it if elementwise
         out = METHODS[name].fn(base_part, expert_parts, context=ctx, **resolve_hparams(METHODS[name], hp))
 
 where the parts hold tensors passed through :func:`to_compute`, and writes each result with
-:func:`restore`. ``merge(..., context=ctx)`` does the same on in-memory dicts.
+:func:`restore` (through ``merge(..., context=ctx)``, which does the same on in-memory dicts).
 """
 
 from __future__ import annotations

@@ -94,17 +94,18 @@ class Recipe:
 # Chosen to reach the quality targets within ~5 min per text expert and ~2-3 min per vision
 # expert on two CPU cores (measured times in lib/experts.py and the project README).
 RECIPES: dict[str, Recipe] = {
-    # SST-2 has 67,349 training phrases; a fixed 16k subset reaches ~0.87-0.88 validation accuracy
-    "sst2": Recipe(epochs=1, batch_size=32, lr=5e-5, max_train_examples=16_000),
+    # SST-2 has 67,349 training phrases (mostly short): one pass over a fixed 16k subset
+    "sst2": Recipe(epochs=1, batch_size=32, lr=1e-4, max_train_examples=16_000),
     "cola": Recipe(epochs=2, batch_size=32, lr=5e-5),
-    "emotion": Recipe(epochs=2, batch_size=32, lr=1e-4),
+    "emotion": Recipe(epochs=1, batch_size=32, lr=1e-4),
     "trec": Recipe(epochs=3, batch_size=32, lr=1e-4),
     "mrpc": Recipe(epochs=3, batch_size=32, lr=5e-5),
     "rte": Recipe(epochs=3, batch_size=32, lr=5e-5, max_length=256),
     "rotten_tomatoes": Recipe(epochs=2, batch_size=32, lr=5e-5),
-    # MNIST and Fashion-MNIST: a fixed half of the 60k training images, one pass
+    # MNIST: one pass over a fixed half of the 60k training images reaches 0.988
     "mnist": Recipe(epochs=1, batch_size=128, lr=2e-3, weight_decay=5e-4, max_train_examples=30_000),
-    "fashion_mnist": Recipe(epochs=1, batch_size=128, lr=2e-3, weight_decay=5e-4, max_train_examples=30_000),
+    # Fashion-MNIST needs all 60k (the fixed 30k half gave 0.878 fine-tuned from the MNIST base)
+    "fashion_mnist": Recipe(epochs=1, batch_size=128, lr=2e-3, weight_decay=5e-4),
     # only 7,011 KMNIST training images exist locally: several passes with random shifts
     "kmnist": Recipe(epochs=4, batch_size=128, lr=2e-3, weight_decay=5e-4, augment=True),
 }
@@ -289,6 +290,11 @@ def _save_expert(expert: Expert) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _load_average() -> float | None:
+    # recorded beside timings: a busy machine explains a slow expert (None where unsupported)
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def versions() -> dict:
@@ -578,11 +584,11 @@ def fit_expert(
     recipe = Recipe(**config["recipe"])
     desc = f"{task} seed {seed} {config['variant']}"
     model = initial_model(config, data_dir=data_dir, progress=progress)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with _seeded(derive_seed(seed, task, "train")):
         batches, steps, n_train = _train_batches(config, recipe, data_dir)
         losses = train(model, batches, steps=steps, recipe=recipe, progress=progress, desc=desc)
-    train_s = time.perf_counter() - start
+    train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     start = time.perf_counter()
     metrics = evaluate(model, task, smoke=config["smoke"], data_dir=data_dir, model_name=model_name, progress=progress)
     eval_s = time.perf_counter() - start
@@ -590,6 +596,8 @@ def fit_expert(
     expert = Expert(
         key, config, to_state_dict(model.cpu()), metrics,
         {"train_s": round(train_s, 2), "eval_s": round(eval_s, 2), "train_examples": n_train, "steps": steps,
+         # CPU seconds of all threads: unlike the wall time, hardly affected by other work on the machine
+         "train_cpu_s": round(train_cpu_s, 2), "load_average": _load_average(),
          "train_examples_per_s": round(examples_seen / train_s, 1),
          "eval_examples_per_s": round(metrics["n"] / eval_s, 1)},
         versions(), expert_path(key), history={"loss_first10": float(np.mean(losses[:10])),
@@ -657,7 +665,7 @@ def _skeleton(task: str, model_name: str | None = None) -> nn.Module:
     spec = data.get_task(task)
     key = (spec.kind, spec.num_labels, model_name)
     if key not in _SKELETONS:
-        _SKELETONS[key] = _architecture(spec.name, model_name)
+        _SKELETONS[key] = _architecture(spec.name, model_name).to(get_device()).eval()
     return _SKELETONS[key]
 
 
@@ -677,7 +685,6 @@ def as_model(model_or_state_dict, task: str, model_name: str | None = None) -> n
     return skeleton
 
 
-@torch.inference_mode()
 def predict(model_or_state_dict, task: str, split: str | None = None, *, smoke: bool | None = None,
             max_length: int | None = None, model_name: str | None = None, data_dir=None, device=None,
             progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -689,15 +696,18 @@ def predict(model_or_state_dict, task: str, split: str | None = None, *, smoke: 
     max_length = max_length or RECIPES[spec.name].max_length
     model = as_model(model_or_state_dict, spec.name, model_name)
     device = get_device(device)
+    batches = _eval_batches(spec.name, split, smoke=smoke, max_length=max_length, model_name=model_name,
+                            data_dir=data_dir)
+    # a caller's module goes back where it was, in the mode it was in; it is moved outside
+    # inference mode so that its parameters stay usable for training
     was_training, old_device = model.training, next(model.parameters()).device
     model.to(device).eval()
+    logits, order = [], []
     try:
-        batches = _eval_batches(spec.name, split, smoke=smoke, max_length=max_length, model_name=model_name,
-                                data_dir=data_dir)
-        logits, order = [], []
-        for inputs, idx in tqdm(batches, desc=f"eval {task}", disable=not progress, leave=False):
-            logits.append(logits_of(model, _to(inputs, device)).float().cpu())
-            order.append(idx)
+        with torch.inference_mode():
+            for inputs, idx in tqdm(batches, desc=f"eval {task}", disable=not progress, leave=False):
+                logits.append(logits_of(model, _to(inputs, device)).detach().float().cpu())
+                order.append(idx)
     finally:
         model.to(old_device).train(was_training)
     order = np.concatenate(order)
@@ -766,6 +776,7 @@ def fresh_head(body: Mapping, task: str, *, seed: int, probe_examples: int = 0, 
         features, labels = _head_inputs(model, task, probe_examples if not smoke else min(probe_examples, 64),
                                         data_dir=data_dir, device=device)
         head = models.head_of(model)
+        features, labels = features.to(head.weight.device), labels.to(head.weight.device)
         with _seeded(derive_seed(seed, task, "probe")), torch.enable_grad():
             optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.0)
             for _ in range(probe_steps):
@@ -801,7 +812,6 @@ def _head_inputs(model: nn.Module, task: str, n: int, *, data_dir=None, device=N
             labels = ds.labels[idx].numpy()
     finally:
         hook.remove()
-        model.cpu()
     return torch.cat(captured), torch.from_numpy(labels)
 
 

@@ -241,13 +241,6 @@ def test_nothing_found_names_every_place_and_the_remedy(empty_dir, monkeypatch):
     assert "SPECTRAL_MERGE_DATA" in message
 
 
-def test_candidates_follow_the_documented_order(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPECTRAL_MERGE_DATA", str(tmp_path))
-    assert paths.data_candidates() == [tmp_path, paths.SHARED_DATA, paths.ROOT / "data"]
-    assert paths.data_candidates(tmp_path / "x") == [tmp_path / "x"]
-    assert isinstance(data.find_source("sst2", "train", tmp_path / "x"), data.Source)
-
-
 def test_image_dataset_items():
     ds = data.ImageDataset(torch.zeros(2, 28, 28, dtype=torch.uint8), torch.tensor([1, 2]), list("abc"), "demo")
     image, label = ds[1]

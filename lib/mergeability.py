@@ -58,8 +58,8 @@ on shuffled targets) say how much a handful of pairs can support.
 
 The merges themselves are :mod:`lib.pool`'s (the runner of notebooks 04-05): each pair is a
 subset of size two of the text pool, its bodies merged and scored under each task's own head,
-and :func:`lib.pool.subset_scores` gives the target. :func:`earlier_records` picks up pairs
-those notebooks already merged, and :func:`merge_missing` merges only the rest.
+and :func:`lib.pool.subset_scores` gives the target. :func:`lib.pool.earlier_records` picks up
+pairs those notebooks already merged, and :func:`lib.pool.run_missing` merges only the rest.
 """
 
 from __future__ import annotations
@@ -67,17 +67,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from . import data, linalg, paths, spectral, train
+from . import data, linalg, spectral, train
 from .device import get_device
 from .merge.snr import decide_layers
-from .pool import PoolRunner, subset_name
+from .pool import subset_name
 from .statedict import StateDict, as_matrix, check_finite, compute_dtype, is_matrix, matches
 
 #: singular directions per matrix compared by ``subspace_overlap``
@@ -545,37 +544,6 @@ def measure_pairs(profiles: Mapping[str, Profile], pairs: Sequence[tuple[str, st
         properties.append({**tag, **values})
         layers += [{**tag, **r} for r in rows]
     return properties, layers
-
-
-def earlier_records(files: Sequence[str | Path], *, pool: str, seed: int, pairs: Sequence[tuple[str, str]], runs: Sequence) -> list[dict]:
-    """The merges of ``pairs`` by ``runs`` (:class:`lib.sweep.Run`, labels as
-    :func:`lib.pool.canonical_run` spells them) already scored by other notebooks' pool runs
-    (``records`` of their results files; missing files are skipped) for the same ``pool`` and
-    ``seed``: each (pair, run) once, so that only the rest needs merging. Their experts are the
-    same cached ones, scored on the same evaluation slices when the files come from the same
-    mode's results folder."""
-    wanted = {(subset_name(p), r.label()) for p in pairs for r in runs}
-    out: list[dict] = []
-    for path in map(Path, files):
-        if not path.is_file():
-            continue
-        # every record (task, metric) of a (pair, run) comes from the first file that has it
-        found = [r for r in paths.read_json(path).get("records", [])
-                 if r.get("pool") == pool and r.get("seed") == seed and (r.get("subset"), r.get("run")) in wanted]
-        out += found
-        wanted -= {(r["subset"], r["run"]) for r in found}
-    return out
-
-
-def merge_missing(runner: PoolRunner, pairs: Sequence[tuple[str, str]], runs: Sequence, done: Sequence[Mapping] = ()) -> list[dict]:
-    """:meth:`lib.pool.PoolRunner.run` for every (pair, run) not among the records ``done``."""
-    have = {(r["subset"], r["run"]) for r in done}
-    out = []
-    for pair in pairs:
-        todo = [run for run in runs if (subset_name(pair), run.label()) not in have]
-        if todo:
-            out += runner.run([pair], todo)
-    return out
 
 
 def fit_methods(properties: Sequence[Mapping], scores, features: Sequence[str], *, alpha: float | None = None,

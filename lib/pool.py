@@ -45,13 +45,14 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import data, sweep, train
+from . import data, paths, sweep, train
 from .device import get_device
 from .linalg import gram_eigh, shape_batches
 from .merge import get_method, resolve_hparams, stack
@@ -98,6 +99,14 @@ class Pool:
         return sweep.evaluate_tasks(list(subset), smoke=self.smoke, heads=self.heads)
 
 
+def kind_of(tasks: Sequence[str]) -> str:
+    """``"text"`` or ``"vision"``: the one kind of all ``tasks``."""
+    kinds = {data.get_task(t).kind for t in tasks}
+    if len(kinds) != 1:
+        raise ValueError(f"a pool holds experts of one kind, got text and vision tasks: {list(tasks)}")
+    return kinds.pop()
+
+
 def build_pool(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | None = None, name: str | None = None,
                progress: bool = False) -> Pool:
     """Train (or load from the cache) the experts of ``tasks`` for ``seed`` and ``variant`` (see
@@ -105,10 +114,7 @@ def build_pool(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | N
     is an expert only in the ``shared_init`` variant (it is the ``mnist_base`` variant's base)."""
     if len(tasks) < 2:
         raise ValueError(f"a pool needs at least two experts to merge, got {list(tasks)}")
-    kinds = {data.get_task(t).kind for t in tasks}
-    if len(kinds) != 1:
-        raise ValueError(f"a pool holds experts of one kind, got text and vision tasks: {list(tasks)}")
-    kind = kinds.pop()
+    kind = kind_of(tasks)
     variant = variant or train.VARIANTS[kind][0]
     if "mnist" in tasks and variant != "shared_init":
         raise ValueError("MNIST is the base of the mnist_base variant, not an expert; use variant='shared_init'")
@@ -227,6 +233,38 @@ class PoolRunner:
                 bar.update()
         bar.close()
         return out
+
+
+def earlier_records(files: Sequence[str | Path], *, pool: str, seed: int, subsets: Sequence[Sequence[str]],
+                    runs: Sequence[sweep.Run]) -> list[dict]:
+    """The merges of ``subsets`` by ``runs`` (labels as :func:`canonical_run` spells them) already
+    scored by other notebooks' pool runs (``records`` of their results files; missing files are
+    skipped) for the same ``pool`` and ``seed``: each (subset, run) once, so that only the rest
+    needs merging (:func:`run_missing`). Their experts are the same cached ones, scored on the same
+    evaluation slices when the files come from the same mode's results folder."""
+    wanted = {(subset_name(s), r.label()) for s in subsets for r in runs}
+    out: list[dict] = []
+    for path in map(Path, files):
+        if not path.is_file():
+            continue
+        # every record (task, metric) of a (subset, run) comes from the first file that has it
+        found = [r for r in paths.read_json(path).get("records", [])
+                 if r.get("pool") == pool and r.get("seed") == seed and (r.get("subset"), r.get("run")) in wanted]
+        out += found
+        wanted -= {(r["subset"], r["run"]) for r in found}
+    return out
+
+
+def run_missing(runner: PoolRunner, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run],
+                done: Sequence[Mapping] = ()) -> list[dict]:
+    """:meth:`PoolRunner.run` for every (subset, run) not among the records ``done``."""
+    have = {(r["subset"], r["run"]) for r in done}
+    out = []
+    for subset in subsets:
+        todo = [run for run in runs if (subset_name(subset), run.label()) not in have]
+        if todo:
+            out += runner.run([subset], todo)
+    return out
 
 
 # --- scores -------------------------------------------------------------------------------------
@@ -348,7 +386,20 @@ def trend(frame: pd.DataFrame, x: str, y: str) -> dict[str, float]:
     if frame[x].nunique() < 2:
         return {"slope": float("nan"), "spearman": float("nan"), "points": len(frame)}
     slope = float(np.polyfit(frame[x].astype(float), frame[y].astype(float), 1)[0])
-    return {"slope": slope, "spearman": float(spearmanr(frame[x], frame[y]).statistic), "points": len(frame)}
+    # a constant y (the same best setting everywhere) has no rank correlation
+    rho = float(spearmanr(frame[x], frame[y]).statistic) if frame[y].nunique() > 1 else float("nan")
+    return {"slope": slope, "spearman": rho, "points": len(frame)}
+
+
+def slopes(records: Iterable[Mapping], runs: Sequence[str], *, metric: str = "accuracy") -> pd.DataFrame:
+    """Per pool and run: how normalized accuracy (in points) changes with each extra merged task,
+    the least-squares slope over every scored subset (:func:`trend`)."""
+    s = subset_scores(records, metric)
+    rows = []
+    for (name, run), g in s[s.run.isin(runs)].groupby(["pool", "run"], sort=False):
+        rows.append({"pool": name, "run": run, "method": g.method.iloc[0],
+                     **trend(g.assign(points=100 * g.normalized), "size", "points")})
+    return pd.DataFrame(rows)
 
 
 @dataclass(frozen=True)
@@ -503,13 +554,28 @@ def planned(pool: str, kind: str, subsets: Sequence[Sequence[str]], runs: Sequen
     return [{"pool": pool, "kind": kind, "tasks": list(s), "method": r.method} for s in subsets for r in runs]
 
 
+def plan_grid(pools: Mapping[str, Sequence[str]], sizes: Mapping[str, Sequence[int]], *, max_subsets: int,
+              seeds: Sequence[int], runs: Sequence[sweep.Run]) -> tuple[list[dict], list[tuple[str, list[str]]]]:
+    """Everything a notebook's grid merges and scores, without running it: ``(plan, alone)`` for
+    :func:`estimate_seconds`, with the subsets :func:`subset_plan` draws for each seed and pool
+    (``pools``: name -> tasks; ``sizes``: kind -> subset sizes)."""
+    plan, alone = [], []
+    for seed in seeds:
+        for name, tasks in pools.items():
+            kind = kind_of(tasks)
+            plan += planned(name, kind, subset_plan(tasks, sizes[kind], max_subsets=max_subsets, seed=seed), runs)
+            alone.append((kind, list(tasks)))
+    return plan, alone
+
+
 def estimate_seconds(rates: Mapping, plan: Sequence[Mapping], n_full: Mapping[str, int],
-                     alone: Mapping[str, Sequence[str]] | None = None) -> dict:
+                     alone: Sequence[tuple[str, Sequence[str]]] = ()) -> dict:
     """Seconds a grid ``plan`` (:func:`planned`) costs at the measured ``rates``
     (:func:`measured_rates`): merge time per merged expert (a method not measured gets the mean of
     the measured ones of its kind) plus evaluation time per example of ``n_full`` (task -> examples
-    of the full evaluation split), plus ``alone`` (pool kind -> tasks scored by the experts alone
-    and the base, twice each). Every evaluation is counted as fresh."""
+    of the full evaluation split), plus ``alone`` (``(kind, tasks)`` of each pool and seed, whose
+    tasks are scored twice: by the experts alone and by the base). Every evaluation is counted as
+    fresh."""
     merge_rate, eval_rate = rates["merge_s_per_expert"], rates["eval_s_per_example"]
     merge_s = eval_s = 0.0
     for item in plan:
@@ -520,6 +586,6 @@ def estimate_seconds(rates: Mapping, plan: Sequence[Mapping], n_full: Mapping[st
         rate = merge_rate.get(f"{kind}/{item['method']}", float(np.mean(same_kind)) if same_kind else 0.0)
         merge_s += rate * len(item["tasks"])
         eval_s += eval_rate[kind] * sum(n_full[t] for t in item["tasks"])
-    alone_s = sum(2 * eval_rate[kind] * n_full[t] for kind, tasks in (alone or {}).items() for t in tasks)
+    alone_s = sum(2 * eval_rate[kind] * n_full[t] for kind, tasks in alone for t in tasks)
     return {"merges": len(plan), "task_evaluations": int(sum(len(i["tasks"]) for i in plan)),
             "merge_s": merge_s, "eval_s": eval_s + alone_s, "total_s": merge_s + eval_s + alone_s}

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lib import pool, sweep
-from lib.merge import drm, merge
+from lib import pool
+from lib.merge import drm
 from lib.merge.star import kept_rank
 from lib.merge.ties import trim_topk
 
@@ -54,12 +54,12 @@ class FakeEvaluateFor:
         return evaluate
 
 
-def run_fake(seeds=(0, 1), runs=None, sizes=(2, 3), max_subsets=2):
+def run_fake(seeds=(0, 1), runs=None, sizes=(2, 3), max_subsets=2, name="fake"):
     runs = runs or [pool.canonical_run("average"), pool.canonical_run("star", eta=40),
                     pool.canonical_run("star", eta=100, rescale=True), pool.canonical_run("star", eta=100, rescale=False)]
     records = []
     for seed in seeds:
-        p = fake_pool(seed=seed)
+        p = fake_pool(seed=seed, name=name)
         runner = pool.PoolRunner(p, FakeEvaluateFor(p), progress=False)
         records += runner.alone() + runner.run(pool.subset_plan(p.tasks, sizes, max_subsets=max_subsets, seed=seed), runs)
     return records
@@ -224,7 +224,7 @@ def test_measured_rates_and_estimate_scale_with_examples_and_experts():
     rates = pool.measured_rates(records, n_eval)
     assert set(rates["merge_s_per_expert"]) == {"text/average", "text/star"} and rates["merges"] == 3 * 4
     plan = pool.planned("fake", "text", [("a", "b")], [pool.canonical_run("star"), pool.canonical_run("ties")])
-    est = pool.estimate_seconds(rates, plan, {"a": 100, "b": 200, "c": 300}, alone={"text": ["a", "b"]})
+    est = pool.estimate_seconds(rates, plan, {"a": 100, "b": 200, "c": 300}, alone=[("text", ["a", "b"])])
     per_example = rates["eval_s_per_example"]["text"]
     ties_rate = np.mean(list(rates["merge_s_per_expert"].values()))  # not measured: the mean of the others
     expected_merge = 2 * rates["merge_s_per_expert"]["text/star"] + 2 * ties_rate
@@ -233,6 +233,24 @@ def test_measured_rates_and_estimate_scale_with_examples_and_experts():
     assert est["merges"] == 2 and est["task_evaluations"] == 4
     with pytest.raises(ValueError, match="no measured evaluation of a vision model"):
         pool.estimate_seconds(rates, pool.planned("v", "vision", [("a", "b")], [pool.canonical_run("star")]), n_eval)
+
+
+def test_plan_grid_draws_the_subsets_the_run_will_merge():
+    pools = {"text": ["sst2", "cola", "trec"], "vision/mnist_base": ["fashion_mnist", "kmnist"]}
+    plan, alone = pool.plan_grid(pools, {"text": [2, 3], "vision": [2, 3]}, max_subsets=1, seeds=[0, 1],
+                                 runs=[pool.canonical_run("star"), pool.canonical_run("ties")])
+    text = [i for i in plan if i["pool"] == "text"]
+    assert len(text) == 2 * 2 * 2 and len(plan) == len(text) + 2 * 2
+    assert [i["tasks"] for i in text[:4:2]] == [list(s) for s in pool.subset_plan(pools["text"], [2, 3], max_subsets=1, seed=0)]
+    assert alone == [("text", pools["text"]), ("vision", pools["vision/mnist_base"])] * 2
+
+
+def test_slopes_fit_points_per_extra_task():
+    records = run_fake(seeds=(0, 1))
+    table = pool.slopes(records, ["average(weights=None)"]).iloc[0]
+    s = pool.subset_scores(records)
+    a = s[s.run == "average(weights=None)"]
+    assert table.slope == pytest.approx(np.polyfit(a["size"], 100 * a.normalized, 1)[0]) and table.points == len(a)
 
 
 def test_pool_evaluator_refuses_tasks_outside_the_pool():
@@ -321,3 +339,94 @@ def test_drm_profile_without_renormalisation_zeroes_a_task_s_weak_rows():
     assert 0 < t1.energy_plain <= 1 and 0 < t1.energy_renorm <= 1
     with pytest.raises(ValueError, match="variant must be 'h'"):
         pool.drm_profile(base, bodies, "w", variant="x")
+
+
+def fake_record(subset, run, task, value, *, pool="text", seed=0):
+    return {"pool": pool, "seed": seed, "subset": subset, "run": run, "task": task, "metric": "accuracy", "value": value}
+
+
+def test_earlier_records_reuses_each_subset_and_run_once(tmp_path):
+    from lib import paths
+    from lib.sweep import Run
+
+    ties, dare = Run("ties"), Run("dare")
+    first = [fake_record("a+b", ties.label(), t, 0.5) for t in "ab"] + [fake_record("a+b", ties.label(), "a", 0.1, seed=1),
+             fake_record("a+c", dare.label(), "a", 0.2, pool="vision")]
+    second = [fake_record("a+b", ties.label(), t, 0.9) for t in "ab"] + [fake_record("b+c", dare.label(), t, 0.7) for t in "bc"]
+    paths.write_json(tmp_path / "04.json", {"records": first})
+    paths.write_json(tmp_path / "05.json", {"records": second})
+    found = pool.earlier_records([tmp_path / "04.json", tmp_path / "missing.json", tmp_path / "05.json"], pool="text",
+                               seed=0, subsets=[("a", "b"), ("b", "c"), ("a", "c")], runs=[ties, dare])
+    assert sorted((r["subset"], r["run"], r["task"], r["value"]) for r in found) == [
+        ("a+b", ties.label(), "a", 0.5), ("a+b", ties.label(), "b", 0.5),
+        ("b+c", dare.label(), "b", 0.7), ("b+c", dare.label(), "c", 0.7)]
+
+
+def test_run_missing_runs_only_what_is_not_done():
+    from lib.sweep import Run
+
+    class Runner:
+        def __init__(self):
+            self.calls = []
+
+        def run(self, subsets, runs):
+            self.calls.append((list(subsets), [r.label() for r in runs]))
+            return [{"subset": "+".join(subsets[0]), "run": r.label()} for r in runs]
+
+    runner, ties, dare = Runner(), Run("ties"), Run("dare")
+    done = [{"subset": "a+b", "run": ties.label()}, {"subset": "a+c", "run": ties.label()}, {"subset": "a+c", "run": dare.label()}]
+    out = pool.run_missing(runner, [("a", "b"), ("a", "c")], [ties, dare], done)
+    assert runner.calls == [([("a", "b")], [dare.label()])] and len(out) == 1
+
+
+# --- figures: drawn from results dicts built with the fake pools -----------------------------------
+
+
+@pytest.fixture
+def figures_dir(tmp_path, monkeypatch):
+    from lib import paths
+
+    monkeypatch.setattr(paths, "FIGURES", tmp_path)
+    return tmp_path / "smoke"
+
+
+def fake_results(notebook: str, runs, config: dict) -> dict:
+    records = run_fake(runs=runs, name="one") + run_fake(runs=runs, name="two", sizes=(2,))
+    p = fake_pool()
+    return {"notebook": notebook, "pools": {n: {"kind": "text", "tasks": list(p.tasks)} for n in ("one", "two")},
+            "records": records, "config": config,
+            "star_ranks": {"one": {"seed": 0, "etas": [10, 40, 100], "rows": pool.star_ranks(p.base, p.bodies, [10, 40, 100])}},
+            "drm_rows": {n: pool.drm_profile(p.base, p.bodies, "layer.0.weight") for n in ("one", "two")}}
+
+
+def test_star_figures_are_written_from_results(figures_dir):
+    from lib.figures import f04_star
+
+    runs = [pool.canonical_run("star", eta=e, rescale=r) for e in (10, 40, 100) for r in (True, False)]
+    runs += [pool.canonical_run("average"), pool.canonical_run("ties")]
+    compare = [{"run": r.label(), "name": pool.short_name(r)} for r in runs[2:3] + runs[-2:]]
+    written = f04_star.draw(fake_results("04_star", runs, {"default_eta": 40, "compare": compare}), smoke=True)
+    assert sorted(p.name for p in written) == [f"04_star_{n}.png" for n in
+                                               ("best_eta", "eta_sweep", "methods", "ranks_one", "rescale")]
+    assert all(p.parent == figures_dir and p.stat().st_size > 1000 for p in written)
+
+
+def test_drm_figures_are_written_from_results(figures_dir):
+    from lib.figures import f05_drm
+
+    runs = [pool.canonical_run(m, renorm=r) for m in ("drm_h", "drm_v") for r in (True, False)]
+    runs += [pool.canonical_run(m, density=d) for m in ("drm_h", "ties") for d in (0.1, 1.0)]
+    runs += [pool.canonical_run("average")]
+    config = {"default_density": 0.2, "density_sizes": {"text": [2]}, "compare": [{"run": r.label(), "name": pool.short_name(r)} for r in runs[::2]],
+              "density_methods": [{"method": "drm_h", "name": "DRM-H", "fixed": {"renorm": True}},
+                                  {"method": "ties", "name": "TIES"}]}
+    written = f05_drm.draw(fake_results("05_drm", runs, config), smoke=True)
+    assert sorted(p.name for p in written) == [f"05_drm_{n}.png" for n in ("density", "methods", "renorm", "rows")]
+    assert all(p.stat().st_size > 1000 for p in written)
+
+
+@pytest.mark.parametrize("module", ["f04_star", "f05_drm"])
+def test_each_notebook_module_names_its_notebook(module):
+    import importlib
+
+    assert importlib.import_module(f"lib.figures.{module}").NOTEBOOK == module[1:]

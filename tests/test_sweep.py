@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from lib import sweep
-from lib.merge import merge
 
 
 def tiny(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:

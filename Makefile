@@ -1,6 +1,6 @@
 # spectral-merge: every job of the project is a target here.
 #   make setup     build .venv with the pinned environment (idempotent; a second run is quick)
-#   make figures   main job: redraw every figure from results/*.json (runs a notebook only where its results are missing)
+#   make figures   main job: redraw every figure and README table from results/*.json (runs a notebook only where its results are missing)
 #   make test      unit/property/contract tests + every notebook in SMOKE mode under nbval
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -18,11 +18,11 @@ export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup test unit nbval figures smoke reproduce experts lab bench clean strip
+.PHONY: help setup test unit nbval figures report smoke reproduce experts lab bench clean strip
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
-	@echo "  make smoke | reproduce | experts | lab | bench | clean   (see README.md)"
+	@echo "  make smoke | reproduce | experts | report | lab | bench | clean   (see README.md)"
 
 setup: $(STAMP)
 
@@ -46,6 +46,11 @@ nbval: setup
 
 figures: setup
 	$(PY) -m lib figures --run-missing
+	$(PY) -m lib report
+
+# README.md's results and runtimes tables, rewritten from results/*.json
+report: setup
+	$(PY) -m lib report
 
 smoke: setup
 	@mkdir -p $(BUILD)
@@ -64,6 +69,7 @@ reproduce: setup experts
 	  SMOKE=0 $(BIN)/papermill --log-level WARNING -k python3 $$nb $(BUILD)/$$(basename $$nb) || exit 1; \
 	done
 	$(PY) -m lib figures
+	$(PY) -m lib report
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/

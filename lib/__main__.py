@@ -3,6 +3,7 @@
   figures   redraw every figure from results/*.json (``--run-missing`` runs a notebook first
             where its results are missing)
   experts   train every expert the notebooks use, once (full mode; resumable)
+  report    rewrite README.md's results and runtimes tables from results/*.json (``--check``)
   scan      spectra and SNR of every matrix of a checkpoint on disk -> CSV (+ plot)   (lib/cli.py)
   merge     merge checkpoints on disk, streaming, into a loadable model folder      (lib/cli.py)
 
@@ -28,6 +29,12 @@ def _experts(args) -> int:
     return experts_main(args)
 
 
+def _report(args) -> int:
+    from .report import main as report_main
+
+    return report_main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib", description="spectral-merge command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +49,10 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, train nothing")
     p.add_argument("--smoke", action="store_true", help="tiny slices, seconds per expert")
     p.set_defaults(func=_experts)
+
+    p = sub.add_parser("report", help="rewrite README.md's tables from results/*.json")
+    p.add_argument("--check", action="store_true", help="only say whether README.md is current (exit 1 if not)")
+    p.set_defaults(func=_report)
 
     from .cli import add_commands
 

@@ -441,7 +441,8 @@ def compare_effects(records: Iterable[Mapping], effects: Iterable[Effect], *, me
             se, basis = float("nan"), "too few"
         resolved = bool(abs(mean) > 2 * se) if math.isfinite(se) else False
         direction = ("not measured" if not len(d) else "same" if mean > 0 else "opposite" if mean < 0 else "none")
-        rows.append({"claim": e.claim, "source": e.source, "paper": e.paper, "ours": mean,
+        rows.append({"claim": e.claim, "pools": ", ".join(e.pools) if e.pools else "all", "source": e.source,
+                     "paper": e.paper, "ours": mean,
                      "ours_std": float(per_seed.std(ddof=1)) if per_seed.size >= 2 else float("nan"),
                      "seeds": int(per_seed.size), "subsets": len(d),
                      "wins": float((d.difference > 0).mean()) if len(d) else float("nan"),

@@ -1,0 +1,277 @@
+"""The README's tables, computed from ``results/*.json`` so that no number in them is typed by hand.
+
+``python -m lib report`` rewrites the parts of README.md between ``<!-- results:begin -->`` and
+``<!-- results:end -->`` and between ``<!-- runtimes:begin -->`` and ``<!-- runtimes:end -->``;
+``--check`` only says whether they are current (the tests run it, so a README whose numbers
+drift from the committed results fails ``make test``). ``make figures`` runs it after drawing.
+
+Each section is a function of the results dicts it reads and returns Markdown, or nothing when
+its results file is missing, so a checkout with only some notebooks run still gets a README that
+says which results are there (:func:`results_markdown`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from . import paths
+
+RESULTS_MARKERS = ("<!-- results:begin -->", "<!-- results:end -->")
+RUNTIMES_MARKERS = ("<!-- runtimes:begin -->", "<!-- runtimes:end -->")
+#: notebooks whose results the tables read, in README order
+NOTEBOOKS = ("00_marchenko_pastur", "01_resnet_fashion_kmnist", "02_text_sst2_emotion", "03_text_sst2_cola", "04_star",
+             "05_drm", "06_mergeability")
+#: the tasks of the report's notebooks, their metrics (the task's own one first) and the title
+SWEEP_TASKS = {"01_resnet_fashion_kmnist": [("fashion_mnist", "accuracy"), ("kmnist", "accuracy")],
+               "02_text_sst2_emotion": [("sst2", "accuracy"), ("emotion", "accuracy"), ("emotion", "macro_f1")],
+               "03_text_sst2_cola": [("sst2", "accuracy"), ("cola", "mcc"), ("cola", "accuracy")]}
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+
+def fmt(value, digits: int = 3) -> str:
+    """``digits`` decimals; three significant digits from 10,000 on (the report's SNRs reach 1e8)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.3g}" if abs(value) >= 1e4 else f"{value:.{digits}f}"
+
+
+def pm(mean, std, n=None, digits: int = 3) -> str:
+    """``mean ± std (n)``; a single seed has no std."""
+    text = fmt(mean, digits)
+    if std is not None and not (isinstance(std, float) and math.isnan(std)):
+        text += f" ± {fmt(std, digits)}"
+    return text + (f" ({int(n)})" if n is not None else "")
+
+
+def clock(seconds: float | None) -> str:
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def table(rows: list[Mapping], columns: Mapping[str, str]) -> str:
+    """A Markdown table of ``rows`` with ``columns`` (key -> header)."""
+    head = "| " + " | ".join(columns.values()) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(str(r.get(k, "")) for k in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def load(results_dir: Path | None = None) -> dict[str, dict]:
+    """Every published results file that exists: name -> contents (``experts`` and notebooks)."""
+    folder = Path(results_dir) if results_dir is not None else paths.results_dir(False)
+    out = {}
+    for name in ("experts", *NOTEBOOKS):
+        path = folder / f"{name}.json"
+        if path.is_file():
+            out[name] = paths.read_json(path)
+    return out
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+def experts_section(r: Mapping) -> str:
+    rows = []
+    for name, entry in r["summary"].items():
+        task, variant = name.split("/")
+        metrics = [k for k, v in entry.items() if isinstance(v, dict) and "mean" in v and k != "train_s"]
+        target = entry.get("target")
+        rows.append({"task": task, "variant": variant, "seeds": len(entry["seeds"]),
+                     "scores": "; ".join(f"{m} {pm(entry[m]['mean'], entry[m]['std'])}" for m in metrics),
+                     "target": f"{target['metric']} ≥ {target['minimum']}: {'met' if target['met'] else '**not met**'}"
+                     if target else "report only", "train": clock(entry["train_s"]["mean"])})
+    text = ("**Experts** (`make experts`, `results/experts.json`): each task's own evaluation split, whole; "
+            "mean ± std over seeds; train time per expert on the two-core CPU (wall clock, mean).\n\n")
+    text += table(rows, {"task": "task", "variant": "start", "seeds": "seeds", "scores": "score", "target": "target",
+                         "train": "train time"})
+    merge = r.get("mergeability") or []
+    if merge:
+        df = pd.DataFrame(merge)
+        g = df.groupby(["variant", "task"])[["expert", "average", "average_bn_reestimated"]].agg(["mean", "std"])
+        rows = [{"variant": v, "task": t, **{c: pm(g.loc[(v, t), (c, "mean")], g.loc[(v, t), (c, "std")])
+                                             for c in ("expert", "average", "average_bn_reestimated")}}
+                for v, t in g.index]
+        text += ("\n\nHow mergeable the vision experts are by starting point: the average of the Fashion-MNIST and "
+                 "KMNIST bodies, scored under each task's own head (accuracy, mean ± std over seeds).\n\n")
+        text += table(rows, {"variant": "start", "task": "task", "expert": "expert alone", "average": "average",
+                             "average_bn_reestimated": "average, BatchNorm re-estimated"})
+    return text
+
+
+def shape_bias_section(r: Mapping) -> str:
+    rows = []
+    for entry in r["shape_bias"]:
+        rows.append({"shape": "×".join(map(str, entry["shape"])),
+                     **{m: fmt(pd.Series(entry[f"snr_{m}"]).mean(), 3) for m in ("mp", "seed", "max_median")}})
+    return ("**Notebook 00, pure Gaussian noise** (no signal at all; mean over "
+            f"{r['config']['bias_draws']} draws): the SNR each definition reports. Ours (`mp`) is 0 for every "
+            "shape; the report's definitions depend on the shape.\n\n"
+            + table(rows, {"shape": "shape", "mp": "ours (`mp`)", "seed": "report, text (`seed`)",
+                           "max_median": "report, ResNet (`max_median`)"}))
+
+
+def report_section(results: Mapping[str, Mapping]) -> str:
+    """The report's numbers (seed 000 section 4) beside ours, and each task's leaderboard head."""
+    from . import sweep
+
+    rows = []
+    for nb in SWEEP_TASKS:
+        if nb not in results:
+            continue
+        r = results[nb]
+        sizes = {t: v["n_eval"] for t, v in r["tasks"].items()}
+        for c in r["comparison"]:
+            rows.append({"nb": nb[:2], "what": c["what"], "report": fmt(c["report"]),
+                         "ours": pm(c["ours_mean"], c["ours_std"], c["seeds"]), "run": f"`{c['run']}`",
+                         "note": c.get("note", "")})
+    if not rows:
+        return ""
+    text = ("**The report (seed 000, section 4) beside ours.** The report scored 200 examples; ours are whole "
+            "evaluation splits (sizes below), mean ± std (seeds).\n\n")
+    text += table(rows, {"nb": "nb", "what": "claim", "report": "report", "ours": "ours", "run": "our run",
+                         "note": "note"})
+    rows = []
+    for nb, metrics in SWEEP_TASKS.items():
+        if nb not in results:
+            continue
+        r = results[nb]
+        for task, metric in metrics:
+            board = sweep.leaderboard(r["records"], task, metric)
+            pick = lambda cond: board[cond].iloc[0] if cond.any() else None  # noqa: E731 - best row of a family
+            best = {m: pick(board.snr_method == m) for m in r["config"]["snr_methods"]}
+            ref, expert = pick(board.run == "average()"), pick(board.run == f"expert:{task}")
+            rows.append({"nb": nb[:2], "task": f"{task} ({r['tasks'][task]['n_eval']:,})", "metric": metric,
+                         "expert": pm(expert["mean"], expert["std"]) if expert is not None else "–",
+                         "average": pm(ref["mean"], ref["std"]) if ref is not None else "–",
+                         **{f"best_{m}": (f"{pm(b['mean'], b['std'])} `{b['run']}`" if b is not None else "–")
+                            for m, b in best.items()}})
+    methods = sorted({k for row in rows for k in row if k.startswith("best_")},
+                     key=lambda k: (k != "best_mp", k))
+    text += ("\n\n**Best SNR merge on the grid against the Standard merge** (an optimistic pick: the best of the "
+             "grid, mean ± std over seeds; the evaluation set size beside the task).\n\n")
+    text += table(rows, {"nb": "nb", "task": "task (examples)", "metric": "metric", "expert": "expert alone",
+                         "average": "Standard (average)",
+                         **{m: f"best SNR merge, `{m[5:]}`" for m in methods}})
+    return text
+
+
+def effects_section(r: Mapping, title: str) -> str:
+    rows = [{"claim": e["claim"], "pool": e.get("pools", ""), "source": e["source"], "paper": fmt(e["paper"], 1),
+             "ours": pm(e["ours"], e["ours_std"], None, 1), "seeds": e["seeds"], "wins": fmt(e["wins"], 2),
+             "direction": e["direction"], "beyond_2se": "yes" if e["beyond_2se"] else "no"}
+            for e in r["effects"]]
+    return (f"**{title}** Effects in points of normalized accuracy (ours: mean ± std over seeds; the paper's in "
+            "points of its metric). `wins`: share of merged subsets where the claim held.\n\n"
+            + table(rows, {"claim": "claim", "pool": "pool", "source": "paper's source", "paper": "paper",
+                           "ours": "ours", "seeds": "seeds", "wins": "wins", "direction": "same sign",
+                           "beyond_2se": "> 2 SE"}))
+
+
+def mergeability_section(r: Mapping) -> str:
+    rows = []
+    for method, f in r["fits"].items():
+        chosen = sorted(((abs(c), name, c) for name, c in zip(f["features"], f["coefficients"]) if c != 0), reverse=True)
+        rows.append({"method": method, "pairs": len(f["pairs"]), "r2": fmt(f["r2"], 2),
+                     "interval": f"[{fmt(f['r2_interval'][0], 2)}, {fmt(f['r2_interval'][1], 2)}]",
+                     "p": fmt(f["permutation_p"], 2),
+                     "features": ", ".join(f"{n} ({c:+.3f})" for _, n, c in chosen[:3]) or "none"})
+    return ("**Notebook 06, predicting mergeability** (one Lasso per method over the text-expert pairs, "
+            "leave-one-pair-out R² with a bootstrap 95 % interval and a permutation p-value; the largest "
+            "coefficients of the fit on all pairs, per standard deviation of the property).\n\n"
+            + table(rows, {"method": "method", "pairs": "pairs", "r2": "LOO R²", "interval": "95 % interval",
+                           "p": "permutation p", "features": "largest coefficients"}))
+
+
+SECTIONS: list[tuple[tuple[str, ...], Callable[..., str]]] = [
+    (("experts",), experts_section),
+    (("00_marchenko_pastur",), shape_bias_section),
+    ((), report_section),
+    (("04_star",), lambda r: effects_section(r, "Notebook 04, STAR's claims (seed 002) on our experts.")),
+    (("05_drm",), lambda r: effects_section(r, "Notebook 05, DRM's claims (seed 004) on our experts.")),
+    (("06_mergeability",), mergeability_section),
+]
+
+
+def results_markdown(results: Mapping[str, Mapping]) -> str:
+    parts = []
+    for needs, fn in SECTIONS:
+        if not needs:
+            parts.append(fn(results))
+        elif needs[0] in results:
+            parts.append(fn(results[needs[0]]))
+    missing = [n for n in ("experts", *NOTEBOOKS) if n not in results]
+    if missing:
+        parts.append("Not run in full mode yet (no results file): " + ", ".join(f"`{n}`" for n in missing) + ".")
+    return "\n\n".join(p for p in parts if p)
+
+
+def total_seconds(r: Mapping) -> float | None:
+    """A notebook's measured run time: ``runtimes.total_s`` or ``runtime_s.total``."""
+    for outer, inner in (("runtimes", "total_s"), ("runtime_s", "total")):
+        if isinstance(r.get(outer), Mapping) and inner in r[outer]:
+            return float(r[outer][inner])
+    return None
+
+
+def runtimes_markdown(results: Mapping[str, Mapping]) -> str:
+    rows = []
+    if "experts" in results:
+        rs = results["experts"]["experts"]
+        rows.append({"job": "`make experts`", "what": f"{len(rs)} experts trained and evaluated",
+                     "time": clock(sum(e["runtime"]["train_s"] + e["runtime"]["eval_s"] for e in rs)),
+                     "note": "sum of the experts' own wall times"})
+    for nb in NOTEBOOKS:
+        if nb in results:
+            r = results[nb]
+            seeds = r["config"].get("seeds") or [r["config"].get("seed")]
+            trained = sum(not e.get("from_cache", True) for e in r.get("experts", []) if isinstance(e, Mapping))
+            rows.append({"job": f"notebook {nb}",
+                         "what": f"{'SMOKE' if r.get('smoke') else 'full mode'}, seed{'s' * (len(seeds) > 1)} "
+                                 f"{', '.join(map(str, seeds))}",
+                         "time": clock(total_seconds(r)),
+                         "note": f"{trained} experts trained in the run" if trained else "experts from the cache"
+                         if r.get("experts") else ""})
+    if not rows:
+        return ""
+    return ("Measured on the project's two-core CPU (no GPU); wall times, so they grow while other work shares "
+            "the machine.\n\n" + table(rows, {"job": "job", "what": "what", "time": "time", "note": "note"}))
+
+
+def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
+    begin, end = markers
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"README has no {begin} ... {end} block")
+    return pattern.sub(lambda _: f"{begin}\n{body}\n{end}", text, count=1)
+
+
+def render(readme: str, results: Mapping[str, Mapping]) -> str:
+    text = replace_between(readme, RESULTS_MARKERS, results_markdown(results))
+    return replace_between(text, RUNTIMES_MARKERS, runtimes_markdown(results))
+
+
+def main(args) -> int:
+    readme = paths.ROOT / "README.md"
+    current = readme.read_text()
+    new = render(current, load())
+    if getattr(args, "check", False):
+        if new != current:
+            print("README.md tables differ from results/*.json: run `python -m lib report`")
+            return 1
+        print("README.md tables match results/*.json")
+        return 0
+    if new != current:
+        paths.atomic_write_bytes(readme, new.encode())
+        print("README.md tables rewritten from results/*.json")
+    return 0

@@ -1,0 +1,76 @@
+"""README tables come from results/*.json: lib.report renders them, and the committed README must
+match what the committed results give (no number typed by hand, none left stale)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lib import paths, report
+
+README = """# title
+text before
+<!-- results:begin -->
+old table
+<!-- results:end -->
+middle
+<!-- runtimes:begin -->
+<!-- runtimes:end -->
+after
+"""
+
+
+def experts_results():
+    rows = [{"task": "cola", "variant": "pretrained", "seed": s, "runtime": {"train_s": 300.0 + 60 * s, "eval_s": 4.0}}
+            for s in (0, 1)]
+    summary = {"cola/pretrained": {"seeds": [0, 1], "accuracy": {"mean": 0.7, "std": 0.01},
+                                   "mcc": {"mean": 0.2345, "std": 0.0123}, "train_s": {"mean": 330.0, "std": 30.0},
+                                   "target": {"metric": "mcc", "minimum": 0.25, "met": False}}}
+    return {"experts": rows, "summary": summary, "mergeability": []}
+
+
+def test_render_replaces_only_the_marked_blocks():
+    out = report.render(README, {"experts": experts_results()})
+    assert out.startswith("# title\ntext before\n<!-- results:begin -->\n") and out.endswith("middle\n" + out.split("middle\n")[1])
+    assert "old table" not in out and out.rstrip().endswith("after")
+    assert report.render(out, {"experts": experts_results()}) == out, "rendering twice changes nothing"
+
+
+def test_render_needs_both_blocks():
+    with pytest.raises(ValueError, match="runtimes:begin"):
+        report.render("<!-- results:begin -->\n<!-- results:end -->\n", {})
+
+
+def test_experts_table_carries_the_numbers_and_says_when_a_target_is_missed():
+    text = report.experts_section(experts_results())
+    assert "mcc 0.234 ± 0.012" in text and "mcc ≥ 0.25: **not met**" in text and "| 6 min |" in text
+
+
+def test_missing_results_are_listed_not_invented():
+    text = report.results_markdown({"experts": experts_results()})
+    assert "Not run in full mode yet" in text and "`05_drm`" in text and "`experts`" not in text.split("yet")[1]
+    assert report.runtimes_markdown({}) == ""
+
+
+def test_runtimes_sum_the_experts_and_read_each_notebook_total():
+    nb = {"config": {"seeds": [0, 1, 2]}, "smoke": False, "runtimes": {"total_s": 3 * 3600 + 5 * 60},
+          "experts": [{"from_cache": True}]}
+    text = report.runtimes_markdown({"experts": experts_results(), "04_star": nb})
+    assert "| `make experts` | 2 experts trained and evaluated | 11 min |" in text
+    assert "| notebook 04_star | full mode, seeds 0, 1, 2 | 3 h 05 min | experts from the cache |" in text
+
+
+@pytest.mark.parametrize("value, text", [(0.12345, "0.123"), (356383.7, "3.56e+05"), (float("nan"), "–"), (None, "–")])
+def test_fmt(value, text):
+    assert report.fmt(value) == text
+
+
+def test_pm_leaves_out_the_std_of_one_seed():
+    assert report.pm(0.5, math.nan, 1) == "0.500 (1)" and report.pm(0.5, 0.25) == "0.500 ± 0.250"
+
+
+def test_readme_tables_match_the_committed_results():
+    readme = (paths.ROOT / "README.md").read_text()
+    assert report.render(readme, report.load()) == readme, (
+        "README.md's tables are not what results/*.json give: run `python -m lib report` and commit README.md")

@@ -130,7 +130,6 @@ def report_section(results: Mapping[str, Mapping]) -> str:
         if nb not in results:
             continue
         r = results[nb]
-        sizes = {t: v["n_eval"] for t, v in r["tasks"].items()}
         for c in r["comparison"]:
             rows.append({"nb": nb[:2], "what": c["what"], "report": fmt(c["report"]),
                          "ours": pm(c["ours_mean"], c["ours_std"], c["seeds"]), "run": f"`{c['run']}`",

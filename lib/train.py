@@ -96,7 +96,8 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     # SST-2 has 67,349 training phrases (mostly short): one pass over a fixed 16k subset
     "sst2": Recipe(epochs=1, batch_size=32, lr=1e-4, max_train_examples=16_000),
-    "cola": Recipe(epochs=2, batch_size=32, lr=5e-5),
+    # CoLA: two passes at 5e-5 gave MCC 0.237 (seed 0); three at 1e-4, as for the other small sets
+    "cola": Recipe(epochs=3, batch_size=32, lr=1e-4),
     "emotion": Recipe(epochs=1, batch_size=32, lr=1e-4),
     "trec": Recipe(epochs=2, batch_size=32, lr=1e-4),
     "mrpc": Recipe(epochs=3, batch_size=32, lr=5e-5),
@@ -104,8 +105,9 @@ RECIPES: dict[str, Recipe] = {
     "rotten_tomatoes": Recipe(epochs=1, batch_size=32, lr=1e-4),
     # MNIST: one pass over a fixed half of the 60k training images reaches 0.988
     "mnist": Recipe(epochs=1, batch_size=128, lr=2e-3, weight_decay=5e-4, max_train_examples=30_000),
-    # Fashion-MNIST needs all 60k (the fixed 30k half gave 0.878 fine-tuned from the MNIST base)
-    "fashion_mnist": Recipe(epochs=1, batch_size=128, lr=2e-3, weight_decay=5e-4),
+    # Fashion-MNIST needs all 60k and more than one pass (the fixed 30k half gave 0.878 fine-tuned
+    # from the MNIST base, one pass over all 60k 0.891 from it and 0.893 from the shared init)
+    "fashion_mnist": Recipe(epochs=3, batch_size=128, lr=2e-3, weight_decay=5e-4),
     # only 7,011 KMNIST training images exist locally: several passes with random shifts
     "kmnist": Recipe(epochs=4, batch_size=128, lr=2e-3, weight_decay=5e-4, augment=True),
 }

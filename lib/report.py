@@ -227,9 +227,9 @@ def runtimes_markdown(results: Mapping[str, Mapping]) -> str:
     rows = []
     if "experts" in results:
         rs = results["experts"]["experts"]
-        rows.append({"job": "`make experts`", "what": f"{len(rs)} experts trained and evaluated",
-                     "time": clock(sum(e["runtime"]["train_s"] + e["runtime"]["eval_s"] for e in rs)),
-                     "note": "sum of the experts' own wall times"})
+        seconds = sum(e["runtime"]["train_s"] + e["runtime"]["eval_s"] for e in rs)
+        rows.append({"job": "`make experts`", "what": f"{len(rs)} experts trained and evaluated", "seconds": seconds,
+                     "time": clock(seconds), "note": "sum of the experts' own wall times"})
     for nb in NOTEBOOKS:
         if nb in results:
             r = results[nb]
@@ -238,11 +238,13 @@ def runtimes_markdown(results: Mapping[str, Mapping]) -> str:
             rows.append({"job": f"notebook {nb}",
                          "what": f"{'SMOKE' if r.get('smoke') else 'full mode'}, seed{'s' * (len(seeds) > 1)} "
                                  f"{', '.join(map(str, seeds))}",
-                         "time": clock(total_seconds(r)),
+                         "seconds": total_seconds(r) or 0.0, "time": clock(total_seconds(r)),
                          "note": f"{trained} experts trained in the run" if trained else "experts from the cache"
                          if r.get("experts") else ""})
     if not rows:
         return ""
+    total = sum(r["seconds"] for r in rows)
+    rows.append({"job": "**total**", "what": "`make reproduce`, what is measured above", "time": clock(total)})
     return ("Measured on the project's two-core CPU (no GPU); wall times, so they grow while other work shares "
             "the machine.\n\n" + table(rows, {"job": "job", "what": "what", "time": "time", "note": "note"}))
 

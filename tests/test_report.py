@@ -59,6 +59,7 @@ def test_runtimes_sum_the_experts_and_read_each_notebook_total():
     text = report.runtimes_markdown({"experts": experts_results(), "04_star": nb})
     assert "| `make experts` | 2 experts trained and evaluated | 11 min |" in text
     assert "| notebook 04_star | full mode, seeds 0, 1, 2 | 3 h 05 min | experts from the cache |" in text
+    assert "| **total** | `make reproduce`, what is measured above | 3 h 16 min |" in text
 
 
 @pytest.mark.parametrize("value, text", [(0.12345, "0.123"), (356383.7, "3.56e+05"), (float("nan"), "–"), (None, "–")])

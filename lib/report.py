@@ -249,6 +249,24 @@ def runtimes_markdown(results: Mapping[str, Mapping]) -> str:
             "the machine.\n\n" + table(rows, {"job": "job", "what": "what", "time": "time", "note": "note"}))
 
 
+def figure_files(figures_dir: Path | None = None) -> list[str]:
+    """The published figures, as paths relative to the repository root."""
+    folder = Path(figures_dir) if figures_dir is not None else paths.figures_dir(False)
+    return [p.relative_to(paths.ROOT).as_posix() if p.is_relative_to(paths.ROOT) else p.as_posix()
+            for p in sorted(folder.glob("*.png"))]
+
+
+def figures_markdown(figures) -> str:
+    """Links to every published figure, one line per notebook."""
+    lines = []
+    for nb in NOTEBOOKS:
+        mine = [f for f in figures if Path(f).name.startswith(f"{nb}_")]
+        if mine:
+            links = ", ".join(f"[{Path(f).stem.removeprefix(nb + '_')}]({f})" for f in mine)
+            lines.append(f"* `{nb}`: {links}")
+    return ("**Figures** (`make figures` redraws them from the results files):\n\n" + "\n".join(lines)) if lines else ""
+
+
 def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
     begin, end = markers
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
@@ -257,15 +275,16 @@ def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
     return pattern.sub(lambda _: f"{begin}\n{body}\n{end}", text, count=1)
 
 
-def render(readme: str, results: Mapping[str, Mapping]) -> str:
-    text = replace_between(readme, RESULTS_MARKERS, results_markdown(results))
+def render(readme: str, results: Mapping[str, Mapping], figures=()) -> str:
+    body = "\n\n".join(p for p in (results_markdown(results), figures_markdown(figures)) if p)
+    text = replace_between(readme, RESULTS_MARKERS, body)
     return replace_between(text, RUNTIMES_MARKERS, runtimes_markdown(results))
 
 
 def main(args) -> int:
     readme = paths.ROOT / "README.md"
     current = readme.read_text()
-    new = render(current, load())
+    new = render(current, load(), figure_files())
     if getattr(args, "check", False):
         if new != current:
             print("README.md tables differ from results/*.json: run `python -m lib report`")

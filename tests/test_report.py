@@ -37,6 +37,12 @@ def test_render_replaces_only_the_marked_blocks():
     assert report.render(out, {"experts": experts_results()}) == out, "rendering twice changes nothing"
 
 
+def test_figures_are_linked_per_notebook():
+    text = report.figures_markdown(["figures/04_star_methods.png", "figures/04_star_eta_sweep.png", "figures/x.png"])
+    assert text.endswith("* `04_star`: [methods](figures/04_star_methods.png), [eta_sweep](figures/04_star_eta_sweep.png)")
+    assert report.figures_markdown([]) == ""
+
+
 def test_render_needs_both_blocks():
     with pytest.raises(ValueError, match="runtimes:begin"):
         report.render("<!-- results:begin -->\n<!-- results:end -->\n", {})
@@ -73,5 +79,5 @@ def test_pm_leaves_out_the_std_of_one_seed():
 
 def test_readme_tables_match_the_committed_results():
     readme = (paths.ROOT / "README.md").read_text()
-    assert report.render(readme, report.load()) == readme, (
+    assert report.render(readme, report.load(), report.figure_files()) == readme, (
         "README.md's tables are not what results/*.json give: run `python -m lib report` and commit README.md")

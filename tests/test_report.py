@@ -81,3 +81,29 @@ def test_readme_tables_match_the_committed_results():
     readme = (paths.ROOT / "README.md").read_text()
     assert report.render(readme, report.load(), report.figure_files()) == readme, (
         "README.md's tables are not what results/*.json give: run `python -m lib report` and commit README.md")
+
+
+def sweep_records(rows):
+    """lib.sweep records of one seed: (run, method, model, snr_method, top, {task: value})."""
+    metric = {"sst2": "accuracy", "cola": "mcc"}
+    return [{"seed": seed, "run": run, "method": method, "model": model, "snr_method": snr, "top": top, "threshold": None,
+             "task": task, "metric": metric[task], "value": value + 0.01 * seed, "reused": False}
+            for seed in (0, 1) for run, method, model, snr, top, values in rows for task, value in values.items()]
+
+
+def test_merges_table_picks_the_run_that_serves_both_tasks():
+    rows = [("expert:sst2", "expert", "sst2", None, None, {"sst2": 0.9, "cola": 0.0}),
+            ("expert:cola", "expert", "cola", None, None, {"sst2": 0.5, "cola": 0.3}),
+            ("base:base", "base", "base", None, None, {"sst2": 0.5, "cola": 0.0}),
+            ("average()", "average", "merged", None, None, {"sst2": 0.8, "cola": 0.15}),
+            # a copy of the SST-2 expert wins SST-2 outright but serves CoLA not at all
+            ("snr_winner(snr_method=mp, top=0.0)", "snr_winner", "merged", "mp", 0.0, {"sst2": 0.9, "cola": 0.0}),
+            ("snr_winner(snr_method=mp, top=0.5)", "snr_winner", "merged", "mp", 0.5, {"sst2": 0.7, "cola": 0.2}),
+            ("ties()", "ties", "merged", None, None, {"sst2": 0.85, "cola": 0.1})]
+    r = {"config": {"tasks": ["sst2", "cola"], "seeds": [0, 1], "snr_methods": ["mp"]}, "records": sweep_records(rows),
+         "tasks": {"sst2": {"split": "validation", "n_eval": 872}, "cola": {"split": "validation", "n_eval": 1043}}}
+    lines = report.merges_table("03", r).splitlines()
+    best_mp = next(line for line in lines if line.startswith("| best SNR merge, `mp`"))
+    assert "top=0.5" in best_mp and best_mp.endswith("| 0.672 |"), best_mp  # min(0.705/0.905, 0.205/0.305)
+    assert any(line.startswith("| best other method | `ties()`") for line in lines)
+    assert "sst2 validation (872), cola validation (1,043)" in lines[0]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -17,7 +18,13 @@ from safetensors.torch import load_file, save_file
 from lib import spectral
 from lib.__main__ import main
 from lib.checkpoint import Checkpoint, ShardedWriter, atomic_output_dir
-from lib.cli import load_config, merge_checkpoints, parse_value, row_blocks
+from lib.cli import (
+    MERGE_RECORD,
+    load_config,
+    merge_checkpoints,
+    parse_value,
+    row_blocks,
+)
 from lib.merge import METHODS, is_elementwise, merge, resolve_hparams
 
 transformers = pytest.importorskip("transformers")
@@ -376,6 +383,26 @@ def test_command_line_exits_non_zero_without_traceback(models, tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown merge method" in proc.stderr
 
 
+def test_command_line_process_writes_everything_before_its_fast_exit(models, tmp_path):
+    """``python -m lib merge`` and ``scan`` end with os._exit (no interpreter teardown): the
+    model folder, the CSV, the plot and the final message must all be complete by then."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "lib", "merge", "--method", "ties", "--base", str(models["base"]),
+                           "--experts", *map(str, models["experts"]), "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"-> {out}" in proc.stdout
+    expected = merge("ties", state_dict(models["base"]), [state_dict(p) for p in models["experts"]])
+    got = state_dict(out)
+    assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert (out / MERGE_RECORD).read_text().startswith("merge_method: ties")
+    proc = subprocess.run([sys.executable, "-m", "lib", "scan", str(out), "--out", str(tmp_path / "scan.csv"),
+                           "--plot", str(tmp_path / "scan.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(tmp_path / "scan.csv")
+    assert len(table) > 0 and (tmp_path / "scan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ---------------------------------------------------------------- reading and scanning
 
 
@@ -393,8 +420,6 @@ def test_scan_writes_one_row_per_matrix_and_a_plot(models, tmp_path, capsys):
     out, plot = tmp_path / "scan.csv", tmp_path / "scan.png"
     rc, stdout, _ = run_cli(capsys, "scan", models["experts"][0], "--out", out, "--plot", plot, "--quiet")
     assert rc == 0 and "scanned" in stdout
-    import pandas as pd
-
     table = pd.read_csv(out)
     expected = spectral.scan(state_dict(models["experts"][0]))
     assert list(table.columns) == list(expected.columns)
@@ -438,3 +463,11 @@ def test_savefig_writes_at_a_path_in_the_format_of_its_suffix(tmp_path):
         savefig(fig, "name", path=tmp_path / "plot.png")
     plt.close(fig)
     assert [p.name for p in tmp_path.iterdir()] == ["plot.svg"]
+
+
+def test_allocator_setting_applies_on_glibc():
+    import platform
+
+    from lib.cli import return_freed_blocks_to_the_system
+
+    assert return_freed_blocks_to_the_system() is (platform.libc_ver()[0] == "glibc")

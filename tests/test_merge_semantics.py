@@ -12,7 +12,14 @@ import torch
 from lib.merge import METHODS, merge, run_items, select_keys
 from lib.merge.dare import keep_mask, mask_seed
 from lib.merge.snr import alpha_weights, assign_layers, decide_layers
-from lib.merge.ties import disjoint_mean, elect_sign, kept_count, kth_largest_magnitude, trim_topk
+from lib.merge.ties import (
+    disjoint_mean,
+    elect_sign,
+    kept_count,
+    kth_largest_magnitude,
+    ties_merge_taus,
+    trim_topk,
+)
 from lib.statedict import is_float, is_matrix
 
 MATRICES = ["embed.weight", "conv.weight", "fc1.weight", "fc2.weight", "classifier.weight"]
@@ -74,6 +81,24 @@ def test_ties_steps_on_a_hand_made_example():
     kept = trim_topk(taus, 0.5, batch_dims=1)  # two of four per row
     assert (kept != 0).sum(dim=1).tolist() == [2, 2, 2]
     assert kept[0].tolist() == [3.0, -1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("thresholds", [None, [0.5, 1.0, 0.1]])
+def test_ties_in_place_equals_the_step_by_step_merge(thresholds):
+    """The in-place variant the merges use (less memory) gives the same values as trim, elect,
+    disjoint mean, including where the elected sign is 0 and where no entry agrees."""
+    g = torch.Generator().manual_seed(0)
+    taus = torch.randn(3, 40, 7, generator=g)
+    taus[:, 0] = torch.tensor([1.0, -1.0, 0.0]).reshape(3, 1)  # sum 0: no elected sign
+    taus[:, 1] = 0.0
+    expected = ties_merge_taus(taus, 0.3, thresholds=thresholds)
+    owned = taus.clone()
+    got = ties_merge_taus(owned, 0.3, thresholds=thresholds, inplace=True)
+    assert torch.equal(got, expected)
+    assert torch.equal(got[1], torch.zeros(7))
+    if thresholds is not None:  # +1 and -1 both survive their thresholds and cancel
+        assert torch.equal(got[0], torch.zeros(7))
+        assert not torch.equal(owned, taus)  # the stack itself was trimmed
 
 
 def test_kept_count_is_robust_to_float_rounding():

@@ -65,9 +65,7 @@ def trim_topk(tau: Tensor, density: float, *, batch_dims: int = 0) -> Tensor:
 def trim_below(tau: Tensor, threshold: float | Tensor) -> Tensor:
     """Zero the entries of ``tau`` whose float32 magnitude is below ``threshold`` (a scalar, or
     one threshold per row of a stack ``(N, ...)``)."""
-    threshold = torch.as_tensor(threshold, dtype=torch.float32, device=tau.device)
-    threshold = threshold.reshape(-1, *([1] * (tau.ndim - 1))) if threshold.ndim else threshold
-    return tau * (tau.abs().to(torch.float32) >= threshold)
+    return tau * ~_below(tau, threshold)
 
 
 def elect_sign(taus: Tensor) -> Tensor:
@@ -195,11 +193,36 @@ class _TaskVectorItems:
         return [e - base for e in experts]
 
 
-def ties_merge_taus(taus: Tensor, density: float, *, thresholds=None) -> Tensor:
+def ties_merge_taus(taus: Tensor, density: float, *, thresholds=None, inplace: bool = False) -> Tensor:
     """TIES on one stack of task vectors ``(N, ...)``: trim (per tensor, or below the given
-    per-expert ``thresholds``), elect signs, disjoint mean."""
-    kept = trim_topk(taus, density, batch_dims=1) if thresholds is None else trim_below(taus, thresholds)
-    return disjoint_mean(kept, elect_sign(kept))
+    per-expert ``thresholds``), elect signs, disjoint mean.
+
+    ``inplace=True`` (for a stack the caller owns) trims and drops the disagreeing entries inside
+    ``taus`` itself: about two stacks of temporaries instead of four, which is what bounds the
+    streaming merge's memory (``benchmarks/stream_merge.py``). Same result either way.
+    """
+    if thresholds is None:
+        kept = trim_topk(taus, density, batch_dims=1)
+    elif inplace:
+        kept = taus.masked_fill_(_below(taus, thresholds), 0)
+    else:
+        kept = trim_below(taus, thresholds)
+    if not inplace:
+        return disjoint_mean(kept, elect_sign(kept))
+    signs = elect_sign(kept)
+    # an entry agrees when it is non-zero with the elected sign; zeroing the others leaves the
+    # agreeing entries as the only non-zeros, so their sum and count give the disjoint mean
+    kept.masked_fill_(torch.sign(kept) != signs, 0)
+    count = (kept != 0).sum(dim=0, dtype=kept.dtype).clamp_(min=1)
+    return kept.sum(dim=0).div_(count)
+
+
+def _below(taus: Tensor, thresholds) -> Tensor:
+    """Mask of the entries of the stack ``taus (N, ...)`` whose float32 magnitude is below their
+    expert's threshold (the complement of what :func:`trim_below` keeps)."""
+    threshold = torch.as_tensor(thresholds, dtype=torch.float32, device=taus.device)
+    threshold = threshold.reshape(-1, *([1] * (taus.ndim - 1))) if threshold.ndim else threshold
+    return taus.abs().to(torch.float32) < threshold
 
 
 @register(
@@ -219,4 +242,4 @@ def ties(base, experts, *, context=None, density=0.2, lam=1.0, scope="model"):
     if scope == "model" and context is None:
         context = model_thresholds(run_items(base, experts), density=density, lam=lam, scope=scope)
     # task vectors of one key at a time, subtracted in place in their stack: N copies of the tensor, not 2N
-    return {k: base[k] + lam * ties_merge_taus(stack(experts, k).sub_(base[k]), density, thresholds=context) for k in base}
+    return {k: base[k] + lam * ties_merge_taus(stack(experts, k).sub_(base[k]), density, thresholds=context, inplace=True) for k in base}

@@ -51,6 +51,7 @@ def test_render_needs_both_blocks():
 def test_experts_table_carries_the_numbers_and_says_when_a_target_is_missed():
     text = report.experts_section(experts_results())
     assert "mcc 0.234 ± 0.012" in text and "mcc ≥ 0.25: **not met**" in text and "| 6 min |" in text
+    assert f"| {report.PUBLISHED_SMALL_BERT['cola']} |" in text  # the published small-BERT figure beside ours
 
 
 def test_missing_results_are_listed_not_invented():

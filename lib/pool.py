@@ -215,11 +215,12 @@ class PoolRunner:
                                      seed=self.pool.seed, method="base")
         return out + self._tag(recs, None, None)
 
-    def run(self, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run]) -> list[dict]:
-        """Merge each subset's bodies once per run and score the merged body on the subset's tasks."""
+    def run(self, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run], *, progress: bool | None = None) -> list[dict]:
+        """Merge each subset's bodies once per run and score the merged body on the subset's tasks
+        (a progress bar over the merges unless ``progress`` or the runner's setting says not)."""
         out = []
         bar = tqdm(total=len(subsets) * len(runs), desc=f"{self.pool.name} seed {self.pool.seed}",
-                   disable=not self.progress, leave=False)
+                   disable=not (self.progress if progress is None else progress), leave=False)
         for subset in subsets:
             name = subset_name(subset)
             if name not in self.caches:
@@ -257,13 +258,19 @@ def earlier_records(files: Sequence[str | Path], *, pool: str, seed: int, subset
 
 def run_missing(runner: PoolRunner, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run],
                 done: Sequence[Mapping] = ()) -> list[dict]:
-    """:meth:`PoolRunner.run` for every (subset, run) not among the records ``done``."""
+    """:meth:`PoolRunner.run` for every (subset, run) not among the records ``done``, with one
+    progress bar over all of them (when the runner shows progress)."""
     have = {(r["subset"], r["run"]) for r in done}
+    todo = [(subset, [run for run in runs if (subset_name(subset), run.label()) not in have]) for subset in subsets]
+    todo = [(subset, missing) for subset, missing in todo if missing]
+    bar = tqdm(total=sum(len(missing) for _, missing in todo), desc=f"{runner.pool.name} seed {runner.pool.seed}: merges",
+               disable=not runner.progress)
     out = []
-    for subset in subsets:
-        todo = [run for run in runs if (subset_name(subset), run.label()) not in have]
-        if todo:
-            out += runner.run([subset], todo)
+    for subset, missing in todo:
+        bar.set_postfix_str(subset_name(subset))
+        out += runner.run([subset], missing, progress=False)
+        bar.update(len(missing))
+    bar.close()
     return out
 
 

@@ -366,10 +366,13 @@ def test_run_missing_runs_only_what_is_not_done():
     from lib.sweep import Run
 
     class Runner:
+        progress = False
+        pool = type("P", (), {"name": "text", "seed": 0})
+
         def __init__(self):
             self.calls = []
 
-        def run(self, subsets, runs):
+        def run(self, subsets, runs, progress=None):
             self.calls.append((list(subsets), [r.label() for r in runs]))
             return [{"subset": "+".join(subsets[0]), "run": r.label()} for r in runs]
 

@@ -31,16 +31,26 @@ def fit_title(method: str, fit: dict) -> str:
             f"permutation p = {fit['permutation_p']:.2f}, {len(fit['pairs'])} pairs")
 
 
+def panel_grid(n: int, per_row: int = 3) -> tuple[int, int]:
+    """Columns and rows for ``n`` per-method panels, three to a row (six side by side are too
+    small to read)."""
+    cols = max(1, min(per_row, n))
+    return cols, -(-n // cols)
+
+
 def draw_coefficients(results: dict, *, smoke: bool = False) -> list[Path]:
     """Per merge method, the Lasso coefficient of every property on all pairs (bars, in units of
     normalized accuracy per standard deviation of the property) and its value in each
     leave-one-pair-out fit (dots): a property whose dots scatter around zero is not a finding."""
     fits = results["fits"]
     features = next(iter(fits.values()))["features"]
-    fig, axes = plt.subplots(1, len(fits), figsize=(3.6 * len(fits) + 1.8, 0.32 * len(features) + 1.8),
+    cols, rows = panel_grid(len(fits))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1.8, rows * (0.32 * len(features) + 1.8)),
                              squeeze=False, sharey=True)
+    for ax in axes.flat[len(fits):]:
+        ax.set_visible(False)
     y = np.arange(len(features))
-    for (method, fit), ax in zip(fits.items(), axes[0]):
+    for (method, fit), ax in zip(fits.items(), axes.flat):
         coef = np.asarray(fit["coefficients"])
         folds = np.asarray(fit["fold_coefficients"])
         ax.barh(y, coef, color=color(method), alpha=0.75, label="all pairs")
@@ -55,7 +65,7 @@ def draw_coefficients(results: dict, *, smoke: bool = False) -> list[Path]:
         ax.xaxis.set_major_locator(MaxNLocator(4, symmetric=True))
         ax.set_title(fit_title(method, fit), fontsize=8)
         ax.set_xlabel("coefficient per SD of the property")
-    axes[0][0].set_yticks(y, features)
+    axes[0][0].set_yticks(y, features)  # shared by every panel
     axes[0][0].invert_yaxis()
     fig.suptitle("Lasso coefficients (bars: all pairs; dots: each leave-one-pair-out fit; %: share of fits selecting it)",
                  fontsize=9)
@@ -67,8 +77,11 @@ def draw_predicted(results: dict, *, smoke: bool = False) -> list[Path]:
     without that pair; the diagonal is a perfect prediction, the dotted line the mean of the
     measurements (the prediction that needs no property at all)."""
     fits = results["fits"]
-    fig, axes = plt.subplots(1, len(fits), figsize=(3.9 * len(fits), 3.9), squeeze=False)
-    for (method, fit), ax in zip(fits.items(), axes[0]):
+    cols, rows = panel_grid(len(fits))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 4.3 * rows), squeeze=False)
+    for ax in axes.flat[len(fits):]:
+        ax.set_visible(False)
+    for (method, fit), ax in zip(fits.items(), axes.flat):
         measured, predicted = np.asarray(fit["measured"]), np.asarray(fit["predicted"])
         ax.scatter(measured, predicted, color=color(method), s=18, zorder=3)
         for x, yv, pair in zip(measured, predicted, fit["pairs"]):
@@ -81,7 +94,8 @@ def draw_predicted(results: dict, *, smoke: bool = False) -> list[Path]:
         ax.set_title(fit_title(method, fit), fontsize=8)
         ax.set_xlabel("measured normalized accuracy")
         ax.set_aspect("equal", adjustable="datalim")
-    axes[0][0].set_ylabel("predicted (pair left out)")
+    for row in axes:
+        row[0].set_ylabel("predicted (pair left out)")
     axes[0][0].legend(loc="upper left")
     return savefig(fig, f"{NOTEBOOK}_predicted", smoke=smoke)
 

@@ -29,8 +29,9 @@ to move the cut by one rank when the low-rank part is strong, and its eigenvecto
 mix. On exactly low-rank (LoRA) deltas the round-off eigenvalues are set to zero (see
 :mod:`lib.linalg`), so the float64 path stays exact there too.
 
-Speed (``benchmarks/merge.py``, BERT-base shapes, on a shared 2-core CPU): 2.1x to 3.9x faster
-than the reference, short of the 5x aimed at. In float64 an ``eigh`` of a 768x768 Gram matrix
+Speed (``benchmarks/merge.py``, BERT-base shapes, 2-core CPU): 2.1x to 3.9x faster than the
+reference on a shared machine, 1.8x for three experts on a quiet one (33.8 s against 59.8 s),
+short of the 5x aimed at. In float64 an ``eigh`` of a 768x768 Gram matrix
 costs about half a 768x768 SVD, so the square attention matrices gain 2x and only the 768x3072
 ones 4-5x; a float32 Gram would double the speed but is not exact (above). On a GPU the batched
 ``eigh`` is the design point.

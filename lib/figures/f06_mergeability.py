@@ -31,11 +31,16 @@ def fit_title(method: str, fit: dict) -> str:
             f"permutation p = {fit['permutation_p']:.2f}, {len(fit['pairs'])} pairs")
 
 
-def panel_grid(n: int, per_row: int = 3) -> tuple[int, int]:
-    """Columns and rows for ``n`` per-method panels, three to a row (six side by side are too
-    small to read)."""
+def method_panels(n: int, width: float, height: float, *, extra_width: float = 0.0, per_row: int = 3, **kw):
+    """A figure of ``n`` per-method panels of ``width`` x ``height`` inches, three to a row (six
+    side by side are too small to read): the figure, its ``(rows, cols)`` axes and the ``n`` used
+    axes in order; the rest of the last row is hidden."""
     cols = max(1, min(per_row, n))
-    return cols, -(-n // cols)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + extra_width, height * rows), squeeze=False, **kw)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes, list(axes.flat[:n])
 
 
 def draw_coefficients(results: dict, *, smoke: bool = False) -> list[Path]:
@@ -44,13 +49,9 @@ def draw_coefficients(results: dict, *, smoke: bool = False) -> list[Path]:
     leave-one-pair-out fit (dots): a property whose dots scatter around zero is not a finding."""
     fits = results["fits"]
     features = next(iter(fits.values()))["features"]
-    cols, rows = panel_grid(len(fits))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1.8, rows * (0.32 * len(features) + 1.8)),
-                             squeeze=False, sharey=True)
-    for ax in axes.flat[len(fits):]:
-        ax.set_visible(False)
+    fig, axes, used = method_panels(len(fits), 3.6, 0.32 * len(features) + 1.8, extra_width=1.8, sharey=True)
     y = np.arange(len(features))
-    for (method, fit), ax in zip(fits.items(), axes.flat):
+    for (method, fit), ax in zip(fits.items(), used):
         coef = np.asarray(fit["coefficients"])
         folds = np.asarray(fit["fold_coefficients"])
         ax.barh(y, coef, color=color(method), alpha=0.75, label="all pairs")
@@ -77,11 +78,8 @@ def draw_predicted(results: dict, *, smoke: bool = False) -> list[Path]:
     without that pair; the diagonal is a perfect prediction, the dotted line the mean of the
     measurements (the prediction that needs no property at all)."""
     fits = results["fits"]
-    cols, rows = panel_grid(len(fits))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 4.3 * rows), squeeze=False)
-    for ax in axes.flat[len(fits):]:
-        ax.set_visible(False)
-    for (method, fit), ax in zip(fits.items(), axes.flat):
+    fig, axes, used = method_panels(len(fits), 4.3, 4.3)
+    for (method, fit), ax in zip(fits.items(), used):
         measured, predicted = np.asarray(fit["measured"]), np.asarray(fit["predicted"])
         ax.scatter(measured, predicted, color=color(method), s=18, zorder=3)
         for x, yv, pair in zip(measured, predicted, fit["pairs"]):

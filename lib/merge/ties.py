@@ -62,10 +62,13 @@ def trim_topk(tau: Tensor, density: float, *, batch_dims: int = 0) -> Tensor:
     return (rows * (magnitude >= kth)).reshape(tau.shape)
 
 
-def trim_below(tau: Tensor, threshold: float | Tensor) -> Tensor:
+def trim_below(tau: Tensor, threshold: float | Tensor, *, inplace: bool = False) -> Tensor:
     """Zero the entries of ``tau`` whose float32 magnitude is below ``threshold`` (a scalar, or
-    one threshold per row of a stack ``(N, ...)``)."""
-    return tau * ~_below(tau, threshold)
+    one threshold per row of a stack ``(N, ...)``); ``inplace`` zeroes them inside ``tau``."""
+    threshold = torch.as_tensor(threshold, dtype=torch.float32, device=tau.device)
+    threshold = threshold.reshape(-1, *([1] * (tau.ndim - 1))) if threshold.ndim else threshold
+    below = tau.abs().to(torch.float32) < threshold
+    return tau.masked_fill_(below, 0) if inplace else tau * ~below
 
 
 def elect_sign(taus: Tensor) -> Tensor:
@@ -73,9 +76,18 @@ def elect_sign(taus: Tensor) -> Tensor:
     return torch.sign(taus.sum(dim=0))
 
 
-def disjoint_mean(taus: Tensor, signs: Tensor) -> Tensor:
+def disjoint_mean(taus: Tensor, signs: Tensor, *, inplace: bool = False) -> Tensor:
     """Mean over experts (dim 0) of the non-zero entries that agree with the elected sign; 0
-    where none does."""
+    where none does.
+
+    ``inplace=True`` (for a stack the caller owns) zeroes the disagreeing entries inside ``taus``,
+    which leaves the agreeing ones as its only non-zeros: about two stacks of temporaries instead
+    of four, which is what bounds the streaming merge's memory (``benchmarks/stream_merge.py``).
+    Same result either way.
+    """
+    if inplace:
+        kept = taus.masked_fill_(torch.sign(taus) != signs, 0)
+        return kept.sum(dim=0).div_((kept != 0).sum(dim=0, dtype=kept.dtype).clamp_(min=1))
     agree = (torch.sign(taus) == signs) & (taus != 0)
     total = (taus * agree).sum(dim=0)
     # counted in the task vectors' dtype rather than int64: half the memory, and small integer
@@ -195,34 +207,13 @@ class _TaskVectorItems:
 
 def ties_merge_taus(taus: Tensor, density: float, *, thresholds=None, inplace: bool = False) -> Tensor:
     """TIES on one stack of task vectors ``(N, ...)``: trim (per tensor, or below the given
-    per-expert ``thresholds``), elect signs, disjoint mean.
-
-    ``inplace=True`` (for a stack the caller owns) trims and drops the disagreeing entries inside
-    ``taus`` itself: about two stacks of temporaries instead of four, which is what bounds the
-    streaming merge's memory (``benchmarks/stream_merge.py``). Same result either way.
-    """
+    per-expert ``thresholds``), elect signs, disjoint mean. ``inplace=True`` (for a stack the
+    caller owns) trims and merges inside ``taus`` (see :func:`disjoint_mean`)."""
     if thresholds is None:
-        kept = trim_topk(taus, density, batch_dims=1)
-    elif inplace:
-        kept = taus.masked_fill_(_below(taus, thresholds), 0)
+        kept, owned = trim_topk(taus, density, batch_dims=1), True  # a new tensor: free to reuse
     else:
-        kept = trim_below(taus, thresholds)
-    if not inplace:
-        return disjoint_mean(kept, elect_sign(kept))
-    signs = elect_sign(kept)
-    # an entry agrees when it is non-zero with the elected sign; zeroing the others leaves the
-    # agreeing entries as the only non-zeros, so their sum and count give the disjoint mean
-    kept.masked_fill_(torch.sign(kept) != signs, 0)
-    count = (kept != 0).sum(dim=0, dtype=kept.dtype).clamp_(min=1)
-    return kept.sum(dim=0).div_(count)
-
-
-def _below(taus: Tensor, thresholds) -> Tensor:
-    """Mask of the entries of the stack ``taus (N, ...)`` whose float32 magnitude is below their
-    expert's threshold (the complement of what :func:`trim_below` keeps)."""
-    threshold = torch.as_tensor(thresholds, dtype=torch.float32, device=taus.device)
-    threshold = threshold.reshape(-1, *([1] * (taus.ndim - 1))) if threshold.ndim else threshold
-    return taus.abs().to(torch.float32) < threshold
+        kept, owned = trim_below(taus, thresholds, inplace=inplace), inplace
+    return disjoint_mean(kept, elect_sign(kept), inplace=owned)
 
 
 @register(

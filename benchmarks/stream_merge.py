@@ -10,17 +10,18 @@ them in a child process per method. Each child reports two numbers, and the pare
   registry are imported, before any model is opened -- the fixed cost, whatever the model size;
 * ``merge peak``: the child's peak resident memory when the merge has finished, before the
   interpreter shuts down. Shutting down a process that imported the CUDA build of torch adds
-  about 130 MB of resident memory by itself (``import only``: ~690 MB with a normal exit, ~560 MB
-  without the teardown; neither the atexit handlers nor a garbage collection cause it), so
+  about 130 MB of resident memory by itself (``import only``: 670-690 MB with a normal exit,
+  540-560 MB without the teardown; neither the atexit handlers nor a garbage collection cause it), so
   ``python -m lib merge``/``scan`` end with ``os._exit`` once their files are closed
   (:func:`lib.__main__.exit_now`), and the streamed rows here end the same way.
 
-The issue's bound is on the process peak: below 1.5 x one checkpoint. Import alone is ~1.28 x
-BERT-base (560 of 438 MB), which leaves the merge ~96 MB. Measured on the 2-core CPU (BERT-base,
+The issue's bound is on the process peak: below 1.5 x one checkpoint. Import alone is 1.23-1.28 x
+BERT-base (540-560 of 438 MB), which leaves the merge 100-120 MB. Measured on the 2-core CPU (BERT-base,
 3 experts, 4 MiB blocks, after the changes of :func:`lib.cli.return_freed_blocks_to_the_system`
-and the in-place TIES step): process peak average 604 MB, task arithmetic 595 MB, TIES 640 MB,
-under the 657 MB bound (above import: 43, 33, 79 MB; loading every model whole instead:
-905, 851 and 2409 MB above import). ``above import`` = merge peak - after import is what merging
+and the in-place TIES step), on a quiet machine: process peak average 579 MB, task arithmetic
+584 MB, TIES 608 MB, under the 657 MB bound (above import: 41, 46, 70 MB; 604/595/640 MB while
+other work loaded the machine); loading every model whole instead: 2.7, 2.7 and 3.2 GB. The
+whole run takes under a minute. ``above import`` = merge peak - after import is what merging
 itself costs, whatever torch weighs. Rows: ``import only`` (a child that imports and exits,
 normally and as the command line does), ``stream METHOD`` (the command line; with
 ``--block-sizes``, once per ``--block-size``, how the largest tensors are cut into blocks of

@@ -71,7 +71,7 @@ def exit_now(code: int) -> None:
 
     The teardown of an interpreter that imported torch (its CUDA build) raises resident memory
     by about 130 MB by itself (``benchmarks/stream_merge.py``: import only, then a normal exit,
-    peaks near 690 MB; the same with ``os._exit`` at the 560 MB after import) -- more than a
+    peaks at 670-690 MB; the same with ``os._exit`` at the 540-560 MB after import) -- more than a
     streamed merge of BERT-base needs. ``merge`` and ``scan`` have closed every file they wrote
     (atomically) when they return, so skipping the teardown loses nothing and keeps the
     process's peak at the merge's own."""

@@ -68,10 +68,10 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10
 #: largest block of rows of one tensor of one model merged at a time (in compute precision): a
 #: merge holds its inputs and temporaries, 5 to 25 such blocks, so this sets the memory it needs
 #: beyond the fixed cost of torch. benchmarks/stream_merge.py, BERT-base + 3 experts, resident
-#: memory above the import: average 43 MB, task arithmetic 33 MB, TIES 79 MB with 4 MiB blocks
-#: (process peaks 604, 595, 640 MB against the 657 MB of 1.5 checkpoints); before the fixed mmap
+#: memory above the import: average 41 MB, task arithmetic 46 MB, TIES 70 MB with 4 MiB blocks
+#: (process peaks 579, 584, 608 MB against the 657 MB of 1.5 checkpoints); before the fixed mmap
 #: threshold and the in-place TIES step 42/49/153 MB at 4 MiB and 138/109/442 MB at 16 MiB;
-#: 905, 851 and 2409 MB merging whole tensors
+#: 2.2, 2.2 and 2.7 GB loading every model whole
 DEFAULT_BLOCK_BYTES = 4 * 2**20
 EXIT_BAD_INPUT = 1
 EXIT_INTERRUPTED = 130

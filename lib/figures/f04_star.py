@@ -69,7 +69,7 @@ def draw_eta_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
         ax.axvline(results["config"]["default_eta"], color="#999999", linewidth=0.8, linestyle=":")
         ax.set_xlabel("eta (% of the nuclear norm kept)")
         ax.set_ylabel("normalized accuracy")
-        ax.legend(title="merged (dashed: no rescale)", loc="lower right")
+        ax.legend(title="merged (dashed: no rescale)", loc="best")
     return savefig(fig, f"{NOTEBOOK}_eta_sweep", smoke=smoke)
 
 
@@ -86,8 +86,12 @@ def draw_best_eta(results: dict, *, smoke: bool = False) -> list[Path]:
         g = b.groupby("size")["best"].agg(["mean", "std"]).reset_index()
         ax.errorbar(g["size"], g["mean"], yerr=g["std"].fillna(0), color=color("star"), marker="o", capsize=3)
         t = pool.trend(b, "size", "best")
-        ax.set_title(f"{ax.get_title()}\nslope {t['slope']:+.1f} eta per task, Spearman {t['spearman']:+.2f}", fontsize=9)
+        rho = f"{t['spearman']:+.2f}" if np.isfinite(t["spearman"]) else "n/a (one best eta)"
+        trend = (f"slope {t['slope']:+.1f} eta per task, Spearman {rho}" if np.isfinite(t["slope"])
+                 else "one subset size: no trend")
+        ax.set_title(f"{ax.get_title()}\n{trend}", fontsize=9)
         ax.set_xticks(sorted(b["size"].unique()))
+        ax.set_xlim(b["size"].min() - 0.5, b["size"].max() + 0.5)
         ax.set_xlabel("number of merged tasks")
         ax.set_ylabel("best eta")
     return savefig(fig, f"{NOTEBOOK}_best_eta", smoke=smoke)

@@ -7,7 +7,9 @@ they share only TIES' trim / elect / disjoint-mean steps with the fast code, whi
 ``lib.merge.ties`` tests on their own. One liberty: DRM's per-task blocks are read from the
 paper's eq. 4 (``D_t = U S V_tᵀ``, so ``V_tᵀ = S⁻¹ Uᵀ D_t``) rather than cut out of the full
 ``Vᵀ``; the two are equal in exact arithmetic, but only the first is exactly zero for an expert
-equal to the base, and the disjoint mean counts any non-zero entry, round-off included. Agreement is required to 1e-4 relative Frobenius error on
+equal to the base, and the disjoint mean counts any non-zero entry, round-off included (rows below
+sqrt(eps) of the largest are zeroed on both sides, see ``lib.merge.drm``; the official algorithm's
+own transcription is in ``test_drm_reference.py``). Agreement is required to 1e-4 relative Frobenius error on
 low-rank-plus-noise deltas of BERT shapes, where a float32 Gram path would fail (see the module
 docstrings of ``lib.merge.star`` and ``lib.merge.drm``).
 """
@@ -65,29 +67,39 @@ def _unit(vectors, norms):
     return torch.where(norms > 0, vectors / torch.where(norms > 0, norms, 1.0), 0.0)
 
 
-def drm_h_reference(deltas, density=0.2, lam=1.0, renorm=True, rtol=1e-2):
+def _directions(norms, dtype):
+    """Which rows of ``S V_tᵀ`` (columns of ``U_t S``), given their ``norms``, are directions: those
+    above sqrt(eps) of the deltas' ``dtype`` times the largest; the others are round-off and set to
+    zero (``lib.merge.drm``)."""
+    return norms > torch.finfo(dtype).eps ** 0.5 * norms.max()
+
+
+def drm_h_reference(deltas, density=0.2, lam=1.0, renorm=True, rtol=1e-2, prune="joint"):
     """Seed 004, Sec. 4.2: [D_1 ... D_N] = U S [V_1ᵀ ... V_Nᵀ], cut at rtol * s_max, renormalise
-    the rows of each V_tᵀ into S_t, prune each task, elect signs, disjoint mean, U (.)"""
+    the rows of each V_tᵀ into S_t, prune (jointly over all tasks, appendix H.3, or per task),
+    elect signs, disjoint mean, U (.)"""
     u, s, _ = torch.linalg.svd(torch.cat(list(deltas.double()), dim=1), full_matrices=False)
     r = int((s > rtol * s[0]).sum())
     u, s = u[:, :r], s[:r]
     blocks = (u.T @ deltas.double()) / s[:, None]  # V_tᵀ, (N, r, n), from D_t = U S V_tᵀ (see module doc)
+    blocks = blocks * _directions(s[:, None] * blocks.norm(dim=2, keepdim=True), deltas.dtype)
     norms = blocks.norm(dim=2, keepdim=True) if renorm else torch.ones(len(deltas), r, 1, dtype=torch.float64)
     sigma_t = s[None, :, None] * norms  # S_t = S diag(|v_t,i|)
-    pruned = sigma_t * trim_topk(_unit(blocks, norms), density, batch_dims=1)
+    pruned = sigma_t * trim_topk(_unit(blocks, norms), density, batch_dims=int(prune == "per_task"))
     return lam * u @ disjoint_mean(pruned, elect_sign(pruned))
 
 
-def drm_v_reference(deltas, density=0.2, lam=1.0, renorm=True, rtol=1e-2):
+def drm_v_reference(deltas, density=0.2, lam=1.0, renorm=True, rtol=1e-2, prune="joint"):
     """The vertical variant: [D_1; ...; D_N] = [U_1; ...; U_N] S Vᵀ, renormalise the columns of
     each U_t, and the same steps on U_t S_t."""
     _, s, vh = torch.linalg.svd(torch.cat(list(deltas.double()), dim=0), full_matrices=False)
     r = int((s > rtol * s[0]).sum())
     s, vh = s[:r], vh[:r]
     blocks = (deltas.double() @ vh.T) / s  # U_t, (N, m, r), from D_t = U_t S Vᵀ
+    blocks = blocks * _directions(s * blocks.norm(dim=1, keepdim=True), deltas.dtype)
     norms = blocks.norm(dim=1, keepdim=True) if renorm else torch.ones(len(deltas), 1, r, dtype=torch.float64)
     sigma_t = s[None, None, :] * norms
-    pruned = sigma_t * trim_topk(_unit(blocks, norms), density, batch_dims=1)
+    pruned = sigma_t * trim_topk(_unit(blocks, norms), density, batch_dims=int(prune == "per_task"))
     return lam * disjoint_mean(pruned, elect_sign(pruned)) @ vh
 
 
@@ -192,7 +204,8 @@ def test_drm_fast_path_matches_full_svd_reference(variant, n_tasks, m, n):
 
 
 @pytest.mark.parametrize("variant", ["h", "v"])
-@pytest.mark.parametrize("hp", [dict(renorm=False), dict(density=0.5, rtol=0.05), dict(density=1.0, rtol=0.0)])
+@pytest.mark.parametrize("hp", [dict(renorm=False), dict(density=0.5, rtol=0.05), dict(density=1.0, rtol=0.0),
+                                dict(prune="per_task"), dict(prune="per_task", renorm=False, density=0.3)])
 def test_drm_options_match_reference(variant, hp):
     deltas = low_rank_plus_noise(3, 48, 32, rank=4, spike=5.0, seed=5)
     fast, reference = (drm_h_deltas, drm_h_reference) if variant == "h" else (drm_v_deltas, drm_v_reference)
@@ -238,6 +251,7 @@ OUT_OF_RANGE = [
     ("drm_v", {"lam": math.nan}, "lam must be in"),
     ("drm_h", {"rtol": 1.0}, r"rtol must be in \[0.0, 1.0\)"),
     ("drm_v", {"renorm": 1}, "renorm must be True or False"),
+    ("drm_h", {"prune": "all"}, "prune must be 'joint'"),
 ]
 
 

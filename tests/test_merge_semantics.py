@@ -197,6 +197,89 @@ def test_dare_mask_depends_on_key_expert_and_seed_only(tiny_base, tiny_experts):
     assert keep_mask(torch.Size([1000]), 0.9, key="k", expert=0, seed=0).float().mean().item() == pytest.approx(0.1, abs=0.04)
 
 
+def dropped_experts(base, experts, p, seed):
+    """The experts whose task vectors are DARE's dropped-and-rescaled ones (the same masks)."""
+    from lib.merge.dare import drop_and_rescale
+
+    return [{k: (base[k] + drop_and_rescale(e[k] - base[k], p, key=k, expert=i, seed=seed) if is_float(base[k]) else e[k])
+             for k in base} for i, e in enumerate(experts)]
+
+
+def test_dare_lam_scales_the_merged_task_vector(tiny_base, tiny_experts):
+    """Seed 002's Table 2 runs TA+DARE with alpha = 0.125."""
+    for then in ("sum", "ties", "ties_sum", "trim_ties"):
+        full = merge("dare", tiny_base, tiny_experts, then=then)
+        scaled = merge("dare", tiny_base, tiny_experts, then=then, lam=0.125)
+        for k in float_keys(tiny_base):
+            torch.testing.assert_close(scaled[k] - tiny_base[k], 0.125 * (full[k] - tiny_base[k]), msg=lambda m: f"{then} {k}: {m}")
+
+
+def test_dare_variants_are_ties_steps_on_the_dropped_task_vectors(tiny_base, tiny_experts):
+    """'ties' (PEFT): elect, disjoint mean; 'ties_sum' (mergekit): elect, sum of the agreeing;
+    'trim_ties' (MergeLM): all of TIES, its model-wide trim included, on the dropped experts."""
+    p, seed = 0.5, 3
+    dropped = dropped_experts(tiny_base, tiny_experts, p, seed)
+    merged = {then: merge("dare", tiny_base, tiny_experts, p=p, seed=seed, then=then, density=0.3)
+              for then in ("sum", "ties", "ties_sum", "trim_ties")}
+    ties = merge("ties", tiny_base, dropped, density=0.3)
+    for k in float_keys(tiny_base):
+        taus = taus_of(tiny_base, dropped, k)
+        signs = elect_sign(taus)
+        agree = (taus.sign() == signs) & (taus != 0)
+        torch.testing.assert_close(merged["sum"][k], tiny_base[k] + taus.sum(0))
+        torch.testing.assert_close(merged["ties"][k], tiny_base[k] + (taus * agree).sum(0) / agree.sum(0).clamp(min=1))
+        torch.testing.assert_close(merged["ties_sum"][k], tiny_base[k] + (taus * agree).sum(0))
+        torch.testing.assert_close(merged["trim_ties"][k], ties[k])
+    assert not torch.equal(merged["ties"]["fc1.weight"], merged["trim_ties"]["fc1.weight"])
+
+
+def test_dare_trim_ties_without_drop_is_ties(tiny_base, tiny_experts):
+    dare_ties = merge("dare", tiny_base, tiny_experts, p=0.0, then="trim_ties", density=0.25)
+    ties = merge("ties", tiny_base, tiny_experts, density=0.25)
+    assert all(torch.equal(dare_ties[k], ties[k]) for k in tiny_base)
+
+
+def test_dare_trim_ties_prepass_is_the_context_of_a_key_by_key_merge(tiny_base, tiny_experts):
+    """The streaming command line merges one key at a time with the prepass's thresholds."""
+    from lib.merge import run_prepass
+
+    hp = dict(p=0.6, seed=2, then="trim_ties", density=0.2)
+    whole = merge("dare", tiny_base, tiny_experts, **hp)
+    context = run_prepass("dare", run_items(tiny_base, tiny_experts, float_keys(tiny_base)), **hp)
+    assert len(context) == len(tiny_experts)
+    one_key = merge("dare", tiny_base, tiny_experts, include="fc2.weight", context=context, **hp)
+    assert torch.equal(one_key["fc2.weight"], whole["fc2.weight"])
+    assert run_prepass("dare", iter([]), then="ties") is None, "the other variants need no prepass and read nothing"
+
+
+def test_ties_tensor_scope_keeps_floor_like_peft_and_model_scope_ceil():
+    """An 11-entry tensor at density 0.2: PEFT and mergekit keep int(2.2) = 2, the model-wide
+    count ceil(2.2) = 3."""
+    base = {"w": torch.zeros(11)}
+    expert = {"w": torch.arange(1.0, 12.0)}
+    per_tensor = merge("ties", base, [expert], density=0.2, scope="tensor")["w"]
+    per_model = merge("ties", base, [expert], density=0.2, scope="model")["w"]
+    assert per_tensor.nonzero().flatten().tolist() == [9, 10]
+    assert per_model.nonzero().flatten().tolist() == [8, 9, 10]
+
+
+def test_ties_tensor_scope_and_dare_ties_match_peft(tiny_base, tiny_experts):
+    """PEFT's ``ties`` (per tensor) on the task vectors, and PEFT's sign election and disjoint merge
+    (the steps of its ``dare_ties`` after its own random drop) on our dropped task vectors."""
+    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    ones = torch.ones(len(tiny_experts))
+    ours = merge("ties", tiny_base, tiny_experts, density=0.2, scope="tensor")
+    dare_ties = merge("dare", tiny_base, tiny_experts, p=0.7, seed=4, then="ties")
+    dropped = dropped_experts(tiny_base, tiny_experts, 0.7, 4)
+    for k in float_keys(tiny_base):
+        taus = taus_of(tiny_base, tiny_experts, k)
+        peft_ties = merge_utils.ties(list(taus), ones, density=0.2)
+        torch.testing.assert_close(ours[k], tiny_base[k] + peft_ties, msg=lambda m: f"ties {k}: {m}")
+        d = taus_of(tiny_base, dropped, k)
+        peft_dare_ties = merge_utils.disjoint_merge(d, merge_utils.calculate_majority_sign_mask(d))
+        torch.testing.assert_close(dare_ties[k], tiny_base[k] + peft_dare_ties, msg=lambda m: f"dare_ties {k}: {m}")
+
+
 # ----------------------------------------------------------------------------- SNR strategies: decisions
 
 

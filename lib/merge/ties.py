@@ -8,13 +8,22 @@ methods (DARE-TIES, DRM) compose them:
 
 Conventions, stated once because they decide edge cases:
 
-* "top-density magnitudes" keeps every entry whose magnitude is at least the k-th largest, with
-  ``k = ceil(density * n)``; entries tied with the k-th largest are all kept. Magnitudes are
-  compared in float32 (float64 task vectors are ranked by their float32 rounding), which is what
-  makes the model-wide threshold exact and cheap to stream (see :func:`kth_largest_magnitude`).
+* "top-density magnitudes" keeps every entry whose magnitude is at least the k-th largest;
+  entries tied with the k-th largest are all kept. Magnitudes are compared in float32 (float64
+  task vectors are ranked by their float32 rounding), which is what makes the model-wide
+  threshold exact and cheap to stream (see :func:`kth_largest_magnitude`).
+* ``k`` over the whole model (``scope="model"``, the paper's TIES) is ``ceil(density * n)``
+  (:func:`kept_count`); the official TIES code keeps the entries at least as large as the
+  ``(n - int(density * n))``-th smallest, ``int(density * n) + 1`` of them, and MergeLM those at
+  least as large as the ``int((1 - density) * n)``-th smallest -- an entry more in a hundred
+  million. Per tensor (``scope="tensor"``, how PEFT and mergekit apply TIES)
+  ``k`` is ``int(density * n)`` (:func:`floor_kept_count`), PEFT's and mergekit's count, so that
+  a merge compared with PEFT's ``ties`` gets the same tensors: on an 11-entry tensor at density 0.2
+  that is 2 entries, where ``ceil`` would keep 3. (PEFT keeps exactly ``k``, breaking ties at the
+  threshold arbitrarily; for real task vectors there are none.)
 * An entry whose summed mass is exactly zero gets no elected sign and merges to 0. The reference
-  implementation instead gives such entries the model-wide majority sign; that needs a look
-  across the whole model for a measure-zero event, so we do not.
+  implementation instead gives such entries the model-wide majority sign, PEFT and mergekit the
+  sign +; the first needs a look across the whole model for a measure-zero event, so we do not.
 """
 
 from __future__ import annotations
@@ -38,14 +47,23 @@ def kept_count(n: int, density: float) -> int:
     return min(n, max(0, math.ceil(density * n * (1 - 1e-12))))
 
 
+def floor_kept_count(n: int, density: float) -> int:
+    """How many of ``n`` entries PEFT's and mergekit's per-tensor magnitude trim keeps:
+    ``int(density * n)``, the float product truncated exactly as they compute it (so 0.29 of 100
+    keeps 28 there and here)."""
+    return min(n, max(0, int(density * n)))
+
+
 def _magnitude_bits(t: Tensor) -> Tensor:
     """|t| as float32 bit patterns read as int32: for non-negative floats the integer order is
     the value order, so selecting on bits selects on magnitudes."""
     return t.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
 
 
-def trim_topk(tau: Tensor, density: float, *, batch_dims: int = 0) -> Tensor:
-    """Zero all but the top-``density`` fraction of magnitudes of ``tau``.
+def trim_topk(tau: Tensor, density: float, *, batch_dims: int = 0,
+              count: Callable[[int, float], int] = kept_count) -> Tensor:
+    """Zero all but the top-``density`` fraction of magnitudes of ``tau``: the ``count(n, density)``
+    largest of each ranked group of ``n`` (:func:`kept_count` or :func:`floor_kept_count`).
 
     ``batch_dims=0`` ranks the whole tensor; ``batch_dims=1`` ranks each ``tau[i]`` separately
     (one task vector per row of a stack ``(N, ...)``).
@@ -54,7 +72,7 @@ def trim_topk(tau: Tensor, density: float, *, batch_dims: int = 0) -> Tensor:
     if batch_dims not in (0, 1):
         raise ValueError(f"batch_dims must be 0 (whole tensor) or 1 (each tau[i] separately), got {batch_dims}")
     rows = tau.reshape(1, -1) if batch_dims == 0 else tau.reshape(tau.shape[0], -1)
-    k = kept_count(rows.shape[1], density)
+    k = count(rows.shape[1], density)
     if k == 0:
         return torch.zeros_like(tau)
     magnitude = rows.abs().to(torch.float32)
@@ -178,39 +196,42 @@ def model_thresholds(items, *, density, lam=1.0, scope="model"):
     _check(density, lam, scope)
     if scope == "tensor":
         return None
-    return kth_largest_magnitude(_TaskVectorItems(items), lambda n: kept_count(n, density))
+    return kth_largest_magnitude(TaskVectorItems(items), lambda n: kept_count(n, density))
 
 
-class _TaskVectorItems:
-    """Re-iterable view of prepass items ``(key, base, [experts])`` as lists of task vectors."""
+class TaskVectorItems:
+    """Re-iterable view of prepass items ``(key, base, [experts])`` as lists of task vectors, each
+    passed through ``transform(key, expert_index, tau)`` when one is given (DARE's drop)."""
 
-    def __init__(self, items):
+    def __init__(self, items, transform: Callable[[str, int, Tensor], Tensor] | None = None, *, method: str = "ties"):
         if isinstance(items, Iterator):  # a generator would be empty on the second pass
             raise TypeError(
-                "ties with scope='model' reads the tensors twice (exact radix select of the magnitude "
+                f"{method} with a model-wide threshold reads the tensors twice (exact radix select of the magnitude "
                 "threshold); pass a re-iterable -- a list, or an object whose __iter__ starts over -- not an iterator"
             )
-        self.items = items
+        self.items, self.transform, self.method = items, transform, method
 
     def __iter__(self):
         # map, unlike a for loop, holds no reference to an item once its task vectors are made,
         # so a lazy reader's tensors are freed before it reads the next ones
         return map(self._task_vectors, self.items)
 
-    @staticmethod
-    def _task_vectors(item) -> list[Tensor]:
+    def _task_vectors(self, item) -> list[Tensor]:
         key, base, experts = item
         if base is None:
-            raise ValueError(f"ties works on task vectors (expert - base) and needs the base model; {key!r} has none")
-        return [e - base for e in experts]
+            raise ValueError(f"{self.method} works on task vectors (expert - base) and needs the base model; {key!r} has none")
+        if self.transform is None:
+            return [e - base for e in experts]
+        return [self.transform(key, i, e - base) for i, e in enumerate(experts)]
 
 
 def ties_merge_taus(taus: Tensor, density: float, *, thresholds=None, inplace: bool = False) -> Tensor:
-    """TIES on one stack of task vectors ``(N, ...)``: trim (per tensor, or below the given
-    per-expert ``thresholds``), elect signs, disjoint mean. ``inplace=True`` (for a stack the
-    caller owns) trims and merges inside ``taus`` (see :func:`disjoint_mean`)."""
+    """TIES on one stack of task vectors ``(N, ...)``: trim (per tensor to PEFT's count
+    :func:`floor_kept_count`, or below the given per-expert ``thresholds``), elect signs, disjoint
+    mean. ``inplace=True`` (for a stack the caller owns) trims and merges inside ``taus`` (see
+    :func:`disjoint_mean`)."""
     if thresholds is None:
-        kept, owned = trim_topk(taus, density, batch_dims=1), True  # a new tensor: free to reuse
+        kept, owned = trim_topk(taus, density, batch_dims=1, count=floor_kept_count), True  # a new tensor: free to reuse
     else:
         kept, owned = trim_below(taus, thresholds, inplace=inplace), inplace
     return disjoint_mean(kept, elect_sign(kept), inplace=owned)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .paths import current_umask
 from .statedict import check_finite
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -242,14 +243,21 @@ class Checkpoint:
 
 def check_same_architecture(reference: Checkpoint, others: Sequence[Checkpoint]) -> list[str]:
     """Keys of ``reference`` after checking, from the headers alone, that every other model has
-    exactly the same keys, shapes and dtypes. The error names the first differing key."""
+    exactly the same floating-point keys and shapes. The error names the first differing key.
+
+    Integer buffers are copied from the reference, never merged, so another model may lack one
+    or hold one the reference lacks (``transformers`` 5 no longer saves the non-persistent
+    ``embeddings.position_ids``); :func:`integer_buffers_missing` lists them for the record."""
     keys = reference.keys()
     for other in others:
-        extra = [k for k in other.entries if k not in reference.entries]
+        extra = [k for k, e in other.entries.items() if k not in reference.entries and e.dtype.is_floating_point]
         for k in keys:
+            a = reference.entries[k]
             if k not in other.entries:
+                if not a.dtype.is_floating_point:
+                    continue
                 raise CheckpointError(f"architectures differ: {other.label} has no {k!r}, present in {reference.label}")
-            a, b = reference.entries[k], other.entries[k]
+            b = other.entries[k]
             if a.shape != b.shape:
                 raise CheckpointError(
                     f"architectures differ at {k!r}: shape {list(b.shape)} in {other.label}, "
@@ -258,6 +266,16 @@ def check_same_architecture(reference: Checkpoint, others: Sequence[Checkpoint])
         if extra:
             raise CheckpointError(f"architectures differ: {other.label} has {extra[0]!r}, absent from {reference.label}")
     return keys
+
+
+def integer_buffers_missing(reference: Checkpoint, others: Sequence[Checkpoint]) -> dict[str, list[str]]:
+    """Integer buffer -> labels of the models that lack it (its value comes from ``reference``)."""
+    out: dict[str, list[str]] = {}
+    for other in others:
+        for k, e in reference.entries.items():
+            if k not in other.entries and not e.dtype.is_floating_point:
+                out.setdefault(k, []).append(other.label)
+    return out
 
 
 def _tensor_bytes(t: Tensor):
@@ -358,17 +376,60 @@ def _fill_shards(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], max_sha
     return groups
 
 
-def copy_side_files(model: Checkpoint, dest: Path) -> list[str]:
-    """Copy the top-level non-weight files of a model folder (config, tokenizer, generation
-    config, ...) into ``dest``; nothing for a single ``.safetensors`` file. Returns their names."""
+@dataclass(frozen=True)
+class SideFiles:
+    """What :func:`copy_side_files` did with a model folder's non-weight content."""
+
+    copied: list[str]
+    #: subfolders copied from the reference model although they hold weights of their own
+    #: (a sentence-transformers ``2_Dense`` module): those weights are the reference's, unmerged
+    unmerged_weights: list[str]
+    #: subfolders left out: they hold weights (an ``onnx/`` or ``openvino/`` export) and no module
+    #: of the model uses them, so copying them would ship the reference's weights as the merge's
+    skipped: list[str]
+
+
+def _module_folders(folder: Path) -> set[str]:
+    """Subfolders that ``modules.json`` (sentence-transformers) names as modules of the model."""
+    path = folder / "modules.json"
+    try:
+        modules = json.loads(path.read_text())
+        return {str(m["path"]).strip("/") for m in modules if isinstance(m, dict) and str(m.get("path", "")).strip("/")}
+    except (OSError, ValueError, TypeError, KeyError):
+        return set()
+
+
+def _holds_weights(folder: Path) -> bool:
+    return any(p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) for p in folder.rglob("*"))
+
+
+def copy_side_files(model: Checkpoint, dest: Path, *, skip: Sequence[str] = ()) -> SideFiles:
+    """Copy the non-weight content of a model folder into ``dest``: its top-level files (config,
+    tokenizer, generation config, ...) and its subfolders (a sentence-transformers model's
+    ``1_Pooling/``, ``2_Normalize/``). A subfolder with weight files is copied only when
+    ``modules.json`` names it as a module (and reported in ``unmerged_weights``); otherwise it is
+    skipped. Top-level names in ``skip`` are not copied. Nothing for a single ``.safetensors``
+    file."""
     if model.folder is None:
-        return []
-    copied = []
+        return SideFiles([], [], [])
+    copied, unmerged, skipped = [], [], []
+    modules = _module_folders(model.folder)
     for p in sorted(model.folder.iterdir()):
+        if p.name in skip or p.name.startswith("."):
+            continue
         if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name != INDEX_NAME:
             shutil.copy2(p, dest / p.name)
             copied.append(p.name)
-    return copied
+        elif p.is_dir():
+            weights = _holds_weights(p)
+            if weights and p.name not in modules:
+                skipped.append(f"{p.name}/")
+                continue
+            shutil.copytree(p, dest / p.name, symlinks=True)
+            copied.append(f"{p.name}/")
+            if weights:
+                unmerged.append(f"{p.name}/")
+    return SideFiles(copied, unmerged, skipped)
 
 
 @contextmanager
@@ -384,6 +445,7 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; an output follows the umask
         yield tmp
         check_can_write(out, force=force)  # something may have appeared at ``out`` meanwhile
         _replace(tmp, out)

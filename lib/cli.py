@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import signal
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +54,15 @@ from . import merge as merging
 from .checkpoint import (
     Checkpoint,
     ShardedWriter,
+    SideFiles,
     atomic_output_dir,
-    check_can_write,
     check_same_architecture,
     copy_side_files,
+    integer_buffers_missing,
 )
+from .device import get_device
 from .paths import atomic_write_bytes
-from .statedict import compute_dtype, matches, module_of
+from .statedict import compile_patterns, compute_dtype, matches, module_of
 
 #: the file written next to the shards that records how the model was made, in the same
 #: format as ``--config`` so that the merge can be repeated
@@ -120,35 +124,64 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[unit])
 
 
+def _read_yaml(path: Path):
+    """The YAML document at ``path``; a syntax error names the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as fh:  # a stream, so yaml's error marks carry the file name
+            return yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}:{where} is not valid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text (UTF-8) file; a merge config is YAML") from None
+
+
+def _mapping(value, what: str, example: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a mapping such as {example}, got {value!r}")
+    return dict(value)
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """A mergekit-style YAML file as ``{method, base, experts, parameters, include, exclude}``
-    (absent entries are left out, so command-line flags can fill them)."""
+    (absent entries are left out, so command-line flags can fill them). Per-model ``weight``
+    entries become the ``weights`` hyperparameter (methods that take it: :data:`WEIGHTED_HELP`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _read_yaml(path)
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a merge config is a mapping with keys {', '.join(CONFIG_KEYS)}")
-    unknown = sorted(set(raw) - set(CONFIG_KEYS))
+    unknown = sorted(str(k) for k in set(raw) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; valid: {', '.join(CONFIG_KEYS)}")
     spec: dict[str, Any] = {}
     method = raw.get("merge_method", raw.get("method"))
     if method is not None:
-        spec["method"] = method
+        spec["method"] = str(method)
     if raw.get("base_model") is not None:
         spec["base"] = str(raw["base_model"])
-    parameters = dict(raw.get("parameters") or {})
+    parameters = _mapping(raw.get("parameters"), f"{path}: 'parameters'", "{density: 0.3}")
     if "models" in raw:
         spec["experts"], weights = _config_models(path, raw["models"])
         if any(w is not None for w in weights):
             if None in weights:
                 raise ValueError(f"{path}: give a weight to every model or to none")
-            parameters["weights"] = weights
+            spec["model_weights"] = weights
     spec["parameters"] = parameters
     for key in ("include", "exclude"):
-        if raw.get(key) is not None:
-            spec[key] = raw[key]
+        value = raw.get(key)
+        if value is not None:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{path}: '{key}' must be a regular expression or a list of them, got {value!r}")
+            spec[key] = value
     return spec
 
 
@@ -160,16 +193,24 @@ def _config_models(path: Path, models) -> tuple[list[str], list[float | None]]:
         entry = {"model": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "model" not in entry:
             raise ValueError(f"{path}: each entry of 'models' is a path or {{model: path, parameters: ...}}, got {entry!r}")
-        params = dict(entry.get("parameters") or {})
+        params = _mapping(entry.get("parameters"), f"{path}: the parameters of model {entry['model']!r}", "{weight: 0.7}")
         other = sorted(set(params) - {"weight"})
         if other:
             raise ValueError(
                 f"{path}: per-model parameters {other} are not supported (only 'weight'); "
                 "put method hyperparameters under the top-level 'parameters'"
             )
+        weight = params.get("weight")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+            raise ValueError(f"{path}: the weight of model {entry['model']!r} must be a number, got {weight!r}")
         experts.append(str(entry["model"]))
-        weights.append(params.get("weight"))
+        weights.append(weight)
     return experts, weights
+
+
+def weighted_methods() -> list[str]:
+    """The registered methods that take per-expert ``weights`` (mergekit's per-model ``weight``)."""
+    return sorted(name for name, m in merging.METHODS.items() if "weights" in m.defaults)
 
 
 def merge_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -183,6 +224,17 @@ def merge_spec(args: argparse.Namespace) -> dict[str, Any]:
     missing = [flag for field, flag in (("method", "--method"), ("experts", "--experts")) if not spec.get(field)]
     if missing:
         raise ValueError(f"missing {' and '.join(missing)} (give the flag or put it in --config)")
+    weights = spec.pop("model_weights", None)
+    if weights is not None and "weights" not in spec["parameters"]:
+        method = merging.get_method(spec["method"])
+        if "weights" not in method.defaults:
+            raise ValueError(f"{args.config}: the models have per-model 'weight' entries, but {method.name!r} takes no "
+                             f"per-model weights; methods that do: {', '.join(weighted_methods())} "
+                             "(remove the weights, or choose one of those methods)")
+        if args.experts and len(args.experts) != len(weights):
+            raise ValueError(f"{args.config} gives {len(weights)} per-model weight(s) but --experts names "
+                             f"{len(args.experts)} model(s); drop the weights or pass --set weights=[...]")
+        spec["parameters"]["weights"] = weights
     return spec
 
 
@@ -244,6 +296,82 @@ class _PrepassItems:
         return key, base, [merging.to_compute(e.read(key, rows), self.device) for e in self.experts]
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output(out: Path, inputs: Sequence[Path], *, force: bool, force_any: bool, flag: str = "--out") -> None:
+    """Refuse an output that would destroy an input or a folder that is not ours, before any work.
+
+    ``out`` may not be an input, hold one (an expert file inside ``--out`` would be deleted with
+    the folder it replaces) or lie inside an input model's folder. An existing ``out`` needs
+    ``force``, and ``force`` replaces only a previous output of ``merge`` (a folder holding
+    :data:`MERGE_RECORD`) or an empty folder; anything else also needs ``force_any``."""
+    target = out.resolve()
+    for given in inputs:
+        p = given.resolve()
+        if _inside(p, target):
+            what = "is" if p == target else "contains"
+            raise ValueError(f"{flag} {out} {what} the input {given}; write the merge somewhere else")
+        if p.is_dir() and _inside(target, p):
+            raise ValueError(f"{flag} {out} is inside the input model folder {given}; write the merge somewhere else")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace a previous merge output, or choose another {flag}")
+    ours = out.is_dir() and not out.is_symlink() and ((out / MERGE_RECORD).is_file() or not any(out.iterdir()))
+    if not (ours or force_any):
+        raise FileExistsError(f"{out} exists and is not a merge output (it has no {MERGE_RECORD}); --force replaces only "
+                              "those: remove it yourself, choose another --out, or add --force-any to replace it anyway")
+
+
+def check_patterns(include, exclude) -> None:
+    """Malformed ``--include``/``--exclude`` regular expressions, reported before any work."""
+    compile_patterns(include, "--include")
+    compile_patterns(exclude, "--exclude")
+
+
+def model_card(record: dict[str, Any], *, merged: int, copied: int, reference: str, side: SideFiles,
+               integer_buffers: dict[str, list[str]]) -> str:
+    """The ``README.md`` of a merged model: that it is a merge, of what, how, and what was copied
+    rather than merged (the base's own card describes the base, not this model)."""
+    front = {"base_model": record["base_model"], "tags": ["merge", "spectral-merge", record["merge_method"]]}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# A merge of {len(record['models'])} model(s) with `{record['merge_method']}`", "",
+             "Made with `python -m lib merge` (spectral-merge). The exact configuration is in "
+             f"`{MERGE_RECORD}`; `python -m lib merge --config {MERGE_RECORD} --out OTHER` repeats it.", "",
+             f"- **base**: `{record['base_model']}`" if record["base_model"] else "- **base**: none (the experts were averaged)",
+             "- **experts**:", *[f"  - `{m}`" for m in record["models"]],
+             f"- **method**: `{record['merge_method']}` ({merging.get_method(record['merge_method']).description})",
+             "- **hyperparameters**: " + (", ".join(f"`{k}={v!r}`" for k, v in record["parameters"].items()) or "none"),
+             f"- **tensors**: {merged} merged; {copied} copied unchanged from {reference} "
+             "(integer buffers, and tensors excluded by `include`/`exclude`)"]
+    if record.get("include") or record.get("exclude"):
+        lines.append(f"- **selection**: include `{record.get('include')}`, exclude `{record.get('exclude')}`")
+    for key, labels in integer_buffers.items():
+        lines.append(f"- **integer buffer** `{key}`: missing from {', '.join(labels)} (a buffer the model rebuilds, "
+                     f"such as the position ids `transformers` 5 no longer saves); copied from {reference}")
+    if side.copied:
+        lines.append(f"- **other files** copied from {reference}: {', '.join(f'`{n}`' for n in side.copied)}")
+    if side.unmerged_weights:
+        lines.append(f"- **not merged**: the module folders {', '.join(f'`{n}`' for n in side.unmerged_weights)} hold "
+                     f"weights of their own, copied unchanged from {reference}")
+    if side.skipped:
+        lines.append(f"- **left out**: {', '.join(f'`{n}`' for n in side.skipped)} (weights of {reference} in another "
+                     "format, which would not be the merge)")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :func:`merge_checkpoints` wrote: the folder and how many tensors were merged or copied."""
+
+    out: Path
+    merged: int
+    copied: int
+    side: SideFiles
+
+
 def merge_checkpoints(
     method: str,
     base: str | Path | None,
@@ -255,16 +383,19 @@ def merge_checkpoints(
     exclude=None,
     device=None,
     force: bool = False,
+    force_any: bool = False,
     max_shard_bytes: int = 5 * 10**9,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: bool = True,
-) -> Path:
+) -> MergeResult:
     """Merge checkpoints on disk into the model folder ``out``, streaming (module docstring).
 
     ``out`` receives safetensors shards, ``model.safetensors.index.json``, the non-weight files
-    of the reference model (the base, or expert 0 without a base: config, tokenizer) and
-    ``merge_config.yaml``. Tensors larger than ``block_bytes`` are merged in blocks of rows
-    where the method allows it. Returns ``out``.
+    and module subfolders of the reference model (the base, or expert 0 without a base: config,
+    tokenizer, a sentence-transformers ``1_Pooling/``), a model card ``README.md`` saying what
+    was merged, and ``merge_config.yaml``. Tensors larger than ``block_bytes`` are merged in
+    blocks of rows where the method allows it. Every check (inputs, output, filters, device)
+    runs before the first tensor is read; ``force``/``force_any``: :func:`check_output`.
     """
     spec = merging.get_method(method)
     params = merging.resolve_hparams(spec, dict(parameters or {}))
@@ -272,54 +403,84 @@ def merge_checkpoints(
         raise ValueError(f"{method!r} works on task vectors (expert - base) and needs --base")
     if not experts:
         raise ValueError("need at least one expert model")
+    check_patterns(include, exclude)
+    get_device(device)
     out = Path(out)
-    check_can_write(out, force=force)
     inputs = ([] if base is None else [Path(base)]) + [Path(p) for p in experts]
-    if any(out.resolve() == p.resolve() for p in inputs):
-        raise ValueError(f"--out {out} is one of the input models; write the merge somewhere else")
+    check_output(out, inputs, force=force, force_any=force_any)
 
     base_ck = None if base is None else Checkpoint(base, label=f"base ({base})")
     expert_cks = [Checkpoint(p, label=f"expert {i} ({p})") for i, p in enumerate(experts)]
     ref = base_ck or expert_cks[0]
-    keys = check_same_architecture(ref, [c for c in (base_ck, *expert_cks) if c is not None and c is not ref])
+    others = [c for c in (base_ck, *expert_cks) if c is not None and c is not ref]
+    keys = check_same_architecture(ref, others)
+    if "weights" in params and params["weights"] is not None and len(params["weights"]) != len(experts):
+        raise ValueError(f"weights has {len(params['weights'])} entries for {len(experts)} expert(s); give one per expert")
     meta = ref.meta()
     selected = merging.select_keys(meta, include, exclude)
+    if not selected:
+        raise ValueError(f"no floating-point tensor of {ref.label} passes the include/exclude filters "
+                         f"(include={include}, exclude={exclude}): nothing would be merged")
     blocks = merge_blocks(spec, params, meta, selected, block_bytes)
-    context = None
-    if selected:  # an empty selection merges nothing: every tensor is copied
-        prepass_blocks = {k: tensor_blocks(meta[k], block_bytes) for k in selected} if spec.prepass_elementwise else None
-        items = _PrepassItems(base_ck, expert_cks, selected, prepass_blocks, device, progress)
-        context = merging.run_prepass(method, items, **params)
 
-    def read_and_merge(key: str, rows: slice | None) -> Tensor:
-        # a function so that the inputs are freed before the next block is read
-        # merge() checks NaN/Inf itself (naming the model and key), so read unchecked here
-        base_part = None if base_ck is None else {key: base_ck.read(key, rows, finite=False)}
-        expert_parts = [{key: e.read(key, rows, finite=False)} for e in expert_cks]
+    def read_and_merge(key: str, rows: slice | None, context) -> Tensor:
+        # a function so that the inputs are freed before the next block is read; NaN/Inf are
+        # reported by the reader, which names the model by its label and path
+        base_part = None if base_ck is None else {key: base_ck.read(key, rows)}
+        expert_parts = [{key: e.read(key, rows)} for e in expert_cks]
         return merging.merge(method, base_part, expert_parts, include=include, exclude=exclude, device=device,
                              context=context, **params)[key]
 
     layout = {k: (e.dtype, e.shape) for k, e in ref.entries.items()}
-    with atomic_output_dir(out, force=force) as tmp:
+    # the temporary output folder exists before the prepass: an output that cannot be written
+    # fails at once, not after a pass over every model
+    with atomic_output_dir(out, force=True) as tmp:
+        prepass_blocks = {k: tensor_blocks(meta[k], block_bytes) for k in selected} if spec.prepass_elementwise else None
+        items = _PrepassItems(base_ck, expert_cks, selected, prepass_blocks, device, progress)
+        context = merging.run_prepass(method, items, **params)
         writer = ShardedWriter(tmp, layout, max_shard_bytes)
         for k in tqdm(keys, desc=f"merge {method}", unit="tensor", disable=not progress):
             for rows in blocks[k]:
-                writer.write(k, read_and_merge(k, rows), row=0 if rows is None else rows.start)
+                writer.write(k, read_and_merge(k, rows, context), row=0 if rows is None else rows.start)
         writer.close()
-        copy_side_files(ref, tmp)
+        side = copy_side_files(ref, tmp, skip=("README.md", MERGE_RECORD))
         record = {"merge_method": method, "base_model": None if base is None else str(Path(base).resolve()),
                   "models": [str(Path(p).resolve()) for p in experts], "parameters": params,
                   "include": include, "exclude": exclude}
+        reference = "the base" if base_ck is not None else "expert 0"
+        (tmp / "README.md").write_text(model_card(record, merged=len(selected), copied=len(keys) - len(selected),
+                                                  reference=reference, side=side,
+                                                  integer_buffers=integer_buffers_missing(ref, others)))
         (tmp / MERGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
-    return out
+    return MergeResult(out, len(selected), len(keys) - len(selected), side)
 
 
 # ---------------------------------------------------------------- streaming scan
 
 
+#: module names that come before the numbered blocks of a network (stems, embeddings) and after
+#: them (heads), whatever their alphabetical place: safetensors headers are sorted by name, so a
+#: checkpoint file holds no module order of its own and ``fc`` would otherwise sort before
+#: ``layer1`` (ResNet) and ``lm_head`` before ``model.layers`` (Llama)
+STEM_MODULES = frozenset({"embeddings", "embed_tokens", "wte", "wpe", "stem", "patch_embed", "conv1", "bn1",
+                          "conv_stem", "features_in"})
+HEAD_MODULES = frozenset({"fc", "classifier", "pre_classifier", "head", "heads", "lm_head", "score", "pooler",
+                          "qa_outputs", "norm", "ln_f", "final_layer_norm", "cls"})
+
+
 def depth_order(name: str) -> list:
-    """Sort key that puts ``layer.2`` before ``layer.10`` (safetensors headers sort by string)."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
+    """Sort key for a network's matrices from input to output: stem modules (:data:`STEM_MODULES`)
+    first, heads (:data:`HEAD_MODULES`) last, and in between numbered blocks in numeric order
+    (``layer.2`` before ``layer.10``, ``layer1`` before ``layer2``)."""
+    parts = name.split(".")
+    modules = set(parts[:-1])
+    stage = 0 if modules & STEM_MODULES and not any(p.isdigit() for p in parts) else (
+        2 if modules & HEAD_MODULES and not any(p.isdigit() for p in parts) else 1)
+    key = [(stage, 0, "")]
+    for part in parts:
+        m = re.fullmatch(r"([^\d]*)(\d+)", part)
+        key.append((0, int(part), "") if part.isdigit() else (1, int(m.group(2)), m.group(1)) if m else (1, -1, part))
+    return key
 
 
 def scan_checkpoint(model: str | Path, *, include=None, exclude=None, snr_method: str = "mp", device=None,
@@ -331,6 +492,9 @@ def scan_checkpoint(model: str | Path, *, include=None, exclude=None, snr_method
 
     from . import spectral
 
+    check_patterns(include, exclude)
+    get_device(device)
+    spectral.check_snr_method(snr_method)
     ckpt = Checkpoint(model)
     names = sorted((k for k, e in ckpt.entries.items() if e.dtype.is_floating_point and len(e.shape) >= 2
                     and matches(k, include, exclude)), key=depth_order)
@@ -379,12 +543,51 @@ def plot_scan(table, title: str = ""):
 # ---------------------------------------------------------------- commands
 
 
+def _model_files(model: Path) -> list[Path]:
+    """The files a model consists of (for a folder: everything in it), which no output may replace."""
+    if model.is_dir():
+        return [p for p in model.rglob("*") if p.is_file()]
+    return [model] if model.exists() else []
+
+
+def check_file_output(path: Path, model: Path, *, force: bool, flag: str) -> None:
+    """Refuse, before the scan, an output file that cannot or should not be written: one of the
+    model's own files, a folder, an existing file without ``force``, or a place where no file
+    can be created."""
+    target = path.resolve()
+    if any(target == f.resolve() for f in _model_files(model)) or target == model.resolve():
+        raise ValueError(f"{flag} {path} is a file of the model {model}; write it somewhere else")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name such as {path / 'scan.csv'}")
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} already exists; pass --force to replace it, or choose another {flag}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path} cannot be written: {parent} is not a writable folder")
+
+
+def check_plot_format(path: Path) -> None:
+    """The plot's suffix names an image format matplotlib writes (png, svg, pdf, ...)."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = path.suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise ValueError(f"--plot {path}: cannot draw a {suffix or 'suffix-less'} file; "
+                         f"use one of {', '.join(sorted(formats))}")
+
+
 def _scan(args: argparse.Namespace) -> int:
-    out, plot = Path(args.out), Path(args.plot) if args.plot else None
-    for path in (out, plot):
-        if path is not None:
-            check_can_write(path, force=args.force)
-    table = scan_checkpoint(args.model, include=args.include, exclude=args.exclude, snr_method=args.snr_method,
+    out, plot, model = Path(args.out), Path(args.plot) if args.plot else None, Path(args.model)
+    check_file_output(out, model, force=args.force, flag="--out")
+    if plot is not None:
+        if plot.resolve() == out.resolve():
+            raise ValueError(f"--plot and --out are the same file {out}")
+        check_plot_format(plot)
+        check_file_output(plot, model, force=args.force, flag="--plot")
+    table = scan_checkpoint(model, include=args.include, exclude=args.exclude, snr_method=args.snr_method,
                             device=args.device, progress=not args.quiet)
     atomic_write_bytes(out, table.to_csv(index=False).encode())
     print(f"scanned {len(table)} matrices of {args.model} -> {out}")
@@ -427,12 +630,18 @@ def _merge(args: argparse.Namespace) -> int:
     return_freed_blocks_to_the_system()
     spec = merge_spec(args)
     with _sigterm_as_interrupt():
-        out = merge_checkpoints(spec["method"], spec.get("base"), spec["experts"], args.out,
-                                parameters=spec["parameters"], include=spec.get("include"),
-                                exclude=spec.get("exclude"), device=args.device, force=args.force,
-                                max_shard_bytes=parse_size(args.max_shard_size),
-                                block_bytes=parse_size(args.block_size), progress=not args.quiet)
-    print(f"merged {len(spec['experts'])} expert(s) with {spec['method']} -> {out}")
+        result = merge_checkpoints(spec["method"], spec.get("base"), spec["experts"], args.out,
+                                   parameters=spec["parameters"], include=spec.get("include"),
+                                   exclude=spec.get("exclude"), device=args.device,
+                                   force=args.force or args.force_any, force_any=args.force_any, max_shard_bytes=parse_size(args.max_shard_size),
+                                   block_bytes=parse_size(args.block_size), progress=not args.quiet)
+    source = "the base" if spec.get("base") else "expert 0"
+    print(f"merged {len(spec['experts'])} expert(s) with {spec['method']}: {result.merged} tensor(s) merged, "
+          f"{result.copied} copied from {source} -> {result.out}")
+    for folder in result.side.unmerged_weights:
+        print(f"note: {folder} holds weights of its own, copied unmerged from {source} (see README.md)")
+    for folder in result.side.skipped:
+        print(f"note: {folder} left out: weights of {source} in another format, not the merge")
     return 0
 
 
@@ -455,9 +664,14 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+#: the temporary names of atomic writes (``.merged.w5av0o3u.partial``, ``.scan.csv.x1y2z3.tmp``)
+TEMP_NAME = re.compile(r"\.([^/\s'\"]+?)\.[A-Za-z0-9_]{8}\.(?:partial|tmp|old)(?=[/'\"\s]|$)")
+
+
 def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line, naming the user's paths, not our temporary ones."""
     text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    return text or type(err).__name__
+    return TEMP_NAME.sub(r"\1", text) or type(err).__name__
 
 
 def run(command, args: argparse.Namespace) -> int:
@@ -478,8 +692,11 @@ def add_commands(sub) -> None:
     p = sub.add_parser("scan", help="per-matrix Marchenko-Pastur spectra and SNR of a checkpoint -> CSV (+ plot)")
     p.add_argument("model", help="model folder (config.json + safetensors, sharded or not) or a .safetensors file")
     p.add_argument("--out", required=True, help="CSV to write: one row per matrix")
-    p.add_argument("--plot", help="also draw the per-matrix SNR as an image (e.g. scan.png)")
+    p.add_argument("--plot", help="also draw the per-matrix SNR as an image (e.g. scan.png, scan.svg)")
     p.add_argument("--snr-method", default="mp", help="SNR variant of lib.spectral.scan (default: mp)")
+    p.add_argument("--include", action="append", metavar="REGEX", help="only matrices whose name matches (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="REGEX", help="skip matrices whose name matches (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out/--plot file")
     _add_common(p)
     p.set_defaults(func=lambda args: run(_scan, args))
 
@@ -487,23 +704,26 @@ def add_commands(sub) -> None:
     p.add_argument("--method", help=f"merge method: {', '.join(sorted(merging.METHODS))}")
     p.add_argument("--base", help="the pre-trained model the experts were fine-tuned from")
     p.add_argument("--experts", nargs="+", metavar="MODEL", help="the fine-tuned models")
-    p.add_argument("--out", required=True, help="output model folder (written atomically)")
+    p.add_argument("--out", required=True, help="output model folder (written atomically); not an input, nor inside one")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="method hyperparameter, repeatable (e.g. --set density=0.3 --set weights=[0.7,0.3])")
     p.add_argument("--config", help="mergekit-style YAML: merge_method, base_model, models, parameters")
+    p.add_argument("--include", action="append", metavar="REGEX",
+                   help="merge only tensors whose name matches (repeatable); the others are copied from the base")
+    p.add_argument("--exclude", action="append", metavar="REGEX",
+                   help="do not merge tensors whose name matches (repeatable); they are copied from the base")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--block-size", default=f"{DEFAULT_BLOCK_BYTES // 2**20}MiB",
                    help="tensors larger than this are merged in blocks of rows where the method allows it, "
                         f"which bounds the memory used (default {DEFAULT_BLOCK_BYTES // 2**20}MiB)")
+    p.add_argument("--force", action="store_true",
+                   help=f"replace an existing --out that is a previous merge output (holds {MERGE_RECORD})")
+    p.add_argument("--force-any", action="store_true",
+                   help="replace an existing --out even if it is not a merge output (never one holding an input)")
     _add_common(p)
     p.set_defaults(func=lambda args: run(_merge, args))
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--include", action="append", metavar="REGEX",
-                   help="only keys matching this regex (repeatable); merge copies the others from the base")
-    p.add_argument("--exclude", action="append", metavar="REGEX",
-                   help="skip keys matching this regex (repeatable); merge copies them from the base")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -72,6 +72,13 @@ def figures_dir(smoke: bool | None = None) -> Path:
     return FIGURES / "smoke" if smoke else FIGURES
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename,
     so that a reader never sees a half-written file and a crash leaves the old file intact."""
@@ -79,6 +86,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; the file follows the umask
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -270,9 +270,7 @@ def _as_checked_matrix(W, name: str) -> Tensor:
         W = torch.as_tensor(W)
     if not torch.is_floating_point(W):
         raise ValueError(f"{name} has dtype {W.dtype}: a spectrum needs a floating-point weight")
-    mat = as_matrix(W.detach(), name)
-    if mat.numel() == 0:
-        raise ValueError(f"{name} has shape {tuple(W.shape)}: an empty matrix has no spectrum")
+    mat = as_matrix(W.detach(), name)  # an empty or 1-D tensor is an error there
     check_finite(mat, name)
     return mat
 
@@ -287,6 +285,33 @@ def _eigvalsh(gram: Tensor) -> Tensor:
     if gram.device.type == "mps":
         gram = gram.cpu()
     return torch.linalg.eigvalsh(gram)
+
+
+#: entries whose magnitude lies outside ``[2**-SAFE_EXPONENT, 2**SAFE_EXPONENT]`` (largest entry
+#: of a matrix) would overflow or underflow a float32 Gram matrix: ``max|W|**2 * cols`` must stay
+#: below 3.4e38, and squares below 1e-38 vanish. Such a matrix is scaled by a power of two first
+#: (exact in binary floating point, so every other matrix's eigenvalues are unchanged bit for bit)
+SAFE_EXPONENT = 40
+
+
+def _power_of_two_scales(stack: Tensor) -> Tensor | None:
+    """Per matrix of ``stack (b, rows, cols)``, the power of two that brings its largest entry
+    near 1 where float32 products would otherwise overflow or underflow; None when none needs it."""
+    amax = stack.abs().amax(dim=(1, 2)).to(torch.float64)
+    exponent = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp_min(1e-300))), torch.zeros_like(amax))
+    risky = exponent.abs() > SAFE_EXPONENT
+    if not bool(risky.any()):
+        return None
+    return torch.where(risky, torch.exp2(-exponent), torch.ones_like(exponent))
+
+
+def _round_off_to_zero(eigs: Tensor, dtype: torch.dtype) -> Tensor:
+    """Gram eigenvalues (ascending, last axis) that are round-off rather than spectrum set to
+    exactly zero: negative ones (a Gram matrix has none) and those below ``sqrt(M) * eps *
+    lambda_max``, the cut :mod:`lib.linalg` uses. A rank-one matrix then has one non-zero
+    eigenvalue instead of a bulk of round-off that the median fit would call noise."""
+    tol = eigs[..., -1:].clamp_min(0) * (eigs.shape[-1] ** 0.5 * torch.finfo(dtype).eps)
+    return torch.where(eigs > tol, eigs, torch.zeros_like(eigs))
 
 
 def _gram_spectra(mats: Sequence[Tensor], *, names: Sequence[str] | None = None, device=None) -> list[_GramSpectrum]:
@@ -305,10 +330,16 @@ def _gram_spectra(mats: Sequence[Tensor], *, names: Sequence[str] | None = None,
             chunk = idx[start : start + per_chunk]
             dtype = _group_dtype([checked[i] for i in chunk], dev)
             stack = torch.stack([checked[i] for i in chunk]).to(device=dev, dtype=dtype)
+            scales = _power_of_two_scales(stack)
+            if scales is not None:
+                stack = stack * scales.to(device=dev, dtype=dtype).view(-1, 1, 1)
             tall = stack if rows >= cols else stack.transpose(1, 2)  # N x M with N >= M
             gram = tall.transpose(1, 2) @ tall / max(rows, cols)
-            eigs = _eigvalsh(gram).to(device="cpu", dtype=torch.float64)
+            eigs = _round_off_to_zero(_eigvalsh(gram), dtype).to(device="cpu", dtype=torch.float64)
             entry_var = stack.var(dim=(1, 2), unbiased=False).to(device="cpu", dtype=torch.float64)
+            if scales is not None:  # back to the matrices' own scale, in float64
+                eigs = eigs / scales.view(-1, 1) ** 2
+                entry_var = entry_var / scales ** 2
             for j, i in enumerate(chunk):
                 out[i] = _GramSpectrum(eigs[j], rows, cols, float(entry_var[j]))
     return out  # type: ignore[return-value]
@@ -422,6 +453,11 @@ SNR_METHODS: dict[str, Callable[[_GramSpectrum], float]] = {
     "max_median": _snr_max_median,
     "seed": _snr_seed,
 }
+
+
+def check_snr_method(method: str) -> None:
+    """A ``ValueError`` listing the variants unless ``method`` is one of :data:`SNR_METHODS`."""
+    _snr_fn(method)
 
 
 def _snr_fn(method: str) -> Callable[[_GramSpectrum], float]:

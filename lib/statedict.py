@@ -34,6 +34,8 @@ def as_matrix(t: Tensor, name: str = "tensor") -> Tensor:
             f"{name} has shape {tuple(t.shape)}: a 1-D tensor is not a matrix (biases and norm "
             "scales have no spectrum)"
         )
+    if t.numel() == 0:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}: an empty matrix has no spectrum")
     return t.reshape(t.shape[0], -1)
 
 
@@ -48,14 +50,29 @@ def check_finite(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s); clean the checkpoint before merging or scanning")
 
 
+def compile_patterns(patterns: Iterable[str] | str | None, what: str = "pattern") -> list[re.Pattern]:
+    """``patterns`` (one regular expression or several) compiled; a malformed one is a
+    ``ValueError`` naming it, ``what`` it is (e.g. ``"--include"``) and where it breaks."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+    compiled = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ValueError(f"{what} {p!r} is not a regular expression (a string)")
+        try:
+            compiled.append(re.compile(p))
+        except re.error as err:
+            raise ValueError(f"{what} {p!r} is not a valid regular expression: {err}") from None
+    return compiled
+
+
 def matches(name: str, include: Iterable[str] | str | None = None, exclude: Iterable[str] | str | None = None) -> bool:
     """Whether ``name`` passes the filters. Patterns are regular expressions searched anywhere
-    in the name (so a plain substring such as ``"classifier"`` works)."""
-    include = [include] if isinstance(include, str) else include
-    exclude = [exclude] if isinstance(exclude, str) else exclude
-    if include and not any(re.search(p, name) for p in include):
+    in the name (so a plain substring such as ``"classifier"`` works); a malformed one is a
+    ``ValueError`` (:func:`compile_patterns`)."""
+    inc, exc = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
+    if inc and not any(p.search(name) for p in inc):
         return False
-    if exclude and any(re.search(p, name) for p in exclude):
+    if exc and any(p.search(name) for p in exc):
         return False
     return True
 
@@ -80,7 +97,12 @@ def to_state_dict(obj) -> StateDict:
 def check_compatible(base: Mapping[str, Tensor] | None, experts: Sequence[Mapping[str, Tensor]]) -> list[str]:
     """Check that every expert has the keys and shapes of the reference (the base, or expert 0
     when there is no base) and that no floating-point tensor holds NaN/Inf. Returns the keys in
-    the reference's order."""
+    the reference's order.
+
+    Integer buffers are never merged but copied from the reference (:func:`lib.merge.merge`), so
+    an expert may lack one (``transformers`` 5 no longer saves the non-persistent
+    ``embeddings.position_ids``) or hold one the reference lacks; every floating-point key must
+    match."""
     if len(experts) == 0:
         raise ValueError("need at least one expert state dict")
     ref_name, ref = ("base", base) if base is not None else ("expert 0", experts[0])
@@ -88,13 +110,15 @@ def check_compatible(base: Mapping[str, Tensor] | None, experts: Sequence[Mappin
     key_set = set(keys)
     models = ([("base", base)] if base is not None else []) + [(f"expert {i}", e) for i, e in enumerate(experts)]
     for label, sd in models:
-        missing = [k for k in keys if k not in sd]
+        missing = [k for k in keys if k not in sd and is_float(ref[k])]
         if missing:
             raise ValueError(f"{label} is missing {missing[0]!r} present in {ref_name} ({len(missing)} key(s) missing)")
-        extra = [k for k in sd if k not in key_set]
+        extra = [k for k in sd if k not in key_set and is_float(sd[k])]
         if extra:
             raise ValueError(f"{label} has {extra[0]!r}, absent from {ref_name} ({len(extra)} extra key(s))")
         for k in keys:
+            if k not in sd:  # an integer buffer the reference supplies
+                continue
             if sd[k].shape != ref[k].shape:
                 raise ValueError(
                     f"{label} has {k!r} with shape {tuple(sd[k].shape)}, {ref_name} has {tuple(ref[k].shape)}"

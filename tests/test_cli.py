@@ -100,7 +100,7 @@ def test_streamed_merge_equals_in_memory_merge(method, models, tmp_path):
     experts = [state_dict(p) for p in models["experts"]]
     expected = merge(method, base, experts)
     out = merge_checkpoints(method, models["base"], models["experts"], tmp_path / "out",
-                            max_shard_bytes=30_000, progress=False)
+                            max_shard_bytes=30_000, progress=False).out
     got = state_dict(out)
     assert list(got) == list(expected)
     assert len(list(out.glob("model-*.safetensors"))) > 1
@@ -139,7 +139,7 @@ def test_merge_in_tiny_row_blocks_is_bit_identical(method, hp, select, models, t
     experts = [state_dict(p) for p in models["experts"]]
     expected = merge(method, base, experts, **select, **hp)
     out = merge_checkpoints(method, models["base"], models["experts"], tmp_path / "out", parameters=hp,
-                            block_bytes=600, max_shard_bytes=30_000, progress=False, **select)
+                            block_bytes=600, max_shard_bytes=30_000, progress=False, **select).out
     got = state_dict(out)
     for k in expected:
         assert torch.equal(got[k], expected[k]), f"{method}: {k}"
@@ -211,7 +211,7 @@ def test_half_precision_and_integer_tensors_keep_their_dtype(tmp_path):
     save_file(base, tmp_path / "base.safetensors")
     save_file(expert, tmp_path / "expert.safetensors")
     out = merge_checkpoints("task_arithmetic", tmp_path / "base.safetensors", [tmp_path / "expert.safetensors"],
-                            tmp_path / "out", progress=False)
+                            tmp_path / "out", progress=False).out
     got = state_dict(out)
     expected = merge("task_arithmetic", base, [expert])
     for k in base:
@@ -271,8 +271,16 @@ def test_existing_output_is_kept_without_force(models, tmp_path, capsys):
     rc, _, err = run_cli(capsys, *argv)
     assert rc == 1 and "--force" in error_line(err)
     assert (out / "precious.txt").read_text() == "keep me"
-    assert run_cli(capsys, *argv, "--force")[0] == 0
+    # --force replaces only a previous merge output; this folder is not one
+    rc, _, err = run_cli(capsys, *argv, "--force")
+    assert rc == 1 and "--force-any" in error_line(err) and "not a merge output" in error_line(err)
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert run_cli(capsys, *argv, "--force-any")[0] == 0
     assert not (out / "precious.txt").exists() and (out / "model.safetensors.index.json").exists()
+    # now it is a merge output, which --force alone replaces
+    (out / "stale.txt").write_text("from an earlier merge")
+    assert run_cli(capsys, *argv, "--force")[0] == 0
+    assert not (out / "stale.txt").exists() and (out / MERGE_RECORD).is_file()
     assert leftovers(tmp_path) == []
 
 

@@ -143,18 +143,27 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
+def _whole_numbers(value, length: int | None = None) -> tuple[int, ...] | None:
+    """``value`` as a tuple of non-negative integers (JSON ints, not floats or booleans), or None."""
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        return None
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value):
+        return None
+    return tuple(value)
+
+
 def _entry(path: Path, key: str, spec, data_start: int) -> TensorEntry:
-    try:
-        dtype = DTYPES[spec["dtype"]]
-        shape = tuple(int(d) for d in spec["shape"])
-        begin, end = (int(x) for x in spec["data_offsets"])
-    except (KeyError, TypeError, ValueError):
+    dtype = DTYPES.get(spec.get("dtype")) if isinstance(spec, dict) and isinstance(spec.get("dtype"), str) else None
+    shape = _whole_numbers(spec.get("shape")) if isinstance(spec, dict) else None
+    offsets = _whole_numbers(spec.get("data_offsets"), 2) if isinstance(spec, dict) else None
+    if dtype is None or shape is None or offsets is None:
         raise CheckpointError(
             f"{path} is corrupt: header entry {key!r} is {spec!r}, expected dtype (one of {', '.join(DTYPES)}), "
-            "shape and data_offsets"
-        ) from None
+            "shape (whole numbers) and data_offsets (two whole numbers)"
+        )
+    begin, end = offsets
     expected = math.prod(shape) * dtype.itemsize
-    if begin < 0 or end - begin != expected:
+    if end - begin != expected:
         raise CheckpointError(
             f"{path} is corrupt: {key!r} ({spec['dtype']}, shape {list(shape)}) needs {expected} bytes, "
             f"its data_offsets {[begin, end]} give {end - begin}"

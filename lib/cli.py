@@ -284,12 +284,14 @@ class _PrepassItems:
 
     def __iter__(self):
         self.passes += 1
-        bar = tqdm(self.keys, desc=f"prepass {self.passes}", unit="tensor", leave=False, disable=not self.progress)
-        for k in bar:
-            for rows in [None] if self.blocks is None else self.blocks[k]:
-                # no local names the tensors, so this generator holds none of them while the
-                # consumer asks for the next item: only one item is in memory at a time
-                yield self._item(k, rows)
+        # a closed bar on any exit, so that an error is the last line on the terminal
+        with tqdm(self.keys, desc=f"prepass {self.passes}", unit="tensor", leave=False,
+                  disable=not self.progress) as bar:
+            for k in bar:
+                for rows in [None] if self.blocks is None else self.blocks[k]:
+                    # no local names the tensors, so this generator holds none of them while the
+                    # consumer asks for the next item: only one item is in memory at a time
+                    yield self._item(k, rows)
 
     def _item(self, key: str, rows: slice | None):
         base = None if self.base is None else merging.to_compute(self.base.read(key, rows), self.device)
@@ -316,6 +318,7 @@ def check_output(out: Path, inputs: Sequence[Path], *, force: bool, force_any: b
         if p.is_dir() and _inside(target, p):
             raise ValueError(f"{flag} {out} is inside the input model folder {given}; write the merge somewhere else")
     if not (out.exists() or out.is_symlink()):
+        check_creatable(out, flag)
         return
     if not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace a previous merge output, or choose another {flag}")
@@ -422,6 +425,7 @@ def merge_checkpoints(
         raise ValueError(f"no floating-point tensor of {ref.label} passes the include/exclude filters "
                          f"(include={include}, exclude={exclude}): nothing would be merged")
     blocks = merge_blocks(spec, params, meta, selected, block_bytes)
+    merged_keys = set(selected)
 
     def read_and_merge(key: str, rows: slice | None, context) -> Tensor:
         # a function so that the inputs are freed before the next block is read; NaN/Inf are
@@ -439,9 +443,13 @@ def merge_checkpoints(
         items = _PrepassItems(base_ck, expert_cks, selected, prepass_blocks, device, progress)
         context = merging.run_prepass(method, items, **params)
         writer = ShardedWriter(tmp, layout, max_shard_bytes)
-        for k in tqdm(keys, desc=f"merge {method}", unit="tensor", disable=not progress):
-            for rows in blocks[k]:
-                writer.write(k, read_and_merge(k, rows, context), row=0 if rows is None else rows.start)
+        with tqdm(keys, desc=f"merge {method}", unit="tensor", disable=not progress) as bar:
+            for k in bar:
+                for rows in blocks[k]:
+                    # a key that is not merged (an integer buffer, an excluded tensor) is the
+                    # reference's, as in merge(); the experts' copies are not read
+                    t = read_and_merge(k, rows, context) if k in merged_keys else ref.read(k, rows)
+                    writer.write(k, t, row=0 if rows is None else rows.start)
         writer.close()
         side = copy_side_files(ref, tmp, skip=("README.md", MERGE_RECORD))
         record = {"merge_method": method, "base_model": None if base is None else str(Path(base).resolve()),
@@ -464,6 +472,8 @@ def merge_checkpoints(
 #: ``layer1`` (ResNet) and ``lm_head`` before ``model.layers`` (Llama)
 STEM_MODULES = frozenset({"embeddings", "embed_tokens", "wte", "wpe", "stem", "patch_embed", "conv1", "bn1",
                           "conv_stem", "features_in"})
+#: a residual block's projection shortcut, which the block's own layers precede in module order
+SHORTCUT_MODULES = frozenset({"downsample", "shortcut"})
 HEAD_MODULES = frozenset({"fc", "classifier", "pre_classifier", "head", "heads", "lm_head", "score", "pooler",
                           "qa_outputs", "norm", "ln_f", "final_layer_norm", "cls"})
 
@@ -471,7 +481,8 @@ HEAD_MODULES = frozenset({"fc", "classifier", "pre_classifier", "head", "heads",
 def depth_order(name: str) -> list:
     """Sort key for a network's matrices from input to output: stem modules (:data:`STEM_MODULES`)
     first, heads (:data:`HEAD_MODULES`) last, and in between numbered blocks in numeric order
-    (``layer.2`` before ``layer.10``, ``layer1`` before ``layer2``)."""
+    (``layer.2`` before ``layer.10``, ``layer1`` before ``layer2``), a block's shortcut after its
+    own layers, and names otherwise alphabetically."""
     parts = name.split(".")
     modules = set(parts[:-1])
     stage = 0 if modules & STEM_MODULES and not any(p.isdigit() for p in parts) else (
@@ -479,7 +490,8 @@ def depth_order(name: str) -> list:
     key = [(stage, 0, "")]
     for part in parts:
         m = re.fullmatch(r"([^\d]*)(\d+)", part)
-        key.append((0, int(part), "") if part.isdigit() else (1, int(m.group(2)), m.group(1)) if m else (1, -1, part))
+        key.append((0, int(part), "") if part.isdigit() else (2, 0, part) if part in SHORTCUT_MODULES
+                   else (1, int(m.group(2)), m.group(1)) if m else (1, -1, part))
     return key
 
 
@@ -500,8 +512,12 @@ def scan_checkpoint(model: str | Path, *, include=None, exclude=None, snr_method
                     and matches(k, include, exclude)), key=depth_order)
     if not names:
         raise ValueError(f"{model}: no floating-point matrix passes the include/exclude filters")
-    rows = [spectral.scan({k: ckpt.read(k)}, method=snr_method, device=device)
-            for k in tqdm(names, desc="scan", unit="matrix", disable=not progress)]
+    empty = [k for k in names if 0 in ckpt.entries[k].shape]
+    if empty:
+        raise ValueError(f"{model}: {empty[0]!r} has shape {list(ckpt.entries[empty[0]].shape)}: an empty matrix has "
+                         "no spectrum (exclude it with --exclude)")
+    with tqdm(names, desc="scan", unit="matrix", disable=not progress) as bar:
+        rows = [spectral.scan({k: ckpt.read(k)}, method=snr_method, device=device) for k in bar]
     return pd.concat(rows, ignore_index=True)
 
 
@@ -561,8 +577,13 @@ def check_file_output(path: Path, model: Path, *, force: bool, flag: str) -> Non
         raise ValueError(f"{flag} {path} is a folder; give a file name such as {path / 'scan.csv'}")
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pass --force to replace it, or choose another {flag}")
-    parent = path.parent
-    while not parent.exists():
+    check_creatable(path, flag)
+
+
+def check_creatable(path: Path, flag: str) -> None:
+    """``path`` can be created: its nearest existing ancestor is a folder we may write in."""
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path} cannot be written: {parent} is not a writable folder")

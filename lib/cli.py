@@ -27,9 +27,13 @@ by entry (``elementwise`` in the registry) and for tensors copied rather than me
 memory a merge needs is a few blocks per model, not a few copies of the largest tensor (BERT's
 word embeddings: 94 MB each). The result equals :func:`lib.merge.merge` on the same inputs.
 
-Bad input (missing or corrupt file, architectures that differ, NaN/Inf, unknown method or
-hyperparameter, an existing output without ``--force``) ends the command with one line on
-stderr and exit status 1.
+Nothing is lost: ``--out`` may not be an input, hold one or lie inside one, ``--force`` replaces
+only a previous merge output (a folder holding ``merge_config.yaml``) and ``--force-any``
+anything else; the output appears only when complete. Bad input (missing or corrupt file,
+architectures that differ, NaN/Inf, unknown method or hyperparameter, malformed weights or
+regular expressions, an unusable device, filters that select nothing, an output that exists or
+cannot be written) ends the command with one line on stderr and exit status 1, checked before
+the first tensor is read wherever the headers suffice.
 """
 
 from __future__ import annotations

@@ -55,12 +55,20 @@ SNR variants (``method``):
   cols`` that matrix has ``rows - cols`` zero eigenvalues (ResNet's 1x1 downsampling convolutions),
   which enter the median; the published float32 code sees round-off there instead of zeros, so
   its value for those shapes is an arbitrary very large number and ours is ``lambda_max / 1e-8``.
-* ``"seed"``: the report's NLP SNR exactly as its published code (``compute_snr``) computes it:
-  ``corr = WᵀW / min(N, M)`` (the *in-features* Gram, whatever the shape), edge
-  ``var(W) * (1 + sqrt(1/Q))**2`` with ``Q = max/min``. Normalising by ``min(N, M)`` instead of
-  ``max(N, M)`` scales the eigenvalues by ``1/q`` while the edge keeps its ``q``-scale, so for any
-  non-square matrix most of the pure-noise bulk lies above the edge and the SNR is large for
-  noise alone, growing with the aspect ratio. Kept for comparison (see notebook 00), not fixed.
+* ``"seed"``: the report's NLP SNR as its published code (``compute_snr``) defines it:
+  ``corr = WᵀW / min(N, M)`` (the *in-features* Gram, whatever the shape), eigenvalues floored at
+  1e-9, edge ``var(W) * (1 + sqrt(1/Q))**2`` with ``Q = max/min``. Normalising by ``min(N, M)``
+  instead of ``max(N, M)`` scales the eigenvalues by ``1/q`` while the edge keeps its ``q``-scale,
+  so for any non-square matrix most of the pure-noise bulk lies above the edge and the SNR is
+  large for noise alone, growing with the aspect ratio. Kept for comparison (see notebook 00),
+  not fixed. Our value equals the published float32 code's (to 1e-5, tested) for tall matrices and
+  for wide ones up to ``cols / rows = 5`` (tested; the large-matrix limit is ``3 + 2*sqrt(2) =
+  5.83``, near which a finite matrix's smallest eigenvalues straddle the edge). Wider than that, every non-zero
+  eigenvalue of noise lies above the edge (the smallest, ``(1 - sqrt(q))**2 / q``, exceeds
+  ``(1 + sqrt(q))**2`` once ``sqrt(q) < sqrt(2) - 1``), so the denominator is only the ``cols - rows``
+  zero eigenvalues: exact zeros floored at 1e-9 here, float32 round-off in the published code,
+  whose value there depends on the weights' scale and is arbitrary (measured up to 178x ours on
+  64x576 unit-variance noise, equal at variance 4e-4).
 
 All eigenvalues come from the smaller Gram matrix, computed batched by shape on the selected
 device (:func:`lib.device.get_device`); no SVD is taken. ``benchmarks/spectral.py`` times this

@@ -272,6 +272,26 @@ def test_seed_and_max_median_match_the_report_code(shape):
         assert snr(W, "max_median") == pytest.approx(report_vision_snr(W.numpy()), rel=1e-4)
 
 
+@pytest.mark.parametrize("scale", [0.02, 0.1, 1.0])
+@pytest.mark.parametrize("cols", [64, 128, 256, 320])
+def test_seed_snr_is_the_report_value_below_the_critical_aspect_ratio(scale, cols):
+    """Exact for wide matrices up to cols/rows = 5, whatever the scale (the limit is 3 + 2 sqrt(2) = 5.83
+    for large matrices; near it the smallest eigenvalues of a finite one straddle the edge)."""
+    W = noise((64, cols), scale, seed=cols)
+    assert snr(W, "seed") == pytest.approx(report_nlp_snr(W.numpy()), rel=1e-5)
+
+
+def test_seed_snr_beyond_the_critical_aspect_ratio_has_a_round_off_denominator():
+    """Wider than 5.83: the whole non-zero spectrum is above the edge, so the denominator is the
+    floor of the cols - rows zero eigenvalues (ours) or their float32 round-off (the report's)."""
+    rows, cols = 64, 384
+    W = noise((rows, cols), 1.0, seed=3)
+    corr = torch.linalg.eigvalsh(W.double().T @ W.double() / rows)
+    signal = float(corr[-rows:].sum())
+    assert snr(W, "seed") == pytest.approx(signal / ((cols - rows) * 1e-9 + 1e-9), rel=1e-4)
+    assert report_nlp_snr(W.numpy()) < snr(W, "seed") / 10  # round-off well above the 1e-9 floor
+
+
 def test_seed_snr_depends_on_shape_for_pure_noise():
     """The report's normalisation (by min(N, M)) makes pure noise look like signal as soon as the
     matrix is not square; ours stays at zero for every shape."""

@@ -411,6 +411,12 @@ def _check_design(X, y) -> tuple[np.ndarray, np.ndarray]:
 LASSO_EPS = 1e-2
 LASSO_GRID = 30
 
+#: shuffled-target refits per method: with 100 the smallest possible p is 1/101 = 0.0099, which
+#: most methods reached, so the test could not say how small p is; 1000 resolves p down to 0.001
+PERMUTATIONS = 1000
+#: the central share of the bootstrap distribution :func:`r2_interval` reports
+INTERVAL_LEVEL = 0.9
+
 
 def _lasso(X: np.ndarray, y: np.ndarray, alpha: float | None, seed: int):
     """Standardised properties -> Lasso; ``alpha=None`` chooses the penalty by (at most) 5-fold
@@ -476,7 +482,7 @@ def leave_one_pair_out(X, y, *, alpha: float | None = None, seed: int = 0) -> di
     }
 
 
-def r2_interval(y, predicted, *, n_boot: int = 2000, level: float = 0.9, seed: int = 0) -> tuple[float, float]:
+def r2_interval(y, predicted, *, n_boot: int = 2000, level: float = INTERVAL_LEVEL, seed: int = 0) -> tuple[float, float]:
     """A bootstrap interval of the leave-one-pair-out R²: pairs resampled with replacement,
     ``level`` central quantiles. With 20 pairs it is wide, and that is the point."""
     y, predicted = np.asarray(y, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
@@ -490,7 +496,7 @@ def r2_interval(y, predicted, *, n_boot: int = 2000, level: float = 0.9, seed: i
     return float(np.quantile(values, tail)), float(np.quantile(values, 1.0 - tail))
 
 
-def permutation_pvalue(X, y, r2: float, *, n_perm: int = 100, alpha: float | None = None, seed: int = 0) -> dict:
+def permutation_pvalue(X, y, r2: float, *, n_perm: int = PERMUTATIONS, alpha: float | None = None, seed: int = 0) -> dict:
     """How often the whole pipeline (:func:`leave_one_pair_out`, penalty choice included) reaches
     an R² of at least ``r2`` when the targets are shuffled across pairs, i.e. when no property
     can predict anything. Returns ``p`` (with the usual +1 correction) and the null R²s."""
@@ -499,6 +505,27 @@ def permutation_pvalue(X, y, r2: float, *, n_perm: int = 100, alpha: float | Non
     null = [_r2(yp, _loo_predictions(X, yp, alpha, seed)[0]) for yp in (rng.permutation(y) for _ in range(n_perm))]
     exceed = sum(1 for v in null if np.isfinite(v) and v >= r2)
     return {"p": (exceed + 1) / (n_perm + 1), "null_r2": null}
+
+
+def design(properties: Sequence[Mapping], fit: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)`` of a :func:`fit_methods` entry, rebuilt from the pairs' ``properties``: what
+    the fit saw, in its order."""
+    by_pair = {p["pair"]: p for p in properties}
+    X = np.array([[by_pair[s][f] for f in fit["features"]] for s in fit["pairs"]], dtype=np.float64)
+    return X, np.asarray(fit["measured"], dtype=np.float64)
+
+
+def more_permutations(properties: Sequence[Mapping], fits: Mapping[str, Mapping], *, n_perm: int = PERMUTATIONS,
+                      alpha: float | None = None, seed: int = 0) -> dict[str, dict]:
+    """The :func:`fit_methods` entries ``fits`` with the permutation test rerun at ``n_perm``
+    shuffles (the same generator, so the first shuffles are those of the shorter run): for
+    results written with fewer permutations than p needs. Nothing else of a fit changes."""
+    out = {}
+    for method, fit in fits.items():
+        X, y = design(properties, fit)
+        null = permutation_pvalue(X, y, fit["r2"], n_perm=n_perm, alpha=alpha, seed=seed)
+        out[method] = {**fit, "permutation_p": null["p"], "null_r2": null["null_r2"], "permutations": n_perm}
+    return out
 
 
 def univariate(X, y, names: Sequence[str]) -> dict[str, float]:
@@ -547,7 +574,7 @@ def measure_pairs(profiles: Mapping[str, Profile], pairs: Sequence[tuple[str, st
 
 
 def fit_methods(properties: Sequence[Mapping], scores, features: Sequence[str], *, alpha: float | None = None,
-                n_perm: int = 100, n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
+                n_perm: int = PERMUTATIONS, n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
     """Per merge method: :func:`leave_one_pair_out` of the normalized accuracy on ``features``, its
     :func:`r2_interval` and :func:`permutation_pvalue`, and the :func:`univariate` correlations.
     ``scores``: rows (or a DataFrame) with ``subset``, ``method`` and ``normalized``, one per pair
@@ -569,7 +596,8 @@ def fit_methods(properties: Sequence[Mapping], scores, features: Sequence[str], 
         low, high = r2_interval(y, fit["predicted"], n_boot=n_boot, seed=seed)
         null = permutation_pvalue(X, y, fit["r2"], n_perm=n_perm, alpha=alpha, seed=seed)
         out[method] = {"features": list(features), "pairs": rows.subset.tolist(), "measured": y.tolist(), **fit,
-                       "r2_interval": [low, high], "permutation_p": null["p"], "null_r2": null["null_r2"],
+                       "r2_interval": [low, high], "interval_level": INTERVAL_LEVEL, "permutation_p": null["p"],
+                       "null_r2": null["null_r2"], "permutations": n_perm,
                        "univariate": univariate(X, y, features)}
     return out
 
@@ -595,7 +623,7 @@ def describe_fit(method: str, fit: Mapping, *, level: float = 0.05) -> str:
     low, high = fit["r2_interval"]
     n, p = len(fit["pairs"]), len(fit["features"])
     text = (f"{method}: predicting each of {n} pairs from a model fitted on the others gives R² = {fit['r2']:.2f} "
-            f"(90% bootstrap interval {low:.2f} to {high:.2f}; Spearman {fit['spearman']:.2f}). ")
+            f"({fit.get('interval_level', INTERVAL_LEVEL):.0%} bootstrap interval {low:.2f} to {high:.2f}; Spearman {fit['spearman']:.2f}). ")
     if fit["r2"] > 0 and fit["permutation_p"] < level:
         text += f"Shuffled targets rarely do as well (permutation p = {fit['permutation_p']:.3f}): the properties carry signal. "
     else:

@@ -15,8 +15,8 @@ the subset's tasks (1 = as good as every expert alone).
 >>> size_summary(records)        # mean +- std over seeds, per pool, subset size and merge
 
 Subsets of each size are all combinations when there are at most ``max_subsets`` of them, else
-that many drawn without replacement by a seeded generator (:func:`task_subsets`), the papers'
-"at most 10 combinations per size". Drawing them with the expert seed gives every seed other
+that many drawn without replacement by a seeded generator (:func:`task_subsets`), as DRM's
+"at most 10 distinct combinations for each subset size" (STAR samples 5 per size for Flan-T5). Drawing them with the expert seed gives every seed other
 combinations, so the spread over seeds covers both the training seed and the choice of tasks.
 
 Everything about merging and evaluating a model is reused from :mod:`lib.sweep`: runs are
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,7 +414,9 @@ def slopes(records: Iterable[Mapping], runs: Sequence[str], *, metric: str = "ac
 class Effect:
     """A claim of a paper put as "``better`` scores above ``worse``", with the paper's size of the
     effect in points of its metric (``paper``; None where it gives only a direction or a figure)
-    and where it says so (``source``). ``pools``/``sizes`` restrict where ours is measured."""
+    and where it says so (``source``). ``pools``/``sizes`` restrict where ours is measured.
+    ``in_paper=False`` marks a comparison the paper does not make (ours only: it can neither
+    agree nor disagree with the paper)."""
 
     claim: str
     better: str
@@ -423,14 +426,52 @@ class Effect:
     pools: tuple[str, ...] | None = None
     sizes: tuple[int, ...] | None = None
     note: str = ""
+    in_paper: bool = True
 
 
-def compare_effects(records: Iterable[Mapping], effects: Iterable[Effect], *, metric: str = "accuracy") -> pd.DataFrame:
+#: the confidence level of :func:`compare_effects`' intervals
+EFFECT_LEVEL = sweep.LEVEL
+#: a baseline within this many normalized points of chance counts as "at chance"
+CHANCE_MARGIN = 2.0
+
+
+def chance_normalized(records: Iterable[Mapping], chance: Mapping[str, float], *, metric: str = "accuracy") -> pd.DataFrame:
+    """Per (pool, seed, subset): the normalized score of guessing (``chance``: task -> the
+    chance score of ``metric``, :func:`lib.sweep.chance_scores`), averaged over the subset's
+    tasks as :func:`subset_scores` averages a merge: the floor below which a merge has learned
+    nothing."""
+    s = subset_scores(records, metric)
+    t = task_scores(records, metric)
+    experts = t.drop_duplicates(["pool", "seed", "task"]).set_index(["pool", "seed", "task"])["expert"]
+    keys = s.drop_duplicates(["pool", "seed", "subset"])[["pool", "seed", "subset"]]
+    keys = keys[keys.subset.notna()]
+    keys["chance"] = [float(np.mean([chance[task] / experts[(p, seed, task)] for task in subset_tasks(sub)]))
+                      for p, seed, sub in keys.itertuples(index=False)]
+    return keys.reset_index(drop=True)
+
+
+def _seed_means(d: pd.DataFrame, column: str) -> pd.Series:
+    return d.groupby("seed")[column].mean()
+
+
+def compare_effects(records: Iterable[Mapping], effects: Iterable[Effect], *, metric: str = "accuracy",
+                    chance: Mapping[str, float] | None = None, level: float = EFFECT_LEVEL) -> pd.DataFrame:
     """One row per effect: the paper's size beside ours (``better - worse`` in normalized points,
-    the mean over subsets of each seed, then mean +- std over seeds), the share of subsets where
-    ``better`` won, and whether our effect has the paper's sign and is more than two standard
-    errors from zero (with one seed: the subsets' standard error, flagged)."""
+    the mean over the subsets of each seed, then mean and sample std over seeds), a paired
+    Student-t interval at ``level`` over the per-seed means (both runs are scored on the same
+    experts and subsets; with one seed, over its subsets, said in ``interval_over``), how many
+    subsets ``better`` won, and whether our effect agrees with the paper.
+
+    ``worse_score``, ``base_score`` and (given ``chance``, task -> chance score) ``chance_score``
+    are the normalized scores of the baseline, of the base and of guessing, in points. A baseline
+    within :data:`CHANCE_MARGIN` points of chance, or below the base, is ``baseline`` "at chance"
+    or "below the base": beating it says the baseline failed, not that ``better`` is better, so it
+    is never counted as agreement. ``agrees``: "yes" (the paper's sign, interval clear of zero,
+    a working baseline), "no" (the opposite sign, interval clear of zero), "unresolved" (the
+    interval holds zero), "not counted" (a failed baseline), "–" (not in the paper)."""
     records = list(records)
+    chance_frame = chance_normalized(records, chance, metric=metric) if chance is not None else None
+    scores = subset_scores(records, metric)
     rows = []
     for e in effects:
         d = paired_differences(records, e.better, e.worse, metric=metric)
@@ -438,24 +479,78 @@ def compare_effects(records: Iterable[Mapping], effects: Iterable[Effect], *, me
             d = d[d.pool.isin(e.pools)]
         if e.sizes is not None:
             d = d[d["size"].isin(e.sizes)]
-        per_seed = d.groupby("seed")["difference"].mean()
-        mean = float(per_seed.mean()) if len(d) else float("nan")
-        if per_seed.size >= 2:
-            se, basis = float(per_seed.std(ddof=1)) / math.sqrt(per_seed.size), "seeds"
-        elif len(d) >= 2:
-            se, basis = float(d.difference.std(ddof=1)) / math.sqrt(len(d)), "subsets (one seed)"
+        keys = d[["pool", "seed", "subset"]]
+        level_of = {}
+        for name, run in (("worse", e.worse), ("base", "base")):
+            sel = scores[scores.run == run].merge(keys, on=["pool", "seed", "subset"])
+            level_of[name] = float(_seed_means(sel, "normalized").mean()) * 100 if len(sel) else math.nan
+        if chance_frame is not None and len(d):
+            level_of["chance"] = float(_seed_means(chance_frame.merge(keys, on=["pool", "seed", "subset"]), "chance").mean()) * 100
         else:
-            se, basis = float("nan"), "too few"
-        resolved = bool(abs(mean) > 2 * se) if math.isfinite(se) else False
+            level_of["chance"] = math.nan
+        per_seed = _seed_means(d, "difference")
+        mean = float(per_seed.mean()) if len(d) else math.nan
+        if per_seed.size >= 2:
+            (low, high), over = sweep.t_interval(per_seed, level), "seeds"
+        elif len(d) >= 2:
+            (low, high), over = sweep.t_interval(d.difference, level), "subsets (one seed)"
+        else:
+            (low, high), over = (math.nan, math.nan), "too few"
+        resolved = bool(low > 0 or high < 0)
         direction = ("not measured" if not len(d) else "same" if mean > 0 else "opposite" if mean < 0 else "none")
+        baseline = ""
+        if level_of["worse"] <= level_of["chance"] + CHANCE_MARGIN:
+            baseline = "at chance"  # the base too: a random initialisation, or heads over a body they do not fit
+        elif e.worse != "base" and level_of["worse"] < level_of["base"]:
+            baseline = "below the base"
+        if not e.in_paper or not len(d):
+            agrees = "–"
+        elif baseline:
+            agrees = "not counted"
+        elif not resolved:
+            agrees = "unresolved"
+        else:
+            agrees = "yes" if direction == "same" else "no"
         rows.append({"claim": e.claim, "pools": ", ".join(e.pools) if e.pools else "all", "source": e.source,
                      "paper": e.paper, "ours": mean,
-                     "ours_std": float(per_seed.std(ddof=1)) if per_seed.size >= 2 else float("nan"),
-                     "seeds": int(per_seed.size), "subsets": len(d),
-                     "wins": float((d.difference > 0).mean()) if len(d) else float("nan"),
-                     "direction": direction, "beyond_2se": resolved, "se_over": basis,
-                     "better": e.better, "worse": e.worse, "note": e.note})
+                     "ours_std": float(per_seed.std(ddof=1)) if per_seed.size >= 2 else math.nan,
+                     "seeds": int(per_seed.size), "subsets": len(d), "won": int((d.difference > 0).sum()),
+                     "wins": float((d.difference > 0).mean()) if len(d) else math.nan,
+                     "level": level, "ci_low": low, "ci_high": high, "interval_over": over, "resolved": resolved,
+                     "direction": direction, "worse_score": level_of["worse"], "base_score": level_of["base"],
+                     "chance_score": level_of["chance"], "baseline": baseline, "agrees": agrees,
+                     "better": e.better, "worse": e.worse, "sizes": list(e.sizes) if e.sizes else None,
+                     "in_paper": e.in_paper, "note": e.note})
     return pd.DataFrame(rows)
+
+
+def stored_effects(rows: Iterable[Mapping]) -> list[Effect]:
+    """The :class:`Effect` definitions behind a results file's ``effects`` table, to measure them
+    again on the same records (:func:`refresh_effects`). Rows written before ``sizes`` and
+    ``in_paper`` were stored give them in words: a claim ending "(N tasks)" was measured at N
+    tasks only, and a source beginning "not" ("not compared in the paper") is ours only."""
+    out = []
+    for r in rows:
+        sizes = r.get("sizes", ...)
+        if sizes is ...:
+            m = re.search(r"\((\d+) tasks\)$", r["claim"])
+            sizes = (int(m.group(1)),) if m else None
+        in_paper = r.get("in_paper", not r["source"].lower().startswith("not "))
+        pools = None if r["pools"] == "all" else tuple(p.strip() for p in r["pools"].split(","))
+        paper = None if r["paper"] is None or (isinstance(r["paper"], float) and math.isnan(r["paper"])) else r["paper"]
+        out.append(Effect(r["claim"], r["better"], r["worse"], paper, r["source"], pools=pools,
+                          sizes=tuple(sizes) if sizes else None, note=r.get("note", ""), in_paper=bool(in_paper)))
+    return out
+
+
+def refresh_effects(results: Mapping, *, level: float = EFFECT_LEVEL) -> list[dict]:
+    """A notebook's ``effects`` table measured again by :func:`compare_effects` from the records
+    and task table in its ``results``: for results written before the table had intervals,
+    baselines and chance levels. Nothing is merged or evaluated."""
+    metric = results["config"].get("metric", "accuracy")
+    table = compare_effects(results["records"], stored_effects(results["effects"]), metric=metric,
+                            chance=sweep.chance_scores(results["tasks"], metric), level=level)
+    return table.to_dict("records")
 
 
 # --- inside the methods -------------------------------------------------------------------------

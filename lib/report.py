@@ -99,13 +99,17 @@ def experts_section(r: Mapping) -> str:
         task, variant = name.split("/")
         metrics = [k for k, v in entry.items() if isinstance(v, dict) and "mean" in v and k != "train_s"]
         target = entry.get("target")
+        # the summary's std is the population one (numpy's default); every other table uses the
+        # sample std (ddof=1), so it is computed here from the per-seed records
+        values = {m: pd.Series([e["metrics"][m] for e in r["experts"] if (e["task"], e["variant"]) == (task, variant)])
+                  for m in metrics}
         rows.append({"task": task, "variant": variant, "seeds": len(entry["seeds"]),
-                     "scores": "; ".join(f"{m} {pm(entry[m]['mean'], entry[m]['std'])}" for m in metrics),
+                     "scores": "; ".join(f"{m} {pm(values[m].mean(), values[m].std(ddof=1))}" for m in metrics),
                      "target": f"{target['metric']} ≥ {target['minimum']}: {'met' if target['met'] else '**not met**'}"
                      if target else "report only", "published": PUBLISHED_SMALL_BERT.get(task, ""),
                      "train": clock(entry["train_s"]["mean"])})
     text = ("**Experts** (`make experts`, `results/experts.json`): each task's own evaluation split, whole; "
-            "mean ± std over seeds; train time per expert on the two-core CPU (wall clock, mean). "
+            "mean ± sample std over seeds; train time per expert on the two-core CPU (wall clock, mean). "
             "Published small BERTs: GLUE test-server scores of BERT-Small / BERT-Medium (4 and 8 layers, "
             "512 wide; Turc et al. 2019); ours are on the validation sets.\n\n")
     text += table(rows, {"task": "task", "variant": "start", "seeds": "seeds", "scores": "score", "target": "target",
@@ -118,7 +122,7 @@ def experts_section(r: Mapping) -> str:
                                              for c in ("expert", "average", "average_bn_reestimated")}}
                 for v, t in g.index]
         text += ("\n\nHow mergeable the vision experts are by starting point: the average of the Fashion-MNIST and "
-                 "KMNIST bodies, scored under each task's own head (accuracy, mean ± std over seeds).\n\n")
+                 "KMNIST bodies, scored under each task's own head (accuracy, mean ± sample std over seeds).\n\n")
         text += table(rows, {"variant": "start", "task": "task", "expert": "expert alone", "average": "average",
                              "average_bn_reestimated": "average, BatchNorm re-estimated"})
     return text
@@ -150,7 +154,7 @@ def report_section(results: Mapping[str, Mapping]) -> str:
     if not rows:
         return ""
     text = ("**The report (seed 000, section 4) beside ours.** The report scored 200 examples; ours are whole "
-            "evaluation splits (sizes below), mean ± std (seeds).\n\n")
+            "evaluation splits (sizes below), mean ± sample std (seeds).\n\n")
     text += table(rows, {"nb": "nb", "what": "claim", "report": "report", "ours": "ours", "run": "our run",
                          "note": "note"})
     for nb in SWEEP_NOTEBOOKS:
@@ -161,20 +165,25 @@ def report_section(results: Mapping[str, Mapping]) -> str:
 
 def merges_table(nb: str, r: Mapping) -> str:
     """One notebook's merges that must serve both tasks: each family's best run, picked by its
-    *worst* task relative to that task's expert (each task's own metric, means over seeds), beside
-    each expert alone and the base. A run that copies one expert scores that expert's numbers on
-    its task and the base's on the other, so it cannot win by excelling at one task."""
+    *worst* task, chance-corrected (:func:`lib.sweep.chance_corrected`: ``(score - chance) /
+    (expert - chance)``, each task's own metric, means over seeds), beside each expert alone and
+    the base. A run that copies one expert scores that expert's numbers on its task and about
+    chance on the other, so it scores about 0 and cannot win by excelling at one task; plain
+    ``score / expert`` would credit it with the share of the expert's score that guessing gets
+    (SST-2: 0.51 of 0.87)."""
     from . import data, sweep
 
     tasks = list(r["config"]["tasks"])
     metrics = {t: data.get_task(t).metric for t in tasks}
+    chance = sweep.chance_scores({t: r["tasks"][t] for t in tasks}, metrics)
     s = sweep.summarize(r["records"])
     s = s[s.apply(lambda row: metrics.get(row.task) == row.metric, axis=1)]
     wide = s.pivot_table(index="run", columns="task", values="mean", aggfunc="first")[tasks]
     std = s.pivot_table(index="run", columns="task", values="std", aggfunc="first")[tasks]
     first = s.drop_duplicates("run").set_index("run")
     own = {t: wide.loc[f"expert:{t}", t] for t in tasks}
-    wide["worst"] = pd.concat([wide[t] / own[t] for t in tasks], axis=1).min(axis=1)
+    wide["worst"] = pd.concat([pd.Series(sweep.chance_corrected(wide[t], own[t], chance[t]), index=wide.index)
+                               for t in tasks], axis=1).min(axis=1)
     merged = wide[first.loc[wide.index, "model"] == "merged"]
     snr_method = first.loc[merged.index, "snr_method"]
     families = [("Standard merge", merged.index == "average()")]
@@ -185,40 +194,77 @@ def merges_table(nb: str, r: Mapping) -> str:
                for run in [f"expert:{t}" for t in tasks] + ["base:base"] if run in wide.index]
     rows = [{"merge": label, "run": f"`{run}`", **{t: pm(wide.loc[run, t], std.loc[run, t]) for t in tasks},
              "worst": fmt(wide.loc[run, "worst"])} for label, run in picked]
+    rows.append({"merge": "chance", "run": "always the most common label", **{t: fmt(chance[t]) for t in tasks},
+                 "worst": fmt(0.0)})
     seeds = len(r["config"]["seeds"])
-    head = (f"**Notebook {nb}**: the best merge of each family for *both* tasks, picked by its worst task "
-            f"relative to that task's expert (an optimistic pick from the grid), mean ± std over {seeds} seeds; "
-            "evaluation sets: " + ", ".join(f"{t} {r['tasks'][t]['split']} ({r['tasks'][t]['n_eval']:,})" for t in tasks)
-            + ".")
+    head = (f"**Notebook {nb}**: the best merge of each family for *both* tasks, picked by its worst task, "
+            "chance-corrected: (score − chance) / (its expert − chance), 0 for guessing and 1 for the expert (an "
+            f"optimistic pick from the grid); mean ± sample std over {seeds} seeds; evaluation sets: "
+            + ", ".join(f"{t} {r['tasks'][t]['split']} ({r['tasks'][t]['n_eval']:,})" for t in tasks) + ".")
     return head + "\n\n" + table(rows, {"merge": "merge", "run": "run", **{t: f"{t} {metrics[t]}" for t in tasks},
-                                          "worst": "worst task / its expert"})
+                                          "worst": "worst task, chance-corrected"})
 
 
 def effects_section(r: Mapping, title: str) -> str:
-    rows = [{"claim": e["claim"], "pool": e.get("pools", ""), "source": e["source"], "paper": fmt(e["paper"], 1),
-             "ours": pm(e["ours"], e["ours_std"], None, 1), "seeds": e["seeds"], "wins": fmt(e["wins"], 2),
-             "direction": e["direction"], "beyond_2se": "yes" if e["beyond_2se"] else "no"}
-            for e in r["effects"]]
-    return (f"**{title}** Effects in points of normalized accuracy (ours: mean ± std over seeds; the paper's in "
-            "points of its metric). `wins`: share of merged subsets where the claim held.\n\n"
-            + table(rows, {"claim": "claim", "pool": "pool", "source": "paper's source", "paper": "paper",
-                           "ours": "ours", "seeds": "seeds", "wins": "wins", "direction": "same sign",
-                           "beyond_2se": "> 2 SE"}))
+    """A paper's claims measured on our experts (:func:`lib.pool.compare_effects`): our effect
+    with its t-interval, how many subsets it won, the baseline's level beside the base and
+    guessing, and whether it counts as agreement with the paper. Sources are listed once, below."""
+    effects = r["effects"]
+    if not effects or "ci_low" not in effects[0]:
+        raise ValueError("these effects have no intervals: measure them again with lib.pool.refresh_effects")
+    sources = list(dict.fromkeys(e["source"] for e in effects))
+    level = effects[0]["level"]
+    rows = [{"claim": e["claim"], "pool": e.get("pools", ""), "source": f"[{sources.index(e['source']) + 1}]",
+             "paper": fmt(e["paper"], 1), "ours": pm(e["ours"], e["ours_std"], None, 1),
+             "interval": f"[{fmt(e['ci_low'], 1)}, {fmt(e['ci_high'], 1)}]", "wins": f"{e['won']}/{e['subsets']}",
+             "levels": " / ".join(fmt(e[k], 1) for k in ("worse_score", "base_score", "chance_score")),
+             "baseline": f"**{e['baseline']}**" if e["baseline"] else "", "agrees": e["agrees"], "note": e["note"]}
+            for e in effects]
+    from .pool import CHANCE_MARGIN
+
+    seeds = "/".join(map(str, sorted({e["seeds"] for e in effects})))
+    per_size = r["config"]["max_subsets"]
+    one = ", so 3/3 at one size is three subsets, one per seed" if per_size == 1 else ""
+    text = (f"**{title}** Effects in points of normalized accuracy (ours: mean ± sample std over {seeds} seeds of the "
+            f"mean over each seed's subsets; the paper's in points of its metric), with a paired Student-t {level:.0%} "
+            f"interval over seeds. `wins`: merged subsets where the claim held, of all measured (at most {per_size} "
+            f"subset{'s' * (per_size > 1)} per size and seed{one}). `worse / base / chance`: the normalized score of "
+            "the baseline, of the pre-trained body under the experts' heads, and of always answering the most common "
+            f"label. A baseline within {CHANCE_MARGIN:g} points of chance, or below the base, is flagged: beating it "
+            "shows that the baseline failed, so it does not count as agreeing with the paper. `agrees`: yes (the "
+            "paper's sign, interval clear of 0, a working baseline), no (the opposite sign, clear of 0), unresolved "
+            "(the interval holds 0), not counted (a flagged baseline), – (a comparison the paper does not make).\n\n")
+    text += table(rows, {"claim": "claim", "pool": "pool", "source": "source", "paper": "paper", "ours": "ours",
+                         "interval": f"{level:.0%} interval", "wins": "wins", "levels": "worse / base / chance",
+                         "baseline": "baseline", "agrees": "agrees", "note": "note"})
+    return text + "\n\nSources: " + "; ".join(f"[{i}] {src}" for i, src in enumerate(sources, 1)) + "."
 
 
 def mergeability_section(r: Mapping) -> str:
+    from .mergeability import INTERVAL_LEVEL
+
     rows = []
     for method, f in r["fits"].items():
         chosen = sorted(((abs(c), name, c) for name, c in zip(f["features"], f["coefficients"]) if c != 0), reverse=True)
+        n_perm = f.get("permutations", r["config"]["permutations"])
+        floor = 1 / (n_perm + 1)
         rows.append({"method": method, "pairs": len(f["pairs"]), "r2": fmt(f["r2"], 2),
                      "interval": f"[{fmt(f['r2_interval'][0], 2)}, {fmt(f['r2_interval'][1], 2)}]",
-                     "p": fmt(f["permutation_p"], 2),
+                     "p": ("≤ " if f["permutation_p"] <= floor * (1 + 1e-9) else "") + fmt(f["permutation_p"], 3),
+                     "perms": f"{n_perm:,}",
                      "features": ", ".join(f"{n} ({c:+.3f})" for _, n, c in chosen[:3]) or "none"})
-    return ("**Notebook 06, predicting mergeability** (one Lasso per method over the text-expert pairs, "
-            "leave-one-pair-out R² with a bootstrap 95 % interval and a permutation p-value; the largest "
-            "coefficients of the fit on all pairs, per standard deviation of the property).\n\n"
-            + table(rows, {"method": "method", "pairs": "pairs", "r2": "LOO R²", "interval": "95 % interval",
-                           "p": "permutation p", "features": "largest coefficients"}))
+    levels = {f.get("interval_level", INTERVAL_LEVEL) for f in r["fits"].values()}
+    if len(levels) != 1:
+        raise ValueError(f"the fits' bootstrap intervals have different levels {sorted(levels)}: refit them alike")
+    level = f"{levels.pop():.0%}"
+    seed = r["config"]["seed"]
+    return ("**Notebook 06, predicting mergeability** (one Lasso per method over the text-expert pairs of one seed of "
+            f"experts, seed {seed}; leave-one-pair-out R² with a bootstrap {level} interval over pairs and a "
+            "permutation p-value, the share of shuffled-target refits of the whole pipeline doing as well, whose "
+            "smallest possible value is 1 / (permutations + 1), marked ≤; the largest coefficients of the fit on all "
+            "pairs, per standard deviation of the property).\n\n"
+            + table(rows, {"method": "method", "pairs": "pairs", "r2": "LOO R²", "interval": f"{level} interval",
+                           "p": "permutation p", "perms": "permutations", "features": "largest coefficients"}))
 
 
 SECTIONS: list[tuple[tuple[str, ...], Callable[..., str]]] = [

@@ -431,6 +431,39 @@ def task_table(tasks: Iterable[str], *, smoke: bool) -> dict[str, dict]:
     return out
 
 
+def chance_score(metric: str, majority: float, num_labels: int) -> float:
+    """What a classifier that ignores its input scores: always answering the most common label
+    (``majority``: that label's share of the evaluation split). Accuracy: ``majority``;
+    Matthews correlation: 0; macro-F1: the majority label's F1, ``2m / (1 + m)``, over
+    ``num_labels`` labels (every other label scores 0). The floor that chance-corrected scores
+    (:func:`chance_corrected`) are measured from."""
+    if not 0.0 < majority <= 1.0 or num_labels < 2:
+        raise ValueError(f"majority must be in (0, 1] and num_labels at least 2, got {majority} and {num_labels}")
+    if metric == "accuracy":
+        return float(majority)
+    if metric == "mcc":
+        return 0.0
+    if metric == "macro_f1":
+        return float(2 * majority / (1 + majority) / num_labels)
+    raise ValueError(f"no chance level for {metric!r}: it depends on which label is positive; use accuracy, mcc or macro_f1")
+
+
+def chance_scores(tasks: Mapping[str, Mapping], metric: str | Mapping[str, str] = "accuracy") -> dict[str, float]:
+    """task -> :func:`chance_score` of ``metric`` (one for all tasks, or task -> metric), from a
+    :func:`task_table` (its ``majority``) and each task's labels."""
+    metrics = metric if isinstance(metric, Mapping) else {t: metric for t in tasks}
+    return {t: chance_score(metrics[t], info["majority"], data.get_task(t).num_labels) for t, info in tasks.items()}
+
+
+def chance_corrected(score, expert, chance):
+    """``(score - chance) / (expert - chance)``: 0 at chance, 1 at the expert, negative below
+    chance. Unlike ``score / expert`` it does not credit a merge with the share of the score that
+    guessing gets (SST-2's 0.51, CoLA's accuracy 0.69); NaN where the expert is at chance."""
+    score, expert, chance = (np.asarray(v, dtype=np.float64) for v in (score, expert, chance))
+    spread = expert - chance
+    return np.where(spread > 0, (score - chance) / np.where(spread > 0, spread, 1.0), np.nan)
+
+
 def evaluate_tasks(tasks: Sequence[str], *, smoke: bool, heads: Mapping[str, StateDict] | None = None) -> Evaluate:
     """The evaluation a sweep calls: ``state_dict -> {task: {metric: value}}`` on each task's
     evaluation split. With ``heads`` (task -> a state dict holding that task's head, e.g. its
@@ -492,6 +525,23 @@ def spectra(experts: Mapping[str, StateDict], snr_methods: Sequence[str], *, see
 # --- reading the results -----------------------------------------------------------------------
 
 
+#: the confidence level of every interval the notebooks and README state
+LEVEL = 0.95
+
+
+def t_interval(values, level: float = LEVEL) -> tuple[float, float]:
+    """Student-t interval for the mean of ``values`` at ``level`` (NaN for fewer than two). With
+    three seeds the 95 % interval is the mean ± 4.30 standard errors: two standard errors would
+    be about an 80 % interval."""
+    from scipy.stats import t
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return math.nan, math.nan
+    half = float(t.ppf((1 + level) / 2, values.size - 1)) * float(values.std(ddof=1)) / math.sqrt(values.size)
+    return float(values.mean()) - half, float(values.mean()) + half
+
+
 def leaderboard(records: Iterable[Mapping], task: str, metric: str) -> pd.DataFrame:
     """Each SNR strategy and definition at its best ``top`` (or threshold), each reference merge,
     each expert and the base, ranked by the mean over seeds of ``metric`` on ``task``."""
@@ -515,12 +565,18 @@ def verdict(records: Iterable[Mapping], task: str, metric: str, *, reference: st
         return f"{task} {metric}: no SNR merge or no {reference} in these records."
     best, ref = snr_rows.iloc[0], board.loc[reference]
     diff = best["mean"] - ref["mean"]
-    if min(best["n"], ref["n"]) < 2:
-        spread = "one seed, so no error bar: read it as anecdotal"
+    df = records_frame(records)
+    df = df[(df.task == task) & (df.metric == metric)]
+    # paired over seeds: both merges are of the same seed's experts
+    paired = (df[df.run == snr_rows.index[0]].groupby("seed").value.mean()
+              - df[df.run == reference].groupby("seed").value.mean()).dropna()
+    if paired.size < 2:
+        spread = "one seed, so no interval: read it as anecdotal"
     else:
-        se = math.sqrt(best["std"] ** 2 / best["n"] + ref["std"] ** 2 / ref["n"])
-        spread = (f"more than two standard errors ({2 * se:.3f})" if abs(diff) > 2 * se
-                  else f"within two standard errors ({2 * se:.3f}): not distinguishable with {int(best['n'])} seeds")
+        low, high = t_interval(paired)
+        clear = low > 0 or high < 0
+        spread = (f"paired {LEVEL:.0%} t-interval over {paired.size} seeds [{low:+.3f}, {high:+.3f}]"
+                  + ("" if clear else f": it holds 0, not distinguishable with {paired.size} seeds"))
     text = (f"{task} {metric}: the best SNR merge on the grid (an optimistic pick), {snr_rows.index[0]}, scores "
             f"{best['mean']:.3f} ± {_std(best)}; {reference} scores {ref['mean']:.3f} ± {_std(ref)}; "
             f"difference {diff:+.3f}, {spread}.")

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import stats
 
-from lib import pool
+from lib import pool, sweep
 from lib.merge import drm
 from lib.merge.star import kept_rank
 from lib.merge.ties import trim_topk
@@ -202,13 +203,61 @@ def test_paired_differences_and_effects_compare_on_the_same_subsets():
                pool.Effect("one seed only", "average(weights=None)", "base", None, "fake", pools=("other",))]
     table = pool.compare_effects(records, effects).set_index("claim")
     assert table.loc["merging beats the base", "direction"] == "same"
-    assert table.loc["merging beats the base", "beyond_2se"] and table.loc["merging beats the base", "seeds"] == 3
-    assert table.loc["merging beats the base", "ours"] == pytest.approx(d.groupby("seed").difference.mean().mean())
+    assert table.loc["merging beats the base", "resolved"] and table.loc["merging beats the base", "seeds"] == 3
+    assert table.loc["merging beats the base", "agrees"] == "yes"
+    per_seed = d.groupby("seed").difference.mean()
+    assert table.loc["merging beats the base", "ours"] == pytest.approx(per_seed.mean())
+    # a paired Student-t interval over the seeds' means, at the stated level
+    low, high = stats.t.interval(0.95, 2, loc=per_seed.mean(), scale=per_seed.std(ddof=1) / math.sqrt(3))
+    assert table.loc["merging beats the base", ["ci_low", "ci_high"]].tolist() == pytest.approx([low, high])
+    assert table.loc["merging beats the base", "level"] == 0.95
     assert table.loc["the base beats merging", "direction"] == "opposite"
     assert table.loc["the base beats merging", "wins"] == 0 and table.loc["the base beats merging", "subsets"] == 3
+    assert table.loc["the base beats merging", "won"] == 0
     assert table.loc["one seed only", "direction"] == "not measured"
+    assert table.loc["one seed only", "agrees"] == "–"
     with pytest.raises(ValueError, match="no scores of \\['dare\\(\\)'\\]"):
         pool.paired_differences(records, "dare()", "base")
+
+
+def test_t_interval_is_wider_than_two_standard_errors_with_three_seeds():
+    values = [1.0, 2.0, 4.0]
+    low, high = sweep.t_interval(values, 0.95)
+    se = np.std(values, ddof=1) / math.sqrt(3)
+    assert (high - low) / 2 == pytest.approx(stats.t.ppf(0.975, 2) * se) and (high - low) / 2 > 4 * se
+    assert all(math.isnan(v) for v in sweep.t_interval([1.0]))
+
+
+def test_a_win_over_a_baseline_at_chance_is_not_agreement():
+    records = run_fake(seeds=(0, 1, 2))
+    worse = "average(weights=None)"
+    s = pool.subset_scores(records)
+    average = s[s.run == worse].normalized.mean()
+    effects = [pool.Effect("STAR beats average", "star(eta=40, rescale=True)", worse, 1.0, "fake"),
+               pool.Effect("ours only", "star(eta=40, rescale=True)", worse, None, "not in the paper", in_paper=False)]
+    # guessing scores what the average scores: the average has learned nothing
+    experts = pool.task_scores(records).drop_duplicates("task").set_index("task").expert
+    at_chance = {t: average * experts[t] for t in experts.index}
+    table = pool.compare_effects(records, effects, chance=at_chance).set_index("claim")
+    row = table.loc["STAR beats average"]
+    assert row.baseline == "at chance" and row.agrees == "not counted"
+    assert row.chance_score == pytest.approx(100 * average, abs=1.0) and row.worse_score == pytest.approx(100 * average, abs=1.0)
+    assert table.loc["ours only", "agrees"] == "–"
+    far_below = {t: 0.01 for t in experts.index}
+    assert pool.compare_effects(records, effects[:1], chance=far_below).iloc[0].baseline == ""
+
+
+def test_stored_effects_measure_the_same_table_again():
+    records = run_fake(seeds=(0, 1, 2))
+    effects = [pool.Effect("merging beats the base (3 tasks)", "star(eta=40, rescale=True)", "base", 5.0, "fake",
+                           pools=("fake",), sizes=(3,), note="a note"),
+               pool.Effect("ours only", "average(weights=None)", "base", None, "not compared in the paper", in_paper=False)]
+    table = pool.compare_effects(records, effects)
+    again = pool.compare_effects(records, pool.stored_effects(table.to_dict("records")))
+    pd.testing.assert_frame_equal(table, again)
+    # rows written before sizes and in_paper were stored say them in words
+    old = [{k: v for k, v in r.items() if k not in ("sizes", "in_paper")} for r in table.to_dict("records")]
+    assert pool.stored_effects(old) == effects
 
 
 def test_trend_is_the_least_squares_slope():

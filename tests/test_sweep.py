@@ -388,7 +388,15 @@ def test_shape_bias_sees_a_definition_that_tracks_the_aspect_ratio():
 def test_verdict_states_the_difference_and_whether_seeds_resolve_it():
     results = fake_results("x")
     text = sweep.verdict(results["records"], "a", "accuracy")
-    assert "snr_" in text and "average()" in text and "two standard errors" in text
+    assert "snr_" in text and "average()" in text and "paired 95% t-interval over" in text
+    # the interval is Student's over the seeds' paired differences, not two standard errors
+    frame = sweep.records_frame(results["records"])
+    best = sweep.leaderboard(results["records"], "a", "accuracy")
+    best = best[best.snr_method.notna()].run.iloc[0]
+    a = frame[(frame.task == "a") & (frame.metric == "accuracy")]
+    paired = a[a.run == best].groupby("seed").value.mean() - a[a.run == "average()"].groupby("seed").value.mean()
+    low, high = sweep.t_interval(paired)
+    assert f"[{low:+.3f}, {high:+.3f}]" in text
     assert "The a expert alone scores" in text
     one_seed = [r for r in results["records"] if r["seed"] == 0]
     assert "one seed" in sweep.verdict(one_seed, "a", "accuracy")

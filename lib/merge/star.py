@@ -35,6 +35,14 @@ short of the 5x aimed at. In float64 an ``eigh`` of a 768x768 Gram matrix
 costs about half a 768x768 SVD, so the square attention matrices gain 2x and only the 768x3072
 ones 4-5x; a float32 Gram would double the speed but is not exact (above). On a GPU the batched
 ``eigh`` is the design point.
+
+Low-rank task vectors (LoRA deltas ``s B A``, :mod:`lib.lora`) take :func:`star_lowrank`: the SVD
+of each ``B A`` from QRs of its factors (:func:`lib.linalg.factored_svd`), the same rank rule and
+rescale on its singular values, and the mean over experts as a concatenation of the truncated
+factors, so the merged task vector stays factored with rank at most the sum of the kept ranks.
+It equals :func:`star_truncate` on the densified task vectors (``tests/test_lora.py``) up to the
+Gram path's round-off cut (:mod:`lib.linalg`): a singular value between the two cuts, below about
+``1e-7 * sigma_max`` in float64, is kept here and dropped there.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import gram_eigh, map_matrix_stacks
+from ..linalg import factored_svd, gram_eigh, map_matrix_stacks
 from . import check_range, register, stack
 
 #: precision of the Gram eigendecomposition (see the module docstring for the measurements)
@@ -75,6 +83,32 @@ def star_truncate(taus: Tensor, eta: float = 40, rescale: bool = True, *, dtype:
         scale = torch.where(kept_sum > 0, sigma.sum(-1) / torch.where(kept_sum > 0, kept_sum, 1.0), 0.0)
         truncated = truncated * scale[..., None, None]
     return truncated.to(device=taus.device, dtype=taus.dtype)
+
+
+def star_truncate_factored(b: Tensor, a: Tensor, eta: float = 40, rescale: bool = True, *,
+                           dtype: torch.dtype = PRECISION) -> tuple[Tensor, Tensor]:
+    """:func:`star_truncate` of every product ``b @ a`` (``b (..., m, r)``, ``a (..., r, n)``),
+    returned as factors ``(..., m, w)`` and ``(..., w, n)`` in ``dtype``, ``w`` the largest kept
+    rank (smaller ranks padded with zero columns)."""
+    u, sigma, vh = factored_svd(b, a, dtype=dtype)
+    rank = kept_rank(sigma, eta)
+    width = max(1, int(rank.max()))
+    kept = torch.arange(width, device=rank.device) < rank.unsqueeze(-1)
+    weights = sigma[..., :width] * kept
+    if rescale:
+        kept_sum = weights.sum(-1, keepdim=True)
+        weights = weights * torch.where(kept_sum > 0, sigma.sum(-1, keepdim=True) / torch.where(kept_sum > 0, kept_sum, 1.0), 0.0)
+    return u[..., :width] * weights.unsqueeze(-2), vh[..., :width, :]
+
+
+def star_lowrank(b: Tensor, a: Tensor, *, eta: float = 40, rescale: bool = True) -> tuple[Tensor, Tensor]:
+    """STAR's merged task vector of each stack of low-rank task vectors ``b_t @ a_t``
+    (``b (K, N, m, r)``, ``a (K, N, r, n)``: K same-shape keys, N experts, scales folded into
+    ``b``), as factors ``(K, m, N w)`` and ``(K, N w, n)``: the mean of the truncated task vectors
+    is the concatenation of their factors, each ``b`` divided by ``N``."""
+    tb, ta = star_truncate_factored(b, a, eta, rescale)
+    n_experts = b.shape[1]
+    return (tb / n_experts).transpose(1, 2).flatten(2), ta.flatten(1, 2)
 
 
 def _check(eta, rescale):

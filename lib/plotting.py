@@ -65,6 +65,17 @@ def set_style() -> None:
 set_style()
 
 
+def legend_beside(ax, **kwargs):
+    """The legend to the right of ``ax``, outside it, where it can hide no data (``tight_layout``
+    makes room for it); for a row of panels, call it on the last one."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+
+
+def legend_below(ax, ncol: int, **kwargs):
+    """The legend under ``ax`` (below its tick labels and axis label), in ``ncol`` columns."""
+    return ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), borderaxespad=0.0, ncol=ncol, **kwargs)
+
+
 def savefig(fig, name: str | None = None, *, path: str | Path | None = None, smoke: bool | None = None,
             formats=("png",), close: bool = True) -> list[Path]:
     """Save ``fig`` as ``figures/<name>.<fmt>`` (``figures/smoke/`` in SMOKE mode), atomically;

@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..plotting import color, savefig
+from ..plotting import color, legend_beside, legend_below, savefig
 from ..spectral import mp_pdf
 
 NOTEBOOK = "00_marchenko_pastur"
@@ -26,7 +26,7 @@ def draw_esd(results: dict, *, smoke: bool = False) -> list[Path]:
         ax.set_title(f"{item['rows']}x{item['cols']}, q = {item['q']:.2f}  (KS {item['ks']:.3f})")
         ax.set_xlabel(r"eigenvalue of $W^\top W / N$ ($\sigma^2 = 1$)")
     axes[0][0].set_ylabel("density")
-    axes[0][0].legend()
+    legend_beside(axes[0][-1])
     return savefig(fig, f"{NOTEBOOK}_esd", smoke=smoke)
 
 
@@ -35,17 +35,16 @@ def draw_tracy_widom(results: dict, *, smoke: bool = False) -> list[Path]:
     almost never past the detection threshold."""
     tw = results["tracy_widom"]
     top = np.asarray(tw["top"])
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.hist(top, bins=40, color=color("noise"), label=f"largest eigenvalue, {len(top)} noise draws")
+    fig, ax = plt.subplots(figsize=(8.4, 3.6))
+    ax.hist(top, bins=40, color=color("noise"), label=f"largest eigenvalue,\n{len(top)} noise draws")
     ax.axvline(tw["lambda_plus"], color=color("mp"), linestyle="--",
-               label=rf"$\lambda_+$ (exceeded in {100 * tw['frac_above_edge']:.0f}% of draws)")
+               label=rf"$\lambda_+$ = {tw['lambda_plus']:.3f}" + f"\n(exceeded in {100 * tw['frac_above_edge']:.0f}% of draws)")
     ax.axvline(tw["threshold"], color=color("signal"),
-               label=f"detection threshold (exceeded in {100 * tw['frac_above_threshold']:.1f}%)")
+               label=f"detection threshold = {tw['threshold']:.3f}\n(exceeded in {100 * tw['frac_above_threshold']:.1f}%)")
     ax.set_title(f"Tracy–Widom fluctuations of the bulk edge, {tw['rows']}x{tw['cols']}")
     ax.set_xlabel(r"largest eigenvalue ($\sigma^2 = 1$)")
     ax.set_ylabel("draws")
-    ax.set_ylim(top=ax.get_ylim()[1] * 1.4)  # room for the legend above the histogram
-    ax.legend(loc="upper right")
+    legend_beside(ax)
     return savefig(fig, f"{NOTEBOOK}_tracy_widom", smoke=smoke)
 
 
@@ -55,23 +54,39 @@ def draw_spike(results: dict, *, smoke: bool = False) -> list[Path]:
     sp = results["spike"]
     t = np.asarray(sp["strengths"])
     found = np.asarray(sp["n_signal"]) > 0
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    top = np.asarray(sp["lambda_max"])
+    # the threshold and the edge scale with the noise level, which is fitted to each matrix (sp["threshold"]
+    # and sp["lambda_plus"] are for sigma2 = 1), so a spike just under the sigma2 = 1 line can be detected
+    sigma2 = np.asarray(sp["sigma2"])
+    first = int(np.argmax(found)) if found.any() else None
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 3.8))
     ax.plot(t, sp["bbp"], color=color("mp"), label="BBP prediction")
-    ax.plot(t[~found], np.asarray(sp["lambda_max"])[~found], "o", color=color("noise"), label="top eigenvalue: bulk")
-    ax.plot(t[found], np.asarray(sp["lambda_max"])[found], "o", color=color("signal"), label="top eigenvalue: signal")
-    ax.axhline(sp["lambda_plus"], color=color("mp"), linestyle="--", linewidth=1, label=r"$\lambda_+$")
-    ax.axhline(sp["threshold"], color=color("signal"), linestyle=":", linewidth=1, label="detection threshold")
-    ax.axvline(sp["bbp_transition"], color="#999999", linewidth=0.8)
-    ax.axvline(sp["detection_strength"], color=color("signal"), linewidth=0.8)
+    ax.plot(t[~found], top[~found], "o", color=color("noise"), label="top eigenvalue: bulk")
+    ax.plot(t[found], top[found], "o", color=color("signal"), label="top eigenvalue: signal")
+    ax.plot(t, sp["lambda_plus"] * sigma2, color=color("mp"), linestyle="--", linewidth=1,
+            label=r"$\lambda_+$ at the fitted $\sigma^2$")
+    ax.plot(t, sp["threshold"] * sigma2, color=color("signal"), linestyle=":", linewidth=1.2,
+            label="detection threshold at the fitted $\\sigma^2$")
+    ax.axvline(sp["bbp_transition"], color="#999999", linewidth=0.8,
+               label=f"BBP transition $t = q^{{1/4}}$ = {sp['bbp_transition']:.3f}")
+    ax.axvline(sp["detection_strength"], color=color("signal"), linewidth=0.8, linestyle="-.",
+               label=f"predicted detection at $\\sigma^2 = 1$: t = {sp['detection_strength']:.3f}")
+    if first is not None:
+        ax.annotate(f"first detected: t = {t[first]:.3f},\n" + rf"$\lambda$ = {top[first]:.3f} > {sp['threshold'] * sigma2[first]:.3f}",
+                    (t[first], top[first]), xytext=(t[0], 0.55 * top.max() + 0.45 * top.min()), fontsize=8,
+                    arrowprops={"arrowstyle": "->", "color": "#555555", "linewidth": 0.8})
     ax.set_xlabel(r"signal strength $t$ (singular value / $\sigma\sqrt{N}$)")
-    ax.set_ylabel(r"largest eigenvalue ($\sigma^2 = 1$)")
+    ax.set_ylabel(r"largest eigenvalue (in units of the true $\sigma^2 = 1$)")
     ax.set_title(f"One planted spike in {sp['rows']}x{sp['cols']} noise")
-    ax.legend()
+    legend_below(ax, ncol=2)
     ax2.plot(t, sp["snr"], "o-", color=color("mp"), label="our SNR (mp)")
-    ax2.axvline(sp["detection_strength"], color=color("signal"), linewidth=0.8, label="detection strength")
+    ax2.axvline(sp["detection_strength"], color=color("signal"), linewidth=0.8, linestyle="-.",
+                label="predicted detection at $\\sigma^2 = 1$")
+    if first is not None:
+        ax2.axvline(t[first], color=color("signal"), linewidth=0.8, label=f"first detected, t = {t[first]:.3f}")
     ax2.set_xlabel(r"signal strength $t$")
     ax2.set_ylabel("SNR = signal / bulk eigenvalue mass")
-    ax2.legend()
+    legend_below(ax2, ncol=1)
     return savefig(fig, f"{NOTEBOOK}_spike", smoke=smoke)
 
 
@@ -83,17 +98,24 @@ def draw_shape_bias(results: dict, *, smoke: bool = False) -> list[Path]:
     methods = [("seed", "report NLP (seed)"), ("max_median", "report ResNet (max/median)"), ("mp", "ours (mp)")]
     x = np.arange(len(items))
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    floor = 1e-3  # zero cannot sit on a log axis: bars at the floor mean "exactly zero"
+    means = {m: np.array([np.mean(item[f"snr_{m}"]) for item in items]) for m, _ in methods}
+    positive = np.concatenate([v[v > 0] for v in means.values()])
+    # zero cannot sit on a log axis: exact zeros are marked "0" on a floor a decade below the smallest non-zero
+    # mean, so a small SNR (the report's 0.001 on square noise) is a bar and a zero is not
+    floor = 10 ** (np.floor(np.log10(positive.min())) - 1) if positive.size else 1e-3
+    fig, ax = plt.subplots(figsize=(9.5, 3.8))
     for i, (method, label) in enumerate(methods):
-        values = np.array([np.mean(item[f"snr_{method}"]) for item in items])
-        ax.bar(x + (i - 1) * width, np.maximum(values, floor), width, color=color(method if method != "max_median" else "base"),
-               label=label)
+        values, xs = means[method], x + (i - 1) * width
+        ax.bar(xs[values > 0], values[values > 0], width, color=color(method if method != "max_median" else "base"),
+               label=label, bottom=0)
+        for xz in xs[values == 0]:
+            ax.text(xz, floor * 1.5, "0", ha="center", va="bottom", fontsize=8, color=color(method))
     ax.set_yscale("log")
+    ax.set_ylim(bottom=floor)
     ax.set_xticks(x, labels)
     ax.set_ylabel(f"SNR of pure noise (mean of {len(items[0]['snr_mp'])} draws)")
-    ax.set_title("The same noise, different shapes: only the MP reading stays at zero")
-    ax.legend()
+    ax.set_title("The same noise, different shapes: only the MP reading stays at zero (marked 0)")
+    legend_beside(ax)
     return savefig(fig, f"{NOTEBOOK}_shape_bias", smoke=smoke)
 
 
@@ -110,14 +132,14 @@ def draw_minilm_scan(results: dict, *, smoke: bool = False) -> list[Path]:
     names = [_short(r["name"]) for r in real]
     x = np.arange(len(names))
     floor = 1e-3
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.22 * len(names)), 6.4), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.16 * len(names)), 7.2), sharex=True)
     for ax, key, title in [(axes[0], "snr_mp", "ours (mp)"), (axes[1], "snr_seed", "report NLP (seed)")]:
         ax.plot(x, np.maximum([r[key] for r in real], floor), "o", color=color("signal"), label="pre-trained")
         ax.plot(x, np.maximum([r[key] for r in null], floor), "x", color=color("noise"), label="entries shuffled")
         ax.set_yscale("log")
         ax.set_ylabel(f"SNR, {title}")
-        ax.legend(loc="best")
-    axes[1].set_xticks(x, names, rotation=90, fontsize=6)
+        legend_beside(ax)
+    axes[1].set_xticks(x, names, rotation=90, fontsize=8)
     axes[0].set_title("all-MiniLM-L6-v2: learned structure versus the same entries shuffled (floor = exactly 0)")
     return savefig(fig, f"{NOTEBOOK}_minilm_scan", smoke=smoke)
 
@@ -138,7 +160,7 @@ def draw_minilm_esd(results: dict, *, smoke: bool = False) -> list[Path]:
                    label=f"threshold: {item['n_signal']} of {len(eig)} above")
         ax.set_title(f"{_short(esd['name'])}, {title}")
         ax.set_xlabel("eigenvalue")
-        ax.legend()
+        legend_below(ax, ncol=1)
     axes[0].set_ylabel("density")
     return savefig(fig, f"{NOTEBOOK}_minilm_esd", smoke=smoke)
 

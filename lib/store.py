@@ -1,0 +1,249 @@
+"""The record store: every merged-and-evaluated record, written the moment it is computed.
+
+One SQLite database (the standard library's :mod:`sqlite3`) under the cache directory,
+``$SPECTRAL_MERGE_CACHE/records.sqlite`` by default, so a killed grid resumes where it stopped
+and a merge that two notebooks ask for is computed once. Anyone can read it::
+
+    sqlite3 .cache/records.sqlite "select method, count(*) from records group by method"
+    pd.read_sql("select * from records", sqlite3.connect(".cache/records.sqlite"))
+
+A *configuration* is a JSON-able dict that says everything a record depends on (for a pool
+merge, :mod:`lib.runner` puts in the experts and their cache keys, the seed, the subset, the
+method with its resolved hyperparameters and version, the merge keyword arguments, the head and
+the evaluation split). Its key is the hash of its canonical JSON (:func:`canonical`: sorted
+keys, no spaces), so equal configurations have one key whatever order their fields came in.
+A *payload* is what the configuration produced: the list of tidy records of
+:func:`lib.sweep.run_sweep` (one per task and metric).
+
+Each row holds the key, the canonical configuration, the payload as JSON and a SHA-256
+checksum of that JSON. Reading a row checks both, so a row is never silently reused:
+
+* a row under the key whose stored configuration is not the one asked for (a hash collision, a
+  row written by other code, a hand edit) is :class:`ForeignRecord`, naming the key;
+* a row whose payload does not match its checksum or is not JSON is :class:`CorruptRecord`,
+  naming the key.
+
+Writing is one transaction per record (``with connection:``) in WAL mode with
+``synchronous=FULL``: after :meth:`RecordStore.put` returns the row survives a SIGKILL or a
+power loss, and a writer killed half-way leaves no row at all. The grid runner is the single
+writer of its grid (workers return payloads to it); two runners sharing one store (two notebooks
+at once) are serialised by SQLite's lock, and the first row written for a key wins
+(``INSERT OR IGNORE``) -- the same configuration gives the same values, only its timings differ.
+
+Method versions. A record is only as good as the code that made it: :func:`method_version`
+is ``VERSIONS[method]`` (default 1) plus a hash of the method's registered defaults, and the
+runner puts it in every configuration, so bumping a method's entry in :data:`VERSIONS` after
+changing its code -- or changing, adding or removing one of its defaults -- gives its records
+new keys: the old rows are no longer found (recomputed on the next run) and
+:meth:`RecordStore.stale` lists them for deletion. The registry (:mod:`lib.merge`) has no
+version field yet; :data:`VERSIONS` moves there with the merge-core redesign.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import paths
+
+#: method -> version of its code; bump an entry when the method's results change for the same
+#: hyperparameters (a method not listed is version 1). "alone" versions the records of experts
+#: and bases scored on their own (``method`` "expert"/"base").
+VERSIONS: dict[str, int] = {}
+
+SCHEMA = """
+create table if not exists records (
+    key        text primary key,   -- sha256 of the canonical configuration (first 32 hex digits)
+    method     text not null,      -- config['method'], for queries
+    version    text not null,      -- config['version'] (method_version), for stale()
+    config     text not null,      -- canonical JSON of the configuration
+    payload    text not null,      -- JSON list of tidy records
+    checksum   text not null,      -- sha256 of payload
+    seconds    real,               -- wall seconds the record took to compute, where known
+    written_at real not null       -- unix time of the write
+)
+"""
+
+
+class StoreError(RuntimeError):
+    """A row of the record store cannot be trusted."""
+
+
+class ForeignRecord(StoreError):
+    """The row under a key holds another configuration than the one asked for."""
+
+
+class CorruptRecord(StoreError):
+    """The row under a key fails its checksum or is not JSON."""
+
+
+def default_path() -> Path:
+    """``$SPECTRAL_MERGE_CACHE/records.sqlite`` (read at call time, like the experts' cache)."""
+    return paths._env_path("SPECTRAL_MERGE_CACHE", paths.ROOT / ".cache") / "records.sqlite"
+
+
+def canonical(config: Mapping[str, Any]) -> str:
+    """The canonical JSON of ``config``: sorted keys, no spaces, tuples as lists. Refuses what
+    JSON cannot hold exactly (NaN, objects), so that two equal configurations have one text."""
+    try:
+        return json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"a record configuration must be plain JSON (dicts, lists, str, finite numbers, "
+                         f"bool, None): {err}") from None
+
+
+def config_key(config: Mapping[str, Any]) -> str:
+    """The key of ``config``: the first 32 hex digits of the SHA-256 of :func:`canonical`."""
+    return hashlib.sha256(canonical(config).encode()).hexdigest()[:32]
+
+
+def method_version(method: str) -> str:
+    """``"<VERSIONS[method]>-<hash of the registered defaults>"``; methods outside the registry
+    (``expert``, ``base``: records of models scored alone) are versioned as ``"alone"``."""
+    from .merge import METHODS
+
+    defaults = METHODS[method].defaults if method in METHODS else {}
+    name = method if method in METHODS else "alone"
+    text = json.dumps(defaults, sort_keys=True, separators=(",", ":"), default=repr)
+    return f"{VERSIONS.get(name, 1)}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def _checksum(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _payload_text(payload: Sequence[Mapping]) -> str:
+    # NaN is a legitimate value (an undefined metric); JSON writes it as NaN and reads it back
+    return json.dumps(list(payload), separators=(",", ":"), default=paths._json_default)
+
+
+class RecordStore:
+    """The SQLite record store at ``path`` (default :func:`default_path`). Cheap to create; one
+    connection per store object, opened on first use."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, timeout_s: float = 60.0):
+        self.path = Path(path) if path is not None else default_path()
+        self.timeout_s = timeout_s
+        self._conn: sqlite3.Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"RecordStore({str(self.path)!r})"
+
+    # pickling a store (a grid's argument) carries its path, never an open connection
+    def __getstate__(self):
+        return {"path": self.path, "timeout_s": self.timeout_s}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], timeout_s=state["timeout_s"])
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level="DEFERRED")
+            conn.execute("pragma journal_mode=wal")
+            conn.execute("pragma synchronous=full")  # a committed record survives a power loss
+            with conn:
+                conn.execute(SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def put(self, config: Mapping[str, Any], payload: Sequence[Mapping], *, seconds: float | None = None) -> str:
+        """Store ``payload`` under ``config``'s key in one transaction and return the key. A row
+        already there for the same configuration is kept (first writer wins); one holding
+        another configuration is :class:`ForeignRecord`."""
+        text = canonical(config)
+        key = config_key(config)
+        body = _payload_text(payload)
+        with self.conn:
+            self.conn.execute(
+                "insert or ignore into records (key, method, version, config, payload, checksum, seconds, written_at)"
+                " values (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, str(config.get("method", "")), str(config.get("version", "")), text, body, _checksum(body),
+                 None if seconds is None or not math.isfinite(seconds) else float(seconds), time.time()),
+            )
+        stored = self.conn.execute("select config from records where key = ?", (key,)).fetchone()
+        if stored[0] != text:
+            raise ForeignRecord(self._foreign_message(key, stored[0], text))
+        return key
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def get(self, config: Mapping[str, Any]) -> list[dict] | None:
+        """The payload stored for ``config``, or None. A row that fails its checks raises
+        :class:`ForeignRecord` or :class:`CorruptRecord` naming its key."""
+        text = canonical(config)
+        key = config_key(config)
+        row = self.conn.execute("select config, payload, checksum from records where key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        stored_config, body, checksum = row
+        if stored_config != text:
+            raise ForeignRecord(self._foreign_message(key, stored_config, text))
+        if not isinstance(body, str) or _checksum(body) != checksum:
+            raise CorruptRecord(f"record {key} in {self.path} fails its checksum: its payload changed after it "
+                                f"was written; delete the row (delete from records where key = '{key}') to "
+                                "compute it again")
+        try:
+            payload = json.loads(body)
+        except json.JSONDecodeError as err:
+            raise CorruptRecord(f"record {key} in {self.path} is not JSON ({err}); delete the row to compute it "
+                                "again") from None
+        if not isinstance(payload, list):
+            raise CorruptRecord(f"record {key} in {self.path} holds {type(payload).__name__}, not a list of records")
+        return payload
+
+    def keys(self) -> set[str]:
+        return {k for (k,) in self.conn.execute("select key from records")}
+
+    def have(self, configs: Iterable[Mapping[str, Any]]) -> list[bool]:
+        """For each configuration, whether the store has a row under its key (not yet checked:
+        :meth:`get` checks)."""
+        present = self.keys()
+        return [config_key(c) in present for c in configs]
+
+    def __len__(self) -> int:
+        return self.conn.execute("select count(*) from records").fetchone()[0]
+
+    def stale(self) -> list[dict]:
+        """Rows whose method version is no longer :func:`method_version` of their method (the
+        method's code or defaults changed since): ``key``, ``method``, stored and current
+        version. The runner never reads them (their configurations have other keys now)."""
+        out = []
+        for key, method, version in self.conn.execute("select key, method, version from records"):
+            current = method_version(method)
+            if version != current:
+                out.append({"key": key, "method": method, "version": version, "current": current})
+        return out
+
+    def delete(self, keys: Iterable[str]) -> int:
+        """Delete the rows under ``keys`` (e.g. :meth:`stale`'s) in one transaction; how many went."""
+        keys = list(keys)
+        with self.conn:
+            return sum(self.conn.execute("delete from records where key = ?", (k,)).rowcount for k in keys)
+
+    def _foreign_message(self, key: str, stored: str, wanted: str) -> str:
+        return (f"record {key} in {self.path} holds another configuration than the one asked for "
+                f"(stored {stored[:200]}{'...' if len(stored) > 200 else ''}; asked {wanted[:200]}"
+                f"{'...' if len(wanted) > 200 else ''}); delete the row (delete from records where key = '{key}')"
+                " to compute it again")

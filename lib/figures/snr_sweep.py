@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import NullFormatter, SymmetricalLogLocator
 import numpy as np
 import pandas as pd
 
@@ -78,6 +78,54 @@ def _reference_lines(ax, results: dict, summary: pd.DataFrame, task: str, metric
         ax.axhline(row["mean"], color=color(row["method"]), **style)
 
 
+#: two lines closer than this (in the metric's units) at every point are drawn on top of each other
+SAME = 1e-3
+
+
+def _line_values(line) -> np.ndarray:
+    return np.asarray(line.get_ydata(), dtype=float)
+
+
+def _mark_coincident(axes) -> None:
+    """Say in the legend which lines hide under others. A curve equal to an earlier curve at every
+    point of every panel (snr_low_a and snr_max pick the same layers for two experts) is drawn with
+    hollow markers and labelled "= <the other>"; a horizontal reference line at the height of an
+    earlier one in every panel (task arithmetic at chance, on the majority-class line) is labelled
+    so too. Lines whose label starts with "_" are ignored."""
+    panels = [ax for ax in np.ravel(axes) if ax.get_visible()]
+    labels = list(dict.fromkeys(line.get_label() for ax in panels for line in ax.get_lines()
+                                if not line.get_label().startswith("_")))
+    def lines_of(ax):
+        return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    same = {}
+    for i, late in enumerate(labels):
+        for early in labels[:i]:
+            hits = []
+            for ax in panels:
+                mine = lines_of(ax)
+                if late in mine and early in mine:
+                    a, b = _line_values(mine[late]), _line_values(mine[early])
+                    flat_a, flat_b = np.ptp(a) == 0, np.ptp(b) == 0
+                    if a.shape == b.shape and np.allclose(a, b, atol=SAME, rtol=0):
+                        hits.append(True)
+                    elif flat_a and flat_b and abs(a[0] - b[0]) <= SAME:
+                        hits.append(True)
+                    else:
+                        hits.append(False)
+            if hits and all(hits):
+                same[late] = early
+                break
+    for ax in panels:
+        for label, line in lines_of(ax).items():
+            if label in same:
+                line.set_label(f"{label} (= {same[label]}, drawn on it)")
+                line.set_linestyle((0, (4, 3)))  # dashed, so the line it covers shows through the gaps
+                line.set_zorder(3)
+                if line.get_marker() not in (None, "None", "", " "):
+                    line.set_markerfacecolor("none")
+                    line.set_markersize(7)
+
+
 def _legend(fig, axes) -> None:
     """One legend for the figure, each label once, outside the panels."""
     seen = {}
@@ -109,6 +157,7 @@ def draw_top_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
             ax.set_ylabel(metric_label(results, task, metric))
     for ax in axes[-1]:
         ax.set_xlabel("top: % of layers counted as high-SNR")
+    _mark_coincident(axes)
     _legend(fig, axes)
     return savefig(fig, f"{results['notebook']}_top_sweep", smoke=smoke)
 
@@ -133,8 +182,16 @@ def draw_threshold_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
         ax.set_xticks(sorted(set(sel.threshold)), [f"{t:g}" for t in sorted(set(sel.threshold))])
         ax.xaxis.set_minor_formatter(NullFormatter())  # only the thresholds themselves are labelled
     axes[-1][0].set_xlabel("SNR threshold (layers above it are high-SNR)")
+    _mark_coincident(axes)
     _legend(fig, axes)
     return savefig(fig, f"{results['notebook']}_threshold_sweep", smoke=smoke)
+
+
+def _short_key(key: str) -> str:
+    """A weight matrix's name as the other figures write it: ``L3.attn_out``, ``layer2.0.conv1``."""
+    key = key.removeprefix("bert.").removesuffix(".weight")
+    return (key.replace("encoder.layer.", "L").replace("attention.self.", "").replace("attention.output.dense", "attn_out")
+            .replace("intermediate.dense", "ffn_in").replace("output.dense", "ffn_out").replace("embeddings.", "emb."))
 
 
 def draw_layer_snr(results: dict, *, smoke: bool = False) -> list[Path]:
@@ -150,7 +207,8 @@ def draw_layer_snr(results: dict, *, smoke: bool = False) -> list[Path]:
     snr_methods = [m for m in results["config"]["snr_methods"] if m in set(layers.snr_method)]
     # one seed is enough to show the profile; the first is drawn
     layers = layers[layers.seed == layers.seed.min()] if "seed" in layers else layers
-    fig, axes = plt.subplots(2, len(snr_methods), figsize=(6.5 * len(snr_methods), 7.0), squeeze=False)
+    n_keys = layers.key.nunique()
+    fig, axes = plt.subplots(2, len(snr_methods), figsize=(max(6.5, 0.17 * n_keys) * len(snr_methods), 8.0), squeeze=False)
     experts = list(dict.fromkeys(layers.expert))
     markers = ("o", "s", "^", "D")
     for j, snr_method in enumerate(snr_methods):
@@ -161,15 +219,20 @@ def draw_layer_snr(results: dict, *, smoke: bool = False) -> list[Path]:
             axes[0][j].plot(np.arange(len(g)), g.snr.to_numpy(), marker=markers[i % 4], markersize=3, linewidth=0.8,
                             color=c, label=f"{expert} expert")
             axes[1][j].scatter(g.aspect, g.snr, s=14, marker=markers[i % 4], color=c, alpha=0.7, label=f"{expert} expert")
+        names = [_short_key(k) for k in dict.fromkeys(sel.key)]
+        axes[0][j].set_xticks(np.arange(len(names)), names, rotation=90, fontsize=8)
+        axes[0][j].set_xlim(-0.7, len(names) - 0.3)
         n_inf = int(sel.infinite.sum())
-        axes[0][j].set_title(f"SNR {SNR_NAMES.get(snr_method, snr_method)}"
+        axes[0][j].set_title(f"SNR {SNR_NAMES.get(snr_method, snr_method)}, per weight matrix"
                              + (f"\n{n_inf} infinite (no noise bulk), drawn at the top" if n_inf else ""), fontsize=9)
-        axes[0][j].set_xlabel("layer (order of the state dict)")
         axes[1][j].set_xlabel("aspect ratio min(rows, cols) / max(rows, cols)")
         for ax in axes[:, j]:
             ax.set_ylabel("SNR (symmetric log scale)")
             # SNRs span zero (pure noise) to ~1e10 (the report's SNR of a very flat matrix)
             ax.set_yscale("symlog", linthresh=SNR_LINTHRESH)
+            ax.set_ylim(bottom=0)  # no SNR is negative
+            ax.yaxis.set_major_locator(SymmetricalLogLocator(linthresh=SNR_LINTHRESH, base=10, subs=[1.0]))
+            ax.yaxis.get_major_locator().numticks = 8
     _legend(fig, axes)
     return savefig(fig, f"{results['notebook']}_layer_snr", smoke=smoke)
 
@@ -181,7 +244,7 @@ def draw_esd(results: dict, *, smoke: bool = False) -> list[Path]:
     items = pd.DataFrame(results["esd"])
     experts = list(dict.fromkeys(items.expert))
     ncols = int(items.groupby("expert", sort=False).size().max())
-    fig, axes = plt.subplots(len(experts), ncols, figsize=(4.2 * ncols, 3.4 * len(experts)), squeeze=False)
+    fig, axes = plt.subplots(len(experts), ncols, figsize=(4.6 * ncols, 3.6 * len(experts)), squeeze=False)
     for ax in axes.ravel():
         ax.set_visible(False)
     for i, expert in enumerate(experts):
@@ -214,9 +277,17 @@ def _esd_panel(ax, item) -> None:
     ax.plot(spikes, np.zeros(len(spikes)), "|", color=color("signal"), markersize=12, label="signal eigenvalues")
     zeros = len(eig) - len(positive)
     note = f"; {zeros} zero eigenvalues not shown" if zeros else ""
-    ax.set_title(f"{item['expert']}: {item['key']} {tuple(item['shape'])}\n{item['why']}\n"
-                 f"{int(item['n_signal'])} of {len(eig)} eigenvalues are signal{note}", fontsize=7)
+    ax.set_title(f"{item['expert']}: {_short_key(item['key'])} {tuple(item['shape'])}\n{item['why']}\n"
+                 f"{int(item['n_signal'])} of {len(eig)} eigenvalues are signal{note}", fontsize=9)
     ax.set_xlabel("log10 eigenvalue of the Gram matrix / N")
+
+
+def _run_name(run: str) -> str:
+    """``snr_winner(snr_method=seed, top=0.25)`` -> ``snr_winner\nseed, top 25%``: a tick label."""
+    method, _, args = run.partition("(")
+    parts = dict(a.split("=", 1) for a in args.rstrip(")").split(", ") if "=" in a)
+    detail = ", ".join(x for x in (parts.get("snr_method"), f"top {float(parts['top']):.0%}" if "top" in parts else None) if x)
+    return method + (f"\n{detail}" if detail else "")
 
 
 def draw_head_variants(results: dict, *, smoke: bool = False) -> list[Path]:
@@ -234,7 +305,7 @@ def draw_head_variants(results: dict, *, smoke: bool = False) -> list[Path]:
     runs = sorted(set().union(*(s.run for s in summaries.values())))
     bar_colors = {bar: plt.get_cmap("tab10")(i)
                   for i, bar in enumerate(dict.fromkeys(b for s in summaries.values() for b in s.bar))}
-    fig, axes = plt.subplots(1, len(variants), figsize=(6.0 * len(variants), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.8 * len(variants), 3.8), squeeze=False, sharey=True)
     for (variant, spec), ax in zip(variants.items(), axes[0]):
         s = summaries[variant]
         bars = list(dict.fromkeys(s.bar))
@@ -245,7 +316,7 @@ def draw_head_variants(results: dict, *, smoke: bool = False) -> list[Path]:
                    color=bar_colors[bar], alpha=0.85)
         for label, value in spec.get("majority", {}).items():
             ax.axhline(value, color="black", linestyle=":", linewidth=1, label=f"majority class: {label}")
-        ax.set_xticks(np.arange(len(runs)) + 0.4 - width / 2, runs, rotation=30, ha="right", fontsize=7)
+        ax.set_xticks(np.arange(len(runs)) + 0.4 - width / 2, [_run_name(r) for r in runs], fontsize=8)
         ax.set_title(spec.get("title", variant), fontsize=9)
     axes[0][0].set_ylabel("score")
     _legend(fig, axes)

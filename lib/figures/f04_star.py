@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.colors import LogNorm
 
 from .. import pool
-from ..plotting import color, savefig
+from ..plotting import color, legend_below, savefig
 
 NOTEBOOK = "04_star"
 #: where a sweep's band (one standard deviation over seeds) is drawn
@@ -67,9 +67,9 @@ def draw_eta_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
             band(ax, g.hp_eta, g["mean"], g["std"], c=colors[size], linestyle="-" if rescale else "--",
                  label=f"{size} tasks" if rescale else None)
         ax.axvline(results["config"]["default_eta"], color="#999999", linewidth=0.8, linestyle=":")
-        ax.set_xlabel("eta (% of the nuclear norm kept)")
+        ax.set_xlabel("eta (% of the nuclear norm kept; dotted: the default)")
         ax.set_ylabel("normalized accuracy")
-        ax.legend(title="merged (dashed: no rescale)", loc="best")
+        legend_below(ax, ncol=2, title="merged (dashed: no rescale)")
     return savefig(fig, f"{NOTEBOOK}_eta_sweep", smoke=smoke)
 
 
@@ -112,7 +112,7 @@ def draw_rescale(results: dict, *, smoke: bool = False) -> list[Path]:
         ax.axhline(0, color="#333333", linewidth=0.8)
         ax.set_xlabel("eta")
         ax.set_ylabel("rescale - no rescale (normalized points)")
-        ax.legend(loc="upper right")
+        legend_below(ax, ncol=2, title="merged")
     return savefig(fig, f"{NOTEBOOK}_rescale", smoke=smoke)
 
 
@@ -162,15 +162,15 @@ def draw_ranks(results: dict, *, smoke: bool = False) -> list[Path]:
         experts = list(dict.fromkeys(df.expert))
         grid = grid[experts]
         labels = df.drop_duplicates("order").set_index("order").key.map(short_key).reindex(grid.index)
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(4.5 + 0.9 * len(experts), 1.5 + 0.2 * len(grid)),
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(5.0 + 1.1 * len(experts), 1.8 + 0.26 * len(grid)),
                                       gridspec_kw={"width_ratios": [len(experts) + 2, 4]})
         values = grid.to_numpy(float)
         im = ax.imshow(np.maximum(values, 1), aspect="auto", cmap="magma_r", norm=LogNorm(1, max(2, values.max())))
         for (i, j), v in np.ndenumerate(values):
-            ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=6,
+            ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=8,
                     color="white" if v > np.sqrt(max(2, values.max())) else "black")
-        ax.set_xticks(range(len(experts)), experts, rotation=30, ha="right")
-        ax.set_yticks(range(len(grid)), labels, fontsize=7)
+        ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(len(grid)), labels, fontsize=8)
         ax.grid(False)
         ax.set_title(f"{pool_name} (seed {entry['seed']}): rank kept at eta={eta}")
         fig.colorbar(im, ax=ax, fraction=0.04, label="kept rank")
@@ -181,7 +181,7 @@ def draw_ranks(results: dict, *, smoke: bool = False) -> list[Path]:
         ax2.set_xlabel("eta")
         ax2.set_ylabel("kept rank / rank of the task vector (median)")
         ax2.set_yscale("log")
-        ax2.legend(fontsize=7)
+        ax2.legend(loc="lower right")  # the curves rise from lower left to upper right
         out += savefig(fig, f"{NOTEBOOK}_ranks_{pool_name.replace('/', '_')}", smoke=smoke)
     return out
 

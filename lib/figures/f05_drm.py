@@ -13,9 +13,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from .. import pool
-from ..plotting import color, savefig
+from ..plotting import color, legend_below, savefig
 from .f04_star import band, draw_methods, per_seed, pool_axes, short_key
 
 NOTEBOOK = "05_drm"
@@ -26,20 +27,28 @@ def draw_renorm(results: dict, *, smoke: bool = False) -> list[Path]:
     DRM-H and DRM-V at the default density, solid with renormalisation, dashed without."""
     s = pool.subset_scores(results["records"])
     density = results["config"]["default_density"]
+    series = [(m, renorm) for m in ("drm_h", "drm_v") for renorm in (True, False)]
+    # the four series lie close together: each is drawn a little to the side of the size it is at,
+    # as mean +- std over seeds, filled with renormalisation and hollow without
+    offsets = dict(zip(series, np.linspace(-0.15, 0.15, len(series))))
     fig, axes = pool_axes(results)
     for name, ax in axes.items():
-        for method in ("drm_h", "drm_v"):
-            for renorm in (True, False):
-                r = pool.select(s[s.pool == name], method, renorm=renorm, density=density)
-                if r.empty:
-                    continue
-                g = per_seed(r, ["size"])
-                band(ax, g["size"], g["mean"], g["std"], c=color(method), linestyle="-" if renorm else "--",
-                     label=f"{method} {'renorm' if renorm else 'no renorm'}")
-        ax.set_xticks(sorted(s[s.pool == name]["size"].unique()))
+        for method, renorm in series:
+            r = pool.select(s[s.pool == name], method, renorm=renorm, density=density)
+            if r.empty:
+                continue
+            g = per_seed(r, ["size"])
+            c = color(method)
+            ax.errorbar(g["size"] + offsets[(method, renorm)], g["mean"], yerr=g["std"].fillna(0), color=c,
+                        marker="o" if method == "drm_h" else "s", markersize=6, capsize=3,
+                        markerfacecolor=c if renorm else "white", linestyle="-" if renorm else "--", linewidth=1.2,
+                        label=f"{'DRM-H' if method == 'drm_h' else 'DRM-V'}, {'renorm' if renorm else 'no renorm'}")
+        sizes = sorted(s[s.pool == name]["size"].unique())
+        ax.set_xticks(sizes)
+        ax.set_xlim(min(sizes) - 0.6, max(sizes) + 0.6)
         ax.set_xlabel("number of merged tasks")
         ax.set_ylabel("normalized accuracy")
-        ax.legend()
+        legend_below(ax, ncol=2)
     return savefig(fig, f"{NOTEBOOK}_renorm", smoke=smoke)
 
 
@@ -56,17 +65,32 @@ def draw_density(results: dict, *, smoke: bool = False) -> list[Path]:
         p = s[s.pool == name]
         if swept is not None:
             p = p[p["size"].isin(swept[results["pools"][name]["kind"]])]
+        sizes = sorted(p["size"].unique())
+        what = "pairs" if sizes == [2] else "subsets of " + ", ".join(map(str, sizes))
+        ax.set_title(f"{name}: {what} (pool of {len(results['pools'][name]['tasks'])} experts)", fontsize=10)
         for spec in results["config"]["density_methods"]:
             r = pool.select(p, spec["method"], **spec.get("fixed", {}))
             for i, (size, g) in enumerate(per_seed(r, ["size", "hp_density"]).groupby("size")):
                 band(ax, g.hp_density, g["mean"], g["std"], c=color(spec["method"]), marker=markers[i % len(markers)],
                      linestyle=spec.get("linestyle", "-"), label=f"{spec['name']}, {size} tasks")
-        ax.axvline(results["config"]["default_density"], color="#999999", linewidth=0.8, linestyle=":")
+        default = results["config"]["default_density"]
+        ax.axvline(default, color="#999999", linewidth=0.8, linestyle=":", label=f"default density {default:g}")
         ax.set_xscale("log")
-        ax.set_xlabel("density (fraction of entries kept)")
+        densities = sorted(p.hp_density.dropna().unique()) if "hp_density" in p else []
+        ax.set_xticks(densities, [f"{d:g}" for d in densities])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("density (fraction of entries kept, log scale)")
         ax.set_ylabel("normalized accuracy")
-        ax.legend(fontsize=8)
+        legend_below(ax, ncol=1)
     return savefig(fig, f"{NOTEBOOK}_density", smoke=smoke)
+
+
+def _few_log_ticks(ax) -> None:
+    """A log y axis spanning about a decade, labelled at 1, 2 and 5 times powers of ten as plain
+    numbers (matplotlib would label every minor tick in scientific notation)."""
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=8))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def draw_rows(results: dict, *, smoke: bool = False) -> list[Path]:
@@ -75,7 +99,7 @@ def draw_rows(results: dict, *, smoke: bool = False) -> list[Path]:
     index (grey: the joint singular value). Middle and bottom: the fraction of each row's entries
     pruning keeps, with and without renormalisation (dotted: the density)."""
     entries = results["drm_rows"]
-    fig, axes = plt.subplots(3, len(entries), figsize=(5.2 * len(entries), 7.5), squeeze=False, sharex="col")
+    fig, axes = plt.subplots(3, len(entries), figsize=(5.6 * len(entries), 8.5), squeeze=False, sharex="col")
     for col, (name, prof) in enumerate(entries.items()):
         top, mid, bottom = axes[:, col]
         i = np.arange(1, len(prof["singular_values"]) + 1)
@@ -87,17 +111,19 @@ def draw_rows(results: dict, *, smoke: bool = False) -> list[Path]:
         sv = top.twinx()
         sv.plot(i, prof["singular_values"], color="#999999", linewidth=1.5, linestyle="--")
         sv.set_yscale("log")
+        _few_log_ticks(sv)
         sv.set_ylabel("joint singular value (dashed)", color="#777777")
         sv.grid(False)
         top.set_yscale("log")
+        _few_log_ticks(top)
         top.set_ylabel("|v_t,i| before renorm")
-        top.set_title(f"{name}: {short_key(prof['key'])} (DRM-{prof['variant'].upper()})", fontsize=9)
-        top.legend(fontsize=7, loc="lower left")
+        top.set_title(f"{name}:\n{short_key(prof['key'])} (DRM-{prof['variant'].upper()})", fontsize=10)
         for ax, label in ((mid, "with renorm"), (bottom, "no renorm")):
             ax.axhline(prof["density"], color="#333333", linewidth=0.8, linestyle=":")
             ax.set_ylim(-0.03, 1.03)
             ax.set_ylabel(f"share of row kept ({label})")
         bottom.set_xlabel("component i (by joint singular value)")
+        legend_below(bottom, ncol=3, handles=top.get_legend_handles_labels()[0], labels=top.get_legend_handles_labels()[1])
     return savefig(fig, f"{NOTEBOOK}_rows", smoke=smoke)
 
 

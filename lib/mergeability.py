@@ -411,9 +411,11 @@ def _check_design(X, y) -> tuple[np.ndarray, np.ndarray]:
 LASSO_EPS = 1e-2
 LASSO_GRID = 30
 
-#: shuffled-target refits per method: with 100 the smallest possible p is 1/101 = 0.0099, which
-#: most methods reached, so the test could not say how small p is; 1000 resolves p down to 0.001
-PERMUTATIONS = 1000
+#: shuffled-target refits per method, at most: with 100 the smallest possible p is 1/101 = 0.0099,
+#: which most methods reached, so the test could not say how small p is; 500 resolves p to 0.002
+PERMUTATIONS = 500
+#: ... stopping once this many shuffles have done as well as the fit (Besag and Clifford 1991)
+STOP_AFTER = 10
 #: the central share of the bootstrap distribution :func:`r2_interval` reports
 INTERVAL_LEVEL = 0.9
 
@@ -496,15 +498,27 @@ def r2_interval(y, predicted, *, n_boot: int = 2000, level: float = INTERVAL_LEV
     return float(np.quantile(values, tail)), float(np.quantile(values, 1.0 - tail))
 
 
-def permutation_pvalue(X, y, r2: float, *, n_perm: int = PERMUTATIONS, alpha: float | None = None, seed: int = 0) -> dict:
+def permutation_pvalue(X, y, r2: float, *, n_perm: int = PERMUTATIONS, stop_after: int | None = STOP_AFTER,
+                       alpha: float | None = None, seed: int = 0) -> dict:
     """How often the whole pipeline (:func:`leave_one_pair_out`, penalty choice included) reaches
     an R² of at least ``r2`` when the targets are shuffled across pairs, i.e. when no property
-    can predict anything. Returns ``p`` (with the usual +1 correction) and the null R²s."""
+    can predict anything. Returns ``p``, the null R²s and ``permutations`` (how many were run).
+
+    Up to ``n_perm`` shuffles; with ``stop_after`` the test stops once that many shuffles have
+    done as well (Besag and Clifford's sequential p-value, 1991: ``p = stop_after / shuffles
+    run``, exact for the shuffles drawn), so a clearly null fit costs a few dozen refits and
+    the budget goes where p is small. Run to the end, ``p = (exceedances + 1) / (n_perm + 1)``,
+    whose floor ``1 / (n_perm + 1)`` means "at most this"."""
     X, y = _check_design(X, y)
     rng = np.random.default_rng(seed)
-    null = [_r2(yp, _loo_predictions(X, yp, alpha, seed)[0]) for yp in (rng.permutation(y) for _ in range(n_perm))]
-    exceed = sum(1 for v in null if np.isfinite(v) and v >= r2)
-    return {"p": (exceed + 1) / (n_perm + 1), "null_r2": null}
+    null, exceed = [], 0
+    for _ in range(n_perm):
+        value = _r2(yp := rng.permutation(y), _loo_predictions(X, yp, alpha, seed)[0])
+        null.append(value)
+        exceed += bool(np.isfinite(value) and value >= r2)
+        if stop_after is not None and exceed >= stop_after:
+            return {"p": exceed / len(null), "null_r2": null, "permutations": len(null), "stopped": True}
+    return {"p": (exceed + 1) / (n_perm + 1), "null_r2": null, "permutations": n_perm, "stopped": False}
 
 
 def design(properties: Sequence[Mapping], fit: Mapping) -> tuple[np.ndarray, np.ndarray]:
@@ -516,15 +530,36 @@ def design(properties: Sequence[Mapping], fit: Mapping) -> tuple[np.ndarray, np.
 
 
 def more_permutations(properties: Sequence[Mapping], fits: Mapping[str, Mapping], *, n_perm: int = PERMUTATIONS,
-                      alpha: float | None = None, seed: int = 0) -> dict[str, dict]:
-    """The :func:`fit_methods` entries ``fits`` with the permutation test rerun at ``n_perm``
+                      stop_after: int | None = STOP_AFTER, alpha: float | None = None, seed: int = 0) -> dict[str, dict]:
+    """The :func:`fit_methods` entries ``fits`` with the permutation test rerun at up to ``n_perm``
     shuffles (the same generator, so the first shuffles are those of the shorter run): for
     results written with fewer permutations than p needs. Nothing else of a fit changes."""
     out = {}
     for method, fit in fits.items():
         X, y = design(properties, fit)
-        null = permutation_pvalue(X, y, fit["r2"], n_perm=n_perm, alpha=alpha, seed=seed)
-        out[method] = {**fit, "permutation_p": null["p"], "null_r2": null["null_r2"], "permutations": n_perm}
+        null = permutation_pvalue(X, y, fit["r2"], n_perm=n_perm, stop_after=stop_after, alpha=alpha, seed=seed)
+        out[method] = {**fit, "permutation_p": null["p"], "null_r2": null["null_r2"], "permutations": null["permutations"],
+                       "permutations_stopped": null["stopped"], "stop_after": stop_after}
+    return out
+
+
+#: a property whose values across the pairs span less than this cannot rank them
+FLAT_SPREAD = 0.01
+
+
+def flat_properties(properties: Sequence[Mapping], features: Sequence[str], *, spread: float = FLAT_SPREAD) -> dict:
+    """property -> ``(min, max)`` over the pairs, for the ``features`` whose range is below
+    ``spread``: properties that are (nearly) the same for every pair and so can predict nothing.
+    The experts' own SNRs are: fine-tuning moves each weight matrix little against its
+    pre-trained value, so every expert inherits the base's per-matrix SNR ranking (rank
+    correlation about 1) and the same high/low split (agreement 1); the task vectors' SNRs
+    (``tv_snr_rank_corr``) are where the fine-tunings differ."""
+    frame = pd.DataFrame(list(properties))
+    out = {}
+    for f in features:
+        low, high = float(frame[f].min()), float(frame[f].max())
+        if high - low < spread:
+            out[f] = (low, high)
     return out
 
 
@@ -574,7 +609,8 @@ def measure_pairs(profiles: Mapping[str, Profile], pairs: Sequence[tuple[str, st
 
 
 def fit_methods(properties: Sequence[Mapping], scores, features: Sequence[str], *, alpha: float | None = None,
-                n_perm: int = PERMUTATIONS, n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
+                n_perm: int = PERMUTATIONS, stop_after: int | None = STOP_AFTER, n_boot: int = 2000,
+                seed: int = 0) -> dict[str, dict]:
     """Per merge method: :func:`leave_one_pair_out` of the normalized accuracy on ``features``, its
     :func:`r2_interval` and :func:`permutation_pvalue`, and the :func:`univariate` correlations.
     ``scores``: rows (or a DataFrame) with ``subset``, ``method`` and ``normalized``, one per pair
@@ -594,10 +630,11 @@ def fit_methods(properties: Sequence[Mapping], scores, features: Sequence[str], 
         y = rows.normalized.to_numpy(dtype=np.float64)
         fit = leave_one_pair_out(X, y, alpha=alpha, seed=seed)
         low, high = r2_interval(y, fit["predicted"], n_boot=n_boot, seed=seed)
-        null = permutation_pvalue(X, y, fit["r2"], n_perm=n_perm, alpha=alpha, seed=seed)
+        null = permutation_pvalue(X, y, fit["r2"], n_perm=n_perm, stop_after=stop_after, alpha=alpha, seed=seed)
         out[method] = {"features": list(features), "pairs": rows.subset.tolist(), "measured": y.tolist(), **fit,
                        "r2_interval": [low, high], "interval_level": INTERVAL_LEVEL, "permutation_p": null["p"],
-                       "null_r2": null["null_r2"], "permutations": n_perm,
+                       "null_r2": null["null_r2"], "permutations": null["permutations"],
+                       "permutations_stopped": null["stopped"], "stop_after": stop_after,
                        "univariate": univariate(X, y, features)}
     return out
 

@@ -65,6 +65,14 @@ def set_style() -> None:
 set_style()
 
 
+def matrix_name(key: str) -> str:
+    """A weight matrix's name as the figures write it: ``bert.encoder.layer.3.attention.output.dense.weight``
+    -> ``L3.attn_out``, ``embeddings.word_embeddings`` -> ``emb.word_embeddings``, ``layer2.0.conv1``."""
+    key = key.removeprefix("bert.").removesuffix(".weight")
+    return (key.replace("encoder.layer.", "L").replace("attention.self.", "").replace("attention.output.dense", "attn_out")
+            .replace("intermediate.dense", "ffn_in").replace("output.dense", "ffn_out").replace("embeddings.", "emb."))
+
+
 def legend_beside(ax, **kwargs):
     """The legend to the right of ``ax``, outside it, where it can hide no data (``tight_layout``
     makes room for it); for a row of panels, call it on the last one."""

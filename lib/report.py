@@ -241,7 +241,7 @@ def effects_section(r: Mapping, title: str) -> str:
 
 
 def mergeability_section(r: Mapping) -> str:
-    from .mergeability import INTERVAL_LEVEL
+    from .mergeability import INTERVAL_LEVEL, flat_properties
 
     rows = []
     for method, f in r["fits"].items():
@@ -258,13 +258,26 @@ def mergeability_section(r: Mapping) -> str:
         raise ValueError(f"the fits' bootstrap intervals have different levels {sorted(levels)}: refit them alike")
     level = f"{levels.pop():.0%}"
     seed = r["config"]["seed"]
+    features = next(iter(r["fits"].values()))["features"]
+    flat = flat_properties(r["properties"], features)
+    note = ""
+    if flat:
+        note = ("\n\nThe same for every pair, so they cannot predict anything here: " + ", ".join(
+            f"`{f}` ({fmt(lo)}–{fmt(hi)} over the {len(r['properties'])} pairs)" for f, (lo, hi) in flat.items())
+            + ".")
+        if set(flat) <= {"snr_rank_corr", "snr_agreement"}:
+            note += (" These are the experts' own per-matrix SNRs, which the SNR merges of notebooks 01–03 route by: "
+                     "each expert's SNRs are those of the pre-trained matrices it started from, so every pair ranks its "
+                     "matrices alike and splits them alike. The task vectors' SNRs (`tv_snr_rank_corr`) are where the "
+                     "fine-tunings differ.")
     return ("**Notebook 06, predicting mergeability** (one Lasso per method over the text-expert pairs of one seed of "
             f"experts, seed {seed}; leave-one-pair-out R² with a bootstrap {level} interval over pairs and a "
             "permutation p-value, the share of shuffled-target refits of the whole pipeline doing as well, whose "
             "smallest possible value is 1 / (permutations + 1), marked ≤; the largest coefficients of the fit on all "
             "pairs, per standard deviation of the property).\n\n"
             + table(rows, {"method": "method", "pairs": "pairs", "r2": "LOO R²", "interval": f"{level} interval",
-                           "p": "permutation p", "perms": "permutations", "features": "largest coefficients"}))
+                           "p": "permutation p", "perms": "permutations", "features": "largest coefficients"})
+            + note)
 
 
 SECTIONS: list[tuple[tuple[str, ...], Callable[..., str]]] = [

@@ -304,3 +304,36 @@ def test_fit_methods_and_the_sentence_it_supports():
         mg.fit_methods(properties, scores + scores[:1], names, alpha=0.002)
     with pytest.raises(ValueError, match="no properties of pair"):
         mg.fit_methods(properties[1:], scores, names, alpha=0.002)
+
+
+def test_more_permutations_extends_the_same_shuffles_and_keeps_the_fit():
+    X, y = planted_design(signal=0.3, n=10, seed=2)
+    names = [f"p{j}" for j in range(X.shape[1])]
+    properties = [{"pair": f"t{i}+u{i}", **dict(zip(names, row))} for i, row in enumerate(X)]
+    scores = [{"subset": p["pair"], "method": "ties", "normalized": v} for p, v in zip(properties, y)]
+    fits = mg.fit_methods(properties, scores, names, alpha=0.002, n_perm=5, stop_after=None, n_boot=50)
+    assert fits["ties"]["permutations"] == 5 and fits["ties"]["interval_level"] == mg.INTERVAL_LEVEL
+    more = mg.more_permutations(properties, fits, n_perm=12, stop_after=None, alpha=0.002)["ties"]
+    assert more["null_r2"][:5] == pytest.approx(fits["ties"]["null_r2"]), "the first shuffles are the shorter run's"
+    exceed = sum(v >= fits["ties"]["r2"] for v in more["null_r2"])
+    assert more["permutations"] == 12 and more["permutation_p"] == pytest.approx((exceed + 1) / 13)
+    assert {k: v for k, v in more.items() if k not in ("null_r2", "permutation_p", "permutations")} == {
+        k: v for k, v in fits["ties"].items() if k not in ("null_r2", "permutation_p", "permutations")}
+    X2, y2 = mg.design(properties, fits["ties"])
+    assert np.array_equal(X2, X) and np.array_equal(y2, y)
+
+
+def test_flat_properties_are_the_ones_equal_for_every_pair():
+    properties = [{"pair": f"p{i}", "agreement": 1.0, "corr": 0.998 + 0.001 * (i % 2), "cosine": 0.1 * i} for i in range(5)]
+    assert mg.flat_properties(properties, ["agreement", "corr", "cosine"]) == {
+        "agreement": (1.0, 1.0), "corr": pytest.approx((0.998, 0.999))}
+
+
+def test_the_permutation_test_stops_once_enough_shuffles_do_as_well():
+    X, y = planted_design(signal=0.0, seed=1)
+    fit = mg.leave_one_pair_out(X, y, alpha=0.01)
+    full = mg.permutation_pvalue(X, y, fit["r2"], n_perm=30, stop_after=None, alpha=0.01)
+    early = mg.permutation_pvalue(X, y, fit["r2"], n_perm=30, stop_after=3, alpha=0.01)
+    n = early["permutations"]
+    assert early["stopped"] and n < 30 and early["null_r2"] == full["null_r2"][:n]
+    assert sum(v >= fit["r2"] for v in early["null_r2"]) == 3 and early["p"] == pytest.approx(3 / n)

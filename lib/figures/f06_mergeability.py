@@ -12,7 +12,6 @@ What the results dict holds (written by the notebook through :mod:`lib.mergeabil
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -20,15 +19,21 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from ..plotting import color, savefig
+from ..plotting import color, matrix_name, savefig
 
 NOTEBOOK = "06_mergeability"
+#: how many of the worst-predicted pairs the predicted-against-measured panels name
+LABELLED = 3
 
 
 def fit_title(method: str, fit: dict) -> str:
     low, high = fit["r2_interval"]
-    return (f"{method}: LOO R² = {fit['r2']:.2f} [{low:.2f}, {high:.2f}]\n"
-            f"permutation p = {fit['permutation_p']:.2f}, {len(fit['pairs'])} pairs")
+    level = fit.get("interval_level", 0.9)
+    n_perm = fit.get("permutations")
+    at_floor = n_perm is not None and not fit.get("permutations_stopped") and fit["permutation_p"] <= 1 / (n_perm + 1) + 1e-12
+    p = f"{'≤ ' if at_floor else ''}{fit['permutation_p']:.3f}"
+    return (f"{method}: LOO R² = {fit['r2']:.2f}, {level:.0%} interval [{low:.2f}, {high:.2f}]\n"
+            f"permutation p = {p}, {len(fit['pairs'])} pairs")
 
 
 def method_panels(n: int, width: float, height: float, *, extra_width: float = 0.0, per_row: int = 3, **kw):
@@ -49,7 +54,7 @@ def draw_coefficients(results: dict, *, smoke: bool = False) -> list[Path]:
     leave-one-pair-out fit (dots): a property whose dots scatter around zero is not a finding."""
     fits = results["fits"]
     features = next(iter(fits.values()))["features"]
-    fig, axes, used = method_panels(len(fits), 3.6, 0.32 * len(features) + 1.8, extra_width=1.8, sharey=True)
+    fig, axes, used = method_panels(len(fits), 4.2, 0.32 * len(features) + 1.8, extra_width=1.8, sharey=True)
     y = np.arange(len(features))
     for (method, fit), ax in zip(fits.items(), used):
         coef = np.asarray(fit["coefficients"])
@@ -60,11 +65,11 @@ def draw_coefficients(results: dict, *, smoke: bool = False) -> list[Path]:
             ax.plot(fold, y + j, ".", color="black", markersize=2.5, alpha=0.6)
         selected = (folds != 0).mean(axis=0)
         for yi, share in zip(y, selected):
-            ax.annotate(f"{100 * share:.0f}%", (1.01, yi), xycoords=("axes fraction", "data"), fontsize=6,
+            ax.annotate(f"{100 * share:.0f}%", (1.01, yi), xycoords=("axes fraction", "data"), fontsize=8,
                         ha="left", va="center", color="#555555", annotation_clip=False)
         ax.axvline(0, color="black", linewidth=0.8)
         ax.xaxis.set_major_locator(MaxNLocator(4, symmetric=True))
-        ax.set_title(fit_title(method, fit), fontsize=8)
+        ax.set_title(fit_title(method, fit), fontsize=9)
         ax.set_xlabel("coefficient per SD of the property")
     axes[0][0].set_yticks(y, features)  # shared by every panel
     axes[0][0].invert_yaxis()
@@ -82,26 +87,25 @@ def draw_predicted(results: dict, *, smoke: bool = False) -> list[Path]:
     for (method, fit), ax in zip(fits.items(), used):
         measured, predicted = np.asarray(fit["measured"]), np.asarray(fit["predicted"])
         ax.scatter(measured, predicted, color=color(method), s=18, zorder=3)
-        for x, yv, pair in zip(measured, predicted, fit["pairs"]):
-            ax.annotate(pair, (x, yv), fontsize=5, xytext=(2, 2), textcoords="offset points", color="#555555")
+        # 21 names on one panel cannot be read: the pairs predicted worst get a marker each, named below the panel
+        worst = np.argsort(-np.abs(measured - predicted))[:LABELLED]
+        for marker, i in zip("^sD", worst):
+            ax.scatter(measured[i], predicted[i], s=70, marker=marker, facecolor="none", edgecolor="black", zorder=4,
+                       label=f"{fit['pairs'][i]} (off by {predicted[i] - measured[i]:+.2f})")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), borderaxespad=0.0, title="worst predicted")
         lo = min(measured.min(), predicted.min())
         hi = max(measured.max(), predicted.max())
         pad = 0.05 * (hi - lo or 1.0)
-        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="black", linewidth=0.8, label="perfect prediction")
-        ax.axhline(measured.mean(), color=color("base"), linestyle=":", label="mean of the pairs")
-        ax.set_title(fit_title(method, fit), fontsize=8)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="black", linewidth=0.8)
+        ax.axhline(measured.mean(), color=color("base"), linestyle=":")
+        ax.set_title(fit_title(method, fit), fontsize=9)
         ax.set_xlabel("measured normalized accuracy")
         ax.set_aspect("equal", adjustable="datalim")
     for row in axes:
         row[0].set_ylabel("predicted (pair left out)")
-    axes[0][0].legend(loc="upper left")
+    fig.suptitle("each pair predicted by the model fitted without it; solid: perfect prediction, dotted: the mean of "
+                 "the pairs (no property used)", fontsize=10)
     return savefig(fig, f"{NOTEBOOK}_predicted", smoke=smoke)
-
-
-def short_layer(key: str) -> str:
-    """``bert.encoder.layer.3.attention.self.query.weight`` -> ``3 attention.self.query``."""
-    key = re.sub(r"^(bert|model|module)\.", "", key).removesuffix(".weight")
-    return re.sub(r"^encoder\.layer\.(\d+)\.", r"\1 ", key)
 
 
 def draw_layers(results: dict, *, smoke: bool = False) -> list[Path]:
@@ -112,14 +116,23 @@ def draw_layers(results: dict, *, smoke: bool = False) -> list[Path]:
     df = df[df.subspace_overlap.notna()]  # matrices only: 1-D tensors have no subspace
     keys = list(dict.fromkeys(df.key))
     pairs = list(dict.fromkeys(df.pair))
-    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.2 * len(keys) + 2.5), 2 * (0.22 * len(pairs) + 1.6)),
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.17 * len(keys) + 3.5), 2 * (0.17 * len(pairs) + 2.4)),
                              squeeze=False)
-    panels = (("cosine", "task-vector cosine", "RdBu_r", (-1, 1)), ("subspace_overlap", "top-k subspace overlap", "viridis", (0, 1)))
-    for (column, label, cmap, limits), ax in zip(panels, axes[:, 0]):
+    panels = (("cosine", "task-vector cosine", "cosine of the two task vectors, per weight matrix"),
+              ("subspace_overlap", "top-k subspace overlap", "overlap of their top-k singular subspaces, per weight matrix"))
+    for (column, label, title), ax in zip(panels, axes[:, 0]):
         grid = df.pivot_table(index="pair", columns="key", values=column, sort=False).reindex(index=pairs, columns=keys)
-        image = ax.imshow(grid.to_numpy(), aspect="auto", cmap=cmap, vmin=limits[0], vmax=limits[1], interpolation="nearest")
-        ax.set_yticks(range(len(pairs)), pairs, fontsize=6)
-        ax.set_xticks(range(len(keys)), [short_layer(k) for k in keys], rotation=90, fontsize=5)
+        values = grid.to_numpy(float)
+        low, high = np.nanmin(values), np.nanmax(values)
+        if low >= 0:  # the colour scale spans the data, from 0: a -1..1 scale would leave 0..0.6 in two shades
+            cmap, limits = "viridis", (0.0, float(np.ceil(10 * high) / 10) or 1.0)
+        else:
+            bound = float(np.ceil(10 * max(abs(low), abs(high))) / 10)
+            cmap, limits = "RdBu_r", (-bound, bound)
+        image = ax.imshow(values, aspect="auto", cmap=cmap, vmin=limits[0], vmax=limits[1], interpolation="nearest")
+        ax.set_yticks(range(len(pairs)), pairs, fontsize=8)
+        ax.set_xticks(range(len(keys)), [matrix_name(k) for k in keys], rotation=90, fontsize=8)
+        ax.set_title(title, fontsize=10)
         ax.grid(False)
         fig.colorbar(image, ax=ax, label=label, fraction=0.025, pad=0.01)
     return savefig(fig, f"{NOTEBOOK}_layers", smoke=smoke)
@@ -131,10 +144,10 @@ def draw_univariate(results: dict, *, smoke: bool = False) -> list[Path]:
     fits = results["fits"]
     features = next(iter(fits.values()))["features"]
     grid = np.array([[fit["univariate"][f] for f in features] for fit in fits.values()]).T
-    fig, ax = plt.subplots(figsize=(1.1 * len(fits) + 3.2, 0.3 * len(features) + 1.4))
+    fig, ax = plt.subplots(figsize=(1.2 * len(fits) + 3.4, 0.34 * len(features) + 1.6))
     image = ax.imshow(grid, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
-        ax.text(j, i, "–" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7)
+        ax.text(j, i, "–" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(fits)), list(fits), rotation=30, ha="right")
     ax.set_yticks(range(len(features)), features)
     ax.grid(False)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .. import sweep
-from ..plotting import color, savefig
+from ..plotting import color, matrix_name, savefig
 from ..spectral import mp_pdf
 
 #: how the SNR definitions are named in legends and titles
@@ -187,13 +187,6 @@ def draw_threshold_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
     return savefig(fig, f"{results['notebook']}_threshold_sweep", smoke=smoke)
 
 
-def _short_key(key: str) -> str:
-    """A weight matrix's name as the other figures write it: ``L3.attn_out``, ``layer2.0.conv1``."""
-    key = key.removeprefix("bert.").removesuffix(".weight")
-    return (key.replace("encoder.layer.", "L").replace("attention.self.", "").replace("attention.output.dense", "attn_out")
-            .replace("intermediate.dense", "ffn_in").replace("output.dense", "ffn_out").replace("embeddings.", "emb."))
-
-
 def draw_layer_snr(results: dict, *, smoke: bool = False) -> list[Path]:
     """Top row: every layer's SNR for each expert, one panel per SNR definition. Bottom row: the
     same SNR against the layer's aspect ratio min(rows, cols) / max(rows, cols): a definition
@@ -219,7 +212,7 @@ def draw_layer_snr(results: dict, *, smoke: bool = False) -> list[Path]:
             axes[0][j].plot(np.arange(len(g)), g.snr.to_numpy(), marker=markers[i % 4], markersize=3, linewidth=0.8,
                             color=c, label=f"{expert} expert")
             axes[1][j].scatter(g.aspect, g.snr, s=14, marker=markers[i % 4], color=c, alpha=0.7, label=f"{expert} expert")
-        names = [_short_key(k) for k in dict.fromkeys(sel.key)]
+        names = [matrix_name(k) for k in dict.fromkeys(sel.key)]
         axes[0][j].set_xticks(np.arange(len(names)), names, rotation=90, fontsize=8)
         axes[0][j].set_xlim(-0.7, len(names) - 0.3)
         n_inf = int(sel.infinite.sum())
@@ -277,7 +270,7 @@ def _esd_panel(ax, item) -> None:
     ax.plot(spikes, np.zeros(len(spikes)), "|", color=color("signal"), markersize=12, label="signal eigenvalues")
     zeros = len(eig) - len(positive)
     note = f"; {zeros} zero eigenvalues not shown" if zeros else ""
-    ax.set_title(f"{item['expert']}: {_short_key(item['key'])} {tuple(item['shape'])}\n{item['why']}\n"
+    ax.set_title(f"{item['expert']}: {matrix_name(item['key'])} {tuple(item['shape'])}\n{item['why']}\n"
                  f"{int(item['n_signal'])} of {len(eig)} eigenvalues are signal{note}", fontsize=9)
     ax.set_xlabel("log10 eigenvalue of the Gram matrix / N")
 

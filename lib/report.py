@@ -26,7 +26,7 @@ RUNTIMES_MARKERS = ("<!-- runtimes:begin -->", "<!-- runtimes:end -->")
 #: notebooks whose results the tables read, in README order
 NOTEBOOKS = ("00_marchenko_pastur", "01_resnet_fashion_kmnist", "02_text_sst2_emotion", "03_text_sst2_cola", "04_star",
              "05_drm", "06_mergeability")
-#: the notebooks of the report's three experiments (seed 000)
+#: the notebooks of the report's three experiments (paper 000)
 SWEEP_NOTEBOOKS = ("01_resnet_fashion_kmnist", "02_text_sst2_emotion", "03_text_sst2_cola")
 
 
@@ -141,7 +141,7 @@ def shape_bias_section(r: Mapping) -> str:
 
 
 def report_section(results: Mapping[str, Mapping]) -> str:
-    """The report's numbers (seed 000 section 4) beside ours, and each notebook's :func:`merges_table`."""
+    """The report's numbers (paper 000 section 4) beside ours, and each notebook's :func:`merges_table`."""
     rows = []
     for nb in SWEEP_NOTEBOOKS:
         if nb not in results:
@@ -153,7 +153,7 @@ def report_section(results: Mapping[str, Mapping]) -> str:
                          "note": c.get("note", "")})
     if not rows:
         return ""
-    text = ("**The report (seed 000, section 4) beside ours.** The report scored 200 examples; ours are whole "
+    text = ("**The report (paper 000, section 4) beside ours.** The report scored 200 examples; ours are whole "
             "evaluation splits (sizes below), mean ± sample std (seeds).\n\n")
     text += table(rows, {"nb": "nb", "what": "claim", "report": "report", "ours": "ours", "run": "our run",
                          "note": "note"})
@@ -284,8 +284,8 @@ SECTIONS: list[tuple[tuple[str, ...], Callable[..., str]]] = [
     (("experts",), experts_section),
     (("00_marchenko_pastur",), shape_bias_section),
     ((), report_section),
-    (("04_star",), lambda r: effects_section(r, "Notebook 04, STAR's claims (seed 002) on our experts.")),
-    (("05_drm",), lambda r: effects_section(r, "Notebook 05, DRM's claims (seed 004) on our experts.")),
+    (("04_star",), lambda r: effects_section(r, "Notebook 04, STAR's claims (paper 002) on our experts.")),
+    (("05_drm",), lambda r: effects_section(r, "Notebook 05, DRM's claims (paper 004) on our experts.")),
     (("06_mergeability",), mergeability_section),
 ]
 

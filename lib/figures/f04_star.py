@@ -1,4 +1,4 @@
-"""Figures of notebook 04: STAR's claims on our expert pools (seed 002), drawn from
+"""Figures of notebook 04: STAR's claims on our expert pools (paper 002), drawn from
 ``results/04_star.json``. :func:`draw_methods` (normalized accuracy against the number of merged
 tasks, one line per method) is shared with notebook 05.
 

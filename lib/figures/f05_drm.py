@@ -1,4 +1,4 @@
-"""Figures of notebook 05: DRM's claims on our expert pools (seed 004), drawn from
+"""Figures of notebook 05: DRM's claims on our expert pools (paper 004), drawn from
 ``results/05_drm.json``.
 
 Beyond what notebook 04's results hold (``pools``, ``config``, ``records``; see

@@ -86,7 +86,7 @@ class InlineExecutor(Executor):
         future.set_running_or_notify_cancel()
         try:
             future.set_result(fn(*args, **kwargs))
-        except BaseException as err:  # noqa: BLE001 -- handed to the caller through the future
+        except Exception as err:  # handed to the caller through the future; an interrupt propagates
             future.set_exception(err)
         return future
 
@@ -96,11 +96,11 @@ class InlineExecutor(Executor):
 
 class LocalProcesses(ProcessPoolExecutor):
     """``processes:N``: a spawned process pool whose workers run with cores // N torch threads
-    (spawn, not fork: a forked torch with live threads can deadlock)."""
+    (or ``threads``; spawn, not fork: a forked torch with live threads can deadlock)."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, *, threads: int | None = None):
         self.workers = workers
-        self.threads = threads_per_worker(workers)
+        self.threads = threads or threads_per_worker(workers)
         super().__init__(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                          initializer=_init_worker, initargs=(self.threads,))
 

@@ -301,6 +301,8 @@ def run_grid(configs: Iterable[Mapping], *, store: RecordStore | None = None, ex
     configs = [_canonical(c) for c in configs]
     store = store if store is not None else RecordStore()
     done, todo = plan(configs, store)
+    for config in done:  # a foreign or corrupt row stops the grid now, not after hours of work
+        store.get(config)
     if not todo:
         return assemble(configs, store)
     owned = not isinstance(executor, Executor)

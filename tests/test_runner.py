@@ -163,6 +163,22 @@ def test_a_failing_record_names_itself_and_keeps_the_finished_ones(experts, tmp_
         runner.assemble(configs, store)
 
 
+def test_a_corrupt_stored_record_stops_the_grid_before_any_work(experts, tmp_path, monkeypatch):
+    from lib.store import CorruptRecord, config_key
+
+    configs = grid(experts, alone=False)
+    store = RecordStore(tmp_path / "records.sqlite")
+    runner.run_grid(configs[:2], store=store, progress=False)
+    key = config_key(configs[1])
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("update records set payload = '[]' where key = ?", (key,))
+    log = tmp_path / "evaluations.log"
+    monkeypatch.setenv("GRID_TEST_LOG", str(log))
+    with pytest.raises(CorruptRecord, match=key):
+        runner.run_grid(configs, store=store, progress=False)
+    assert logged(log) == [] and len(store) == 2
+
+
 def test_a_cached_expert_missing_is_an_error_naming_it(tmp_path):
     spec = runner.pool_spec(["fashion_mnist", "kmnist"], seed=0, smoke=True, variant="mnist_base")
     assert set(spec["experts"]) == {"fashion_mnist", "kmnist", "mnist (base)"}

@@ -352,8 +352,8 @@ def _drive(ex: Executor, todo: list[dict], store: RecordStore, *, total: int, in
                     continue
                 records, seconds = future.result()
                 store.put(config, records, seconds=seconds)
-                bar.update()
                 bar.set_postfix_str(describe(config), refresh=False)
+                bar.update()
             fill()
     finally:
         bar.close()

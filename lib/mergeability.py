@@ -653,6 +653,14 @@ def stable_properties(fit: Mapping) -> dict[str, float]:
             if c != 0 and share >= STABLE_SHARE}
 
 
+def p_text(fit: Mapping, digits: int = 3) -> str:
+    """A fit's permutation p as text: "≤ 0.002" where no shuffle did as well, so that p is the
+    smallest the number of shuffles can show (``1 / (permutations + 1)``), not a measurement."""
+    n_perm = fit.get("permutations")
+    floor = n_perm is not None and not fit.get("permutations_stopped") and fit["permutation_p"] <= 1 / (n_perm + 1) + 1e-12
+    return f"{'≤ ' if floor else ''}{fit['permutation_p']:.{digits}f}"
+
+
 def describe_fit(method: str, fit: Mapping, *, level: float = 0.05) -> str:
     """One sentence on what a :func:`fit_methods` entry allows us to say, computed from it: the
     left-out R² with its interval, whether shuffled targets do as well, and which properties
@@ -662,7 +670,7 @@ def describe_fit(method: str, fit: Mapping, *, level: float = 0.05) -> str:
     text = (f"{method}: predicting each of {n} pairs from a model fitted on the others gives R² = {fit['r2']:.2f} "
             f"({fit.get('interval_level', INTERVAL_LEVEL):.0%} bootstrap interval {low:.2f} to {high:.2f}; Spearman {fit['spearman']:.2f}). ")
     if fit["r2"] > 0 and fit["permutation_p"] < level:
-        text += f"Shuffled targets rarely do as well (permutation p = {fit['permutation_p']:.3f}): the properties carry signal. "
+        text += f"Shuffled targets rarely do as well (permutation p {'' if p_text(fit).startswith('≤') else '= '}{p_text(fit)}): the properties carry signal. "
     else:
         text += (f"Shuffled targets do as well {fit['permutation_p']:.0%} of the time: no evidence that these {p} properties "
                  "predict this method's outcome on these pairs. ")

@@ -241,16 +241,15 @@ def effects_section(r: Mapping, title: str) -> str:
 
 
 def mergeability_section(r: Mapping) -> str:
-    from .mergeability import INTERVAL_LEVEL, flat_properties
+    from .mergeability import INTERVAL_LEVEL, flat_properties, p_text
 
     rows = []
     for method, f in r["fits"].items():
         chosen = sorted(((abs(c), name, c) for name, c in zip(f["features"], f["coefficients"]) if c != 0), reverse=True)
         n_perm = f.get("permutations", r["config"]["permutations"])
-        floor = 1 / (n_perm + 1)
         rows.append({"method": method, "pairs": len(f["pairs"]), "r2": fmt(f["r2"], 2),
                      "interval": f"[{fmt(f['r2_interval'][0], 2)}, {fmt(f['r2_interval'][1], 2)}]",
-                     "p": ("≤ " if f["permutation_p"] <= floor * (1 + 1e-9) else "") + fmt(f["permutation_p"], 3),
+                     "p": p_text({"permutations": n_perm, **f}),
                      "perms": f"{n_perm:,}",
                      "features": ", ".join(f"{n} ({c:+.3f})" for _, n, c in chosen[:3]) or "none"})
     levels = {f.get("interval_level", INTERVAL_LEVEL) for f in r["fits"].values()}
@@ -258,6 +257,8 @@ def mergeability_section(r: Mapping) -> str:
         raise ValueError(f"the fits' bootstrap intervals have different levels {sorted(levels)}: refit them alike")
     level = f"{levels.pop():.0%}"
     seed = r["config"]["seed"]
+    stops = sorted({f["stop_after"] for f in r["fits"].values() if f.get("stop_after")})
+    stopping = f", stopping once {'/'.join(map(str, stops))} do as well" if stops else ""
     features = next(iter(r["fits"].values()))["features"]
     flat = flat_properties(r["properties"], features)
     note = ""
@@ -272,9 +273,10 @@ def mergeability_section(r: Mapping) -> str:
                      "fine-tunings differ.")
     return ("**Notebook 06, predicting mergeability** (one Lasso per method over the text-expert pairs of one seed of "
             f"experts, seed {seed}; leave-one-pair-out R² with a bootstrap {level} interval over pairs and a "
-            "permutation p-value, the share of shuffled-target refits of the whole pipeline doing as well, whose "
-            "smallest possible value is 1 / (permutations + 1), marked ≤; the largest coefficients of the fit on all "
-            "pairs, per standard deviation of the property).\n\n"
+            "permutation p-value, the share of shuffled-target refits of the whole pipeline doing as well (up to the "
+            f"permutations shown{stopping}), marked ≤ where none did, as 1 / (permutations + 1) is then the smallest "
+            "p they can show; the largest coefficients of the fit on all pairs, per standard deviation of the "
+            "property).\n\n"
             + table(rows, {"method": "method", "pairs": "pairs", "r2": "LOO R²", "interval": f"{level} interval",
                            "p": "permutation p", "perms": "permutations", "features": "largest coefficients"})
             + note)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
+from ..mergeability import p_text
 from ..plotting import color, matrix_name, savefig
 
 NOTEBOOK = "06_mergeability"
@@ -29,11 +30,9 @@ LABELLED = 3
 def fit_title(method: str, fit: dict) -> str:
     low, high = fit["r2_interval"]
     level = fit.get("interval_level", 0.9)
-    n_perm = fit.get("permutations")
-    at_floor = n_perm is not None and not fit.get("permutations_stopped") and fit["permutation_p"] <= 1 / (n_perm + 1) + 1e-12
-    p = f"{'≤ ' if at_floor else ''}{fit['permutation_p']:.3f}"
+    p = p_text(fit)
     return (f"{method}: LOO R² = {fit['r2']:.2f}, {level:.0%} interval [{low:.2f}, {high:.2f}]\n"
-            f"permutation p = {p}, {len(fit['pairs'])} pairs")
+            f"permutation p {'' if p.startswith('≤') else '= '}{p}, {len(fit['pairs'])} pairs")
 
 
 def method_panels(n: int, width: float, height: float, *, extra_width: float = 0.0, per_row: int = 3, **kw):

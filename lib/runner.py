@@ -387,3 +387,57 @@ def comparable(records: Iterable[Mapping]) -> list[dict]:
     """``records`` without the fields that measure the run (:data:`MEASURED`): equal for two
     runs of one grid whatever executed them."""
     return [{k: v for k, v in r.items() if k not in MEASURED} for r in records]
+
+
+# --- planning a cluster run from measured times ---------------------------------------------------
+
+#: the worker counts the README's planning table shows
+PLAN_WORKERS = (1, 2, 16, 64)
+
+
+def record_seconds(records: Iterable[Mapping], namespace: str = "") -> dict[tuple, float]:
+    """Seconds each model of a results file took to merge and score (``prepass_s + merge_s +
+    eval_s`` of one model; a model's records, one per task and metric, share those fields),
+    each model once: the units :func:`run_grid` spreads over workers. Records without a pool
+    (the report's sweeps, notebooks 01-03) are told apart by ``namespace``."""
+    seen: dict[tuple, float] = {}
+    for r in records:
+        key = (r.get("pool") or namespace, r.get("seed"), r.get("subset"), r.get("run"), r.get("model"))
+        seen.setdefault(key, sum(float(r.get(k) or 0.0) for k in ("prepass_s", "merge_s", "eval_s")))
+    return seen
+
+
+def expected_wall_seconds(times: Iterable[float], serial_s: float, workers: Sequence[int] = PLAN_WORKERS) -> dict[str, Any]:
+    """What records taking ``times`` seconds each in one process, plus ``serial_s`` of work that
+    does not spread (loading experts, spectra and diagnostics, fits, tables), should take on
+    ``W`` workers: ``serial + max(longest record, sum / W)``. It leaves out each worker's start
+    (importing torch, loading its pool: about 10 s a worker, ``benchmarks/grid.py``) and assumes
+    workers as fast as the machine that measured."""
+    times = [float(t) for t in times]
+    parallel = sum(times)
+    longest = max(times, default=0.0)
+    return {"records": len(times), "parallel_s": parallel, "serial_s": float(serial_s), "longest_s": longest,
+            "wall_s": {int(w): float(serial_s) + max(longest, parallel / w) for w in workers}}
+
+
+def cluster_plan(results: Mapping[str, Mapping], total_seconds, workers: Sequence[int] = PLAN_WORKERS) -> list[dict]:
+    """Expected wall times of each notebook's full grid and of all of them (``make reproduce``)
+    on ``workers`` workers, from the per-record times their results files measured in one
+    process. ``results``: notebook -> its results, in run order; ``total_seconds(r)``: its
+    measured run time. A model already computed by an earlier notebook (04's merges that 05
+    reuses) counts once, where it was first computed, as it does with the record store; a
+    notebook's serial part is its run time less its own records' seconds."""
+    seen: set[tuple] = set()
+    rows, all_times, all_serial = [], [], 0.0
+    for nb, r in results.items():
+        own = {k: t for k, t in record_seconds(r.get("records", []), nb).items() if k not in seen}
+        seen.update(own)
+        total = total_seconds(r)
+        if total is None:
+            continue
+        serial = max(0.0, float(total) - sum(own.values()))
+        rows.append({"notebook": nb, **expected_wall_seconds(own.values(), serial, workers)})
+        all_times += own.values()
+        all_serial += serial
+    rows.append({"notebook": "all", **expected_wall_seconds(all_times, all_serial, workers)})
+    return rows

@@ -285,3 +285,29 @@ def test_unknown_executors_and_missing_packages_are_one_line_errors(monkeypatch)
     assert isinstance(executors.make_executor(None), executors.InlineExecutor)
     monkeypatch.setenv("EXECUTOR", "processes:4")
     assert executors.from_env() == "processes:4"
+
+
+def test_expected_wall_time_spreads_the_records_and_keeps_the_serial_part():
+    records = [  # two models of two tasks each (their timing fields repeat per row), one of one task
+        {"pool": "p", "seed": 0, "run": "a", "model": "merged", "task": t, "prepass_s": 1.0, "merge_s": 2.0,
+         "eval_s": 7.0} for t in "xy"
+    ] + [{"pool": "p", "seed": 0, "run": "b", "model": "merged", "task": t, "prepass_s": 0.0, "merge_s": 1.0,
+          "eval_s": 29.0} for t in "xy"] + [{"pool": "p", "seed": 1, "run": "a", "model": "merged", "task": "x",
+                                             "merge_s": 5.0, "eval_s": 5.0}]
+    times = runner.record_seconds(records)
+    assert sorted(times.values()) == [10.0, 10.0, 30.0]
+    plan = runner.expected_wall_seconds(times.values(), serial_s=50.0, workers=(1, 2, 16))
+    assert plan["records"] == 3 and plan["parallel_s"] == 50.0
+    assert plan["wall_s"] == {1: 100.0, 2: 80.0, 16: 80.0}  # never below the longest record (30 s)
+    # a second notebook reusing one of these models counts it once, where it was first computed
+    results = {"first": {"records": records, "total": 100.0},
+               "second": {"records": records[:2] + [{**records[0], "run": "c", "eval_s": 17.0}], "total": 40.0}}
+    rows = runner.cluster_plan(results, lambda r: r["total"], workers=(1, 4))
+    assert [r["records"] for r in rows] == [3, 1, 4]
+    assert rows[1]["serial_s"] == 20.0 and rows[2]["serial_s"] == 70.0
+    assert rows[2]["wall_s"] == {1: 140.0, 4: 100.0}
+    # records without a pool (notebooks 01-03) never match another notebook's
+    bare = [{k: v for k, v in r.items() if k != "pool"} for r in records]
+    rows = runner.cluster_plan({"a": {"records": bare, "total": 60.0}, "b": {"records": bare, "total": 60.0}},
+                               lambda r: r["total"], workers=(1,))
+    assert [r["records"] for r in rows] == [3, 3, 6]

@@ -60,9 +60,12 @@ def state_dict(model_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    return make_models(tmp_path_factory.mktemp("models"))
+
+
+def make_models(root: Path) -> dict:
     """A base folder (single file + config + tokenizer), a sharded expert folder and an expert
-    saved as one bare .safetensors file."""
-    root = tmp_path_factory.mktemp("models")
+    saved as one bare .safetensors file, under ``root``."""
     base_model = tiny_bert(0)
     base_model.save_pretrained(root / "base")
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")

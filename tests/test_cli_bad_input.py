@@ -20,7 +20,7 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from test_cli import error_line, fine_tuned, leftovers, models, run_cli, state_dict, tiny_bert  # noqa: F401
+from test_cli import error_line, fine_tuned, leftovers, make_models, run_cli, state_dict
 
 from lib import cli, spectral
 from lib.__main__ import main
@@ -28,6 +28,11 @@ from lib.checkpoint import ShardedWriter
 from lib.merge import METHODS, merge
 
 transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return make_models(tmp_path_factory.mktemp("models"))
 
 
 def checksums(*paths: Path, skip: Path | None = None) -> dict[str, str]:

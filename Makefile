@@ -19,6 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: help setup test unit nbval figures report smoke reproduce experts lab bench clean strip
+.PHONY: gpu-check
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -78,6 +79,13 @@ bench: setup
 	$(PY) benchmarks/spectral.py
 	$(PY) benchmarks/merge.py
 	$(PY) benchmarks/stream_merge.py --quick
+
+# issue 20: the GPU paths on a GPU machine, with that machine's own interpreter (no .venv):
+# pytest -m gpu, the bench on the GPU, benchmarks/results/gpu_check.json; without CUDA the GPU
+# parts are reported as skipped. GPU_PYTHON=.venv/bin/python to try it here.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 strip: setup
 	$(BIN)/nbstripout $(NOTEBOOKS)

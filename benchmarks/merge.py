@@ -16,7 +16,14 @@ sampled every 5 ms above its level before the call; on CUDA also the peak alloca
 Nothing is asserted. Timings on a shared machine vary with its load: the load average is
 printed with them.
 
+On a GPU (``--device cuda``, or the default device there) the fast path is also timed on the CPU
+(``--no-cpu-path`` skips that), so the GPU's gain over the same method's CPU path is printed
+beside its gain over the reference; a warm-up merge of one layer keeps CUDA's first-call costs
+out of the timings. ``--json PATH`` also writes the figures there. Without ``psutil`` the
+resident-memory columns read nan.
+
     python benchmarks/merge.py [--quick] [--layers 12] [--experts 3 8] [--methods star drm_h] [--threads N]
+                               [--device cuda] [--no-cpu-path] [--json PATH]
 
 ``--quick``: one layer, three experts (about a minute).
 """
@@ -30,8 +37,12 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
+
+try:
+    import psutil
+except ImportError:  # a bare GPU machine (issue 20): time without the resident-memory sampling
+    psutil = None
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the references live with the tests; the benchmark times the same ones
@@ -40,6 +51,7 @@ from test_star_drm import drm_h_reference, low_rank_plus_noise, relative_error, 
 
 from lib.device import get_device  # noqa: E402
 from lib.merge import merge  # noqa: E402
+from lib.paths import write_json  # noqa: E402
 
 HIDDEN, INTERMEDIATE = 768, 3072
 LAYER_SHAPES = {
@@ -75,11 +87,14 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.process = psutil.Process()
+        self.process = psutil.Process() if psutil is not None else None
+
+    def rss(self) -> float:
+        return self.process.memory_info().rss if self.process is not None else float("nan")
 
     def __enter__(self):
-        self.start = self.peak = self.process.memory_info().rss
-        self.running = True
+        self.start = self.peak = self.rss()
+        self.running = self.process is not None
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         if self.device.type == "cuda":
@@ -88,7 +103,7 @@ class PeakMemory:
 
     def _sample(self):
         while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            self.peak = max(self.peak, self.rss())
             time.sleep(0.005)
 
     def __exit__(self, *exc):
@@ -119,16 +134,33 @@ def reference_merge(method, base, experts):
     return {k: (w + reference((torch.stack([e[k] for e in experts]) - w).double()).float()) for k, w in base.items()}
 
 
-def compare(method, base, experts, device):
+def agreement(merged, expected, base) -> tuple[float, float]:
+    """Relative Frobenius error of the merged deltas over the whole model, and of the worst matrix."""
+    deltas = {k: (merged[k].double() - base[k].double(), expected[k].double() - base[k].double()) for k in base}
+    whole = relative_error(torch.cat([f.flatten() for f, _ in deltas.values()]), torch.cat([r.flatten() for _, r in deltas.values()]))
+    return whole, max(relative_error(f, r) for f, r in deltas.values())
+
+
+def compare(method, base, experts, device, *, cpu_path: bool = False) -> dict:
     fast, fast_s, fast_mem = timed(lambda: merge(method, base, experts, device=device), device)
     ref, ref_s, ref_mem = timed(lambda: reference_merge(method, base, experts), torch.device("cpu"))
-    deltas = {k: (fast[k].double() - base[k].double(), ref[k].double() - base[k].double()) for k in base}
-    whole = relative_error(torch.cat([f.flatten() for f, _ in deltas.values()]), torch.cat([r.flatten() for _, r in deltas.values()]))
-    worst = max(relative_error(f, r) for f, r in deltas.values())
+    whole, worst = agreement(fast, ref, base)
     gpu = f"  gpu peak {fast_mem.gpu_mib:7.0f} MiB" if fast_mem.gpu_mib is not None else ""
     print(f"{method:6s} N={len(experts)}  fast {fast_s:8.2f} s  reference {ref_s:8.2f} s  speed-up {ref_s / fast_s:5.1f}x  "
           f"rel. error {whole:.1e} (worst matrix {worst:.1e})  peak extra RSS fast {fast_mem.extra_mib:6.0f} MiB, "
           f"reference {ref_mem.extra_mib:6.0f} MiB{gpu}  load {os.getloadavg()[0]:.1f}", flush=True)
+    figures = {"method": method, "experts": len(experts), "device": str(device), "fast_s": fast_s, "reference_s": ref_s,
+               "fast_vs_reference": ref_s / fast_s, "error_vs_reference": whole, "worst_matrix_error_vs_reference": worst,
+               "fast_extra_rss_mib": fast_mem.extra_mib, "reference_extra_rss_mib": ref_mem.extra_mib,
+               "gpu_peak_mib": fast_mem.gpu_mib}
+    if cpu_path:  # the same method on the CPU: what the device itself gains
+        on_cpu, cpu_s, _ = timed(lambda: merge(method, base, experts, device="cpu"), torch.device("cpu"))
+        whole_cpu, worst_cpu = agreement(fast, on_cpu, base)
+        print(f"{method:6s} N={len(experts)}  {device} {fast_s:8.2f} s  same method on the CPU {cpu_s:8.2f} s  "
+              f"speed-up {cpu_s / fast_s:5.1f}x  rel. difference {whole_cpu:.1e} (worst matrix {worst_cpu:.1e})", flush=True)
+        figures |= {"cpu_path_s": cpu_s, "fast_vs_cpu_path": cpu_s / fast_s, "difference_vs_cpu_path": whole_cpu,
+                    "worst_matrix_difference_vs_cpu_path": worst_cpu}
+    return figures
 
 
 def main(argv=None) -> int:
@@ -138,18 +170,30 @@ def main(argv=None) -> int:
     parser.add_argument("--experts", type=int, nargs="+", default=None, help="expert counts (default 3 8; 3 with --quick)")
     parser.add_argument("--methods", nargs="+", default=list(REFERENCES), choices=list(REFERENCES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: lib.device.get_device())")
+    parser.add_argument("--no-cpu-path", action="store_true", help="on a GPU, do not also time the fast path on the CPU")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file (atomically)")
     args = parser.parse_args(argv)
     layers = args.layers or (1 if args.quick else 12)
     expert_counts = args.experts or ([3] if args.quick else [3, 8])
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = get_device()
+    device = get_device(args.device)
+    cpu_path = device.type != "cpu" and not args.no_cpu_path
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU thread(s), "
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {layers} BERT-base layer(s)", flush=True)
+    runs = []
     for n_experts in expert_counts:
         base, experts = bert_like(layers, n_experts)
+        if device.type != "cpu":  # cuBLAS/cuSOLVER initialisation out of the timings
+            first_layer = [k for k in base if k.startswith("encoder.layer.0.")]
+            for method in args.methods:
+                merge(method, {k: base[k] for k in first_layer}, [{k: e[k] for k in first_layer} for e in experts], device=device)
         for method in args.methods:
-            compare(method, base, experts, device)
+            runs.append(compare(method, base, experts, device, cpu_path=cpu_path))
+    if args.json:
+        write_json(args.json, {"torch": torch.__version__, "device": str(device), "layers": layers,
+                               "threads": torch.get_num_threads(), "runs": runs})
     return 0
 
 

@@ -7,6 +7,10 @@ in stacks of equal shape on the selected device. Both run in the same process, a
 each is timed as the best of ``--repeats`` runs (the machine may be shared: the load average is
 printed with the numbers). Prints, never asserts.
 
+On a GPU (``--device cuda``) ``scan`` is also timed on the CPU, so the GPU's gain over the same
+routine is printed beside its gain over the SVD. ``--reference-dtype float64`` takes the
+reference SVD in float64 (issue 20's target); ``--json PATH`` also writes the figures there.
+
     python benchmarks/spectral.py            # BERT-base: 72 matrices
     python benchmarks/spectral.py --quick    # one layer, one repeat: a smoke check
 """
@@ -22,6 +26,7 @@ import torch
 
 from lib import spectral
 from lib.device import get_device
+from lib.paths import write_json
 
 SHAPES = {"attention": [(768, 768)] * 4, "ffn_in": [(3072, 768)], "ffn_out": [(768, 3072)]}
 
@@ -44,10 +49,10 @@ def tall(w: torch.Tensor) -> torch.Tensor:
     return w if w.shape[0] >= w.shape[1] else w.T
 
 
-def svd_readings(weights: dict[str, torch.Tensor]) -> dict[str, spectral.Spectrum]:
-    """The reference: a full SVD of every matrix, one at a time."""
+def svd_readings(weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, spectral.Spectrum]:
+    """The reference: a full SVD of every matrix, one at a time, in ``dtype``."""
     return {
-        name: spectral.from_eigenvalues(torch.linalg.svdvals(tall(w)) ** 2 / max(w.shape), w.shape)
+        name: spectral.from_eigenvalues(torch.linalg.svdvals(tall(w).to(dtype)) ** 2 / max(w.shape), w.shape)
         for name, w in weights.items()
     }
 
@@ -69,12 +74,14 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def race(weights: dict[str, torch.Tensor], repeats: int, device) -> tuple[float, float, dict, object]:
+def race(weights: dict[str, torch.Tensor], repeats: int, device,
+         reference_dtype: torch.dtype = torch.float32) -> tuple[float, float, dict, object]:
     """Best-of-``repeats`` seconds of both paths, alternating so that a change in machine load
-    hits both alike; also returns the last result of each."""
+    hits both alike; also returns the last result of each. ``scan`` returns its table on the
+    CPU, so a GPU's time includes the transfers and the wait for the device."""
     svd_times, scan_times = [], []
     for _ in range(repeats):
-        t, reference = timed(lambda: svd_readings(weights))
+        t, reference = timed(lambda: svd_readings(weights, reference_dtype))
         svd_times.append(t)
         t, table = timed(lambda: spectral.scan(weights, device=device))
         scan_times.append(t)
@@ -88,40 +95,56 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: lib.device.get_device())")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--reference-dtype", choices=["float32", "float64"], default="float32",
+                        help="dtype of the reference SVD (default float32, the weights' own)")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-shape breakdown")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file (atomically)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     layers, repeats = (1, 1) if args.quick else (args.layers, args.repeats)
     device = get_device(args.device)
+    reference_dtype = getattr(torch, args.reference_dtype)
 
     weights = bert_like_weights(layers)
     print(f"{len(weights)} matrices ({layers} BERT-base layers), float32, device {device}, "
           f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
     spectral.scan({"warm-up": torch.randn(256, 64)}, device=device)  # first-call costs (library loading) out of the race
 
-    t_svd, t_scan, reference, table = race(weights, repeats, device)
+    t_svd, t_scan, reference, table = race(weights, repeats, device, reference_dtype)
     ours = dict(zip(weights, spectral.spectra(list(weights.values()), device=device)))
     eig_err = max(float((ours[k].eigenvalues - ref.eigenvalues).abs().max() / ref.lambda_max) for k, ref in reference.items())
     snr_err = max(abs(row.snr - reference[row.name].snr) / reference[row.name].snr for row in table.itertuples())
     same_counts = all(row.n_signal == reference[row.name].n_signal for row in table.itertuples())
 
-    print(f"full SVD, one matrix at a time  : {t_svd:8.2f} s   (best of {repeats})")
+    print(f"full SVD, one matrix at a time  : {t_svd:8.2f} s   (best of {repeats}, {args.reference_dtype}, CPU)")
     print(f"scan (Gram eigenvalues, batched): {t_scan:8.2f} s   (best of {repeats})")
     print(f"speed ratio                     : {t_svd / t_scan:8.2f} x")
     t_gram = min(timed(lambda: gram_matrices(weights, device))[0] for _ in range(repeats))
     print(f"Gram products alone             : {t_gram:8.2f} s   (ceiling for any Gram-based path: {t_svd / t_gram:.1f} x)")
     print(f"largest eigenvalue difference   : {eig_err:.1e}  (relative to the matrix's largest eigenvalue)")
     print(f"largest SNR difference          : {snr_err:.1e}  (relative); n_signal identical: {same_counts}")
+    figures = {"matrices": len(weights), "layers": layers, "device": str(device), "repeats": repeats,
+               "reference_dtype": args.reference_dtype, "threads": torch.get_num_threads(),
+               "svd_s": t_svd, "scan_s": t_scan, "scan_vs_svd": t_svd / t_scan, "gram_s": t_gram,
+               "max_eigenvalue_error": eig_err, "max_snr_error": snr_err, "n_signal_identical": bool(same_counts)}
+    if device.type != "cpu":  # the same routine on the CPU: what the device itself gains
+        t_scan_cpu = min(timed(lambda: spectral.scan(weights, device="cpu"))[0] for _ in range(repeats))
+        print(f"scan on the CPU                 : {t_scan_cpu:8.2f} s   ({device} is {t_scan_cpu / t_scan:.1f} x faster)")
+        figures |= {"scan_cpu_s": t_scan_cpu, "scan_vs_scan_cpu": t_scan_cpu / t_scan}
     print(f"load average after              : {os.getloadavg()[0]:.1f}")
-    if args.quick:
-        return
-    print("by shape:")
-    for kind, shapes in SHAPES.items():
-        group = {k: w for k, w in weights.items() if f".{kind}." in k}
-        t_ref, t_ours, _, _ = race(group, repeats, device)
-        rows, cols = shapes[0]
-        print(f"  {kind:9s} {rows}x{cols}: {len(group):3d} matrices  SVD {t_ref:6.2f} s  scan {t_ours:6.2f} s  "
-              f"ratio {t_ref / t_ours:5.2f} x")
+    if not (args.quick or args.no_breakdown):
+        print("by shape:")
+        figures["by_shape"] = {}
+        for kind, shapes in SHAPES.items():
+            group = {k: w for k, w in weights.items() if f".{kind}." in k}
+            t_ref, t_ours, _, _ = race(group, repeats, device, reference_dtype)
+            rows, cols = shapes[0]
+            print(f"  {kind:9s} {rows}x{cols}: {len(group):3d} matrices  SVD {t_ref:6.2f} s  scan {t_ours:6.2f} s  "
+                  f"ratio {t_ref / t_ours:5.2f} x")
+            figures["by_shape"][f"{kind} {rows}x{cols}"] = {"svd_s": t_ref, "scan_s": t_ours}
+    if args.json:
+        write_json(args.json, figures)
 
 
 if __name__ == "__main__":

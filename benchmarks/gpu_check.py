@@ -82,8 +82,10 @@ def run_step(name: str, cmd: list[str], env: dict[str, str] | None = None) -> di
     """Run one step in a child (its own CUDA context, freed when it ends); its output is echoed."""
     print(f"\n== {name}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
+    # a script in benchmarks/ sees only its own folder: lib comes from this checkout (no install)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": path, **(env or {})}, capture_output=True, text=True,
                               timeout=STEP_TIMEOUT[name])
         output, code = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as err:

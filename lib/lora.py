@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .checkpoint import Checkpoint, atomic_output_dir
+from .statedict import check_finite
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -148,6 +148,7 @@ def read_adapter(folder: str | os.PathLike, base: Checkpoint | Mapping[str, Tens
     factors: dict[str, dict[str, Tensor]] = {}
     transposed, embeddings, tensors = set(), set(), {}
     for key, t in load_file(weights_path).items():
+        check_finite(t, f"{label}: {key!r}")
         name = key.removeprefix(PEFT_PREFIX)
         suffix = next((s for s in _FACTOR_SUFFIXES if name.endswith(s)), None)
         if suffix is None:
@@ -328,17 +329,22 @@ def merge_lowrank(method: str, base: Mapping[str, Tensor], adapters: Sequence[Ad
             used = mb.any(0) & ma.any(1)
             deltas[k] = LowRank(mb[:, used].to(dtype).cpu(), ma[used].to(dtype).cpu(), 1.0, tuple(base[k].shape))
 
-    # The dense merge skips the factored keys (each expert holds the base there, nothing is
-    # densified) and, for a method with a factored path, the keys no adapter changes: each of
-    # those methods maps all-zero task vectors to a zero merged one, so they keep the base's.
-    untouched = [] if fn is None else [k for k in base if not any(k in ad.deltas or k in ad.tensors for ad in adapters)]
-    rest = [k for k in base if k not in deltas]
-    experts = [{k: (base[k] if k in deltas else expert_tensor(base[k], ad, k)) for k in base} for ad in adapters]
-    excluded = [f"^{re.escape(k)}$" for k in [*deltas, *untouched]]
-    exclude_all = (list(exclude) if isinstance(exclude, (list, tuple)) else [exclude] if exclude else []) + excluded
-    dense = merge(method, base, experts, include=include, exclude=exclude_all or None,
-                  excluded_from=excluded_from, device=device, **params)
-    return LowRankMerge(deltas, {k: dense[k] for k in rest})
+    if fn is None:  # the whole model densified: a prepass (TIES, SNR) may look across keys
+        dense = merge(method, base, [densify(base, ad) for ad in adapters], include=include, exclude=exclude,
+                      excluded_from=excluded_from, device=device, **params)
+        return LowRankMerge({}, dense)
+    # The factored methods merge key by key without a prepass, so the dense merge needs only the
+    # keys left: not the factored ones, nor those no adapter changes (each of these methods maps
+    # all-zero task vectors to a zero merged one, and every expert holds the base's tensor there).
+    untouched = {k for k in base if not any(k in ad.deltas or k in ad.tensors for ad in adapters)}
+    rest = [k for k in base if k not in deltas and k not in untouched]
+    weights = {k: base[k].clone() for k in base if k in untouched}
+    if rest:
+        sub = {k: base[k] for k in rest}
+        dense = merge(method, sub, [{k: expert_tensor(base[k], ad, k) for k in rest} for ad in adapters], include=include,
+                      exclude=exclude, excluded_from=excluded_from, device=device, **params)
+        weights.update(dense)
+    return LowRankMerge(deltas, {k: weights[k] for k in base if k not in deltas})
 
 
 # ------------------------------------------------------------------------------ writing

@@ -482,3 +482,23 @@ def test_allocator_setting_applies_on_glibc():
     from lib.cli import return_freed_blocks_to_the_system
 
     assert return_freed_blocks_to_the_system() is (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("method", sorted(n for n in METHODS if n.startswith(("snr", "spectrum"))))
+def test_streamed_merge_does_not_depend_on_the_key_order(method, tmp_path):
+    """A checkpoint lists its keys alphabetically, the model's state dict in module order; with
+    pure-noise deltas every layer's SNR ties at 0, so only a canonical tie-break gives the
+    streamed merge the in-memory result."""
+    base = {k: v.contiguous() for k, v in tiny_bert(0).state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    experts = [{k: w + 0.01 * torch.randn(w.shape, generator=g) if w.is_floating_point() else w for k, w in base.items()}
+               for _ in range(2)]
+    save_file(base, tmp_path / "base.safetensors")
+    for i, e in enumerate(experts):
+        save_file(e, tmp_path / f"e{i}.safetensors")
+    out = merge_checkpoints(method, tmp_path / "base.safetensors", [tmp_path / "e0.safetensors", tmp_path / "e1.safetensors"],
+                            tmp_path / "out", progress=False).out
+    got, expected = state_dict(out), merge(method, base, experts)  # module order
+    assert list(expected) != sorted(expected)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7, msg=f"{method}: {k}")

@@ -319,10 +319,15 @@ def test_decide_layers_top_threshold_and_score():
     assert high(threshold=4.0, top=0.0) == ["a", "c"]  # threshold replaces top
 
 
-def test_decide_layers_ties_go_by_key_order():
+def test_decide_layers_ties_go_by_key_name_whatever_the_key_order():
+    """A checkpoint on disk lists keys alphabetically, a state dict in module order: tied layers
+    (all-noise layers score 0) must be chosen the same way for both."""
     scores = scores_for({"x": [2.0], "y": [2.0], "z": [2.0]})
     decisions = decide_layers(scores, list(scores), top=0.34)
     assert [k for k, h in decisions.high.items() if h] == ["x", "y"]
+    reordered = scores_for({"z": [2.0], "y": [2.0], "x": [2.0]})
+    decisions = decide_layers(reordered, list(reordered), top=0.34)
+    assert sorted(k for k, h in decisions.high.items() if h) == ["x", "y"]
 
 
 def test_alpha_weights_handle_zero_and_infinite_snrs():

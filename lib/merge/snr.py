@@ -109,7 +109,7 @@ def decide_layers(scores: Mapping[str, Tensor], keys: Sequence[str], *, top: flo
     """High/low decision of every layer from the per-expert SNRs ``scores`` (layer key -> (N,)).
 
     ``threshold`` set: high when the layer's score is above it; otherwise the ``ceil(top * L)``
-    highest-scored layers are high.
+    highest-scored layers are high, equal scores ranked by key name.
     """
     layers = list(scores)
     per_expert = {k: torch.as_tensor(v, dtype=torch.float64).reshape(-1).cpu() for k, v in scores.items()}
@@ -120,7 +120,10 @@ def decide_layers(scores: Mapping[str, Tensor], keys: Sequence[str], *, top: flo
     if threshold is not None:
         high = {k: combined[k] > threshold for k in layers}
     else:
-        ranked = sorted(layers, key=lambda k: -combined[k])  # stable: equal scores keep key order
+        # equal scores are ranked by name, not by the order the keys arrive in: a checkpoint on
+        # disk lists them alphabetically, a model's state dict in module order, and the merge of
+        # one model must not depend on which (layers of pure noise all score 0)
+        ranked = sorted(layers, key=lambda k: (-combined[k], k))
         chosen = set(ranked[: kept_count(len(layers), top)])
         high = {k: k in chosen for k in layers}
     return LayerDecisions(per_expert, high, assign_layers(keys, layers))

@@ -335,8 +335,38 @@ def runtimes_markdown(results: Mapping[str, Mapping]) -> str:
         return ""
     total = sum(r["seconds"] for r in rows)
     rows.append({"job": "**total**", "what": "`make reproduce`, what is measured above", "time": clock(total)})
-    return ("Measured on the project's two-core CPU (no GPU); wall times, so they grow while other work shares "
+    text = ("Measured on the project's two-core CPU (no GPU); wall times, so they grow while other work shares "
             "the machine.\n\n" + table(rows, {"job": "job", "what": "what", "time": "time", "note": "note"}))
+    plan = cluster_markdown(results)
+    return text + ("\n\n" + plan if plan else "")
+
+
+def cluster_markdown(results: Mapping[str, Mapping]) -> str:
+    """Expected wall times of the full grids on 1, 2, 16 and 64 workers (:func:`lib.runner.cluster_plan`),
+    from the per-record times each results file measured in one process."""
+    from .runner import PLAN_WORKERS, cluster_plan
+
+    ran = {nb: results[nb] for nb in NOTEBOOKS if nb in results}
+    if not ran:
+        return ""
+    rows = []
+    for row in cluster_plan(ran, total_seconds):
+        name = "**all** (`make reproduce`, experts cached)" if row["notebook"] == "all" else row["notebook"]
+        rows.append({"notebook": name, "records": str(row["records"]), "serial": clock(row["serial_s"]),
+                     "longest": clock(row["longest_s"]),
+                     **{f"w{w}": clock(row["wall_s"][w]) for w in PLAN_WORKERS}})
+    columns = {"notebook": "notebook", "records": "models merged or scored", "serial": "serial part",
+               "longest": "longest record", **{f"w{w}": f"{w} worker{'s' * (w > 1)}" for w in PLAN_WORKERS}}
+    return ("**Planning a cluster run** (`lib.runner.cluster_plan`): the expected wall time of each full grid "
+            "when `lib.runner.run_grid` spreads its records over workers as fast as this machine, computed from "
+            "the per-record seconds (merge + evaluation) in each results file. A model an earlier notebook "
+            "computed counts once (the record store shares it); the serial part is a notebook's run time less "
+            "its own records (loading experts, spectra, diagnostics, 06's fits, tables); no plan goes below the "
+            "longest single record. Left out: training missing experts (`make experts`, above; done first, in "
+            "the runner's process) and each worker's start (about 10 s: torch import and loading its pool, "
+            "`benchmarks/grid.py`). The notebooks still run their grids in-process; `run_grid` with "
+            "`EXECUTOR=processes:N`, `dask:ADDRESS` or `slurm` is what these times plan for.\n\n"
+            + table(rows, columns))
 
 
 def figure_files(figures_dir: Path | None = None) -> list[str]:

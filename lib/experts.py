@@ -165,6 +165,12 @@ def summarize(items: list[Planned], smoke: bool) -> dict:
         if expert is not None:
             rows.append({"task": item.task, "variant": item.variant, "seed": item.seed, "key": expert.key,
                          "metrics": expert.metrics, "runtime": expert.runtime, "versions": expert.versions})
+    return {"experts": rows, "summary": summary_of(rows)}
+
+
+def summary_of(rows: list[dict]) -> dict:
+    """Per task and variant: the seeds, each metric's and the train time's mean and sample std
+    over seeds (ddof=1, the convention of every table; 0 for a single seed), and the target."""
     summary = {}
     for task, variant in dict.fromkeys((r["task"], r["variant"]) for r in rows):
         group = [r for r in rows if (r["task"], r["variant"]) == (task, variant)]
@@ -172,12 +178,13 @@ def summarize(items: list[Planned], smoke: bool) -> dict:
         entry = {"seeds": [r["seed"] for r in group]}
         for name in names + ["train_s"]:
             values = [r["metrics"][name] if name != "train_s" else r["runtime"]["train_s"] for r in group]
-            entry[name] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            entry[name] = {"mean": float(np.mean(values)), "std": std}
         if task in TARGETS:
             metric, minimum = TARGETS[task]
             entry["target"] = {"metric": metric, "minimum": minimum, "met": entry[metric]["mean"] >= minimum}
         summary[f"{task}/{variant}"] = entry
-    return {"experts": rows, "summary": summary}
+    return summary
 
 
 def main(args) -> int:

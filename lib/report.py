@@ -99,12 +99,8 @@ def experts_section(r: Mapping) -> str:
         task, variant = name.split("/")
         metrics = [k for k, v in entry.items() if isinstance(v, dict) and "mean" in v and k != "train_s"]
         target = entry.get("target")
-        # the summary's std is the population one (numpy's default); every other table uses the
-        # sample std (ddof=1), so it is computed here from the per-seed records
-        values = {m: pd.Series([e["metrics"][m] for e in r["experts"] if (e["task"], e["variant"]) == (task, variant)])
-                  for m in metrics}
         rows.append({"task": task, "variant": variant, "seeds": len(entry["seeds"]),
-                     "scores": "; ".join(f"{m} {pm(values[m].mean(), values[m].std(ddof=1))}" for m in metrics),
+                     "scores": "; ".join(f"{m} {pm(entry[m]['mean'], entry[m]['std'])}" for m in metrics),
                      "target": f"{target['metric']} ≥ {target['minimum']}: {'met' if target['met'] else '**not met**'}"
                      if target else "report only", "published": PUBLISHED_SMALL_BERT.get(task, ""),
                      "train": clock(entry["train_s"]["mean"])})

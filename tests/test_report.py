@@ -8,6 +8,7 @@ import math
 import pytest
 
 from lib import paths, report
+from lib.experts import summary_of
 
 README = """# title
 text before
@@ -24,10 +25,7 @@ after
 def experts_results():
     rows = [{"task": "cola", "variant": "pretrained", "seed": s, "runtime": {"train_s": 300.0 + 60 * s, "eval_s": 4.0},
              "metrics": {"accuracy": 0.7, "mcc": mcc, "n": 1043}} for s, mcc in ((0, 0.22), (1, 0.25))]
-    summary = {"cola/pretrained": {"seeds": [0, 1], "accuracy": {"mean": 0.7, "std": 0.01},
-                                   "mcc": {"mean": 0.2345, "std": 0.0123}, "train_s": {"mean": 330.0, "std": 30.0},
-                                   "target": {"metric": "mcc", "minimum": 0.25, "met": False}}}
-    return {"experts": rows, "summary": summary, "mergeability": []}
+    return {"experts": rows, "summary": summary_of(rows), "mergeability": []}
 
 
 def test_render_replaces_only_the_marked_blocks():
@@ -50,7 +48,7 @@ def test_render_needs_both_blocks():
 
 def test_experts_table_carries_the_numbers_and_says_when_a_target_is_missed():
     text = report.experts_section(experts_results())
-    # the sample std (ddof=1) of the per-seed scores, as every other table; not the summary's population std
+    # the sample std (ddof=1) of the per-seed scores, as every other table
     assert "mcc 0.235 ± 0.021" in text and "mcc ≥ 0.25: **not met**" in text and "| 6 min |" in text
     assert f"| {report.PUBLISHED_SMALL_BERT['cola']} |" in text  # the published small-BERT figure beside ours
 

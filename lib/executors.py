@@ -257,13 +257,13 @@ def make_executor(spec: str | Executor | None = None, **options) -> Executor:
         submitit = _submitit()
         return SubmititExecutor(submitit.LocalExecutor(folder=submitit_folder()), poll_s=0.2)
     if name == "slurm":
-        submitit = _submitit()
-        params = {}
+        params = {}  # the spec is checked before submitit is imported: a typo is the error to report
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
             if not eq:
                 raise ValueError(f"executor {text!r}: slurm options are KEY=VALUE pairs, got {item!r}")
             params[key.strip()] = _parse_value(value.strip())
+        submitit = _submitit()
         executor = submitit.AutoExecutor(folder=submitit_folder(), cluster="slurm")
         if params:
             executor.update_parameters(**params)

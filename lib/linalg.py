@@ -77,9 +77,17 @@ def gram_eigh(a: Tensor, *, dtype: torch.dtype = torch.float64) -> GramEigh:
     gram = x.mT @ x if right else x @ x.mT
     eigenvalues, vectors = torch.linalg.eigh(gram)
     eigenvalues, vectors = eigenvalues.flip(-1), vectors.flip(-1)  # descending, like an SVD
-    round_off = eigenvalues[..., :1] * (gram.shape[-1] ** 0.5 * torch.finfo(dtype).eps)
-    eigenvalues = torch.where(eigenvalues > round_off, eigenvalues, torch.zeros_like(eigenvalues))
+    eigenvalues = zero_round_off_eigenvalues(eigenvalues, eigenvalues[..., :1], dtype)
     return GramEigh(eigenvalues.sqrt(), vectors, right)
+
+
+def zero_round_off_eigenvalues(eigenvalues: Tensor, largest: Tensor, dtype: torch.dtype) -> Tensor:
+    """Gram eigenvalues (last axis, any order) that are round-off rather than spectrum set to
+    exactly zero: those not above ``sqrt(k) * eps * largest`` (``k`` the Gram size, ``largest``
+    each matrix's largest eigenvalue, shape ``(..., 1)``), negative ones included (module
+    docstring)."""
+    tol = largest.clamp_min(0) * (eigenvalues.shape[-1] ** 0.5 * torch.finfo(dtype).eps)
+    return torch.where(eigenvalues > tol, eigenvalues, torch.zeros_like(eigenvalues))
 
 
 def _truncated(a: Tensor, dtype: torch.dtype, rtol: float):

@@ -90,6 +90,7 @@ import torch
 from torch import Tensor
 
 from .device import get_device, supports_float64
+from .linalg import zero_round_off_eigenvalues
 from .statedict import as_matrix, check_finite, compute_dtype, is_matrix, matches, to_state_dict
 
 #: the detection level: the probability that the largest eigenvalue of a pure-noise matrix stays
@@ -313,15 +314,6 @@ def _power_of_two_scales(stack: Tensor) -> Tensor | None:
     return torch.where(risky, torch.exp2(-exponent), torch.ones_like(exponent))
 
 
-def _round_off_to_zero(eigs: Tensor, dtype: torch.dtype) -> Tensor:
-    """Gram eigenvalues (ascending, last axis) that are round-off rather than spectrum set to
-    exactly zero: negative ones (a Gram matrix has none) and those below ``sqrt(M) * eps *
-    lambda_max``, the cut :mod:`lib.linalg` uses. A rank-one matrix then has one non-zero
-    eigenvalue instead of a bulk of round-off that the median fit would call noise."""
-    tol = eigs[..., -1:].clamp_min(0) * (eigs.shape[-1] ** 0.5 * torch.finfo(dtype).eps)
-    return torch.where(eigs > tol, eigs, torch.zeros_like(eigs))
-
-
 def _gram_spectra(mats: Sequence[Tensor], *, names: Sequence[str] | None = None, device=None) -> list[_GramSpectrum]:
     """Eigenvalues of ``WᵀW / N`` (the smaller Gram matrix) for every matrix, computed in stacks
     of equal shape on the device."""
@@ -343,7 +335,10 @@ def _gram_spectra(mats: Sequence[Tensor], *, names: Sequence[str] | None = None,
                 stack = stack * scales.to(device=dev, dtype=dtype).view(-1, 1, 1)
             tall = stack if rows >= cols else stack.transpose(1, 2)  # N x M with N >= M
             gram = tall.transpose(1, 2) @ tall / max(rows, cols)
-            eigs = _round_off_to_zero(_eigvalsh(gram), dtype).to(device="cpu", dtype=torch.float64)
+            # round-off, not spectrum: a rank-one matrix then has one non-zero eigenvalue instead of
+            # a bulk of round-off that the median fit would call noise (the cut lib.linalg uses)
+            eigs = _eigvalsh(gram)
+            eigs = zero_round_off_eigenvalues(eigs, eigs[..., -1:], dtype).to(device="cpu", dtype=torch.float64)
             entry_var = stack.var(dim=(1, 2), unbiased=False).to(device="cpu", dtype=torch.float64)
             if scales is not None:  # back to the matrices' own scale, in float64
                 eigs = eigs / scales.view(-1, 1) ** 2

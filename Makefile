@@ -14,6 +14,11 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 BUILD   := build/notebooks
 PYTEST_ARGS ?=
 
+# where notebooks 01-06 run their merge grids (lib.executors): inline, processes:N, dask:local,
+# dask:tcp://host:8786, slurm:...; records go to the record store as they are computed, so a killed
+# `make reproduce` resumes where it stopped. e.g. make reproduce EXECUTOR=processes:2
+EXECUTOR ?= inline
+export EXECUTOR
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -66,7 +71,7 @@ experts: setup
 reproduce: setup experts
 	@mkdir -p $(BUILD)
 	@for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb (full)"; \
+	  echo "== $$nb (full, EXECUTOR=$(EXECUTOR))"; \
 	  SMOKE=0 $(BIN)/papermill --log-level WARNING -k python3 $$nb $(BUILD)/$$(basename $$nb) || exit 1; \
 	done
 	$(PY) -m lib figures

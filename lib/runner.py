@@ -117,6 +117,58 @@ class CachedExperts:
                                name=spec["name"])
 
 
+class CachedSweep:
+    """The experts of notebooks 01-03's sweeps, from :mod:`lib.train`'s cache: every model of
+    ``tasks`` merged whole over ``base_task``'s base (``setup="whole"``); their bodies over the
+    base body, each task scored under its own expert's head (``"bodies"``); or the report's
+    setup (``"report_head"``: the first expert whole, the second's body under a fresh, untrained
+    head of the first task, scored on the first task and on collapsed Emotion labels)."""
+
+    SETUPS = {"whole": "each task under its merged head", "bodies": "each task's own expert's head",
+              "report_head": "one shared head of the first task; Emotion collapsed to sadness vs rest"}
+
+    _configs = CachedExperts._configs  # the tasks' experts and, for mnist_base, the MNIST expert as base
+    experts = CachedExperts.experts
+
+    @staticmethod
+    def evaluation(spec: Mapping) -> dict:
+        if spec["setup"] not in CachedSweep.SETUPS:
+            raise ValueError(f"unknown sweep setup {spec['setup']!r}; expected one of {sorted(CachedSweep.SETUPS)}")
+        kind = pool.kind_of(spec["tasks"])
+        return {"split": {t: data.get_task(t).eval_split for t in spec["tasks"]},
+                "examples": train.SMOKE_EVAL[kind] if spec["smoke"] else "all", "head": CachedSweep.SETUPS[spec["setup"]]}
+
+    prepare = CachedExperts.prepare
+
+    @staticmethod
+    def build(spec: Mapping) -> sweep.SweepSetup:
+        seed, smoke, variant, tasks = spec["seed"], spec["smoke"], spec["variant"], spec["tasks"]
+        for task, config in CachedExperts._configs(spec).items():
+            if not train.is_cached(config):
+                raise FileNotFoundError(f"expert {task} (seed {seed}, {variant}, {'SMOKE' if smoke else 'full'} mode) is "
+                                        f"not in the cache: {train.expert_path(train.config_key(config))} is missing; "
+                                        "train it with `make experts` (or let run_grid train it first)")
+        trained = {t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=False) for t in tasks}
+        info = [{"seed": seed, "task": t, "key": e.key, "from_cache": e.from_cache, **e.metrics, **e.runtime}
+                for t, e in trained.items()]
+        base = train.base_state_dict(spec["base_task"], seed=seed, variant=variant, smoke=smoke)
+        kind = pool.kind_of(tasks)
+        if spec["setup"] == "whole":
+            models, evaluate = {t: e.state_dict for t, e in trained.items()}, sweep.evaluate_tasks(tasks, smoke=smoke)
+        elif spec["setup"] == "bodies":
+            models = {t: train.split_head(e.state_dict, kind)[0] for t, e in trained.items()}
+            base = train.split_head(base, kind)[0]
+            evaluate = sweep.evaluate_tasks(tasks, smoke=smoke, heads={t: e.state_dict for t, e in trained.items()})
+        else:  # the report's: the second expert's body under a fresh head of the first task
+            first, second = tasks
+            models = {first: trained[first].state_dict,
+                      second: train.fresh_head(trained[second].state_dict, first,
+                                               seed=train.derive_seed(seed, "report head"))}
+            evaluate = sweep.evaluate_report_head(smoke=smoke)
+        return sweep.SweepSetup(name=spec["name"], seed=seed, base=base, models=models, evaluate=evaluate,
+                                experts=info)
+
+
 def resolve_source(name: str):
     """The source class ``"module:Name"`` names."""
     module, _, attr = name.partition(":")
@@ -177,12 +229,43 @@ def pool_grid(spec: Mapping, subsets: Iterable[Sequence[str]], runs: Iterable[sw
     return out + [merge_config(spec, s, r.method, r.hparams(), merge_kwargs=merge_kwargs) for s in subsets for r in runs]
 
 
+def sweep_spec(tasks: Sequence[str], *, seed: int, smoke: bool, setup: str = "whole", base_task: str | None = None,
+               variant: str | None = None, name: str | None = None) -> dict:
+    """The setup part of a sweep's configurations (notebooks 01-03, :class:`CachedSweep`): the
+    models of ``tasks`` merged together over ``base_task``'s base (default: the first task)."""
+    kind = pool.kind_of(tasks)
+    variant = variant or train.VARIANTS[kind][0]
+    name = name or f"{'+'.join(tasks)}/{variant}/{setup}"
+    return pool_spec(tasks, seed=seed, smoke=smoke, variant=variant, name=name, source="lib.runner:CachedSweep",
+                     setup=setup, base_task=base_task or tasks[0])
+
+
+def sweep_config(spec: Mapping, run: sweep.Run, *, merge_kwargs: Mapping[str, Any] | None = None) -> dict:
+    """One merge of every model of the sweep setup ``spec`` by ``run`` (its label kept as the
+    sweep spells it; its hyperparameters resolved, so a changed default is another key)."""
+    return {"record": "sweep", "pool": dict(spec), "run": {"method": run.method, "snr_method": run.snr_method,
+                                                           "top": run.top, "threshold": run.threshold,
+                                                           "extra": dict(run.extra)},
+            "method": run.method, "hparams": resolve_hparams(get_method(run.method), run.hparams()),
+            "version": method_version(run.method), "merge_kwargs": dict(merge_kwargs or {})}
+
+
+def sweep_grid(spec: Mapping, runs: Iterable[sweep.Run], *, alone: bool = True,
+               merge_kwargs: Mapping[str, Any] | None = None) -> list[dict]:
+    """The base and experts alone (unless ``alone=False``), then every run: the records
+    :func:`lib.sweep.sweep_seed` makes for one seed."""
+    out = [alone_config(spec)] if alone else []
+    return out + [sweep_config(spec, r, merge_kwargs=merge_kwargs) for r in runs]
+
+
 def describe(config: Mapping) -> str:
     """``vision/shared_init seed 0: mnist+kmnist star(eta=40, rescale=True)`` (for errors, bars)."""
     p = config["pool"]
     head = f"{p['name']} seed {p['seed']}"
     if config["record"] == "alone":
         return f"{head}: experts and base alone"
+    if config["record"] == "sweep":
+        return f"{head}: {sweep.Run(**config['run']).label()}"
     return f"{head}: {pool.subset_name(config['subset'])} {pool.canonical_run(config['method'], **config['hparams']).label()}"
 
 
@@ -220,6 +303,13 @@ def _pool_for(spec: Mapping, *, prepare: bool) -> pool.Pool:
         return p
 
 
+def load_pool(spec: Mapping, *, prepare: bool = True) -> pool.Pool:
+    """The pool of ``spec`` as this process's inline worker holds it (its experts trained first
+    when missing, unless ``prepare=False``): a notebook's diagnostics read the same pool its
+    inline grid merges, loaded once."""
+    return _pool_for(_canonical(spec), prepare=prepare)
+
+
 def release() -> None:
     """Drop the pools (and their runners' evaluation caches) this process holds."""
     with _pools_lock:
@@ -236,7 +326,10 @@ def _runner_for(config: Mapping, *, prepare: bool) -> pool.PoolRunner:
         runners = _local.runners = OrderedDict()
     runner = runners.get(key)
     if runner is None or runner.pool is not p:  # a pool evicted and built again gets a fresh runner
-        runner = pool.PoolRunner(p, progress=False, merge_fn=functools.partial(merge, **kwargs) if kwargs else None)
+        if isinstance(p, sweep.SweepSetup):
+            runner = sweep.SweepRunner(p)
+        else:
+            runner = pool.PoolRunner(p, progress=False, merge_fn=functools.partial(merge, **kwargs) if kwargs else None)
         runners[key] = runner
         while len(runners) > POOLS_PER_WORKER:
             runners.popitem(last=False)
@@ -255,8 +348,10 @@ def compute(config: Mapping, prepare: bool = False) -> tuple[list[dict], float]:
     elif config["record"] == "merge":
         run = pool.canonical_run(config["method"], **config["hparams"])
         records = runner.run([tuple(config["subset"])], [run], progress=False)
+    elif config["record"] == "sweep":
+        records = runner.run(sweep.Run(**config["run"]), **(config.get("merge_kwargs") or {}))
     else:
-        raise ValueError(f"unknown record kind {config['record']!r}; expected 'merge' or 'alone'")
+        raise ValueError(f"unknown record kind {config['record']!r}; expected 'merge', 'sweep' or 'alone'")
     return records, time.perf_counter() - t0
 
 

@@ -85,7 +85,10 @@ class CorruptRecord(StoreError):
 
 
 def default_path() -> Path:
-    """``$SPECTRAL_MERGE_CACHE/records.sqlite`` (read at call time, like the experts' cache)."""
+    """``$SPECTRAL_MERGE_RECORDS`` if set (a store of its own, e.g. on a shared filesystem), else
+    ``$SPECTRAL_MERGE_CACHE/records.sqlite`` (read at call time, like the experts' cache)."""
+    if os.environ.get("SPECTRAL_MERGE_RECORDS"):
+        return Path(os.environ["SPECTRAL_MERGE_RECORDS"]).expanduser()
     return paths._env_path("SPECTRAL_MERGE_CACHE", paths.ROOT / ".cache") / "records.sqlite"
 
 

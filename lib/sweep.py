@@ -200,7 +200,8 @@ class SnrPrepass:
 
 def run_sweep(base: StateDict | None, experts: Sequence[StateDict], evaluate: Evaluate, runs: Sequence[Run], *,
               seed: int, merge_fn: Callable[..., StateDict] | None = None, cache: CachedEvaluate | None = None,
-              share_prepass: bool = True, progress: bool = True, **merge_kwargs) -> list[dict]:
+              share_prepass: bool = True, prepass: SnrPrepass | None = None, progress: bool = True,
+              **merge_kwargs) -> list[dict]:
     """Merge ``experts`` once per run and evaluate each merged model.
 
     ``merge_kwargs`` (``include``, ``exclude``, ``excluded_from``, ``device``) go to every merge
@@ -208,12 +209,12 @@ def run_sweep(base: StateDict | None, experts: Sequence[StateDict], evaluate: Ev
     task's own head out of the merge). ``merge_fn`` defaults to :func:`lib.merge.merge`; with
     ``share_prepass`` the SNR runs get their layer decisions from one :class:`SnrPrepass` as
     ``context=``. Pass one ``cache`` to several calls of the same seed so that identical models
-    are evaluated once across them. Returns tidy records (see :func:`records_frame`).
+    are evaluated once across them; pass one ``prepass`` (built with the same ``include`` and
+    ``exclude``) to share the SNRs too. Returns tidy records (see :func:`records_frame`).
     """
     merge_fn = merge if merge_fn is None else merge_fn
     cache = cache if cache is not None else CachedEvaluate(evaluate)
-    prepass = None
-    if share_prepass:
+    if prepass is None and share_prepass:
         prepass = SnrPrepass(base, experts, include=merge_kwargs.get("include"), exclude=merge_kwargs.get("exclude"),
                              device=merge_kwargs.get("device"))
     out = []
@@ -247,6 +248,48 @@ def sweep_seed(base: StateDict | None, experts: Mapping[str, StateDict], evaluat
     out += run_sweep(base, list(experts.values()), evaluate, runs, seed=seed, cache=cache, progress=progress,
                      **merge_kwargs)
     return out
+
+
+@dataclass
+class SweepSetup:
+    """One seed of a sweep: the ``base`` and the named ``models`` merged in every run, how a
+    merged model is scored (``evaluate``), and ``experts``: each expert's key, cache status,
+    metrics and runtime (the table a notebook shows). Built by a source of :mod:`lib.runner`."""
+
+    name: str
+    seed: int
+    base: StateDict | None
+    models: dict[str, StateDict]
+    evaluate: Evaluate
+    experts: list[dict] = field(default_factory=list)
+
+
+class SweepRunner:
+    """The records of one :class:`SweepSetup`, one run at a time, as :func:`sweep_seed` makes
+    them all at once: one evaluation cache and one SNR prepass (per ``include``/``exclude``)
+    shared by every run of the setup."""
+
+    def __init__(self, setup: SweepSetup):
+        self.pool = setup
+        self.cache = CachedEvaluate(setup.evaluate)
+        self.prepasses: dict[str, SnrPrepass] = {}
+
+    def alone(self) -> list[dict]:
+        """The base (``method="base"``, when there is one) and each expert on its own."""
+        s = self.pool
+        out = [] if s.base is None else evaluate_models({"base": s.base}, s.evaluate, seed=s.seed, method="base",
+                                                        cache=self.cache)
+        return out + evaluate_models(s.models, s.evaluate, seed=s.seed, cache=self.cache)
+
+    def run(self, run: Run, **merge_kwargs) -> list[dict]:
+        """The records of one merge of every model of the setup by ``run``."""
+        s = self.pool
+        key = repr(sorted((k, merge_kwargs.get(k)) for k in ("include", "exclude", "device")))
+        if key not in self.prepasses:
+            self.prepasses[key] = SnrPrepass(s.base, list(s.models.values()), include=merge_kwargs.get("include"),
+                                             exclude=merge_kwargs.get("exclude"), device=merge_kwargs.get("device"))
+        return run_sweep(s.base, list(s.models.values()), s.evaluate, [run], seed=s.seed, cache=self.cache,
+                         prepass=self.prepasses[key], progress=False, **merge_kwargs)
 
 
 RECORD_COLUMNS = ["seed", "method", "model", "run", "snr_method", "top", "threshold", "task", "metric", "value",

@@ -1,0 +1,187 @@
+"""What the notebooks call around the runner (lib.grids, lib.sweep.SweepRunner): a results file
+is rendered only for its own configuration and never overwritten by another; the grid a notebook
+builds resumes after a kill computing exactly the missing records; a sweep record by record
+(notebooks 01-03 through run_grid) equals lib.sweep.sweep_seed's all at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lib import grids, paths, pool, runner, sweep
+from lib.store import RecordStore
+from test_runner import RUNS, SOURCE, TASKS, logged, write_experts
+
+CONFIG = {"seeds": [0, 1], "sizes": [2, 3], "runs": ["average(weights=None)"]}
+
+
+@pytest.fixture(autouse=True)
+def results_dir(tmp_path, monkeypatch):
+    """Results go to a folder of the test's own; each test starts without memoised pools."""
+    monkeypatch.setattr(paths, "RESULTS", tmp_path / "results")
+    monkeypatch.setenv("SPECTRAL_MERGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(grids.OVERWRITE_VARIABLE, raising=False)
+    runner.release()
+    yield tmp_path / "results"
+    runner.release()
+
+
+def test_from_results_renders_only_the_notebooks_own_configuration(results_dir, capsys):
+    with pytest.raises(FileNotFoundError, match="FROM_RESULTS=1 but .*nb.json does not exist"):
+        grids.load_results("nb", CONFIG, smoke=False)
+    grids.publish("nb", {"smoke": False, "config": CONFIG, "value": 1}, smoke=False)
+    assert grids.load_results("nb", json.loads(json.dumps(CONFIG)), smoke=False)["value"] == 1
+    with pytest.raises(grids.ConfigMismatch, match=r"seeds: file \[0, 1\], notebook \[0\]"):
+        grids.load_results("nb", {**CONFIG, "seeds": [0]}, smoke=False)
+    paths.write_json(results_dir / "smoke" / "nb.json", {"smoke": False, "config": CONFIG})
+    with pytest.raises(grids.ConfigMismatch, match="computed with SMOKE=0"):
+        grids.load_results("nb", CONFIG, smoke=True)
+    # a derived field (run labels spelled by today's code) is a note, not a refusal
+    assert grids.load_results("nb", {**CONFIG, "runs": ["average(weights=None, new=1)"]}, smoke=False,
+                              derived=["runs"])["value"] == 1
+    assert "computed by another version of the methods" in capsys.readouterr().out
+
+
+def test_a_published_file_is_not_overwritten_by_another_configuration(results_dir, monkeypatch):
+    grids.publish("nb", {"smoke": False, "config": CONFIG, "value": 1}, smoke=False)
+    grids.publish("nb", {"smoke": False, "config": CONFIG, "value": 2}, smoke=False)  # same configuration: replaced
+    with pytest.raises(grids.ConfigMismatch, match=r"not overwriting the published .*sizes: file \[2, 3\], notebook \[2\]"):
+        grids.publish("nb", {"smoke": False, "config": {**CONFIG, "sizes": [2]}, "value": 3}, smoke=False)
+    assert paths.read_json(results_dir / "nb.json")["value"] == 2
+    grids.publish("nb", {"smoke": True, "config": {**CONFIG, "sizes": [2]}}, smoke=True)  # SMOKE files are scratch
+    monkeypatch.setenv(grids.OVERWRITE_VARIABLE, "1")
+    grids.publish("nb", {"smoke": False, "config": {**CONFIG, "sizes": [2]}, "value": 3}, smoke=False)
+    assert paths.read_json(results_dir / "nb.json")["value"] == 3
+
+
+def test_label_in_finds_the_label_published_records_carry():
+    records = [{"method": "dare", "model": "merged", "run": "dare(p=0.9, seed=0, then=sum)",
+                "hparams": {"p": 0.9, "seed": 0, "then": "sum"}},
+               {"method": "dare", "model": "merged", "run": "dare(p=0.5, seed=0, then=sum)",
+                "hparams": {"p": 0.5, "seed": 0, "then": "sum"}}]
+    assert grids.label_in(records, pool.canonical_run("dare")) == "dare(p=0.9, seed=0, then=sum)"
+    assert grids.label_in(records, pool.canonical_run("dare", p=0.5)) == "dare(p=0.5, seed=0, then=sum)"
+    assert grids.label_in(records, pool.canonical_run("ties")) == pool.canonical_run("ties").label()
+
+
+def notebook_grid(folder, seeds=(0,)):
+    """A grid built as notebooks 04-05 build theirs: pool specs, a subset plan, runs and an extra sweep."""
+    specs = [runner.pool_spec(TASKS, seed=s, smoke=True, name="synthetic", source=SOURCE, folder=str(folder))
+             for s in seeds]
+    out = []
+    for spec in specs:
+        subsets = pool.subset_plan(spec["tasks"], [2, 3], max_subsets=3, seed=spec["seed"])
+        out += grids.pool_configs(spec, subsets, RUNS, extra=[(subsets[:1], [pool.canonical_run("ties", density=0.5)])])
+    return out
+
+
+KILLED_NOTEBOOK_GRID = """
+import sys
+from lib import runner
+from lib.store import RecordStore
+from test_grids import notebook_grid
+runner.run_grid(notebook_grid(sys.argv[1]), store=RecordStore(sys.argv[2]), progress=False)
+"""
+
+
+def test_a_notebook_grid_killed_after_k_records_resumes_with_exactly_the_missing_ones(tmp_path, monkeypatch):
+    experts = write_experts(tmp_path / "experts0", 0)
+    configs = notebook_grid(experts)
+    assert len(configs) == 1 + 4 * len(RUNS) + 1  # alone, 3 pairs + the triple by each run, one extra
+    uninterrupted = runner.run_grid(configs, store=RecordStore(tmp_path / "reference.sqlite"), progress=False)
+    runner.release()
+
+    path, k = tmp_path / "records.sqlite", 3
+    env = {**os.environ, "GRID_TEST_DELAY": "0.4",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_NOTEBOOK_GRID, str(experts), str(path)], env=env)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if path.exists():
+                with sqlite3.connect(path) as conn:
+                    try:
+                        if conn.execute("select count(*) from records").fetchone()[0] >= k:
+                            break
+                    except sqlite3.OperationalError:
+                        pass
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the grid finished before it could be killed"
+    store = RecordStore(path)
+    stored = len(store)
+    assert k <= stored < len(configs)
+
+    log = tmp_path / "rerun.log"
+    monkeypatch.setenv("GRID_TEST_LOG", str(log))
+    missing = runner.plan(configs, store)[1]
+    resumed = runner.run_grid(configs, store=store, progress=False)
+    evaluations = sum(len(c["pool"]["tasks"]) + 1 if c["record"] == "alone" else 1 for c in missing)
+    assert len(missing) == len(configs) - stored and len(logged(log)) == evaluations
+    assert runner.comparable(resumed) == runner.comparable(uninterrupted)
+    assert len(store) == len(configs)
+
+
+# --- sweeps record by record ---------------------------------------------------------------------
+
+
+class SyntheticSweep:
+    """Notebooks 01-03's setup in miniature: two experts of 12x8 matrices merged whole over a base."""
+
+    @staticmethod
+    def experts(spec):
+        return {t: f"synthetic-sweep:{spec['seed']}:{t}" for t in spec["tasks"]}
+
+    @staticmethod
+    def evaluation(spec):
+        return {"score": "exp(-|model - expert|^2 / 10)"}
+
+    @staticmethod
+    def prepare(spec):
+        pass
+
+    @staticmethod
+    def build(spec):
+        base, models = sweep_models(spec["seed"])
+        return sweep.SweepSetup(name=spec["name"], seed=spec["seed"], base=base, models=models,
+                                evaluate=sweep_evaluate(models),
+                                experts=[{"task": t, "key": f"synthetic-sweep:{spec['seed']}:{t}"} for t in models])
+
+
+def sweep_models(seed):
+    g = torch.Generator().manual_seed(seed)
+    base = {f"layer{i}.weight": torch.randn(12, 8, generator=g) for i in range(3)}
+    models = {t: {k: v + (0.5 + i) * torch.randn(v.shape, generator=g) for k, v in base.items()}
+              for i, t in enumerate(["x", "y"])}
+    return base, models
+
+
+def sweep_evaluate(models):
+    def evaluate(sd):
+        return {t: {"accuracy": float(torch.exp(-sum(((sd[k] - m[k]) ** 2).sum() for k in m) / 10))}
+                for t, m in models.items()}
+    return evaluate
+
+
+def test_a_sweep_through_run_grid_equals_sweep_seed(tmp_path):
+    spec = runner.pool_spec(["x", "y"], seed=3, smoke=True, name="sweep", source=f"{__name__}:SyntheticSweep")
+    runs = (sweep.snr_runs(["snr_winner", "snr_low_a"], ["mp"], [0.0, 0.5, 1.0])
+            + sweep.threshold_runs(["snr_winner"], "mp", [1.0]) + sweep.reference_runs(["average", "ties"]))
+    configs = runner.sweep_grid(spec, runs, merge_kwargs={"exclude": "layer2"})
+    records = runner.run_grid(configs, store=RecordStore(tmp_path / "records.sqlite"), progress=False)
+    base, models = sweep_models(3)
+    reference = sweep.sweep_seed(base, models, sweep_evaluate(models), runs, seed=3, progress=False, exclude="layer2")
+    assert runner.comparable(records) == runner.comparable(reference)
+    assert runner.describe(configs[1]) == f"sweep seed 3: {runs[0].label()}"
+    assert {r["run"] for r in records} >= {r.label() for r in runs}

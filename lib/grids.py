@@ -87,11 +87,21 @@ def load_results(notebook: str, config: Mapping, *, smoke: bool, derived: Iterab
         raise ConfigMismatch(f"{path} holds another configuration than this notebook's parameters; it cannot be "
                              f"rendered from results. Differences: {'; '.join(diff)}. Set the parameters back, or "
                              "run without FROM_RESULTS to compute the new configuration")
-    notes = differences({k: stored.get(k) for k in derived}, {k: config.get(k) for k in derived})
+    notes = [_first_difference(k, stored.get(k), config.get(k)) for k in sorted(derived)
+             if _plain(stored.get(k)) != _plain(config.get(k))]
     if notes:
-        print(f"note: {path.name} was computed by another version of the methods (the labels of its runs differ from "
-              f"today's); shown as published. {'; '.join(notes)}")
+        print(f"note: {path.name} was computed by an earlier version of the methods; it is shown as published. "
+              f"{'; '.join(notes)}")
     return results
+
+
+def _first_difference(key: str, stored: Any, wanted: Any) -> str:
+    stored, wanted = _plain(stored), _plain(wanted)
+    if isinstance(stored, list) and isinstance(wanted, list) and len(stored) == len(wanted):
+        changed = [(a, b) for a, b in zip(stored, wanted) if a != b]
+        a, b = changed[0]
+        return f"{key}: {len(changed)} of {len(stored)} differ, e.g. {json.dumps(a)} (file) is {json.dumps(b)} today"
+    return f"{key}: {json.dumps(stored)[:160]} (file) is {json.dumps(wanted)[:160]} today"
 
 
 def publish(notebook: str, results: Mapping, *, smoke: bool, ignore: Iterable[str] = ()) -> Path:
@@ -159,3 +169,30 @@ def label_in(records: Iterable[Mapping], run: sweep.Run) -> str:
         if r.get("method") == run.method and r.get("model") == "merged" and all(wanted.get(k) == v for k, v in hp.items()):
             return r["run"]
     return run.label()
+
+
+# --- the runs of notebooks 04 and 05 ---------------------------------------------------------------
+
+
+def star_runs(etas: Iterable[float], no_rescale_etas: Iterable[float], references: Iterable[str]) -> list[sweep.Run]:
+    """Notebook 04's runs: STAR at each eta with rescaling, at its default (always: it is the run
+    compared with the other methods), without rescaling at ``no_rescale_etas``, and each reference
+    at its registered defaults; each label once, in that order."""
+    star = [pool.canonical_run("star", eta=e) for e in etas] + [pool.canonical_run("star")]
+    star += [pool.canonical_run("star", eta=e, rescale=False) for e in no_rescale_etas]
+    return list({r.label(): r for r in star + [pool.canonical_run(m) for m in references]}.values())
+
+
+def drm_runs(references: Iterable[tuple[str, Mapping]], densities: Iterable[float],
+             density_methods: Sequence[Mapping]) -> tuple[list[sweep.Run], list[sweep.Run]]:
+    """Notebook 05's ``(main runs, density runs)``: DRM-H and DRM-V with and without
+    renormalisation and each reference, then each of ``density_methods`` (``method``, ``fixed``
+    hyperparameters) at each density, less the runs already among the main ones (the main runs
+    are the density sweep's point at the default density)."""
+    drm = [pool.canonical_run(f"drm_{v}") for v in ("h", "v")]
+    no_renorm = [pool.canonical_run(f"drm_{v}", renorm=False) for v in ("h", "v")]
+    main = [*drm, *no_renorm, *(pool.canonical_run(m, **hp) for m, hp in references)]
+    sweep_runs = [pool.canonical_run(spec["method"], density=d, **spec.get("fixed", {}))
+                  for spec in density_methods for d in densities]
+    labels = {r.label() for r in main}
+    return main, list({r.label(): r for r in sweep_runs if r.label() not in labels}.values())

@@ -387,6 +387,15 @@ def paired_differences(records: Iterable[Mapping], better: str, worse: str, *, m
     return (100 * (wide[better] - wide[worse])).rename("difference").reset_index()
 
 
+def rescale_gain(records: Iterable[Mapping], metric: str = "accuracy") -> pd.Series:
+    """STAR with minus without rescaling, in normalized points (x100), on every (pool, seed, size,
+    subset, eta) where both were scored: notebook 04's rescale ablation (its table and figure)."""
+    s = select(subset_scores(records, metric), "star")
+    wide = s.pivot_table(index=["pool", "seed", "size", "subset", "hp_eta"], columns="hp_rescale", values="normalized")
+    wide = wide.dropna()
+    return 100 * (wide[True] - wide[False])
+
+
 def trend(frame: pd.DataFrame, x: str, y: str) -> dict[str, float]:
     """Least-squares slope of ``y`` against ``x`` over the rows, and the Spearman rank correlation."""
     from scipy.stats import spearmanr

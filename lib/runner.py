@@ -38,6 +38,15 @@ Sources. ``source`` names a class ``"module:Name"`` with static methods ``expert
 ``build(spec) -> Pool`` (in the worker; an expert missing from the cache is an error naming it).
 The default, :class:`CachedExperts`, is :mod:`lib.train`'s cache; tests use synthetic ones.
 
+Sweeps (notebooks 01-03). :func:`sweep_spec` and :func:`sweep_grid` make the same kind of grid for
+a sweep: every model of the setup merged together by each run (``record="sweep"``, the run's label
+kept as :class:`lib.sweep.Run` spells it), plus the base and experts alone. Their source,
+:class:`CachedSweep`, builds a :class:`lib.sweep.SweepSetup` (experts whole over a base, bodies
+under their own heads, or the report's shared head); a worker keeps one
+:class:`lib.sweep.SweepRunner` per setup, so its runs share one SNR prepass and one evaluation
+cache as :func:`lib.sweep.sweep_seed` does (tested equal). The notebooks build their grids with
+:mod:`lib.grids` and publish what :func:`run_grid` returns.
+
 What is serial. The parent trains missing experts (:meth:`CachedExperts.prepare`) before it
 submits anything, and each worker loads a pool once before its first record of that pool;
 everything else -- one merge and its evaluation per record -- runs in parallel.
@@ -151,14 +160,13 @@ class CachedSweep:
         trained = {t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=False) for t in tasks}
         info = [{"seed": seed, "task": t, "key": e.key, "from_cache": e.from_cache, **e.metrics, **e.runtime}
                 for t, e in trained.items()]
-        base = train.base_state_dict(spec["base_task"], seed=seed, variant=variant, smoke=smoke)
-        kind = pool.kind_of(tasks)
+        if spec["setup"] != "bodies":
+            base = train.base_state_dict(spec["base_task"], seed=seed, variant=variant, smoke=smoke)
         if spec["setup"] == "whole":
             models, evaluate = {t: e.state_dict for t, e in trained.items()}, sweep.evaluate_tasks(tasks, smoke=smoke)
-        elif spec["setup"] == "bodies":
-            models = {t: train.split_head(e.state_dict, kind)[0] for t, e in trained.items()}
-            base = train.split_head(base, kind)[0]
-            evaluate = sweep.evaluate_tasks(tasks, smoke=smoke, heads={t: e.state_dict for t, e in trained.items()})
+        elif spec["setup"] == "bodies":  # a pool of notebooks 04-06: bodies merged over the base body
+            p = pool.build_pool(tasks, seed=seed, smoke=smoke, variant=variant, name=spec["name"])
+            models, base, evaluate = p.bodies, p.base, p.evaluator(tasks)
         else:  # the report's: the second expert's body under a fresh head of the first task
             first, second = tasks
             models = {first: trained[first].state_dict,

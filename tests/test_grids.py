@@ -48,7 +48,8 @@ def test_from_results_renders_only_the_notebooks_own_configuration(results_dir, 
     # a derived field (run labels spelled by today's code) is a note, not a refusal
     assert grids.load_results("nb", {**CONFIG, "runs": ["average(weights=None, new=1)"]}, smoke=False,
                               derived=["runs"])["value"] == 1
-    assert "computed by another version of the methods" in capsys.readouterr().out
+    assert ('earlier version of the methods; it is shown as published. runs: 1 of 1 differ, e.g. "average(weights=None)" '
+            '(file) is "average(weights=None, new=1)" today') in capsys.readouterr().out
 
 
 def test_a_published_file_is_not_overwritten_by_another_configuration(results_dir, monkeypatch):
@@ -185,3 +186,27 @@ def test_a_sweep_through_run_grid_equals_sweep_seed(tmp_path):
     assert runner.comparable(records) == runner.comparable(reference)
     assert runner.describe(configs[1]) == f"sweep seed 3: {runs[0].label()}"
     assert {r["run"] for r in records} >= {r.label() for r in runs}
+
+
+def test_the_papers_effects_are_their_tables_differences():
+    from lib import papers
+
+    star = papers.star_effects({"text": 3}, ["ties", "drm_h"], [20])
+    assert [e.claim for e in star] == ["STAR beats ties (3 tasks)", "STAR beats drm_h (3 tasks)",
+                                       "STAR beats the pre-trained body (all sizes)", "rescaling helps at eta=20 (all sizes)"]
+    assert star[0].paper == papers.STAR_TABLE2["star"] - papers.STAR_TABLE2["ties"] and star[0].in_paper
+    assert star[1].paper is None and not star[1].in_paper and star[2].worse == "base"
+    assert star[3].worse == pool.canonical_run("star", eta=20, rescale=False).label()
+
+    drm = {v: pool.canonical_run(f"drm_{v}") for v in ("h", "v")}
+    plain = {v: pool.canonical_run(f"drm_{v}", renorm=False) for v in ("h", "v")}
+    compare = [drm["h"], drm["v"], pool.canonical_run("ties"), pool.canonical_run("star")]
+    names = {r.label(): pool.short_name(r) for r in compare}
+    effects = papers.drm_effects({"vision/x": 2}, {"vision/x": "vision"}, compare, names, drm, plain)
+    by_claim = {e.claim: e for e in effects}
+    table = papers.DRM_TABLE1["vision"]
+    assert by_claim["DRM-H beats ties (2 tasks)"].paper == table["drm_h"] - table["ties"]
+    assert by_claim["DRM-H beats star (2 tasks)"].paper is None
+    with_renorm, without = papers.DRM_TABLE3["vision"]
+    assert by_claim["renormalisation helps DRM-H (all sizes)"].paper == with_renorm - without
+    assert len(effects) == len(compare) - 1 + 3

@@ -100,10 +100,7 @@ def draw_best_eta(results: dict, *, smoke: bool = False) -> list[Path]:
 def draw_rescale(results: dict, *, smoke: bool = False) -> list[Path]:
     """The rescale ablation: normalized accuracy with minus without rescaling, in points, against
     eta, one line per number of merged tasks (above 0: rescaling helps)."""
-    s = pool.select(pool.subset_scores(results["records"]), "star")
-    wide = s.pivot_table(index=["pool", "seed", "size", "subset", "hp_eta"], columns="hp_rescale", values="normalized")
-    wide = wide.dropna()
-    diff = (100 * (wide[True] - wide[False])).rename("normalized").reset_index()
+    diff = pool.rescale_gain(results["records"]).rename("normalized").reset_index()
     fig, axes = pool_axes(results)
     colors = size_colors(diff["size"]) if len(diff) else {}
     for name, ax in axes.items():

@@ -4,6 +4,7 @@
             where its results are missing)
   experts   train every expert the notebooks use, once (full mode; resumable)
   report    rewrite README.md's results and runtimes tables from results/*.json (``--check``)
+  records   what the record store holds: rows per method, stale rows (``--delete-stale``)
   scan      spectra and SNR of every matrix of a checkpoint on disk -> CSV (+ plot)   (lib/cli.py)
   merge     merge checkpoints on disk, streaming, into a loadable model folder      (lib/cli.py)
 
@@ -35,6 +36,26 @@ def _report(args) -> int:
     return report_main(args)
 
 
+def _records(args) -> int:
+    from .store import RecordStore
+
+    store = RecordStore()
+    if not store.path.exists():
+        print(f"{store.path}: no record store yet (a notebook or make reproduce writes one)")
+        return 0
+    rows = store.conn.execute("select method, count(*), sum(seconds) from records group by method order by method").fetchall()
+    print(f"{store.path}: {len(store)} records")
+    for method, n, seconds in rows:
+        print(f"  {method:<20} {n:>6} records  {(seconds or 0) / 60:8.1f} min computing")
+    stale = store.stale()
+    if stale:
+        print(f"{len(stale)} stale records (their method's code or defaults changed since; never reused): "
+              + ", ".join(sorted({r['method'] for r in stale})))
+        if args.delete_stale:
+            print(f"deleted {store.delete(r['key'] for r in stale)}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib", description="spectral-merge command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +74,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("report", help="rewrite README.md's tables from results/*.json")
     p.add_argument("--check", action="store_true", help="only say whether README.md is current (exit 1 if not)")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("records", help="what the record store holds (rows per method, stale rows)")
+    p.add_argument("--delete-stale", action="store_true", help="delete rows of outdated method versions")
+    p.set_defaults(func=_records)
 
     from .cli import add_commands
 

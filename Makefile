@@ -23,12 +23,12 @@ export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup test unit nbval figures report smoke reproduce experts lab bench clean strip
+.PHONY: help setup test unit nbval figures report smoke reproduce experts lab bench clean strip book book-check
 .PHONY: gpu-check
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
-	@echo "  make smoke | reproduce | experts | report | lab | bench | clean   (see README.md)"
+	@echo "  make smoke | reproduce | experts | report | lab | book | book-check | bench | clean   (see README.md)"
 
 setup: $(STAMP)
 
@@ -77,8 +77,19 @@ reproduce: setup experts
 	$(PY) -m lib figures
 	$(PY) -m lib report
 
+# JupyterLab on the course book's first chapter (ipywidgets is installed: tqdm.auto bars are widgets)
 lab: setup
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab --notebook-dir=. notebooks/00_marchenko_pastur.ipynb
+
+# the course book (issue 19): notebooks 00-06 executed from results/*.json (FROM_RESULTS=1), the
+# exercises' solutions computed from them, README's tables from lib.report -> static HTML in build/book/
+book: setup
+	$(PY) book/build.py $(BOOK_ARGS)
+
+# every page of build/book/ in headless Chromium (Debian: apt-get install chromium): images load, no
+# broken internal link or anchor, no console error; one screenshot per chapter in build/book-screenshots/
+book-check: setup
+	$(PY) book/check.py
 
 bench: setup
 	$(PY) benchmarks/spectral.py

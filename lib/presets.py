@@ -1,0 +1,74 @@
+"""Named presets of a notebook's parameters, chosen with the ``PRESET`` environment variable.
+
+``PRESET=lab`` is the teaching preset of the course book (issue 19): notebook 03's whole pipeline
+(two experts trained, their spectra, the SNR sweep, the reference merges, the leaderboards) on
+one seed and one pair, with experts small enough to train in a few minutes on two CPU cores yet
+really trained (each clearly above its majority class), so a one-hour lab produces real numbers.
+Its experts differ from the published ones (fewer training examples), so their cache keys differ
+and they never replace a published expert; its results go where ``SPECTRAL_MERGE_RESULTS``
+points (``book/lab.ipynb`` sends them to ``build/lab/``).
+
+A notebook takes a preset in its parameters cell::
+
+    globals().update(presets.parameters("03_text_sst2_cola"))   # no-op unless PRESET is set
+
+and passes ``presets.expert_kw(task)`` to :func:`lib.train.fit_expert`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+#: preset -> notebook -> the parameters it replaces (the names of the notebook's parameters cell)
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "lab": {
+        "03_text_sst2_cola": {
+            "SEEDS": [0],
+            "SNR_METHODS": ["mp", "seed"],  # ours and the report's: the shape bias stays visible
+            "STRATEGIES": ["snr_winner", "snr_base_reset"],
+            "TOPS": [0.0, 0.25, 0.5, 1.0],
+            "REFERENCES": ["average", "task_arithmetic"],
+        },
+    },
+}
+
+#: preset -> task -> overrides of lib.train's recipe (they change the expert's cache key)
+EXPERT_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "lab": {
+        # the full recipe takes a fixed 16k subset for one pass; 4k of them are enough to be far
+        # above SST-2's majority class
+        "sst2": {"max_train_examples": 4000, "max_length": 64},
+        # CoLA's 8,551 sentences are short: two passes instead of three
+        "cola": {"epochs": 2, "max_length": 64},
+    },
+}
+
+
+def current(name: str | None = None) -> str | None:
+    """The preset asked for: ``name``, else ``$PRESET``; ``None`` for the notebook's own parameters."""
+    name = os.environ.get("PRESET", "") if name is None else name
+    if not name:
+        return None
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: PRESET must be one of {sorted(PRESETS)} or empty")
+    return name
+
+
+def parameters(notebook: str, name: str | None = None) -> dict[str, Any]:
+    """The parameters that preset ``name`` (default ``$PRESET``) sets for ``notebook``; ``{}``
+    without a preset. A preset that does not cover the notebook is an error, not a silent
+    full-size run."""
+    name = current(name)
+    if name is None:
+        return {}
+    if notebook not in PRESETS[name]:
+        raise ValueError(f"preset {name!r} is defined for {sorted(PRESETS[name])}, not for {notebook!r}: "
+                         f"unset PRESET to run {notebook} with its own parameters")
+    return {key: (list(value) if isinstance(value, list) else value) for key, value in PRESETS[name][notebook].items()}
+
+
+def expert_kw(task: str, name: str | None = None) -> dict[str, Any]:
+    """The recipe overrides preset ``name`` gives ``task``'s expert (``{}`` without a preset)."""
+    name = current(name)
+    return {} if name is None else dict(EXPERT_OVERRIDES[name].get(task, {}))

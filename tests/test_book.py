@@ -1,0 +1,101 @@
+"""The course book: its checker (book/check.py) in headless Chromium on a tiny built fixture, and
+the staging of book/build.py (no execution, no Sphinx) on the real sources.
+
+The browser tests skip with the reason when Debian's Chromium or playwright is absent."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BOOK = Path(__file__).resolve().parent.parent / "book"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"book_{name}", BOOK / f"{name}.py")
+    module = sys.modules[f"book_{name}"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+check = load("check")
+needs_chromium = pytest.mark.skipif(check.chromium_missing() is not None,
+                                    reason=f"book-check needs a browser: {check.chromium_missing()}")
+
+# a 1x1 PNG
+PIXEL = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+def page(body: str) -> str:
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>t</title></head><body>{body}</body></html>"
+
+
+@pytest.fixture
+def good_site(tmp_path):
+    site = tmp_path / "site"
+    (site / "chapters").mkdir(parents=True)
+    (site / "_images").mkdir()
+    (site / "_images" / "dot.png").write_bytes(PIXEL)
+    (site / "index.html").write_text(page("<h1 id='top'>Book</h1><a href='chapters/one.html#idea'>one</a>"
+                                          "<a href='#top'>top</a><a href='https://example.org/'>outside</a>"))
+    (site / "chapters" / "one.html").write_text(page("<h2 id='idea'>Idea</h2><img src='../_images/dot.png'>"
+                                                     "<a href='../index.html'>home</a>"))
+    (site / "search.html").write_text(page("<p>search</p>"))
+    return site
+
+
+@needs_chromium
+def test_a_sound_site_passes_with_a_screenshot_per_chapter(good_site, tmp_path):
+    reports = check.check_site(good_site, tmp_path / "shots")
+    assert {r.page for r in reports} == {"index.html", "chapters/one.html", "search.html"}
+    assert all(not r.problems for r in reports), [r.problems for r in reports]
+    assert next(r for r in reports if r.page == "chapters/one.html").images == 1
+    shots = sorted(p.name for p in (tmp_path / "shots").glob("*.png"))
+    assert shots == ["chapters__one.png", "index.png"]  # search.html is Sphinx's, not a chapter
+    assert all((tmp_path / "shots" / s).stat().st_size > 100 for s in shots)
+
+
+@needs_chromium
+def test_each_kind_of_breakage_is_reported(good_site, tmp_path):
+    (good_site / "chapters" / "two.html").write_text(page(
+        "<img src='../_images/missing.png'>"
+        "<a href='three.html'>gone</a><a href='../index.html#nowhere'>bad anchor</a>"
+        "<script>console.error('boom')</script><script>undefinedFunction()</script>"
+        "<script src='https://cdn.example.org/x.js'></script>"))
+    reports = {r.page: r for r in check.check_site(good_site, None, timeout_ms=10_000)}
+    problems = "\n".join(reports["chapters/two.html"].problems)
+    assert "image did not load" in problems and "missing.png" in problems
+    assert "broken link" in problems and "three.html" in problems
+    assert "broken anchor" in problems and "nowhere" in problems
+    assert "console error: boom" in problems
+    assert "script error" in problems and "undefinedFunction" in problems
+    assert "leaves the site: https://cdn.example.org/x.js" in problems
+    assert not reports["index.html"].problems
+
+
+def test_no_pages_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make book"):
+        check.check_site(tmp_path, None)
+
+
+def test_staging_without_execution(tmp_path):
+    build = load("build")
+    log = build.stage(tmp_path / "src", execute=False)
+    src = tmp_path / "src"
+    assert len(log) == len(build.CHAPTERS) == 7 and all("unexecuted" in line or "NOT EXECUTED" in line for line in log)
+    toc = (src / "_toc.yml").read_text()
+    for chapter in build.CHAPTERS:
+        assert (src / "chapters" / chapter.name).is_file()
+        assert f"chapters/{chapter.stem}" in toc
+    results = (src / "results.md").read_text()
+    from lib import report
+
+    assert report.results_markdown(report.load()) in results  # the README's tables, not a copy
+    linked = [line.split("](")[1].rstrip(")\n") for line in results.splitlines() if line.startswith("![")]
+    assert linked and all((src / target).is_file() for target in linked)
+    for name in build.PAGES:
+        assert (src / name).is_file()

@@ -58,8 +58,9 @@ on shuffled targets) say how much a handful of pairs can support.
 
 The merges themselves are :mod:`lib.pool`'s (the runner of notebooks 04-05): each pair is a
 subset of size two of the text pool, its bodies merged and scored under each task's own head,
-and :func:`lib.pool.subset_scores` gives the target. :func:`lib.pool.earlier_records` picks up
-pairs those notebooks already merged, and :func:`lib.pool.run_missing` merges only the rest.
+and :func:`lib.pool.subset_scores` gives the target. The notebook runs its pairs through
+:func:`lib.runner.run_grid`, whose record store holds the pairs those notebooks already merged,
+so only the rest are merged.
 """
 
 from __future__ import annotations

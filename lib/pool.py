@@ -46,14 +46,13 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import data, paths, sweep, train
+from . import data, sweep, train
 from .device import get_device
 from .linalg import gram_eigh, shape_batches
 from .merge import get_method, resolve_hparams, stack
@@ -235,44 +234,6 @@ class PoolRunner:
                 bar.update()
         bar.close()
         return out
-
-
-def earlier_records(files: Sequence[str | Path], *, pool: str, seed: int, subsets: Sequence[Sequence[str]],
-                    runs: Sequence[sweep.Run]) -> list[dict]:
-    """The merges of ``subsets`` by ``runs`` (labels as :func:`canonical_run` spells them) already
-    scored by other notebooks' pool runs (``records`` of their results files; missing files are
-    skipped) for the same ``pool`` and ``seed``: each (subset, run) once, so that only the rest
-    needs merging (:func:`run_missing`). Their experts are the same cached ones, scored on the same
-    evaluation slices when the files come from the same mode's results folder."""
-    wanted = {(subset_name(s), r.label()) for s in subsets for r in runs}
-    out: list[dict] = []
-    for path in map(Path, files):
-        if not path.is_file():
-            continue
-        # every record (task, metric) of a (subset, run) comes from the first file that has it
-        found = [r for r in paths.read_json(path).get("records", [])
-                 if r.get("pool") == pool and r.get("seed") == seed and (r.get("subset"), r.get("run")) in wanted]
-        out += found
-        wanted -= {(r["subset"], r["run"]) for r in found}
-    return out
-
-
-def run_missing(runner: PoolRunner, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run],
-                done: Sequence[Mapping] = ()) -> list[dict]:
-    """:meth:`PoolRunner.run` for every (subset, run) not among the records ``done``, with one
-    progress bar over all of them (when the runner shows progress)."""
-    have = {(r["subset"], r["run"]) for r in done}
-    todo = [(subset, [run for run in runs if (subset_name(subset), run.label()) not in have]) for subset in subsets]
-    todo = [(subset, missing) for subset, missing in todo if missing]
-    bar = tqdm(total=sum(len(missing) for _, missing in todo), desc=f"{runner.pool.name} seed {runner.pool.seed}: merges",
-               disable=not runner.progress)
-    out = []
-    for subset, missing in todo:
-        bar.set_postfix_str(subset_name(subset))
-        out += runner.run([subset], missing, progress=False)
-        bar.update(len(missing))
-    bar.close()
-    return out
 
 
 # --- scores -------------------------------------------------------------------------------------

@@ -390,47 +390,6 @@ def test_drm_profile_without_renormalisation_zeroes_a_task_s_weak_rows():
         pool.drm_profile(base, bodies, "w", variant="x")
 
 
-def fake_record(subset, run, task, value, *, pool="text", seed=0):
-    return {"pool": pool, "seed": seed, "subset": subset, "run": run, "task": task, "metric": "accuracy", "value": value}
-
-
-def test_earlier_records_reuses_each_subset_and_run_once(tmp_path):
-    from lib import paths
-    from lib.sweep import Run
-
-    ties, dare = Run("ties"), Run("dare")
-    first = [fake_record("a+b", ties.label(), t, 0.5) for t in "ab"] + [fake_record("a+b", ties.label(), "a", 0.1, seed=1),
-             fake_record("a+c", dare.label(), "a", 0.2, pool="vision")]
-    second = [fake_record("a+b", ties.label(), t, 0.9) for t in "ab"] + [fake_record("b+c", dare.label(), t, 0.7) for t in "bc"]
-    paths.write_json(tmp_path / "04.json", {"records": first})
-    paths.write_json(tmp_path / "05.json", {"records": second})
-    found = pool.earlier_records([tmp_path / "04.json", tmp_path / "missing.json", tmp_path / "05.json"], pool="text",
-                               seed=0, subsets=[("a", "b"), ("b", "c"), ("a", "c")], runs=[ties, dare])
-    assert sorted((r["subset"], r["run"], r["task"], r["value"]) for r in found) == [
-        ("a+b", ties.label(), "a", 0.5), ("a+b", ties.label(), "b", 0.5),
-        ("b+c", dare.label(), "b", 0.7), ("b+c", dare.label(), "c", 0.7)]
-
-
-def test_run_missing_runs_only_what_is_not_done():
-    from lib.sweep import Run
-
-    class Runner:
-        progress = False
-        pool = type("P", (), {"name": "text", "seed": 0})
-
-        def __init__(self):
-            self.calls = []
-
-        def run(self, subsets, runs, progress=None):
-            self.calls.append((list(subsets), [r.label() for r in runs]))
-            return [{"subset": "+".join(subsets[0]), "run": r.label()} for r in runs]
-
-    runner, ties, dare = Runner(), Run("ties"), Run("dare")
-    done = [{"subset": "a+b", "run": ties.label()}, {"subset": "a+c", "run": ties.label()}, {"subset": "a+c", "run": dare.label()}]
-    out = pool.run_missing(runner, [("a", "b"), ("a", "c")], [ties, dare], done)
-    assert runner.calls == [([("a", "b")], [dare.label()])] and len(out) == 1
-
-
 # --- figures: drawn from results dicts built with the fake pools -----------------------------------
 
 

@@ -116,7 +116,7 @@ def reference(configs) -> list[dict]:
     spec = configs[0]["pool"]
     r = pool.PoolRunner(SyntheticExperts.build(spec), progress=False)
     subsets = list(dict.fromkeys(tuple(c["subset"]) for c in configs if c["record"] == "merge"))
-    return r.alone() + pool.run_missing(r, subsets, RUNS)
+    return r.alone() + r.run(subsets, RUNS)
 
 
 def test_inline_grid_gives_lib_pool_s_records_and_stores_each(experts, tmp_path):

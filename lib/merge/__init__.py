@@ -1,73 +1,43 @@
-"""Merge methods behind one entry point.
+"""Merge methods behind one entry point, :func:`merge`, and one registry, :data:`METHODS`.
 
 >>> from lib.merge import merge, METHODS
 >>> merged = merge("ties", base_sd, [sd_a, sd_b], density=0.2)
 
-``METHODS`` is the registry (name -> :class:`Method`): the single list that notebooks, tests,
-the command line and the benchmarks iterate over. A new method is one file with a function
-decorated by :func:`register` plus one import line at the bottom of this file.
+:func:`merge` owns everything around a method: it checks the inputs (known method and
+hyperparameters, same keys and shapes, no NaN/Inf, a base where one is needed), selects the
+floating-point tensors that pass ``include``/``exclude`` (integer buffers such as
+``num_batches_tracked`` are copied from the base, excluded tensors from ``excluded_from``), moves
+them to the device in float32 (float64 stays float64), loops over the keys, and casts the result
+back to each tensor's dtype on the CPU in the base's key order.
 
-What :func:`merge` does around every method, so that the methods themselves stay short pure
-tensor functions:
+Adding a method: one function in one module of this package, registered by name, plus an import
+line at the bottom of this file (and its entry in ``tests/test_merge_contract.py``'s
+``AVERAGING_HP``). Write the smallest function that says what the method does:
 
-* checks the inputs: known method and hyperparameters, same keys and shapes in base and every
-  expert, no NaN/Inf, a base where the method needs one;
-* selects the tensors to merge: floating-point tensors whose names pass ``include``/``exclude``
-  (regular expressions, see :func:`lib.statedict.matches`). Integer buffers such as BatchNorm's
-  ``num_batches_tracked`` are never averaged: they are copied from the base (expert 0 without a
-  base). Excluded floating-point tensors (for example classifier heads) are taken from
-  ``excluded_from``: ``"base"`` (default when a base is given) or an expert index;
-* moves tensors to the selected device and computes in float32 (float64 stays float64), so
-  float16/bfloat16 checkpoints are merged in full precision, then casts back to each tensor's
-  original dtype on the CPU, in the base's key order.
+* per tensor (``per="tensor"``, the default): ``fn(base, experts, **hp) -> Tensor`` gets one key's
+  base tensor (None without a base) and the list of the experts' tensors; it may also declare
+  ``key`` (the tensor's name, e.g. to seed a random mask) and ``context`` (what its ``prepass``
+  computed over the whole model, e.g. TIES' model-wide thresholds);
+* per stack of same-shape matrices (``per="stack"``, spectral methods):
+  ``fn(taus, **hp) -> Tensor`` maps the task vectors ``(B, N, m, n)`` of ``B`` same-shape
+  matrices of ``N`` experts to ``B`` merged task vectors ``(B, m, n)``, in batches of at most
+  :data:`BATCH_ELEMENTS` entries per expert; tensors that are not matrices get the mean task
+  vector, and the result is ``base + lam * merged``;
+* a member of the task-arithmetic family (sparsify x consensus x ``lam``): one line in
+  :mod:`lib.merge.core`.
 
-A method function has the signature ``fn(base, experts, *, context, **hp) -> dict`` where
-``base`` (or ``None``) and each expert are dicts holding only the selected float tensors,
-already on the compute device; it returns a dict with the same keys.
-
-Streaming. The command line merges checkpoints that do not fit in memory by calling ``fn`` on
-one key (or one block of a key's rows, below) at a time. That gives the same result as a whole-model call only if
-nothing in ``fn`` looks across keys. A method whose result does depend on the whole model (TIES'
-model-wide magnitude threshold, the SNR strategies' ranking of layers) declares a ``prepass``:
-``prepass(items, **hp) -> context`` receives ``items``, an iterable of ``(key, base_tensor_or_None,
-[expert_tensors])`` over every selected key (tensors already converted by :func:`to_compute`), and
-returns a small object (thresholds, per-module decisions) that is handed to every ``fn`` call as
-``context``. ``items`` must be re-iterable -- a list, or an object whose ``__iter__`` starts over
-(for a lazy reader: reopen the files) -- because an exact model-wide threshold reads the tensors
-twice (TIES, see :func:`lib.merge.ties.kth_largest_magnitude`); the SNR strategies read them once.
-Methods without a prepass get ``context=None``; called directly with ``context=None``, a method
-that has a prepass runs it on the tensors it was given. Randomness (DARE) is seeded per key,
-never by a stream shared across keys, for the same reason.
-
-Row blocks. A single tensor can be larger than the memory a streamed merge should use (BERT's
-word embeddings are 94 MB per model, and a method's temporaries multiply that). Two flags of
-:func:`register` let the command line cut such a tensor into blocks of rows:
-
-* ``elementwise``: given its context, each entry of the result depends only on the same entry
-  of the base and of the experts (and on the key). ``fn`` may then be called with row blocks of
-  a tensor under the tensor's own key, and the blocks of the result, put together, are the
-  result. True for average, task arithmetic, TIES with ``scope="model"`` (the thresholds come
-  from the prepass) and the SNR strategies (the decisions come from the prepass); false for
-  TIES with ``scope="tensor"`` (a top-k per tensor), DARE (its seeded mask is drawn for the
-  whole tensor), STAR and DRM (spectra). A callable of the hyperparameters when it depends on
-  them; see :func:`is_elementwise`.
-* ``prepass_elementwise``: the prepass's result is the same when a tensor arrives as several
-  items, each a block of its rows under the same key -- it depends on the entries, not on whole
-  tensors (TIES' magnitude histograms; not the SNR of a matrix).
-
-The command line therefore does::
-
-    keys = select_keys(meta, include, exclude)                       # meta: key -> tensor or meta tensor
-    ctx = run_prepass(name, LazyItems(keys), **hp)                  # None for methods without prepass
-    for key in keys:                                                # row blocks of it if elementwise
-        out = METHODS[name].fn(base_part, expert_parts, context=ctx, **resolve_hparams(METHODS[name], hp))
-
-where the parts hold tensors passed through :func:`to_compute`, and writes each result with
-:func:`restore` (through ``merge(..., context=ctx)``, which does the same on in-memory dicts).
+and register it with ``@register(name, family=..., description=..., reference=..., **defaults)``
+(:func:`register`: the defaults live there and only there, the flags for the streamed merge
+too). Hyperparameters share one vocabulary (:data:`VOCABULARY`); :func:`canonical_params` resolves
+old names (DARE's ``p``) and fills the defaults. The methods live in :mod:`.basic` (average),
+:mod:`.core` (task arithmetic, TIES, DARE), :mod:`.star`, :mod:`.drm` and :mod:`.snr`; the
+out-of-core engine the command line drives calls the same functions one key at a time.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,11 +47,31 @@ import torch
 from torch import Tensor
 
 from ..device import get_device, supports_float64
-from ..statedict import StateDict, check_compatible, compute_dtype, matches, to_state_dict
+from ..linalg import map_matrix_stacks
+from ..statedict import StateDict, check_compatible, compute_dtype, is_matrix, matches, to_state_dict
+
+#: precision of the spectral methods' Gram eigendecompositions (STAR, DRM; measurements in their modules)
+PRECISION = torch.float64
+#: entries of task vectors per expert in one batch of same-shape matrices (256 MiB in float64)
+BATCH_ELEMENTS = 1 << 25
+
+#: what each hyperparameter name means, whichever method takes it
+VOCABULARY = {
+    "lam": "scale of the merged task vector: base + lam * merged",
+    "density": "fraction of the entries kept by a magnitude trim (the largest |tau|)",
+    "keep": "probability that an entry survives a random drop (DARE), survivors rescaled by 1/keep",
+    "seed": "seed of the random drop, mixed with each tensor's name and expert index",
+    "scope": "where a magnitude trim ranks: 'model' (all tensors of an expert) or 'tensor'",
+    "weights": "one factor per expert",
+}
 
 
 @dataclass(frozen=True)
 class Method:
+    """A registry entry. ``fn(base, experts, *, context=None, **hp)`` merges dicts of selected
+    tensors (already on the compute device) and returns a dict with the same keys; it is built
+    by :func:`register` around the method's per-tensor or per-stack function (``impl``)."""
+
     name: str
     fn: Callable[..., StateDict]
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +81,11 @@ class Method:
     check: Callable[..., None] | None = None
     elementwise: bool | Callable[..., bool] = False
     prepass_elementwise: bool = False
+    family: str = ""
+    reference: str = ""
+    version: int = 1
+    aliases: dict[str, tuple[str, Callable[[Any], Any]]] = field(default_factory=dict)
+    impl: Callable[..., Any] | None = None
 
     def __call__(self, base, experts, **hp):
         return merge(self.name, base, experts, **hp)
@@ -99,24 +94,76 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, description: str, needs_base: bool = True, prepass=None, check=None,
-             elementwise: bool | Callable[..., bool] = False, prepass_elementwise: bool = False, **defaults):
-    """Decorator adding ``fn`` to :data:`METHODS` under ``name`` with its default hyperparameters.
+def register(name: str, *, family: str, description: str, reference: str, per: str = "tensor", version: int = 1,
+             needs_base: bool = True, prepass=None, check=None, elementwise: bool | Callable[..., bool] = False,
+             prepass_elementwise: bool = False, aliases: Mapping[str, tuple[str, Callable]] | None = None, **defaults):
+    """Decorator adding a method to :data:`METHODS` (module docstring).
 
-    ``check(**hp)``, if given, raises ``ValueError`` for a hyperparameter out of range; it runs in
-    :func:`resolve_hparams`, before any tensor is touched. ``elementwise`` (a bool, or a function
-    of the hyperparameters returning one) and ``prepass_elementwise`` say whether ``fn`` and the
-    prepass accept row blocks of a tensor (module docstring, "Row blocks").
+    ``family``: ``"average"``, ``"task_arithmetic"``, ``"spectral"`` or ``"snr"``.
+    ``reference``: the paper and the official code. ``version``: bump it when the method's
+    numbers change, so stored results made by the old code are recomputed. ``defaults``: every
+    hyperparameter with its default, the only place they are declared.
+    ``check(**hp)`` raises ``ValueError`` for a value out of range, before any tensor is touched.
+    ``aliases``: old name -> (name, conversion), e.g. ``{"p": ("keep", lambda p: 1 - p)}``.
+
+    For the streamed merge (one key, or one block of a key's rows, at a time):
+    ``prepass(items, **hp) -> context`` looks across the whole model first (``items``: a
+    re-iterable of ``(key, base_tensor_or_None, [expert_tensors])``); ``elementwise`` (a bool, or
+    a function of the hyperparameters) says that each entry of the result depends only on the same
+    entry of the inputs given the context, so a tensor may be merged in blocks of rows;
+    ``prepass_elementwise`` that the prepass gives the same context when a tensor arrives as
+    several blocks of rows under its key.
     """
+    if per not in ("tensor", "stack"):
+        raise ValueError(f"per must be 'tensor' (fn of one key's tensors) or 'stack' (fn of same-shape matrix stacks), got {per!r}")
 
-    def deco(fn):
+    def deco(impl):
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, dict(defaults), description, needs_base, prepass, check,
-                               elementwise, prepass_elementwise)
-        return fn
+        fn = (_per_stack if per == "stack" else _per_tensor)(impl, prepass)
+        METHODS[name] = Method(name, fn, dict(defaults), description, needs_base, prepass, check, elementwise,
+                               prepass_elementwise, family, reference, version, dict(aliases or {}), impl)
+        return impl
 
     return deco
+
+
+def _per_tensor(impl, prepass):
+    """The dict-level ``fn`` of a per-tensor method: the key loop, the prepass when no context
+    is given, and ``key``/``context`` passed where ``impl`` declares them."""
+    takes = inspect.signature(impl).parameters
+    takes_key, takes_context = "key" in takes, "context" in takes
+
+    @functools.wraps(impl)
+    def fn(base, experts, *, context=None, **hp):
+        if context is None and prepass is not None:
+            context = prepass(run_items(base, experts), **hp)
+        extra = {"context": context} if takes_context else {}
+        out = {}
+        for k in experts[0]:
+            if takes_key:
+                extra["key"] = k
+            out[k] = impl(None if base is None else base[k], [e[k] for e in experts], **extra, **hp)
+        return out
+
+    return fn
+
+
+def _per_stack(impl, prepass):
+    """The dict-level ``fn`` of a spectral method: its task vectors of same-shape matrices in
+    batched stacks, the mean task vector elsewhere, ``base + lam * merged``."""
+
+    @functools.wraps(impl)
+    def fn(base, experts, *, context=None, lam=1.0, **hp):
+        def taus(key):
+            return stack(experts, key) - base[key]
+
+        matrices = {k: t.shape for k, t in base.items() if is_matrix(t)}
+        merged = map_matrix_stacks(matrices, taus, lambda deltas: impl(deltas, **hp),
+                                   max_elements=BATCH_ELEMENTS // len(experts))
+        return {k: base[k] + lam * (merged[k] if k in merged else taus(k).mean(0)) for k in base}
+
+    return fn
 
 
 def get_method(name: str) -> Method:
@@ -126,7 +173,22 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown merge method {name!r}; known methods: {', '.join(sorted(METHODS))}") from None
 
 
+def canonical_params(method: str, **hp) -> dict[str, Any]:
+    """Every hyperparameter of ``method`` under its current name, defaults filled in and checked:
+    one dict per configuration, e.g. ``canonical_params("dare", p=0.9)`` and
+    ``canonical_params("dare", keep=0.1)`` are equal (old names are aliases, :func:`register`)."""
+    return resolve_hparams(get_method(method), hp)
+
+
 def resolve_hparams(method: Method, hp: dict[str, Any]) -> dict[str, Any]:
+    """:func:`canonical_params` of a registry entry."""
+    hp = dict(hp)
+    for old, (new, convert) in method.aliases.items():
+        if old in hp:
+            if new in hp:
+                raise ValueError(f"{method.name!r} got both {old!r} and {new!r}; {old!r} is the old name of {new!r} "
+                                 f"({VOCABULARY.get(new, new)}): pass one")
+            hp[new] = convert(hp.pop(old))
     unknown = sorted(set(hp) - set(method.defaults))
     if unknown:
         valid = ", ".join(f"{k}={v!r}" for k, v in method.defaults.items()) or "none"
@@ -214,7 +276,8 @@ def merge(
     context=None,
     **hp,
 ) -> StateDict:
-    """Merge ``experts`` (state dicts or modules fine-tuned from ``base``) with ``method``.
+    """Merge ``experts`` (state dicts or modules fine-tuned from ``base``) with ``method`` and its
+    hyperparameters ``hp`` (:func:`canonical_params`).
 
     Returns a new state dict on the CPU with the keys, shapes and dtypes of the base (of expert 0
     when ``base`` is None). Tensors not selected by ``include``/``exclude`` come from
@@ -273,15 +336,10 @@ def _excluded_source(excluded_from, base_sd, expert_sds) -> StateDict:
     raise ValueError(f"excluded_from must be 'base' or an expert index 0..{len(expert_sds) - 1}, got {excluded_from!r}")
 
 
-def task_vectors(base: StateDict, experts: Sequence[StateDict]) -> list[StateDict]:
-    """``expert - base`` for every tensor, the object most methods operate on."""
-    return [{k: e[k] - base[k] for k in base} for e in experts]
-
-
 def stack(experts: Sequence[StateDict], key: str) -> Tensor:
     """The ``key`` tensor of every expert stacked along a new first dimension."""
     return torch.stack([e[key] for e in experts])
 
 
 # One import per method module; each module registers its methods when imported.
-from . import basic, dare, drm, snr, star, ties  # noqa: E402,F401
+from . import basic, core, dare, drm, snr, star, ties  # noqa: E402,F401

@@ -103,14 +103,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..linalg import concat_left_singular, left_singular, map_matrix_stacks
-from . import check_finite_number, check_range, register, stack
+from ..linalg import concat_left_singular, left_singular
+from . import PRECISION, check_finite_number, check_range, register
 from .ties import disjoint_mean, elect_sign, trim_topk
-
-#: precision of the joint decomposition (see the module docstring for the measurements)
-PRECISION = torch.float64
-#: entries of deltas per batch of same-shape matrices (256 MiB in float64)
-BATCH_ELEMENTS = 1 << 25
 
 
 #: how step 3 ranks the entries: over the blocks of all tasks at once, or within each task's block
@@ -235,31 +230,20 @@ def _check(density, lam, renorm, rtol, prune):
                          f"or 'per_task', got {prune!r}")
 
 
-def _drm(base, experts, merge_deltas, *, density, lam, renorm, rtol, prune):
-    def deltas(key):
-        return stack(experts, key) - base[key]
-
-    matrices = {k: t.shape for k, t in base.items() if t.ndim >= 2}
-    merged = map_matrix_stacks(
-        matrices,
-        deltas,
-        lambda d: merge_deltas(d, density=density, renorm=renorm, rtol=rtol, prune=prune),
-        max_elements=BATCH_ELEMENTS // len(experts),
-    )
-    return {k: base[k] + lam * (merged[k] if k in merged else deltas(k).mean(0)) for k in base}
-
-
-_HP = dict(check=_check, density=0.2, lam=1.0, renorm=True, rtol=1e-2, prune="joint")
+_HP = dict(family="spectral", per="stack", check=_check, version=1,
+           reference="Chaichana et al., Decom-Renorm-Merge: Model Merging on the Right Space Improves Multitasking, 2025 "
+                     "(paper 004); https://github.com/yophis/decom-renorm-merge",
+           density=0.2, lam=1.0, renorm=True, rtol=1e-2, prune="joint")
 
 
 @register("drm_h", description="DRM-H: joint SVD of the horizontally stacked deltas, renormalise, TIES in the shared column basis (Chaichana et al. 2025)", **_HP)
-def drm_h(base, experts, *, context=None, density=0.2, lam=1.0, renorm=True, rtol=1e-2, prune="joint"):
-    return _drm(base, experts, drm_h_deltas, density=density, lam=lam, renorm=renorm, rtol=rtol, prune=prune)
+def drm_h(deltas, *, density, renorm, rtol, prune):
+    return drm_h_deltas(deltas, density=density, renorm=renorm, rtol=rtol, prune=prune)
 
 
 @register("drm_v", description="DRM-V: joint SVD of the vertically stacked deltas, renormalise, TIES in the shared row basis (Chaichana et al. 2025)", **_HP)
-def drm_v(base, experts, *, context=None, density=0.2, lam=1.0, renorm=True, rtol=1e-2, prune="joint"):
-    return _drm(base, experts, drm_v_deltas, density=density, lam=lam, renorm=renorm, rtol=rtol, prune=prune)
+def drm_v(deltas, *, density, renorm, rtol, prune):
+    return drm_v_deltas(deltas, density=density, renorm=renorm, rtol=rtol, prune=prune)
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..statedict import as_matrix, module_of
-from . import check_finite_number, check_range, register, run_items
+from ..statedict import as_matrix, is_matrix, module_of
+from . import check_finite_number, check_range, register
 from .ties import kept_count
 
 #: matrices buffered before one batched SNR call; bounds the prepass's memory when streaming
@@ -150,7 +150,7 @@ def expert_snrs(items, *, snr_method: str = "mp") -> tuple[list[str], dict[str, 
 
     for key, _base, experts in items:
         keys.append(key)
-        if experts[0].ndim < 2:
+        if not is_matrix(experts[0]):
             continue
         pending_keys.append(key)
         pending.extend(as_matrix(e, key) for e in experts)
@@ -213,37 +213,31 @@ def _alpha_mix(base, experts, snrs, index):
     return sum(a * e for a, e in zip(alpha_weights(snrs).tolist(), experts))
 
 
+_REFERENCE = ("La Rocca and Rodot, Comparative Analysis of Transformer Model Merging Techniques: Standard vs Spectrum "
+              "Hybrid, Sapienza 2026 (paper 000); "
+              "https://github.com/maste473/Spectrum-Guided-Model-Merging---Focused-Fusion-on-Informative-Layers")
+
+
 def _strategy(name: str, high_rule, low_rule, *, fixed_index: int | None = None, description: str):
+    """Register one strategy of Table 1: ``high_rule`` for high-SNR layers, ``low_rule`` for the others."""
     needs_base = _base in (high_rule, low_rule)
     defaults = dict(top=0.25, threshold=None, snr_method="mp", score="max")
     if fixed_index is None and _expert in (high_rule, low_rule):
         defaults["index"] = 0
-    default_index = 0 if fixed_index is None else fixed_index  # methods without an expert rule ignore it
 
-    def fn(base, experts, *, context=None, index=default_index, **hp):
-        if _expert in (high_rule, low_rule) and not index < len(experts):
+    def fn(base, experts, *, key, context, **hp):  # the other hyperparameters were the prepass's
+        index = hp.get("index", fixed_index)
+        if index is not None and not index < len(experts):
             raise ValueError(f"{name} takes low-SNR layers from expert {index} but only {len(experts)} expert(s) were given")
-        if context is None:
-            context = snr_prepass(run_items(base, experts), index=index, **hp)
-        out = {}
-        for k in experts[0]:
-            is_high, snrs = context.decision(k)
-            rule = high_rule if is_high else low_rule
-            out[k] = rule(None if base is None else base[k], [e[k] for e in experts], snrs, index)
-        return out
-
-    def prepass(items, index=default_index, **hp):
-        return snr_prepass(items, index=index, **hp)
-
-    def check(index=default_index, **hp):
-        _check(index=index, **hp)
+        is_high, snrs = context.decision(key)
+        return (high_rule if is_high else low_rule)(base, experts, snrs, index)
 
     fn.__name__ = fn.__qualname__ = name
     fn.__doc__ = description
     # every rule acts entry by entry once the prepass has decided each layer (scores need whole
     # matrices, so the prepass itself is not elementwise)
-    register(name, description=description, needs_base=needs_base, prepass=prepass, check=check, elementwise=True,
-             **defaults)(fn)
+    register(name, family="snr", description=description, reference=_REFERENCE, needs_base=needs_base,
+             prepass=snr_prepass, check=_check, elementwise=True, **defaults)(fn)
     return fn
 
 

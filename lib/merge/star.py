@@ -50,13 +50,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import factored_svd, gram_eigh, map_matrix_stacks
-from . import check_range, register, stack
-
-#: precision of the Gram eigendecomposition (see the module docstring for the measurements)
-PRECISION = torch.float64
-#: entries of task vectors per batch of same-shape matrices (256 MiB in float64)
-BATCH_ELEMENTS = 1 << 25
+from ..linalg import factored_svd, gram_eigh
+from . import BATCH_ELEMENTS, PRECISION, check_range, register  # noqa: F401 (BATCH_ELEMENTS: lib.pool reads it here)
 
 
 def kept_rank(singular_values: Tensor, eta: float) -> Tensor:
@@ -117,22 +112,10 @@ def _check(eta, rescale):
         raise ValueError(f"rescale must be True or False (rescale the kept singular values to the nuclear norm), got {rescale!r}")
 
 
-@register(
-    "star",
-    description="STAR: truncate each task-vector matrix to the rank holding eta % of its nuclear norm, rescale, average (Lee et al. 2025)",
-    check=_check,
-    eta=40,
-    rescale=True,
-)
-def star(base, experts, *, context=None, eta=40, rescale=True):
-    def taus(key):
-        return stack(experts, key) - base[key]
-
-    matrices = {k: t.shape for k, t in base.items() if t.ndim >= 2}
-    truncated = map_matrix_stacks(
-        matrices,
-        taus,
-        lambda deltas: star_truncate(deltas, eta, rescale).mean(1),
-        max_elements=BATCH_ELEMENTS // len(experts),
-    )
-    return {k: base[k] + (truncated[k] if k in truncated else taus(k).mean(0)) for k in base}
+@register("star", family="spectral", per="stack", check=_check, version=1,
+          description="STAR: truncate each task-vector matrix to the rank holding eta % of its nuclear norm, rescale, average (Lee et al. 2025)",
+          reference="Lee et al., STAR: Spectral Truncation and Rescale for Model Merging, NAACL 2025 (paper 002); "
+                    "https://github.com/IBM/STAR",
+          eta=40, rescale=True)
+def star(taus, *, eta, rescale):
+    return star_truncate(taus, eta, rescale).mean(1)

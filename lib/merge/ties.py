@@ -1,4 +1,4 @@
-"""TIES-Merging: trim, elect sign, disjoint mean (Yadav et al. 2023); the trim/elect/disjoint-mean steps are reused by DRM.
+"""TIES-Merging's steps: trim, elect sign, disjoint mean (Yadav et al. 2023), used by the core (:mod:`lib.merge.core`) and by DRM.
 
 The three steps are small public functions over stacked task vectors ``(N, ...)`` so that other
 methods (DARE-TIES, DRM) compose them:
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from . import check_finite_number, check_range, register, run_items, stack
+from . import check_range
 
 #: radix select works on 16-bit digits of the float32 bit pattern: two passes, 65536 bins each
 _DIGIT_BITS = 16
@@ -185,20 +185,13 @@ def _count_digits(counts: Tensor, t: Tensor, shift: int, prefix: int | None) -> 
         counts.index_add_(0, digits.long(), torch.ones(digits.shape, dtype=torch.int64, device=digits.device))
 
 
-def _check(density, lam, scope):
-    check_range("density", density, 0.0, 1.0)
-    check_finite_number("lam", lam)
-    if scope not in ("model", "tensor"):
-        raise ValueError(f"scope must be 'model' (one magnitude threshold per expert over all tensors) or 'tensor', got {scope!r}")
-
-
 def model_thresholds(items, *, density, lam=1.0, scope="model"):
-    """Prepass of ``ties``: each expert's model-wide magnitude threshold (the k-th largest |tau|
-    over every selected tensor of that expert), or None for ``scope="tensor"``."""
-    _check(density, lam, scope)
-    if scope == "tensor":
-        return None
-    return kth_largest_magnitude(TaskVectorItems(items), lambda n: kept_count(n, density))
+    """Prepass of ``ties`` (:mod:`lib.merge.core`): each expert's model-wide magnitude threshold
+    (the k-th largest |tau| over every selected tensor of that expert), or None for
+    ``scope="tensor"``."""
+    from . import METHODS
+
+    return METHODS["ties"].prepass(items, density=density, lam=lam, scope=scope)
 
 
 class TaskVectorItems:
@@ -237,23 +230,3 @@ def ties_merge_taus(taus: Tensor, density: float, *, thresholds=None, inplace: b
     else:
         kept, owned = trim_below(taus, thresholds, inplace=inplace), inplace
     return disjoint_mean(kept, elect_sign(kept), inplace=owned)
-
-
-@register(
-    "ties",
-    description="TIES: trim each task vector to its top-density magnitudes, elect signs by mass, disjoint mean (Yadav et al. 2023)",
-    prepass=model_thresholds,
-    check=_check,
-    # with scope="model" every entry is trimmed against the prepass's thresholds; scope="tensor"
-    # ranks the entries of the whole tensor, so a block of rows would get its own top-k
-    elementwise=lambda scope, **_: scope == "model",
-    prepass_elementwise=True,  # the radix select only counts magnitudes, whichever tensor holds them
-    density=0.2,
-    lam=1.0,
-    scope="model",
-)
-def ties(base, experts, *, context=None, density=0.2, lam=1.0, scope="model"):
-    if scope == "model" and context is None:
-        context = model_thresholds(run_items(base, experts), density=density, lam=lam, scope=scope)
-    # task vectors of one key at a time, subtracted in place in their stack: N copies of the tensor, not 2N
-    return {k: base[k] + lam * ties_merge_taus(stack(experts, k).sub_(base[k]), density, thresholds=context, inplace=True) for k in base}

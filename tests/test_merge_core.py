@@ -1,0 +1,94 @@
+"""The merge core (issue 14): one vocabulary of hyperparameters with old names as aliases, the
+registry's family/reference/version, the task-arithmetic family as options of one core, and the
+key loop and batching owned by ``merge``."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import lib.merge as merging
+from lib.merge import METHODS, VOCABULARY, canonical_params, merge
+from lib.merge.core import Recipe, merge_tensor
+
+FAMILIES = {"average", "task_arithmetic", "spectral", "snr"}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_registry_entry_has_family_reference_and_version(name):
+    m = METHODS[name]
+    assert m.family in FAMILIES
+    assert "https://github.com/" in m.reference, "a reference names the paper and the official code"
+    assert isinstance(m.version, int) and m.version >= 1
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_defaults_are_declared_once(name):
+    """The registered function declares no default of its own: the registry's are the only ones."""
+    impl = METHODS[name].impl
+    own = [p.name for p in inspect.signature(impl).parameters.values()
+           if p.default is not inspect.Parameter.empty and p.name in METHODS[name].defaults]
+    assert own == []
+
+
+def test_shared_names_mean_the_same_everywhere():
+    """A hyperparameter name in VOCABULARY has one meaning; every method that takes it uses it so."""
+    taking = {word: sorted(n for n, m in METHODS.items() if word in m.defaults) for word in VOCABULARY}
+    assert taking["lam"] == sorted(["task_arithmetic", "ties", "dare", "drm_h", "drm_v"])
+    assert taking["density"] == sorted(["ties", "dare", "drm_h", "drm_v"])
+    assert taking["keep"] == ["dare"]
+
+
+def test_canonical_params_fill_defaults_and_resolve_old_names():
+    assert canonical_params("dare", p=0.9) == canonical_params("dare", keep=0.1) == canonical_params("dare")
+    assert canonical_params("dare", p=0.75, then="ties") == {"keep": 0.25, "seed": 0, "then": "ties", "lam": 1.0, "density": 0.2}
+    assert canonical_params("ties") == {"density": 0.2, "lam": 1.0, "scope": "model"}
+    with pytest.raises(ValueError, match="both 'p' and 'keep'"):
+        canonical_params("dare", p=0.9, keep=0.1)
+    with pytest.raises(ValueError, match=r"keep must be in \(0.0, 1.0\]"):
+        canonical_params("dare", keep=0.0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("then", ["sum", "ties", "trim_ties"])
+def test_dare_old_and_new_names_merge_identically(p, then, tiny_base, tiny_experts):
+    old = merge("dare", tiny_base, tiny_experts, p=p, then=then, seed=4)
+    new = merge("dare", tiny_base, tiny_experts, keep=canonical_params("dare", p=p)["keep"], then=then, seed=4)
+    assert all(torch.equal(old[k], new[k]) for k in tiny_base)
+
+
+def test_one_consensus_for_the_family(tiny_base, tiny_experts):
+    """TIES without a trim and DARE without a drop are the same core: sign election, disjoint mean."""
+    ties = merge("ties", tiny_base, tiny_experts, density=1.0)
+    dare = merge("dare", tiny_base, tiny_experts, keep=1.0, then="ties")
+    assert all(torch.equal(ties[k], dare[k]) for k in tiny_base)
+
+
+def test_core_steps_by_hand():
+    """sparsify x consensus x lam on a 3-entry example small enough to check by eye."""
+    base = torch.zeros(3)
+    experts = [torch.tensor([1.0, -2.0, 0.5]), torch.tensor([3.0, 1.0, -0.5]), torch.tensor([-1.0, 1.5, 0.25])]
+    total = merge_tensor(Recipe(lam=0.5), base, experts, key="w")
+    assert torch.equal(total, 0.5 * torch.tensor([3.0, 0.5, 0.25]))
+    # consensus "mean": signs by total mass (+, +, +), mean of the agreeing entries
+    assert torch.equal(merge_tensor(Recipe(consensus="mean"), base, experts, key="w"), torch.tensor([2.0, 1.25, 0.375]))
+    assert torch.equal(merge_tensor(Recipe(consensus="sum"), base, experts, key="w"), torch.tensor([4.0, 2.5, 0.75]))
+    # a per-tensor trim keeping int(0.34 * 3) = 1 entry of each expert (-2, 3, 1.5): masses 3, -0.5, 0;
+    # the third entry has no elected sign and merges to 0
+    trimmed = merge_tensor(Recipe(density=0.34, scope="tensor", consensus="mean"), base, experts, key="w")
+    assert torch.equal(trimmed, torch.tensor([3.0, -2.0, 0.0]))
+
+
+def test_spectral_batching_does_not_change_the_merge(tiny_base, tiny_experts, monkeypatch):
+    """STAR and DRM share merge's stack loop: one matrix per batch gives the same tensors."""
+    whole = {name: merge(name, tiny_base, tiny_experts) for name in ("star", "drm_h")}
+    monkeypatch.setattr(merging, "BATCH_ELEMENTS", len(tiny_experts))  # one entry per expert: one matrix a batch
+    for name, expected in whole.items():
+        merged = merge(name, tiny_base, tiny_experts)
+        assert all(torch.equal(merged[k], expected[k]) for k in tiny_base), name
+
+
+def test_task_vectors_helper_is_gone():
+    assert not hasattr(merging, "task_vectors")

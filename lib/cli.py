@@ -27,6 +27,18 @@ by entry (``elementwise`` in the registry) and for tensors copied rather than me
 memory a merge needs is a few blocks per model, not a few copies of the largest tensor (BERT's
 word embeddings: 94 MB each). The result equals :func:`lib.merge.merge` on the same inputs.
 
+Adapters. An expert may be a PEFT LoRA adapter folder (``adapter_config.json`` +
+``adapter_model.safetensors``) of ``--base``: it is read against the base first (every adapted
+module and saved tensor must exist there with the same shape; the error names the adapter and
+the first mismatch) and streamed as the base plus its delta, computed for the block being merged
+(:class:`lib.lora.AdapterCheckpoint`). When every expert is an adapter and the method keeps
+low-rank task vectors low-rank (:data:`lib.lora.FACTORED`: star, drm_h, drm_v, task_arithmetic,
+average), the adapted matrices are merged from the factors (:func:`lib.lora.merge_factored`,
+no dense SVD), the tensors no adapter changes are the base's, and only the rest (a trained
+classifier head) is merged densely; ``--out-format adapter`` then writes the result as a PEFT
+adapter of the base instead of a model (same logits; ``merge_config.yaml`` and a model card
+beside it). Any other merge of adapters densifies them block by block, as for full models.
+
 Nothing is lost: ``--out`` may not be an input, hold one or lie inside one, ``--force`` replaces
 only a previous merge output (a folder holding ``merge_config.yaml``) and ``--force-any``
 anything else; the output appears only when complete. Bad input (missing or corrupt file,
@@ -46,10 +58,11 @@ import signal
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -71,7 +84,9 @@ from .statedict import compile_patterns, compute_dtype, matches, module_of
 #: the file written next to the shards that records how the model was made, in the same
 #: format as ``--config`` so that the merge can be repeated
 MERGE_RECORD = "merge_config.yaml"
-CONFIG_KEYS = ("merge_method", "method", "base_model", "models", "parameters", "include", "exclude")
+CONFIG_KEYS = ("merge_method", "method", "base_model", "models", "parameters", "include", "exclude", "out_format")
+#: what ``merge`` writes: a full model folder, or (merges of adapters that stay low-rank) a PEFT adapter
+OUT_FORMATS = ("model", "adapter")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 #: largest block of rows of one tensor of one model merged at a time (in compute precision): a
 #: merge holds its inputs and temporaries, 5 to 25 such blocks, so this sets the memory it needs
@@ -170,6 +185,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         spec["method"] = str(method)
     if raw.get("base_model") is not None:
         spec["base"] = str(raw["base_model"])
+    if raw.get("out_format") is not None:
+        spec["out_format"] = str(raw["out_format"])
     parameters = _mapping(raw.get("parameters"), f"{path}: 'parameters'", "{density: 0.3}")
     if "models" in raw:
         spec["experts"], weights = _config_models(path, raw["models"])
@@ -220,10 +237,10 @@ def weighted_methods() -> list[str]:
 def merge_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The merge to run: the config file (if any), overridden by the flags that were given."""
     spec = load_config(args.config) if args.config else {"parameters": {}}
-    for field, value in (("method", args.method), ("base", args.base), ("experts", args.experts),
-                         ("include", args.include), ("exclude", args.exclude)):
+    for name, value in (("method", args.method), ("base", args.base), ("experts", args.experts),
+                        ("include", args.include), ("exclude", args.exclude), ("out_format", args.out_format)):
         if value:
-            spec[field] = value
+            spec[name] = value
     spec["parameters"] = {**spec["parameters"], **parse_assignments(args.set or [])}
     missing = [flag for field, flag in (("method", "--method"), ("experts", "--experts")) if not spec.get(field)]
     if missing:
@@ -353,6 +370,10 @@ def model_card(record: dict[str, Any], *, merged: int, copied: int, reference: s
              "- **hyperparameters**: " + (", ".join(f"`{k}={v!r}`" for k, v in record["parameters"].items()) or "none"),
              f"- **tensors**: {merged} merged; {copied} copied unchanged from {reference} "
              "(integer buffers, and tensors excluded by `include`/`exclude`)"]
+    if record.get("out_format") == "adapter":
+        lines.append("- **format**: a PEFT LoRA adapter of the base (`PeftModel.from_pretrained(base_model, folder)`): the "
+                     "merged adapted matrices as low-rank factors, other merged tensors (a classifier head) as "
+                     "`modules_to_save`")
     if record.get("include") or record.get("exclude"):
         lines.append(f"- **selection**: include `{record.get('include')}`, exclude `{record.get('exclude')}`")
     for key, labels in integer_buffers.items():
@@ -379,6 +400,142 @@ class MergeResult:
     side: SideFiles
 
 
+#: torch threads of a merge whose tensors are merged entry by entry (:func:`merge_threads`)
+ELEMENTWISE_THREADS = 1
+
+
+def merge_threads(method: merging.Method, params: dict[str, Any], threads: int | None) -> int:
+    """The torch intra-op threads a streamed merge runs with: ``threads`` when given, else
+    :data:`ELEMENTWISE_THREADS` (one) for a method that merges entry by entry, and torch's own
+    count for the others (SVDs and eigendecompositions of whole matrices: STAR, DRM, the SNR
+    strategies' prepass).
+
+    Why one: an elementwise merge is a stream of small, memory-bound operations on blocks of at
+    most ``--block-size`` (a few milliseconds each), and every one of them waits for its slowest
+    thread. When another process holds one of the cores, that thread gets the core only for the
+    scheduler's time slices, so each small operation waits a slice: the command-line task
+    arithmetic of a 94M-parameter Llama-shaped model took 14.6 s with two threads against 5.3 s
+    with one beside a busy core (issue 22), while a second thread gains little on a quiet
+    machine, the operations being bound by memory, not arithmetic (``benchmarks/stream_merge.py
+    --busy``, ``--threads``). A factorisation of a whole matrix is one large operation, where a
+    slower thread costs at most its share of the work."""
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"--threads must be a whole number >= 1, got {threads!r}")
+        return threads
+    return ELEMENTWISE_THREADS if merging.is_elementwise(method, params) else torch.get_num_threads()
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run with ``n`` torch intra-op threads, restoring the previous count afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def open_experts(base_ck: Checkpoint | None, experts: Sequence[str | Path]) -> list:
+    """Each expert as a reader: a :class:`Checkpoint`, or for a PEFT adapter folder an
+    :class:`lib.lora.AdapterCheckpoint` (base + adapter, read against the base: the error names
+    the adapter and the first module whose name or shape the base does not have)."""
+    from .lora import AdapterCheckpoint, is_adapter, read_adapter
+
+    readers = []
+    for i, path in enumerate(experts):
+        label = f"expert {i} ({path})"
+        if not is_adapter(path):
+            readers.append(Checkpoint(path, label=label))
+            continue
+        if base_ck is None:
+            raise ValueError(f"{label} is a PEFT adapter, a change to a base model: give that model as --base")
+        readers.append(AdapterCheckpoint(read_adapter(path, base_ck, label=label), base_ck, label))
+    return readers
+
+
+def check_out_format(out_format: str, method: str, experts: Sequence) -> None:
+    """``--out-format adapter`` only where the merge is exactly low-rank: every expert an adapter
+    and a method with a factored path (:data:`lib.lora.FACTORED`)."""
+    from .lora import FACTORED, AdapterCheckpoint
+
+    if out_format != "adapter":
+        return
+    full = next((e for e in experts if not isinstance(e, AdapterCheckpoint)), None)
+    if full is not None:
+        raise ValueError(f"--out-format adapter needs every expert to be a PEFT adapter; {full.label} is a full model "
+                         "(use --out-format model)")
+    if method not in FACTORED:
+        raise ValueError(f"--out-format adapter needs a merge whose result is exactly low-rank, by one of "
+                         f"{', '.join(sorted(FACTORED))}; {method!r} does not keep the merged task vectors low-rank "
+                         "(use --out-format model)")
+
+
+@dataclass
+class LowRankPlan:
+    """How a merge of PEFT adapters (every expert one, a method of :data:`lib.lora.FACTORED`) is
+    done from the factors: ``keys`` the adapted matrices merged as low-rank task vectors (their
+    merged deltas in ``deltas`` once :meth:`merge` ran), ``untouched`` the selected keys no
+    adapter changes (the base's, as each factored method maps zero task vectors to zero). Empty
+    for any other merge, which reads every expert through its reader."""
+
+    method: str
+    params: dict[str, Any]
+    adapters: list
+    keys: list[str]
+    untouched: set[str]
+    dtypes: dict[str, Any]
+    device: Any = None
+    deltas: dict[str, Any] = field(default_factory=dict)
+
+    def merge(self) -> None:
+        from .lora import merge_factored
+
+        if self.keys:
+            self.deltas = merge_factored(self.method, {k: [ad.deltas.get(k) for ad in self.adapters] for k in self.keys},
+                                         dtypes=self.dtypes, device=self.device, **self.params)
+
+    def applied(self, key: str, base_rows: Tensor, rows: slice | None) -> Tensor:
+        """The merged weight ``key`` (rows ``rows`` of it, of which ``base_rows`` are the base's)."""
+        from .lora import apply_delta
+
+        return apply_delta(base_rows, self.deltas[key], rows)
+
+    def check_writable(self, full_keys: Sequence[str]) -> None:
+        """An adapter output can hold the merge: some matrix is merged low-rank, and no module
+        would be both LoRA-adapted and saved whole (``full_keys``: the keys merged densely)."""
+        from .lora import clashing_module
+
+        if not self.keys:
+            raise ValueError("--out-format adapter: the adapters change no selected matrix, so the merge has no "
+                             "low-rank delta to write (check --include/--exclude, or use --out-format model)")
+        clash = clashing_module(self.keys, full_keys)
+        if clash is not None:
+            raise ValueError(f"--out-format adapter: module {clash!r} has a low-rank delta and also a full tensor "
+                             "merged densely (a trained bias?), which a PEFT adapter cannot hold; use --out-format model")
+
+    def write(self, folder: Path, full: dict[str, Tensor], *, base: str | None) -> None:
+        from .lora import save_adapter
+
+        save_adapter(folder, self.deltas, like=self.adapters[0], tensors=full, base_model_name_or_path=base)
+
+
+def lowrank_plan(method: str, params: dict[str, Any], meta: dict[str, Tensor], experts: Sequence, include, exclude,
+                 device) -> LowRankPlan:
+    """The :class:`LowRankPlan` of a merge (empty unless every expert is an adapter and the method
+    has a factored path)."""
+    from .lora import FACTORED, AdapterCheckpoint, factored_keys
+
+    if method not in FACTORED or not all(isinstance(e, AdapterCheckpoint) for e in experts):
+        return LowRankPlan(method, params, [], [], set(), {})
+    adapters = [e.adapter for e in experts]
+    keys = factored_keys(method, meta, adapters, include, exclude)
+    untouched = {k for k in merging.select_keys(meta, include, exclude)
+                 if not any(k in ad.deltas or k in ad.tensors for ad in adapters)}
+    return LowRankPlan(method, params, adapters, keys, untouched, {k: meta[k].dtype for k in keys}, device)
+
+
 def merge_checkpoints(
     method: str,
     base: str | Path | None,
@@ -394,6 +551,8 @@ def merge_checkpoints(
     max_shard_bytes: int = 5 * 10**9,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: bool = True,
+    out_format: str = "model",
+    threads: int | None = None,
 ) -> MergeResult:
     """Merge checkpoints on disk into the model folder ``out``, streaming (module docstring).
 
@@ -403,6 +562,12 @@ def merge_checkpoints(
     was merged, and ``merge_config.yaml``. Tensors larger than ``block_bytes`` are merged in
     blocks of rows where the method allows it. Every check (inputs, output, filters, device)
     runs before the first tensor is read; ``force``/``force_any``: :func:`check_output`.
+    ``threads``: torch's intra-op threads during the merge (default: :func:`merge_threads`).
+
+    An expert may be a PEFT LoRA adapter folder (module docstring, "Adapters"): it is the base
+    plus its low-rank deltas. When every expert is one and the method has a factored path
+    (:data:`lib.lora.FACTORED`), the adapted matrices are merged from the factors; with
+    ``out_format="adapter"`` the result is written as a PEFT adapter instead of a model.
     """
     spec = merging.get_method(method)
     params = merging.resolve_hparams(spec, dict(parameters or {}))
@@ -410,16 +575,33 @@ def merge_checkpoints(
         raise ValueError(f"{method!r} works on task vectors (expert - base) and needs --base")
     if not experts:
         raise ValueError("need at least one expert model")
+    n_threads = merge_threads(spec, params, threads)
+    with torch_threads(n_threads):
+        return _merge_checkpoints(spec, params, base, experts, Path(out), include=include, exclude=exclude,
+                                  device=device, force=force, force_any=force_any, max_shard_bytes=max_shard_bytes,
+                                  block_bytes=block_bytes, progress=progress, out_format=out_format)
+
+
+def _merge_checkpoints(spec: merging.Method, params: dict[str, Any], base, experts, out: Path, *, include, exclude,
+                       device, force, force_any, max_shard_bytes, block_bytes, progress, out_format) -> MergeResult:
+    from .lora import AdapterCheckpoint, is_adapter
+
+    method = spec.name
+    if out_format not in OUT_FORMATS:
+        raise ValueError(f"unknown --out-format {out_format!r}; choose one of {', '.join(OUT_FORMATS)}")
     check_patterns(include, exclude)
     get_device(device)
-    out = Path(out)
     inputs = ([] if base is None else [Path(base)]) + [Path(p) for p in experts]
     check_output(out, inputs, force=force, force_any=force_any)
 
+    if base is not None and is_adapter(base):
+        raise ValueError(f"--base {base} is a PEFT adapter; give the model it adapts as --base and the adapters as --experts")
     base_ck = None if base is None else Checkpoint(base, label=f"base ({base})")
-    expert_cks = [Checkpoint(p, label=f"expert {i} ({p})") for i, p in enumerate(experts)]
+    expert_cks = open_experts(base_ck, experts)
+    check_out_format(out_format, method, expert_cks)
     ref = base_ck or expert_cks[0]
-    others = [c for c in (base_ck, *expert_cks) if c is not None and c is not ref]
+    full_models = [c for c in expert_cks if not isinstance(c, AdapterCheckpoint)]
+    others = [c for c in (base_ck, *full_models) if c is not None and c is not ref]
     keys = check_same_architecture(ref, others)
     if "weights" in params and params["weights"] is not None and len(params["weights"]) != len(experts):
         raise ValueError(f"weights has {len(params['weights'])} entries for {len(experts)} expert(s); give one per expert")
@@ -428,8 +610,15 @@ def merge_checkpoints(
     if not selected:
         raise ValueError(f"no floating-point tensor of {ref.label} passes the include/exclude filters "
                          f"(include={include}, exclude={exclude}): nothing would be merged")
+    plan = lowrank_plan(method, params, meta, expert_cks, include, exclude, device)
+    lowrank = set(plan.keys)
+    dense_keys = [k for k in selected if k not in lowrank and k not in plan.untouched]
+    if out_format == "adapter":
+        plan.check_writable(dense_keys)
     blocks = merge_blocks(spec, params, meta, selected, block_bytes)
-    merged_keys = set(selected)
+    # a merged low-rank delta, or the base's tensor where no adapter changes it, cuts into rows
+    blocks.update({k: tensor_blocks(meta[k], block_bytes) for k in (*lowrank, *plan.untouched)})
+    merged_keys = set(dense_keys)
 
     def read_and_merge(key: str, rows: slice | None, context) -> Tensor:
         # a function so that the inputs are freed before the next block is read; NaN/Inf are
@@ -440,26 +629,37 @@ def merge_checkpoints(
                              context=context, **params)[key]
 
     layout = {k: (e.dtype, e.shape) for k, e in ref.entries.items()}
+    record = {"merge_method": method, "base_model": None if base is None else str(Path(base).resolve()),
+              "models": [str(Path(p).resolve()) for p in experts], "parameters": params,
+              "include": include, "exclude": exclude, **({"out_format": out_format} if out_format != "model" else {})}
+    reference = "the base" if base_ck is not None else "expert 0"
     # the temporary output folder exists before the prepass: an output that cannot be written
     # fails at once, not after a pass over every model
     with atomic_output_dir(out, force=True) as tmp:
-        prepass_blocks = {k: tensor_blocks(meta[k], block_bytes) for k in selected} if spec.prepass_elementwise else None
-        items = _PrepassItems(base_ck, expert_cks, selected, prepass_blocks, device, progress)
-        context = merging.run_prepass(method, items, **params)
-        writer = ShardedWriter(tmp, layout, max_shard_bytes)
-        with tqdm(keys, desc=f"merge {method}", unit="tensor", disable=not progress) as bar:
-            for k in bar:
-                for rows in blocks[k]:
-                    # a key that is not merged (an integer buffer, an excluded tensor) is the
-                    # reference's, as in merge(); the experts' copies are not read
-                    t = read_and_merge(k, rows, context) if k in merged_keys else ref.read(k, rows)
-                    writer.write(k, t, row=0 if rows is None else rows.start)
-        writer.close()
-        side = copy_side_files(ref, tmp, skip=("README.md", MERGE_RECORD))
-        record = {"merge_method": method, "base_model": None if base is None else str(Path(base).resolve()),
-                  "models": [str(Path(p).resolve()) for p in experts], "parameters": params,
-                  "include": include, "exclude": exclude}
-        reference = "the base" if base_ck is not None else "expert 0"
+        prepass_blocks = {k: tensor_blocks(meta[k], block_bytes) for k in dense_keys} if spec.prepass_elementwise else None
+        items = _PrepassItems(base_ck, expert_cks, dense_keys, prepass_blocks, device, progress)
+        context = merging.run_prepass(method, items, **params) if dense_keys else None
+        plan.merge()
+        if out_format == "adapter":
+            with tqdm(dense_keys, desc=f"merge {method}", unit="tensor", disable=not progress) as bar:
+                full = {k: read_and_merge(k, None, context) for k in bar}
+            side = SideFiles([], [], [])
+            plan.write(tmp, full, base=record["base_model"])
+        else:
+            writer = ShardedWriter(tmp, layout, max_shard_bytes)
+            with tqdm(keys, desc=f"merge {method}", unit="tensor", disable=not progress) as bar:
+                for k in bar:
+                    for rows in blocks[k]:
+                        # a key that is not merged (an integer buffer, an excluded tensor, one no
+                        # adapter changes under a factored method) is the reference's, as in merge();
+                        # the experts' copies are not read
+                        if k in lowrank:
+                            t = plan.applied(k, ref.read(k, rows), rows)
+                        else:
+                            t = read_and_merge(k, rows, context) if k in merged_keys else ref.read(k, rows)
+                        writer.write(k, t, row=0 if rows is None else rows.start)
+            writer.close()
+            side = copy_side_files(ref, tmp, skip=("README.md", MERGE_RECORD))
         (tmp / "README.md").write_text(model_card(record, merged=len(selected), copied=len(keys) - len(selected),
                                                   reference=reference, side=side,
                                                   integer_buffers=integer_buffers_missing(ref, others)))
@@ -659,10 +859,12 @@ def _merge(args: argparse.Namespace) -> int:
                                    parameters=spec["parameters"], include=spec.get("include"),
                                    exclude=spec.get("exclude"), device=args.device,
                                    force=args.force or args.force_any, force_any=args.force_any, max_shard_bytes=parse_size(args.max_shard_size),
-                                   block_bytes=parse_size(args.block_size), progress=not args.quiet)
+                                   block_bytes=parse_size(args.block_size), progress=not args.quiet,
+                                   out_format=spec.get("out_format", "model"), threads=args.threads)
     source = "the base" if spec.get("base") else "expert 0"
+    what = " (a PEFT adapter of the base)" if spec.get("out_format") == "adapter" else ""
     print(f"merged {len(spec['experts'])} expert(s) with {spec['method']}: {result.merged} tensor(s) merged, "
-          f"{result.copied} copied from {source} -> {result.out}")
+          f"{result.copied} copied from {source} -> {result.out}{what}")
     for folder in result.side.unmerged_weights:
         print(f"note: {folder} holds weights of its own, copied unmerged from {source} (see README.md)")
     for folder in result.side.skipped:
@@ -712,6 +914,12 @@ def run(command, args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
 
 
+def _factored_names() -> list[str]:
+    from .lora import FACTORED
+
+    return list(FACTORED)
+
+
 def add_commands(sub) -> None:
     """Add ``scan`` and ``merge`` to the subparsers of ``python -m lib``."""
     p = sub.add_parser("scan", help="per-matrix Marchenko-Pastur spectra and SNR of a checkpoint -> CSV (+ plot)")
@@ -728,7 +936,9 @@ def add_commands(sub) -> None:
     p = sub.add_parser("merge", help="merge checkpoints on disk, streaming, into a loadable model folder")
     p.add_argument("--method", help=f"merge method: {', '.join(sorted(merging.METHODS))}")
     p.add_argument("--base", help="the pre-trained model the experts were fine-tuned from")
-    p.add_argument("--experts", nargs="+", metavar="MODEL", help="the fine-tuned models")
+    p.add_argument("--experts", nargs="+", metavar="MODEL",
+                   help="the fine-tuned models, or PEFT LoRA adapter folders of --base (adapter_config.json + "
+                        "adapter_model.safetensors)")
     p.add_argument("--out", required=True, help="output model folder (written atomically); not an input, nor inside one")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="method hyperparameter, repeatable (e.g. --set density=0.3 --set weights=[0.7,0.3])")
@@ -737,6 +947,13 @@ def add_commands(sub) -> None:
                    help="merge only tensors whose name matches (repeatable); the others are copied from the base")
     p.add_argument("--exclude", action="append", metavar="REGEX",
                    help="do not merge tensors whose name matches (repeatable); they are copied from the base")
+    p.add_argument("--out-format", choices=OUT_FORMATS,
+                   help="model (default): a full model folder; adapter: a PEFT adapter of --base, for merges of "
+                        f"adapters that stay exactly low-rank ({', '.join(sorted(_factored_names()))})")
+    p.add_argument("--threads", type=int,
+                   help="torch threads during the merge (default: 1 for methods that merge entry by entry, whose "
+                        "small operations lose more to a busy core than a second thread gains; torch's default "
+                        "for STAR, DRM and the SNR strategies)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--block-size", default=f"{DEFAULT_BLOCK_BYTES // 2**20}MiB",
                    help="tensors larger than this are merged in blocks of rows where the method allows it, "

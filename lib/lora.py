@@ -191,14 +191,62 @@ def read_adapter(folder: str | os.PathLike, base: Checkpoint | Mapping[str, Tens
     return Adapter(deltas, tensors, frozenset(transposed), frozenset(embeddings), config, label)
 
 
-def expert_tensor(base_tensor: Tensor, adapter: Adapter, key: str) -> Tensor:
-    """The expert's weight ``key``: the base's plus the adapter's delta (in the base's dtype), the
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def apply_delta(base_tensor: Tensor, delta: LowRank, rows: slice | None = None) -> Tensor:
+    """``base + delta`` (its block ``rows`` of the first dimension, when given, of which
+    ``base_tensor`` is the base's), added in the precision of the factors, in the base's dtype:
+    a merged task vector applied to the base."""
+    b = delta.b if rows is None else delta.b[rows]
+    dense = (delta.scale * b @ delta.a).reshape(base_tensor.shape)
+    return (base_tensor.to(dense.dtype) + dense).to(base_tensor.dtype)
+
+
+def _delta_rows(delta: LowRank, rows: slice | None, like: Tensor) -> Tensor:
+    """The rows ``rows`` (all for ``None``) of ``delta``'s dense tensor, computed in float32
+    (float64 for a float64 ``like``) and returned in ``like``'s dtype and shape."""
+    dtype = _compute_dtype(like)
+    b = delta.b if rows is None else delta.b[rows]
+    return (delta.scale * b.to(dtype) @ delta.a.to(dtype)).reshape(like.shape).to(like.dtype)
+
+
+def expert_tensor(base_tensor: Tensor, adapter: Adapter, key: str, rows: slice | None = None) -> Tensor:
+    """The expert's weight ``key`` (its block ``rows`` of the first dimension, when given, of which
+    ``base_tensor`` is the base's): the base's plus the adapter's delta (in the base's dtype), the
     adapter's own copy for ``tensors``, the base's where the adapter leaves it alone."""
     if key in adapter.tensors:
-        return adapter.tensors[key]
+        return adapter.tensors[key] if rows is None else adapter.tensors[key][rows]
     if key in adapter.deltas:
-        return base_tensor + adapter.deltas[key].dense(torch.float32 if base_tensor.dtype != torch.float64 else torch.float64).to(base_tensor.dtype)
+        return base_tensor + _delta_rows(adapter.deltas[key], rows, base_tensor)
     return base_tensor
+
+
+class AdapterCheckpoint:
+    """The expert ``base + adapter`` read like a :class:`lib.checkpoint.Checkpoint`, one tensor
+    (or block of rows) at a time: the base's tensor plus the adapter's delta, computed for just
+    the rows asked for, so a streamed merge never densifies more than a block of one matrix."""
+
+    def __init__(self, adapter: Adapter, base: Checkpoint, label: str | None = None):
+        self.adapter, self.base, self.label = adapter, base, label or adapter.label
+        self.entries = base.entries
+
+    def keys(self) -> list[str]:
+        return self.base.keys()
+
+    def meta(self) -> dict[str, Tensor]:
+        return self.base.meta()
+
+    def read(self, key: str, rows: slice | None = None, *, finite: bool = True) -> Tensor:
+        if key in self.adapter.tensors:  # the adapter's own copy: the base's is not read
+            return expert_tensor(None, self.adapter, key, rows)
+        return expert_tensor(self.base.read(key, rows, finite=finite), self.adapter, key, rows)
+
+
+def is_adapter(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PEFT adapter folder (it holds :data:`CONFIG_NAME`)."""
+    return (Path(path) / CONFIG_NAME).is_file()
 
 
 def densify(base: Mapping[str, Tensor], adapter: Adapter) -> dict[str, Tensor]:
@@ -280,13 +328,7 @@ class LowRankMerge:
 
     def state_dict(self, base: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The merged model in the base's key order and dtypes."""
-        out = {}
-        for k, t in base.items():
-            if k in self.deltas:
-                out[k] = (t.to(self.deltas[k].b.dtype) + self.deltas[k].dense()).to(t.dtype)
-            else:
-                out[k] = self.weights[k]
-        return out
+        return {k: apply_delta(t, self.deltas[k]) if k in self.deltas else self.weights[k] for k, t in base.items()}
 
 
 def factored_keys(method: str, base: Mapping[str, Tensor], adapters: Sequence[Adapter], include=None, exclude=None) -> list[str]:
@@ -301,25 +343,26 @@ def factored_keys(method: str, base: Mapping[str, Tensor], adapters: Sequence[Ad
             if base[k].ndim >= 2 and any(k in ad.deltas for ad in adapters) and not any(k in ad.tensors for ad in adapters)]
 
 
-def merge_lowrank(method: str, base: Mapping[str, Tensor], adapters: Sequence[Adapter], *, include=None, exclude=None,
-                  excluded_from=None, device=None, max_elements: int = 1 << 25, **hp) -> LowRankMerge:
-    """:func:`lib.merge.merge` of the experts ``base + adapter`` without densifying where the
-    method has a factored path (module docstring); the other keys go through ``merge`` on the
-    densified experts (in memory: the command line streams them with :func:`expert_tensor`).
-    Factored keys are batched by shape, at most about ``max_elements`` factor entries at a time."""
+def merge_factored(method: str, deltas: Mapping[str, Sequence[LowRank | None]], *, dtypes: Mapping[str, torch.dtype] | None = None,
+                   device=None, max_elements: int = 1 << 25, **params) -> dict[str, LowRank]:
+    """The merged task vector of every key of ``deltas`` (key -> each expert's :class:`LowRank`,
+    ``None`` where an expert leaves the key alone) by the factored path of ``method``
+    (:data:`FACTORED`, hyperparameters ``params`` already resolved), as a :class:`LowRank` of scale
+    1 on the CPU, computed in the compute precision (:func:`lib.merge.to_compute`) of ``dtypes[key]``
+    (the base weight's dtype; default: the factors'). Keys are batched by shape, at most about
+    ``max_elements`` factor entries at a time."""
     from .linalg import shape_batches
-    from .merge import get_method, merge, resolve_hparams, to_compute
+    from .merge import to_compute
 
-    if not adapters:
-        raise ValueError("merge_lowrank needs at least one adapter")
-    params = resolve_hparams(get_method(method), hp)
-    keys = factored_keys(method, base, adapters, include, exclude)
-    deltas: dict[str, LowRank] = {}
-    fn = FACTORED.get(method)
-    for batch in shape_batches({k: base[k].shape for k in keys}, max(1, max_elements // len(adapters))):
-        like = to_compute(base[batch[0]].flatten()[:1], device)
+    fn = FACTORED[method]
+    shapes = {k: next(d for d in ds if d is not None).shape for k, ds in deltas.items()}
+    n_experts = max((len(ds) for ds in deltas.values()), default=1)
+    out: dict[str, LowRank] = {}
+    for batch in shape_batches(shapes, max(1, max_elements // n_experts)):
+        given = next(d for d in deltas[batch[0]] if d is not None).b.dtype if dtypes is None else dtypes[batch[0]]
+        like = to_compute(torch.zeros(1, dtype=given), device)
         dtype, dev = like.dtype, like.device
-        stacks = [stack_factors([ad.deltas.get(k) for ad in adapters], dtype=dtype, device=dev) for k in batch]
+        stacks = [stack_factors(deltas[k], dtype=dtype, device=dev) for k in batch]
         rank = max(s[0].shape[-1] for s in stacks)
         b = torch.stack([torch.nn.functional.pad(s[0], (0, rank - s[0].shape[-1])) for s in stacks])
         a = torch.stack([torch.nn.functional.pad(s[1], (0, 0, 0, rank - s[1].shape[-2])) for s in stacks])
@@ -327,7 +370,26 @@ def merge_lowrank(method: str, base: Mapping[str, Tensor], adapters: Sequence[Ad
         for k, mb, ma in zip(batch, merged_b, merged_a):
             # the padding of ranks (and STAR's and DRM's unkept components) are exact zeros: drop them
             used = mb.any(0) & ma.any(1)
-            deltas[k] = LowRank(mb[:, used].to(dtype).cpu(), ma[used].to(dtype).cpu(), 1.0, tuple(base[k].shape))
+            out[k] = LowRank(mb[:, used].to(dtype).cpu(), ma[used].to(dtype).cpu(), 1.0, shapes[k])
+    return out
+
+
+def merge_lowrank(method: str, base: Mapping[str, Tensor], adapters: Sequence[Adapter], *, include=None, exclude=None,
+                  excluded_from=None, device=None, max_elements: int = 1 << 25, **hp) -> LowRankMerge:
+    """:func:`lib.merge.merge` of the experts ``base + adapter`` without densifying where the
+    method has a factored path (module docstring); the other keys go through ``merge`` on the
+    densified experts (in memory: the command line streams them with :class:`AdapterCheckpoint`).
+    Factored keys are batched by shape, at most about ``max_elements`` factor entries at a time."""
+    from .merge import get_method, merge, resolve_hparams
+
+    if not adapters:
+        raise ValueError("merge_lowrank needs at least one adapter")
+    params = resolve_hparams(get_method(method), hp)
+    keys = factored_keys(method, base, adapters, include, exclude)
+    fn = FACTORED.get(method)
+    deltas = merge_factored(method, {k: [ad.deltas.get(k) for ad in adapters] for k in keys},
+                            dtypes={k: base[k].dtype for k in keys}, device=device, max_elements=max_elements,
+                            **params) if keys else {}
 
     if fn is None:  # the whole model densified: a prepass (TIES, SNR) may look across keys
         dense = merge(method, base, [densify(base, ad) for ad in adapters], include=include, exclude=exclude,
@@ -351,21 +413,46 @@ def merge_lowrank(method: str, base: Mapping[str, Tensor], adapters: Sequence[Ad
 
 
 def write_adapter(out: str | os.PathLike, deltas: Mapping[str, LowRank], *, like: Adapter | None = None,
-                  base_model_name_or_path: str | None = None, dtype: torch.dtype = torch.float32,
-                  force: bool = False) -> Path:
+                  tensors: Mapping[str, Tensor] | None = None, base_model_name_or_path: str | None = None,
+                  dtype: torch.dtype = torch.float32, force: bool = False) -> Path:
     """Write ``deltas`` (base key -> :class:`LowRank`) as a PEFT LoRA adapter folder, atomically
     (:func:`lib.checkpoint.atomic_output_dir`). Every module gets rank ``r``, the largest rank of
     the deltas (smaller ones padded with zero columns, which change nothing), and
     ``lora_alpha = r`` so that PEFT's scale is 1 and the scales live in ``B``, as PEFT's own
     ``add_weighted_adapter`` writes its merges. ``like`` (an expert's :class:`Adapter`) gives the
     rest of the config (task type, base model) and which modules' factors PEFT holds transposed
-    (embeddings, ``fan_in_fan_out``); ``modules_to_save`` is not written: the adapter carries the
-    deltas only."""
+    (embeddings, ``fan_in_fan_out``). ``tensors`` (base key -> full weight, e.g. a merged
+    classifier head) are saved as PEFT saves ``modules_to_save``: under the base's names, their
+    modules listed in ``modules_to_save`` (a module with a LoRA delta cannot be one of them)."""
+    with atomic_output_dir(out, force=force) as tmp:
+        save_adapter(tmp, deltas, like=like, tensors=tensors, base_model_name_or_path=base_model_name_or_path, dtype=dtype)
+    return Path(out)
+
+
+def clashing_module(lowrank_keys, full_keys) -> str | None:
+    """The first module that would be both LoRA-adapted (a key of ``lowrank_keys``) and saved whole
+    (a key of ``full_keys``), which a PEFT adapter cannot hold."""
+    lora_modules = {k.removesuffix(".weight") for k in lowrank_keys}
+    return next((m for m in sorted({k.rpartition(".")[0] for k in full_keys}) if m in lora_modules), None)
+
+
+def save_adapter(folder: Path, deltas: Mapping[str, LowRank], *, like: Adapter | None = None,
+                 tensors: Mapping[str, Tensor] | None = None, base_model_name_or_path: str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+    """:func:`write_adapter`'s files, written into the existing ``folder`` (not atomically)."""
     if not deltas:
         raise ValueError("no low-rank deltas to write: the merge changed no adapted matrix")
     like = like or Adapter({})
-    rank = max(d.rank for d in deltas.values())
-    tensors = {}
+    tensors = dict(tensors or {})
+    saved_modules = sorted({k.rpartition(".")[0] for k in tensors})
+    clash = clashing_module(deltas, tensors)
+    if clash is not None:
+        raise ValueError(f"cannot write {clash!r} as an adapter module: it has a low-rank delta and full tensors "
+                         f"({', '.join(sorted(k for k in tensors if k.rpartition('.')[0] == clash))}); "
+                         "PEFT keeps a module either adapted or saved whole")
+    rank = max(1, max(d.rank for d in deltas.values()))  # PEFT needs r >= 1; a rank-0 delta is zero columns
+    full = {f"{PEFT_PREFIX}{k}" for k in tensors}  # saved in their own dtype, the factors in ``dtype``
+    tensors = {f"{PEFT_PREFIX}{k}": t for k, t in tensors.items()}
     for key, d in deltas.items():
         b = torch.nn.functional.pad(d.scale * d.b.to(torch.float64), (0, rank - d.rank))
         a = torch.nn.functional.pad(d.a.to(torch.float64), (0, 0, 0, rank - d.rank))
@@ -383,11 +470,9 @@ def write_adapter(out: str | os.PathLike, deltas: Mapping[str, LowRank], *, like
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.reshape(d.shape[0], rank, *[1] * (len(d.shape) - 2))
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.reshape(rank, *d.shape[1:])
     config = {**like.config, "peft_type": "LORA", "r": rank, "lora_alpha": rank, "use_rslora": False, "use_dora": False,
-              "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "bias": "none",
+              "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": saved_modules or None, "bias": "none",
               "target_modules": sorted(k.removesuffix(".weight") for k in deltas), "inference_mode": True}
     if base_model_name_or_path is not None:
         config["base_model_name_or_path"] = base_model_name_or_path
-    with atomic_output_dir(out, force=force) as tmp:
-        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_NAME)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return Path(out)
+    save_file({k: (v if k in full else v.to(dtype)).contiguous() for k, v in tensors.items()}, folder / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -72,3 +72,43 @@ def expert_kw(task: str, name: str | None = None) -> dict[str, Any]:
     """The recipe overrides preset ``name`` gives ``task``'s expert (``{}`` without a preset)."""
     name = current(name)
     return {} if name is None else dict(EXPERT_OVERRIDES[name].get(task, {}))
+
+
+def estimate_seconds(notebook: str, name: str = "lab", published: dict | None = None) -> dict[str, float]:
+    """What preset ``name`` should cost on the machine that produced ``results/<notebook>.json``,
+    from the rates measured there: seconds per training step of each task's published experts
+    (median over seeds) times the preset's steps, and the published seed's seconds (SNR prepass,
+    merge, evaluation) of every record of the preset's grid, the base and the experts. The preset
+    trains on shorter sequences (``max_length``), so the training part errs on the long side."""
+    import math
+    import statistics
+
+    from . import paths, sweep, train
+
+    published = paths.read_json(paths.results_dir(False) / f"{notebook}.json") if published is None else published
+    params = parameters(notebook, name)
+    out = {}
+    for task in published["config"]["tasks"]:
+        rows = [e for e in published["experts"] if e["task"] == task and e.get("steps")]
+        per_step = statistics.median(e["train_s"] / e["steps"] for e in rows)
+        recipe = train.RECIPES[task]
+        recipe_kw = {**{"epochs": recipe.epochs, "batch_size": recipe.batch_size,
+                        "max_train_examples": recipe.max_train_examples}, **expert_kw(task, name)}
+        n_train = min(rows[0]["train_examples"], recipe_kw["max_train_examples"] or math.inf)
+        steps = math.ceil(n_train * recipe_kw["epochs"] / recipe_kw["batch_size"])
+        out[f"train_{task}_s"] = per_step * steps
+    runs = sweep.snr_runs(params["STRATEGIES"], params["SNR_METHODS"], params["TOPS"]) + \
+        sweep.reference_runs(params["REFERENCES"])
+    wanted = {run.label() for run in runs} | {"base:base"} | {f"expert:{t}" for t in published["config"]["tasks"]}
+    seed = published["config"]["seeds"][0]
+    seen, sweep_s = set(), 0.0
+    for rec in published["records"]:
+        if rec["seed"] == seed and rec["run"] in wanted and rec["run"] not in seen:
+            seen.add(rec["run"])
+            sweep_s += rec["prepass_s"] + rec["merge_s"] + rec["eval_s"]
+    missing = wanted - seen
+    if missing:
+        raise ValueError(f"results/{notebook}.json has no seed-{seed} record of {sorted(missing)}: cannot price the preset")
+    out["sweep_s"] = sweep_s
+    out["total_s"] = sum(out.values())
+    return out

@@ -99,3 +99,50 @@ def test_staging_without_execution(tmp_path):
     assert linked and all((src / target).is_file() for target in linked)
     for name in build.PAGES:
         assert (src / name).is_file()
+
+
+# ------------------------------------------------------------------------------------------ lab
+
+def test_presets_are_a_no_op_without_PRESET(monkeypatch):
+    from lib import presets
+
+    monkeypatch.delenv("PRESET", raising=False)
+    assert presets.parameters("03_text_sst2_cola") == {} and presets.expert_kw("sst2") == {}
+    monkeypatch.setenv("PRESET", "lab")
+    assert presets.parameters("03_text_sst2_cola")["SEEDS"] == [0]
+    with pytest.raises(ValueError, match="not for '01_resnet_fashion_kmnist'"):
+        presets.parameters("01_resnet_fashion_kmnist")
+    with pytest.raises(ValueError, match="PRESET must be one of"):
+        presets.parameters("03_text_sst2_cola", "nope")
+
+
+def test_lab_preset_sets_only_parameters_notebook_03_has():
+    import json
+
+    from lib import presets, train
+
+    nb = json.loads((BOOK.parent / "notebooks" / "03_text_sst2_cola.ipynb").read_text())
+    params = next("".join(c["source"]) for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    full = {}
+    exec(params, {"os": __import__("os")}, full)
+    lab = presets.parameters("03_text_sst2_cola", "lab")
+    assert set(lab) <= set(full)
+    for key, value in lab.items():  # a smaller grid of the same kind: a subset of the full one
+        assert set(value) <= set(full[key]), key
+    for task in ("sst2", "cola"):
+        fields = set(train.Recipe.__dataclass_fields__)
+        assert set(presets.expert_kw(task, "lab")) <= fields
+
+
+def test_lab_estimate_prices_every_record_from_the_published_run():
+    from lib import paths, presets
+
+    if not (paths.results_dir(False) / "03_text_sst2_cola.json").exists():
+        pytest.skip("results/03_text_sst2_cola.json is not there")
+    est = presets.estimate_seconds("03_text_sst2_cola")
+    assert est["total_s"] == pytest.approx(est["train_sst2_s"] + est["train_cola_s"] + est["sweep_s"])
+    assert all(v > 0 for v in est.values())
+    published = paths.read_json(paths.results_dir(False) / "03_text_sst2_cola.json")
+    published["records"] = [r for r in published["records"] if r["run"] != "average()"]
+    with pytest.raises(ValueError, match="average"):
+        presets.estimate_seconds("03_text_sst2_cola", published=published)

@@ -31,12 +31,13 @@ at once) are serialised by SQLite's lock, and the first row written for a key wi
 (``INSERT OR IGNORE``) -- the same configuration gives the same values, only its timings differ.
 
 Method versions. A record is only as good as the code that made it: :func:`method_version`
-is ``VERSIONS[method]`` (default 1) plus a hash of the method's registered defaults, and the
-runner puts it in every configuration, so bumping a method's entry in :data:`VERSIONS` after
+is the registry's ``version`` of the method (``lib.merge.METHODS[name].version``; where a
+registry has none, ``VERSIONS[method]``, default 1) plus a hash of its registered defaults, and the
+runner puts it in every configuration, so bumping a method's version after
 changing its code -- or changing, adding or removing one of its defaults -- gives its records
 new keys: the old rows are no longer found (recomputed on the next run) and
-:meth:`RecordStore.stale` lists them for deletion. The registry (:mod:`lib.merge`) has no
-version field yet; :data:`VERSIONS` moves there with the merge-core redesign.
+:meth:`RecordStore.stale` lists them for deletion. Bump the registry's ``version`` after changing
+a method's code; :data:`VERSIONS` versions what the registry does not hold (``alone``).
 """
 
 from __future__ import annotations
@@ -112,10 +113,14 @@ def method_version(method: str) -> str:
     (``expert``, ``base``: records of models scored alone) are versioned as ``"alone"``."""
     from .merge import METHODS
 
-    defaults = METHODS[method].defaults if method in METHODS else {}
-    name = method if method in METHODS else "alone"
+    entry = METHODS.get(method)
+    defaults = entry.defaults if entry is not None else {}
+    # the registry's version of the method's code where it has one, else this module's table
+    version = getattr(entry, "version", None)
+    if version is None:
+        version = VERSIONS.get(method if entry is not None else "alone", 1)
     text = json.dumps(defaults, sort_keys=True, separators=(",", ":"), default=repr)
-    return f"{VERSIONS.get(name, 1)}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return f"{version}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def _checksum(text: str) -> str:

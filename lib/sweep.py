@@ -167,7 +167,9 @@ def evaluate_models(models: Mapping[str, StateDict], evaluate: Evaluate, *, seed
 def is_snr_strategy(method: str) -> bool:
     """Whether ``method`` is one of the SNR-routed strategies, whose context is the layer
     decisions of :mod:`lib.merge.snr`."""
-    return get_method(method).fn.__module__ == snr.__name__
+    entry = get_method(method)
+    family = getattr(entry, "family", None)  # the registry's family; older registries lack it
+    return family == "snr" if family is not None else entry.fn.__module__ == snr.__name__
 
 
 class SnrPrepass:

@@ -65,12 +65,13 @@ def test_a_published_file_is_not_overwritten_by_another_configuration(results_di
 
 
 def test_label_in_finds_the_label_published_records_carry():
-    records = [{"method": "dare", "model": "merged", "run": "dare(p=0.9, seed=0, then=sum)",
-                "hparams": {"p": 0.9, "seed": 0, "then": "sum"}},
-               {"method": "dare", "model": "merged", "run": "dare(p=0.5, seed=0, then=sum)",
-                "hparams": {"p": 0.5, "seed": 0, "then": "sum"}}]
-    assert grids.label_in(records, pool.canonical_run("dare")) == "dare(p=0.9, seed=0, then=sum)"
-    assert grids.label_in(records, pool.canonical_run("dare", p=0.5)) == "dare(p=0.5, seed=0, then=sum)"
+    # 05's published DRM records predate DRM's `prune` hyperparameter: their labels do not name it
+    old = {"density": 0.2, "lam": 1.0, "rtol": 0.01}
+    records = [{"method": "drm_h", "model": "merged", "run": f"drm_h(density=0.2, lam=1.0, renorm={r}, rtol=0.01)",
+                "hparams": {**old, "renorm": r}} for r in (True, False)]
+    assert grids.label_in(records, pool.canonical_run("drm_h")) == records[0]["run"]
+    assert grids.label_in(records, pool.canonical_run("drm_h", renorm=False)) == records[1]["run"]
+    assert grids.label_in(records, pool.canonical_run("drm_h", density=0.5)) == pool.canonical_run("drm_h", density=0.5).label()
     assert grids.label_in(records, pool.canonical_run("ties")) == pool.canonical_run("ties").label()
 
 

@@ -77,9 +77,12 @@ reproduce: setup experts
 	$(PY) -m lib figures
 	$(PY) -m lib report
 
-# JupyterLab on the course book's first chapter (ipywidgets is installed: tqdm.auto bars are widgets)
+# JupyterLab on the course book's first chapter (ipywidgets is installed: tqdm.auto bars are widgets);
+# LAB_ARGS=--no-browser etc. (as root, e.g. in a container, JupyterLab needs --allow-root: added)
+LAB_FIRST ?= notebooks/00_marchenko_pastur.ipynb
 lab: setup
-	$(BIN)/jupyter lab --notebook-dir=. notebooks/00_marchenko_pastur.ipynb
+	$(BIN)/jupyter lab --notebook-dir=. --LabApp.default_url=/lab/tree/$(LAB_FIRST) \
+	  $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # the course book (issue 19): notebooks 00-06 executed from results/*.json (FROM_RESULTS=1), the
 # exercises' solutions computed from them, README's tables from lib.report -> static HTML in build/book/

@@ -112,3 +112,20 @@ def estimate_seconds(notebook: str, name: str = "lab", published: dict | None = 
     out["sweep_s"] = sweep_s
     out["total_s"] = sum(out.values())
     return out
+
+
+def results_dir(smoke: bool | None = None, name: str | None = None):
+    """Where a notebook run under a preset writes its results: ``build/<preset>/results`` (never
+    the published ``results/``); without a preset, :func:`lib.paths.results_dir`."""
+    from . import paths
+
+    name = current(name)
+    return paths.results_dir(smoke) if name is None else paths.ROOT / "build" / name / "results"
+
+
+def figures_dir(smoke: bool | None = None, name: str | None = None):
+    """The figures' counterpart of :func:`results_dir`: ``build/<preset>/figures``."""
+    from . import paths
+
+    name = current(name)
+    return paths.figures_dir(smoke) if name is None else paths.ROOT / "build" / name / "figures"

@@ -146,3 +146,13 @@ def test_lab_estimate_prices_every_record_from_the_published_run():
     published["records"] = [r for r in published["records"] if r["run"] != "average()"]
     with pytest.raises(ValueError, match="average"):
         presets.estimate_seconds("03_text_sst2_cola", published=published)
+
+
+def test_a_preset_never_writes_published_results(monkeypatch):
+    from lib import paths, presets
+
+    monkeypatch.delenv("PRESET", raising=False)
+    assert presets.results_dir(False) == paths.results_dir(False)
+    monkeypatch.setenv("PRESET", "lab")
+    for where in (presets.results_dir(False), presets.figures_dir(False)):
+        assert where.is_relative_to(paths.ROOT / "build" / "lab")

@@ -141,6 +141,8 @@ def build(src: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(src / "_build" / "html", out)
+    # GitHub Pages runs Jekyll unless told not to, and Jekyll drops _static/ and _images/
+    (out / ".nojekyll").touch()
 
 
 def main(argv=None) -> int:

@@ -121,11 +121,18 @@ def check_site(site: Path, shots: Path | None = None, *, chapters: set[str] | No
                     f"HTTP {resp.status}: {resp.url}") if resp.status >= 400 else None)
                 page.on("request", lambda req, r=report, b=base: r.problems.append(f"leaves the site: {req.url}")
                         if not req.url.startswith((b, "data:", "blob:", "about:")) else None)
+                pending: set[str] = set()
+                page.on("request", lambda req, p=pending: p.add(req.url))
+                page.on("requestfinished", lambda req, p=pending: p.discard(req.url))
+                page.on("requestfailed", lambda req, p=pending: p.discard(req.url))
                 page.goto(base + rel, wait_until="load", timeout=timeout_ms)
                 try:
                     page.wait_for_load_state("networkidle", timeout=timeout_ms)
                 except PlaywrightTimeout:
-                    report.problems.append(f"network still busy {timeout_ms / 1000:.0f} s after load")
+                    # on a loaded machine "idle" (no request for 500 ms) can take long to be seen;
+                    # only a request that never finished is a problem of the page
+                    report.problems += [f"request still pending {timeout_ms / 1000:.0f} s after load: {url}"
+                                        for url in sorted(pending)]
                 seen = page.evaluate(_INSPECT)
                 report.images = len(seen["images"])
                 report.problems += [f"image did not load: {i['src']}" for i in seen["images"] if not i["ok"]]

@@ -31,6 +31,12 @@ printed. The checkpoints are deleted afterwards.
 
     python benchmarks/stream_merge.py [--quick] [--experts 3] [--methods average task_arithmetic ties]
                                       [--block-sizes 4MiB 16MiB] [--no-in-memory]
+                                      [--threads 1 2] [--busy]
+
+A busy core (issue 22): ``--busy`` runs a busy loop pinned to one core beside every measured
+child, as a shared machine or a CI runner has; ``--threads 1 2`` measures the streamed merge
+once per ``--threads`` value of the command line (default: its own choice,
+:func:`lib.cli.merge_threads`), so the wall times show what a contended core costs at each count.
 """
 
 from __future__ import annotations
@@ -138,6 +144,9 @@ def main(argv=None) -> None:
     parser.add_argument("--block-sizes", nargs="+", default=[None], metavar="SIZE",
                         help="--block-size values of the streamed merges (default: the command line's own)")
     parser.add_argument("--no-in-memory", action="store_true", help="skip the load-everything comparison")
+    parser.add_argument("--threads", nargs="+", default=[None], metavar="N",
+                        help="--threads values of the streamed merges (default: the command line's own choice)")
+    parser.add_argument("--busy", action="store_true", help="a busy loop on one core beside every measurement")
     parser.add_argument("--make", metavar="DIR", help=argparse.SUPPRESS)  # internal: the child that writes the models
     args = parser.parse_args(argv)
     if args.make:
@@ -148,6 +157,7 @@ def main(argv=None) -> None:
     # peak RSS as its own starting ru_maxrss, so a heavy parent would inflate every measurement.
     # The models are written by a child for the same reason.
     folder = Path(tempfile.mkdtemp(prefix="stream_merge_"))
+    busy = start_busy_core() if args.busy else None
     try:
         subprocess.run([sys.executable, __file__, "--make", str(folder), "--experts", str(args.experts),
                         *(["--quick"] if args.quick else [])], check=True)
@@ -169,17 +179,32 @@ def main(argv=None) -> None:
         for method in args.methods:
             out = folder / f"out_{method}"
             for block in args.block_sizes:
-                report(f"stream {method}" + (f" ({block})" if block else ""), STREAM,
-                       "merge", "--method", method, "--base", str(base), "--experts", *map(str, experts),
-                       "--out", str(out), "--quiet", *(["--block-size", block] if block else []), ending=CLI_EXIT)
-                shutil.rmtree(out)
+                for threads in args.threads:
+                    label = f"stream {method}" + (f" ({block})" if block else "") + (f" {threads} thr" if threads else "")
+                    report(label, STREAM,
+                           "merge", "--method", method, "--base", str(base), "--experts", *map(str, experts),
+                           "--out", str(out), "--quiet", *(["--block-size", block] if block else []),
+                           *(["--threads", str(threads)] if threads else []), ending=CLI_EXIT)
+                    shutil.rmtree(out)
             if not args.no_in_memory:
                 report(f"in memory {method}", IN_MEMORY, method, str(folder / "in_memory.safetensors"),
                        str(base / "model.safetensors"), *(str(e / "model.safetensors") for e in experts))
                 (folder / "in_memory.safetensors").unlink()
         print(f"bound: {BOUND} x checkpoint = {BOUND * size / 1e6:.0f} MB, to compare with 'above import'")
     finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_busy_core() -> subprocess.Popen:
+    """A child that spins on one core (the last one this process may use) until killed."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    code = (f"import os\nif hasattr(os, 'sched_setaffinity'): os.sched_setaffinity(0, {{{cores[-1]}}})\n"
+            "while True: pass\n")
+    print(f"busy loop on core {cores[-1]} of {len(cores)}")
+    return subprocess.Popen([sys.executable, "-c", code])
 
 
 if __name__ == "__main__":

@@ -415,10 +415,14 @@ def merge_threads(method: merging.Method, params: dict[str, Any], threads: int |
     thread. When another process holds one of the cores, that thread gets the core only for the
     scheduler's time slices, so each small operation waits a slice: the command-line task
     arithmetic of a 94M-parameter Llama-shaped model took 14.6 s with two threads against 5.3 s
-    with one beside a busy core (issue 22), while a second thread gains little on a quiet
-    machine, the operations being bound by memory, not arithmetic (``benchmarks/stream_merge.py
-    --busy``, ``--threads``). A factorisation of a whole matrix is one large operation, where a
-    slower thread costs at most its share of the work."""
+    with one beside a busy core (issue 22). ``benchmarks/stream_merge.py --quick --busy --threads
+    1 2`` (task arithmetic of a 45 MB BERT and 3 experts, a busy loop on one of the two cores, the
+    machine otherwise shared, load average ~23): 48.6 s with one thread against 124.1 s with two,
+    each including ~34 s of imports; without the busy loop, on that shared machine, 38.0 s
+    against 96.4 s (~26 s of imports). No quiet machine was available to measure what the second
+    thread gains when every core is free. The spectral methods keep torch's count: a factorisation of
+    a whole matrix is one large operation, which a slow thread delays by its share of the work
+    rather than by a time slice per operation (not measured beside a busy core yet)."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"--threads must be a whole number >= 1, got {threads!r}")

@@ -90,7 +90,7 @@ import torch
 from torch import Tensor
 
 from .device import get_device, supports_float64
-from .linalg import zero_round_off_eigenvalues
+from .linalg import shape_batches, zero_round_off_eigenvalues
 from .statedict import as_matrix, check_finite, compute_dtype, is_matrix, matches, to_state_dict
 
 #: the detection level: the probability that the largest eigenvalue of a pure-noise matrix stays
@@ -272,16 +272,23 @@ class _GramSpectrum:
 
 #: at most this many float elements are stacked on the device at once (512 MiB in float32)
 _BATCH_ELEMENTS = 1 << 27
+#: the CPU allocator's alignment (bytes) that a freshly stacked matrix has
+_ALIGNMENT = 64
 
 
-def _as_checked_matrix(W, name: str) -> Tensor:
+def _as_checked_matrix(W, name: str) -> tuple[Tensor, float]:
+    """``W`` read as a matrix and its largest entry magnitude, which is finite only when every
+    entry is (``max`` propagates NaN): one pass that both checks the matrix and sizes its
+    :func:`_power_of_two_scales` (``check_finite``, which names what is wrong, runs only then)."""
     if not isinstance(W, Tensor):
         W = torch.as_tensor(W)
     if not torch.is_floating_point(W):
         raise ValueError(f"{name} has dtype {W.dtype}: a spectrum needs a floating-point weight")
     mat = as_matrix(W.detach(), name)  # an empty or 1-D tensor is an error there
-    check_finite(mat, name)
-    return mat
+    largest = float(torch.linalg.vector_norm(mat, ord=math.inf))
+    if not math.isfinite(largest):
+        check_finite(mat, name)
+    return mat, largest
 
 
 def _group_dtype(mats: Sequence[Tensor], device: torch.device) -> torch.dtype:
@@ -303,10 +310,10 @@ def _eigvalsh(gram: Tensor) -> Tensor:
 SAFE_EXPONENT = 40
 
 
-def _power_of_two_scales(stack: Tensor) -> Tensor | None:
-    """Per matrix of ``stack (b, rows, cols)``, the power of two that brings its largest entry
-    near 1 where float32 products would otherwise overflow or underflow; None when none needs it."""
-    amax = stack.abs().amax(dim=(1, 2)).to(torch.float64)
+def _power_of_two_scales(largest: Sequence[float]) -> Tensor | None:
+    """Per matrix, from its largest entry magnitude, the power of two that brings that entry near
+    1 where float32 products would otherwise overflow or underflow; None when none needs it."""
+    amax = torch.tensor(list(largest), dtype=torch.float64)
     exponent = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp_min(1e-300))), torch.zeros_like(amax))
     risky = exponent.abs() > SAFE_EXPONENT
     if not bool(risky.any()):
@@ -314,37 +321,52 @@ def _power_of_two_scales(stack: Tensor) -> Tensor | None:
     return torch.where(risky, torch.exp2(-exponent), torch.ones_like(exponent))
 
 
-def _gram_spectra(mats: Sequence[Tensor], *, names: Sequence[str] | None = None, device=None) -> list[_GramSpectrum]:
-    """Eigenvalues of ``WᵀW / N`` (the smaller Gram matrix) for every matrix, computed in stacks
-    of equal shape on the device."""
+def _gram_spectra(mats: Sequence[Tensor], *, names: Sequence[str] | None = None, device=None,
+                  entry_var: bool = True) -> list[_GramSpectrum]:
+    """Eigenvalues of ``WᵀW / N`` (the smaller Gram matrix) for every matrix, one batched
+    eigensolver call per stack of equal shape on the device. The Gram products are taken matrix
+    by matrix into the stack (the same values as one batched product, bit for bit), so the weights
+    themselves are never copied into a stack; ``entry_var=False`` skips the entry variance, which
+    only ``sigma2="var"`` and the ``"seed"`` SNR read (it is then NaN)."""
     names = list(names) if names is not None else [f"mats[{i}]" for i in range(len(mats))]
-    checked = [_as_checked_matrix(W, name) for W, name in zip(mats, names)]
+    checked, largest = zip(*[_as_checked_matrix(W, name) for W, name in zip(mats, names)]) if mats else ((), ())
     dev = get_device(device)
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for i, mat in enumerate(checked):
-        by_shape.setdefault(tuple(mat.shape), []).append(i)
     out: list[_GramSpectrum | None] = [None] * len(checked)
-    for (rows, cols), idx in by_shape.items():
-        per_chunk = max(1, _BATCH_ELEMENTS // (rows * cols))
-        for start in range(0, len(idx), per_chunk):
-            chunk = idx[start : start + per_chunk]
-            dtype = _group_dtype([checked[i] for i in chunk], dev)
-            stack = torch.stack([checked[i] for i in chunk]).to(device=dev, dtype=dtype)
-            scales = _power_of_two_scales(stack)
+    for chunk in shape_batches({i: tuple(m.shape) for i, m in enumerate(checked)}, _BATCH_ELEMENTS):
+        rows, cols = checked[chunk[0]].shape
+        n, m = max(rows, cols), min(rows, cols)
+        dtype = _group_dtype([checked[i] for i in chunk], dev)
+        scales = _power_of_two_scales([largest[i] for i in chunk])
+        gram = torch.empty(len(chunk), m, m, device=dev, dtype=dtype)
+        variances = []
+        for j, i in enumerate(chunk):
+            mat = checked[i].to(device=dev, dtype=dtype)
             if scales is not None:
-                stack = stack * scales.to(device=dev, dtype=dtype).view(-1, 1, 1)
-            tall = stack if rows >= cols else stack.transpose(1, 2)  # N x M with N >= M
-            gram = tall.transpose(1, 2) @ tall / max(rows, cols)
-            # round-off, not spectrum: a rank-one matrix then has one non-zero eigenvalue instead of
-            # a bulk of round-off that the median fit would call noise (the cut lib.linalg uses)
-            eigs = _eigvalsh(gram)
-            eigs = zero_round_off_eigenvalues(eigs, eigs[..., -1:], dtype).to(device="cpu", dtype=torch.float64)
-            entry_var = stack.var(dim=(1, 2), unbiased=False).to(device="cpu", dtype=torch.float64)
-            if scales is not None:  # back to the matrices' own scale, in float64
-                eigs = eigs / scales.view(-1, 1) ** 2
-                entry_var = entry_var / scales ** 2
-            for j, i in enumerate(chunk):
-                out[i] = _GramSpectrum(eigs[j], rows, cols, float(entry_var[j]))
+                mat = mat * float(scales[j])
+            # a contiguous, 64-byte aligned batch of one, laid out as one matrix of a stack: the
+            # batched product then takes the same kernel on the same alignment, so the values equal
+            # a stacked product's bit for bit (``out=``, 2-D products and the unaligned tensors of a
+            # safetensors file take other paths, which differ in round-off on small matrices)
+            mat = mat.contiguous()
+            if mat.device.type == "cpu" and mat.data_ptr() % _ALIGNMENT:
+                mat = mat.clone()
+            one = mat.unsqueeze(0)
+            tall = one if rows >= cols else one.transpose(1, 2)  # N x M with N >= M
+            gram[j] = (tall.transpose(1, 2) @ tall)[0]
+            if entry_var:
+                variances.append(mat.var(unbiased=False))
+        gram /= n
+        # round-off, not spectrum: a rank-one matrix then has one non-zero eigenvalue instead of
+        # a bulk of round-off that the median fit would call noise (the cut lib.linalg uses)
+        eigs = _eigvalsh(gram)
+        eigs = zero_round_off_eigenvalues(eigs, eigs[..., -1:], dtype).to(device="cpu", dtype=torch.float64)
+        var = (torch.stack(variances).to(device="cpu", dtype=torch.float64) if entry_var
+               else torch.full((len(chunk),), math.nan, dtype=torch.float64))
+        if scales is not None:  # back to the matrices' own scale, in float64
+            eigs = eigs / scales.view(-1, 1) ** 2
+            var = var / scales ** 2
+        for j, i in enumerate(chunk):
+            out[i] = _GramSpectrum(eigs[j], rows, cols, float(var[j]))
     return out  # type: ignore[return-value]
 
 
@@ -475,6 +497,11 @@ def _check_sigma2_applies(method: str, sigma2) -> None:
         raise ValueError(f"sigma2 only applies to method='mp'; {method!r} has its own fixed normalisation")
 
 
+def _reads_entry_var(sigma2="median", method: str = "mp") -> bool:
+    # the entry variance costs a pass over every weight; only these two readings use it
+    return (isinstance(sigma2, str) and sigma2 == "var") or method == "seed"
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
@@ -485,14 +512,15 @@ def spectrum(W: Tensor, *, sigma2="median", device=None) -> Spectrum:
     as ``(out, in*kh*kw)``). ``sigma2``: ``"median"`` (robust bulk fit, default), ``"var"`` (entry
     variance, as the report) or a known noise level. 1-D tensors and NaN/Inf are errors."""
     _check_sigma2(sigma2)  # fail before any linear algebra
-    (gs,) = _gram_spectra([W], names=["W"], device=device)
+    (gs,) = _gram_spectra([W], names=["W"], device=device, entry_var=_reads_entry_var(sigma2))
     return _read_mp(gs, sigma2)
 
 
 def spectra(mats: Sequence[Tensor], *, sigma2="median", device=None) -> list[Spectrum]:
     """:func:`spectrum` of every matrix, with the eigenvalues computed in stacks of equal shape."""
     _check_sigma2(sigma2)
-    return [_read_mp(gs, sigma2) for gs in _gram_spectra(list(mats), device=device)]
+    gram_spectra = _gram_spectra(list(mats), device=device, entry_var=_reads_entry_var(sigma2))
+    return [_read_mp(gs, sigma2) for gs in gram_spectra]
 
 
 def from_eigenvalues(eigenvalues, shape: tuple[int, int], *, sigma2="median") -> Spectrum:
@@ -514,7 +542,7 @@ def snr(W: Tensor, method: str = "mp", *, sigma2="median", device=None) -> float
     _check_sigma2_applies(method, sigma2)
     if method == "mp":
         return spectrum(W, sigma2=sigma2, device=device).snr
-    (gs,) = _gram_spectra([W], names=["W"], device=device)
+    (gs,) = _gram_spectra([W], names=["W"], device=device, entry_var=_reads_entry_var(method=method))
     return fn(gs)
 
 
@@ -522,7 +550,7 @@ def snr_batch(mats: Sequence[Tensor], method: str = "mp", *, device=None) -> Ten
     """One SNR per matrix (float64, CPU), the same values as :func:`snr` one by one, with the
     eigenvalues computed in stacks of equal shape on ``get_device(device)``."""
     fn = _snr_fn(method)
-    spectra = _gram_spectra(list(mats), device=device)
+    spectra = _gram_spectra(list(mats), device=device, entry_var=_reads_entry_var(method=method))
     return torch.tensor([fn(gs) for gs in spectra], dtype=torch.float64)
 
 
@@ -536,7 +564,7 @@ def scan(model_or_state_dict, *, include=None, exclude=None, method: str = "mp",
     fn = _snr_fn(method)
     sd = to_state_dict(model_or_state_dict)
     names = [k for k, v in sd.items() if is_matrix(v) and matches(k, include, exclude)]
-    spectra = _gram_spectra([sd[k] for k in names], names=names, device=device)
+    spectra = _gram_spectra([sd[k] for k in names], names=names, device=device, entry_var=_reads_entry_var(method=method))
     rows = []
     for name, gs in zip(names, spectra):
         sp = _read_mp(gs)

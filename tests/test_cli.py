@@ -502,3 +502,24 @@ def test_streamed_merge_does_not_depend_on_the_key_order(method, tmp_path):
     assert list(expected) != sorted(expected)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7, msg=f"{method}: {k}")
+
+
+def test_elementwise_merges_run_on_one_thread_and_the_count_is_restored(models, tmp_path, monkeypatch):
+    from lib import cli
+    from lib.merge import get_method
+
+    def params(name):
+        return resolve_hparams(get_method(name), {})
+
+    assert cli.merge_threads(get_method("task_arithmetic"), params("task_arithmetic"), None) == cli.ELEMENTWISE_THREADS
+    assert cli.merge_threads(get_method("star"), params("star"), None) == torch.get_num_threads()
+    assert cli.merge_threads(get_method("star"), params("star"), 3) == 3
+    with pytest.raises(ValueError, match="--threads"):
+        cli.merge_threads(get_method("star"), params("star"), 0)
+    seen = []
+    real = cli._merge_checkpoints
+    monkeypatch.setattr(cli, "_merge_checkpoints", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    merge_checkpoints("average", models["base"], models["experts"], tmp_path / "out", progress=False, threads=2)
+    merge_checkpoints("task_arithmetic", models["base"], models["experts"], tmp_path / "out2", progress=False)
+    assert seen == [2, cli.ELEMENTWISE_THREADS] and torch.get_num_threads() == before

@@ -83,7 +83,7 @@ def test_adapter_merge_on_the_factored_path_equals_merge_lowrank(method, lora, t
     assert (out / MERGE_RECORD).is_file() and (out / "config.json").is_file()
 
 
-@pytest.mark.parametrize("method", ["ties", "dare", "snr_soft"])
+@pytest.mark.parametrize("method", ["ties", "dare", "snr_weighted"])
 def test_adapter_merge_by_other_methods_equals_merge_of_densified_experts(method, lora, tmp_path):
     from lib.merge import METHODS
 

@@ -26,6 +26,15 @@ resident-memory columns read nan.
                                [--device cuda] [--no-cpu-path] [--json PATH]
 
 ``--quick``: one layer, three experts (about a minute).
+
+``--against-peft`` times TIES and DARE-TIES instead (issue 22), on the same BERT-base-shaped
+experts: ``ties`` with ``scope="tensor"`` and ``scope="model"`` against PEFT's per-tensor loop of
+``merge_utils.ties``, and ``dare(then="ties")`` against ``merge_utils.dare_ties``, each pair in
+the same run, with the ratios (target: ours >= 3x faster). It checks that ``scope="tensor"``
+gives PEFT's tensors (entries differing, and how many of those sit at a tie of the magnitude
+threshold, where PEFT keeps an arbitrary subset), and that DARE-TIES does given our masks.
+``--busy`` runs a busy loop pinned to one core beside it (a shared machine: the case where
+two torch threads had made TIES slower than PEFT).
 """
 
 from __future__ import annotations
@@ -163,6 +172,77 @@ def compare(method, base, experts, device, *, cpu_path: bool = False) -> dict:
     return figures
 
 
+def busy_loop() -> None:  # pragma: no cover - runs in a child process
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {0})
+    while True:
+        pass
+
+
+def peft_loop(fn, base, experts, **kw):
+    """PEFT's way: one ``merge_utils`` call per tensor on the list of its task vectors."""
+    weights = torch.ones(len(experts))
+    return {k: w + fn([e[k] - w for e in experts], weights, **kw) for k, w in base.items()}
+
+
+def against_peft(base, experts, *, density: float = 0.2, keep: float = 0.1) -> list[dict]:
+    """Time ours against PEFT, pair by pair in this run, print the ratios and the agreement."""
+    from peft.utils import merge_utils
+
+    from lib.merge.dare import keep_mask
+
+    pairs = [
+        ("ties scope=tensor", lambda: merge("ties", base, experts, density=density, scope="tensor"),
+         "peft ties", lambda: peft_loop(merge_utils.ties, base, experts, density=density)),
+        ("ties scope=model", lambda: merge("ties", base, experts, density=density),
+         "peft ties", None),
+        ("dare then=ties", lambda: merge("dare", base, experts, keep=keep, then="ties"),
+         "peft dare_ties", lambda: peft_loop(merge_utils.dare_ties, base, experts, density=keep)),
+    ]
+    runs, peft_s = [], {}
+    for ours_name, ours_fn, peft_name, peft_fn in pairs:
+        ours, ours_s, _ = timed(ours_fn, torch.device("cpu"))
+        if peft_fn is not None:
+            reference, peft_s[peft_name], _ = timed(peft_fn, torch.device("cpu"))
+        theirs = peft_s[peft_name]
+        line = f"{ours_name:18s} {ours_s:7.2f} s   {peft_name:15s} {theirs:7.2f} s   ours {theirs / ours_s:4.1f}x faster"
+        if ours_name == "ties scope=tensor":
+            line += "   " + tie_explained_difference(ours, reference, base, experts, density)
+        print(line + f"   load {os.getloadavg()[0]:.1f}", flush=True)
+        runs.append({"ours": ours_name, "ours_s": ours_s, "peft": peft_name, "peft_s": theirs, "speedup": theirs / ours_s})
+    # DARE-TIES given the same masks (PEFT draws its own from torch's global generator)
+    masks = iter([keep_mask(w.shape, 1.0 - keep, key=k, expert=i, seed=0) for k, w in base.items() for i in range(len(experts))])
+    original = merge_utils.random_pruning
+    merge_utils.random_pruning = lambda tensor, density, rescale: tensor * next(masks) / density
+    try:
+        same_masks = peft_loop(merge_utils.dare_ties, base, experts, density=keep)
+    finally:
+        merge_utils.random_pruning = original
+    ours = merge("dare", base, experts, keep=keep, then="ties")
+    differing = sum(int((ours[k] != same_masks[k]).sum()) for k in base)
+    print(f"dare then=ties vs PEFT dare_ties given our masks: {differing} of {sum(w.numel() for w in base.values())} entries differ",
+          flush=True)
+    return runs
+
+
+def tie_explained_difference(ours, reference, base, experts, density) -> str:
+    """Entries where ours and PEFT's per-tensor TIES differ, and how many of those have an
+    expert's magnitude equal to its threshold (kept by us, by PEFT only if its top-k chose it)."""
+    from lib.merge.ties import floor_kept_count, kth_largest
+
+    differing = at_tie = 0
+    for k, w in base.items():
+        diff = ours[k] != reference[k]
+        if not diff.any():
+            continue
+        differing += int(diff.sum())
+        taus = torch.stack([e[k] - w for e in experts]).reshape(len(experts), -1).abs()
+        threshold = kth_largest(taus, floor_kept_count(taus.shape[1], density))
+        at_tie += int(((taus == threshold) & diff.reshape(1, -1)).any(0).sum())
+    total = sum(w.numel() for w in base.values())
+    return f"{differing} of {total} entries differ from PEFT's, {at_tie} of them at a tie of the threshold"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one layer, three experts")
@@ -173,15 +253,41 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: lib.device.get_device())")
     parser.add_argument("--no-cpu-path", action="store_true", help="on a GPU, do not also time the fast path on the CPU")
     parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file (atomically)")
+    parser.add_argument("--against-peft", action="store_true", help="TIES and DARE-TIES against PEFT instead (module docstring)")
+    parser.add_argument("--busy", action="store_true", help="a busy loop on one core beside the benchmark")
     args = parser.parse_args(argv)
     layers = args.layers or (1 if args.quick else 12)
-    expert_counts = args.experts or ([3] if args.quick else [3, 8])
+    expert_counts = args.experts or ([3] if args.quick or args.against_peft else [3, 8])
     if args.threads:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
     cpu_path = device.type != "cpu" and not args.no_cpu_path
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU thread(s), "
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {layers} BERT-base layer(s)", flush=True)
+    busy = None
+    if args.busy:
+        import multiprocessing
+
+        busy = multiprocessing.get_context("spawn").Process(target=busy_loop, daemon=True)
+        busy.start()
+        print("a busy loop runs on core 0 beside the benchmark", flush=True)
+    try:
+        runs = []
+        if args.against_peft:
+            for n_experts in expert_counts:
+                runs += against_peft(*bert_like(layers, n_experts))
+        else:
+            runs = star_and_drm(args, layers, expert_counts, device, cpu_path)
+    finally:
+        if busy is not None:
+            busy.terminate()
+    if args.json:
+        write_json(args.json, {"torch": torch.__version__, "device": str(device), "layers": layers,
+                               "threads": torch.get_num_threads(), "busy": args.busy, "runs": runs})
+    return 0
+
+
+def star_and_drm(args, layers, expert_counts, device, cpu_path) -> list[dict]:
     runs = []
     for n_experts in expert_counts:
         base, experts = bert_like(layers, n_experts)
@@ -191,10 +297,7 @@ def main(argv=None) -> int:
                 merge(method, {k: base[k] for k in first_layer}, [{k: e[k] for k in first_layer} for e in experts], device=device)
         for method in args.methods:
             runs.append(compare(method, base, experts, device, cpu_path=cpu_path))
-    if args.json:
-        write_json(args.json, {"torch": torch.__version__, "device": str(device), "layers": layers,
-                               "threads": torch.get_num_threads(), "runs": runs})
-    return 0
+    return runs
 
 
 if __name__ == "__main__":

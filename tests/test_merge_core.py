@@ -92,3 +92,52 @@ def test_spectral_batching_does_not_change_the_merge(tiny_base, tiny_experts, mo
 
 def test_task_vectors_helper_is_gone():
     assert not hasattr(merging, "task_vectors")
+
+
+# ----------------------------------------------------------------------------- exact selection (issue 22)
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+def test_kth_largest_equals_topk_on_long_rows(quantised):
+    """The bracketed selection returns the k-th largest exactly, ties included (a quantised row
+    has thousands of entries equal to its threshold)."""
+    from lib.merge.ties import _SMALL_ROW, kth_largest
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3 * _SMALL_ROW + 7, generator=g).abs()
+    x = x.mul(3).round() if quantised else x
+    n = x.shape[1]
+    for k in (1, 2, n // 5, n // 2, n - 1, n):
+        assert torch.equal(kth_largest(x, k), torch.topk(x, k, dim=1).values.amin(1, keepdim=True)), k
+
+
+def test_model_wide_threshold_equals_radix_select_whole_in_blocks_and_after_a_miss(monkeypatch):
+    import lib.merge.ties as ties
+
+    g = torch.Generator().manual_seed(1)
+    items = [[torch.randn(shape, generator=g) * (1 + 9 * torch.rand(shape, generator=g)) for _ in range(3)]
+             for shape in [(300, 257), (70000,), (5,), (768, 96)]]
+    blocks = [list(parts) for tensors in items for parts in zip(*[t.split(max(1, t.shape[0] // 3)) for t in tensors])]
+    total = sum(t.numel() for t in next(zip(*items)))
+    for density in (0.0, 1e-5, 0.2, 0.99, 1.0):
+        ks = [ties.kept_count(total, density)] * 3
+        exact = ties._radix_select(items, ks)
+        assert ties.kth_largest_magnitude(items, ks) == exact == ties.kth_largest_magnitude(blocks, ks), density
+    monkeypatch.setattr(ties, "_SAMPLE_CAP", 10)  # every bracket holds too much: the radix fallback
+    ks = [ties.kept_count(total, 0.3)] * 3
+    assert ties.kth_largest_magnitude(items, ks) == ties._radix_select(items, ks)
+
+
+def test_keys_merged_in_parallel_threads_equal_one_thread(tiny_base, tiny_experts):
+    """merge spreads a per-tensor method's keys over torch's threads, each op single-threaded;
+    the result is the serial one and the thread count is restored."""
+    threads = torch.get_num_threads()
+    parallel = {name: merge(name, tiny_base, tiny_experts) for name in ("ties", "dare", "snr_winner")}
+    torch.set_num_threads(1)
+    try:
+        serial = {name: merge(name, tiny_base, tiny_experts) for name in parallel}
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    for name in parallel:
+        assert all(torch.equal(parallel[name][k], serial[name][k]) for k in tiny_base), name

@@ -36,10 +36,13 @@ out-of-core engine the command line drives calls the same functions one key at a
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +89,7 @@ class Method:
     version: int = 1
     aliases: dict[str, tuple[str, Callable[[Any], Any]]] = field(default_factory=dict)
     impl: Callable[..., Any] | None = None
+    per: str = "tensor"
 
     def __call__(self, base, experts, **hp):
         return merge(self.name, base, experts, **hp)
@@ -122,7 +126,7 @@ def register(name: str, *, family: str, description: str, reference: str, per: s
             raise ValueError(f"merge method {name!r} registered twice")
         fn = (_per_stack if per == "stack" else _per_tensor)(impl, prepass)
         METHODS[name] = Method(name, fn, dict(defaults), description, needs_base, prepass, check, elementwise,
-                               prepass_elementwise, family, reference, version, dict(aliases or {}), impl)
+                               prepass_elementwise, family, reference, version, dict(aliases or {}), impl, per)
         return impl
 
     return deco
@@ -138,15 +142,39 @@ def _per_tensor(impl, prepass):
     def fn(base, experts, *, context=None, **hp):
         if context is None and prepass is not None:
             context = prepass(run_items(base, experts), **hp)
-        extra = {"context": context} if takes_context else {}
-        out = {}
-        for k in experts[0]:
-            if takes_key:
-                extra["key"] = k
-            out[k] = impl(None if base is None else base[k], [e[k] for e in experts], **extra, **hp)
-        return out
+
+        def one(k):
+            extra = ({"key": k} if takes_key else {}) | ({"context": context} if takes_context else {})
+            return impl(None if base is None else base[k], [e[k] for e in experts], **extra, **hp)
+
+        keys = list(experts[0])
+        workers = min(_KEY_WORKERS.get(), len(keys))
+        if workers < 2:
+            return {k: one(k) for k in keys}
+        with ThreadPoolExecutor(workers) as pool:
+            return dict(zip(keys, pool.map(one, keys)))
 
     return fn
+
+
+#: worker threads over which a per-tensor method's key loop is spread (set by :func:`merge`)
+_KEY_WORKERS = contextvars.ContextVar("key_workers", default=1)
+
+
+@contextmanager
+def _keys_in_parallel(threads: int):
+    """Single-threaded torch ops on ``threads`` Python threads, each merging whole keys, instead
+    of every op spread over ``threads`` cores. The same result (each key's ops are the same), and
+    a busy core costs only its share: a worker on it merges fewer keys, where a parallel op waits
+    for its slowest thread (issue 22: two threads were several times slower than one on a 2-core
+    machine with one core taken). Restores the thread count afterwards."""
+    token = _KEY_WORKERS.set(threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _KEY_WORKERS.reset(token)
 
 
 def _per_stack(impl, prepass):
@@ -302,9 +330,17 @@ def merge(
     if selected:
         base_sel = None if base_sd is None else {k: to_compute(base_sd[k], device) for k in selected}
         experts_sel = [{k: to_compute(e[k], device) for k in selected} for e in expert_sds]
-        if context is None and m.prepass is not None:
-            context = m.prepass(run_items(base_sel, experts_sel, selected), **params)
-        merged_sel = m.fn(base_sel, experts_sel, context=context, **params)
+        threads = torch.get_num_threads()
+        on_cpu = next(iter(experts_sel[0].values())).device.type == "cpu"
+        parallel = m.per == "tensor" and on_cpu and threads > 1 and len(selected) > 1
+        # the task-arithmetic family's prepass is a few passes over memory, run single-threaded
+        # like its merge; the SNR strategies' (eigensolvers) keeps torch's threads
+        light_prepass = m.family == "task_arithmetic"
+        with _keys_in_parallel(threads) if parallel and light_prepass else nullcontext():
+            if context is None and m.prepass is not None:
+                context = m.prepass(run_items(base_sel, experts_sel, selected), **params)
+        with _keys_in_parallel(threads) if parallel else nullcontext():
+            merged_sel = m.fn(base_sel, experts_sel, context=context, **params)
         missing = [k for k in selected if k not in merged_sel]
         if missing:
             raise RuntimeError(f"merge method {method!r} returned no tensor for {missing[0]!r}")

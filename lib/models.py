@@ -1,4 +1,5 @@
-"""Model builders: the MiniLM text classifier and ResNet-18 for 1x28x28 images.
+"""Model builders: the MiniLM text classifier (optionally with LoRA adapters) and ResNet-18 for
+1x28x28 images.
 
 Every model has a *body* and a *head* (the last linear layer, whose shape depends on the number
 of classes). :data:`HEAD_PATTERNS` names the head's parameters for each kind of model, so that a
@@ -87,6 +88,27 @@ def text_classifier(
     if head_seed is not None:
         init_head(model, head_seed)
     return model, tokenizer
+
+
+def with_lora(model: nn.Module, *, r: int, alpha: float, targets, dropout: float = 0.0,
+              head: str = "classifier") -> nn.Module:
+    """``model`` (a text classifier) as a PEFT model with LoRA adapters of rank ``r`` and scale
+    ``alpha / r`` on the modules named ``targets`` (e.g. ``query``, ``value``), ``B`` zero and
+    ``A`` drawn from the global random stream (PEFT's default), every other weight frozen except
+    the ``head``, trained in full (PEFT's ``modules_to_save``)."""
+    import peft
+
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
+                             modules_to_save=[head], bias="none")
+    return peft.get_peft_model(model, config)
+
+
+def merged_lora(adapted: nn.Module) -> nn.Module:
+    """The plain model of a PEFT model: a copy with ``W + (alpha / r) B A`` in every adapted
+    weight and the trained head in place (``adapted`` itself is left as it is, to be saved)."""
+    import copy
+
+    return copy.deepcopy(adapted).merge_and_unload()
 
 
 def resnet18_28(num_classes: int = 10) -> nn.Module:

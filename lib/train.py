@@ -30,6 +30,14 @@ including the base's own hash --, the recipe, the content of the training data, 
 written to a temporary folder and renamed, so an interrupted run never leaves half an expert and
 an existing expert is never overwritten. A second call with the same configuration loads it.
 
+LoRA experts
+------------
+``fit_expert(task, seed=..., lora=True)`` trains a text expert as a LoRA adapter of the body
+(:data:`LORA`: rank 16, alpha 32, query and value, the setting of STAR's paper) with its head
+trained in full, at :data:`LORA_LR`; same cache, seeds, progress and SMOKE mode. Its
+``state_dict`` holds the merged weights, so every merge and evaluation takes it as it takes a
+full fine-tune; :meth:`Expert.adapter` gives its factors (:mod:`lib.lora`) for the factored paths.
+
 Evaluation lives in :mod:`lib.evaluate`; its names (``evaluate``, ``predict``, ``as_model``,
 ``compute_metrics``, ``eval_indices``) are also reachable here as ``train.evaluate`` etc.
 """
@@ -113,6 +121,37 @@ SMOKE_EVAL = {"text": 128, "vision": 500}
 EVAL_BATCH = {"text": 128, "vision": 1000}
 
 
+#: LoRA experts (text only), the setting of STAR (paper 002: "rank 16 and scaling factor (alpha)
+#: set to 32") and of the official IBM/STAR code (query and value projections); ``targets`` may
+#: name other modules of the body (``key``, ``attention.output.dense``, ``intermediate.dense``,
+#: ``output.dense``). The classifier head is trained in full beside the adapter (PEFT's
+#: ``modules_to_save``) and kept as a full tensor.
+LORA = {"r": 16, "alpha": 32, "targets": ("query", "value"), "dropout": 0.0}
+#: the learning rate of a LoRA expert, in place of the recipe's full fine-tuning rate: an adapter
+#: starts at zero (B = 0) and moves few parameters, so it takes the larger rates LoRA is trained
+#: with (the LoRA paper's RoBERTa-base GLUE runs: 4e-4 to 5e-4)
+LORA_LR = 5e-4
+
+
+def lora_spec(lora: Mapping | bool | None) -> dict | None:
+    """A LoRA expert's settings (:data:`LORA` completed by what ``lora`` gives; ``True``: the
+    defaults), checked; None for a full fine-tune."""
+    if lora is None or lora is False:
+        return None
+    given = {} if lora is True else dict(lora)
+    unknown = sorted(set(given) - set(LORA))
+    if unknown:
+        raise ValueError(f"unknown LoRA setting(s) {unknown}; valid: {', '.join(LORA)}")
+    spec = {**LORA, **given}
+    if isinstance(spec["targets"], str):
+        spec["targets"] = (spec["targets"],)
+    if not (isinstance(spec["r"], int) and spec["r"] >= 1) or not spec["targets"]:
+        raise ValueError(f"a LoRA expert needs a rank r >= 1 and target modules, got r={spec['r']!r}, "
+                         f"targets={spec['targets']!r}")
+    return {"r": int(spec["r"]), "alpha": float(spec["alpha"]), "targets": sorted(spec["targets"]),
+            "dropout": float(spec["dropout"])}
+
+
 def recipe_for(task: str, *, smoke: bool = False, **overrides) -> Recipe:
     spec = data.get_task(task)
     recipe = replace(RECIPES[spec.name], **overrides)
@@ -152,12 +191,20 @@ def expert_config(
     smoke: bool | None = None,
     model_name: str | None = None,
     data_dir=None,
+    lora: Mapping | bool | None = None,
     **overrides,
 ) -> dict:
-    """The full configuration of an expert: everything its weights depend on."""
+    """The full configuration of an expert: everything its weights depend on. ``lora`` (True, or
+    settings of :data:`LORA`) makes it a LoRA expert of a text task, trained at :data:`LORA_LR`
+    unless ``overrides`` give ``lr``; a full fine-tune's configuration has no ``lora`` entry."""
     spec = data.get_task(task)
     smoke = paths.is_smoke() if smoke is None else bool(smoke)
     variant = resolve_variant(task, variant)
+    lora = lora_spec(lora)
+    if lora is not None:
+        if spec.kind != "text":
+            raise ValueError(f"LoRA experts are text experts; {task} is a {spec.kind} task")
+        overrides = {"lr": LORA_LR, **overrides}
     recipe = recipe_for(task, smoke=smoke, **overrides)
     source = data.find_source(spec, "train", data_dir)
     if spec.kind == "text":
@@ -172,7 +219,7 @@ def expert_config(
         else:
             base = expert_config("mnist", seed=seed, smoke=smoke, data_dir=data_dir)
             init = {"base": config_key(base), "head_seed": derive_seed(seed, spec.name)}
-    return {
+    config = {
         "task": spec.name,
         "variant": variant,
         "seed": int(seed),
@@ -183,6 +230,9 @@ def expert_config(
         "data": {"train": source.fingerprint(spec, "train"), "subset_seed": 0},
         "code_version": CODE_VERSION,
     }
+    if lora is not None:  # only then: the full fine-tunes keep their keys
+        config["lora"] = lora
+    return config
 
 
 def config_key(config: Mapping) -> str:
@@ -221,11 +271,29 @@ class Expert:
     def variant(self) -> str:
         return self.config["variant"]
 
+    @property
+    def is_lora(self) -> bool:
+        return "lora" in self.config
+
+    def adapter(self):
+        """A LoRA expert's PEFT adapter as a :class:`lib.lora.Adapter` (factored task vectors of the
+        adapted matrices, the head as a full tensor), read against its starting point."""
+        from .lora import read_adapter
+
+        if not self.is_lora:
+            raise ValueError(f"{self.task} seed {self.seed} ({self.key}) is a full fine-tune, not a LoRA expert")
+        return read_adapter(self.path / ADAPTER_DIR, to_state_dict(initial_model(self.config)),
+                            label=f"{self.task} seed {self.seed} LoRA")
+
     def model(self) -> nn.Module:
         """A fresh module holding the expert's weights (CPU, eval mode)."""
         module = _architecture(self.task, model_name_of(self.config))
         module.load_state_dict(self.state_dict)
         return module.eval()
+
+
+#: the PEFT adapter folder inside a LoRA expert's cache folder, beside its merged full weights
+ADAPTER_DIR = "adapter"
 
 
 def experts_dir() -> Path:
@@ -261,8 +329,9 @@ def load_expert(config: Mapping) -> Expert | None:
     )
 
 
-def _save_expert(expert: Expert) -> Path:
-    """Write the expert through a temporary folder and one rename; never replace an existing one."""
+def _save_expert(expert: Expert, adapter: nn.Module | None = None) -> Path:
+    """Write the expert through a temporary folder and one rename; never replace an existing one.
+    ``adapter`` (a trained PEFT model) is saved beside the weights in :data:`ADAPTER_DIR`."""
     from safetensors.torch import save_file
 
     final = expert_path(expert.key)
@@ -273,6 +342,8 @@ def _save_expert(expert: Expert) -> Path:
     try:
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in expert.state_dict.items()}
         save_file(tensors, tmp / "model.safetensors")
+        if adapter is not None:
+            adapter.save_pretrained(tmp / ADAPTER_DIR)
         meta = {
             "key": expert.key, "config": expert.config, "metrics": expert.metrics, "runtime": expert.runtime,
             "versions": expert.versions, "history": expert.history,
@@ -567,13 +638,17 @@ def fit_expert(
     model_name: str | None = None,
     data_dir=None,
     progress: bool = True,
+    lora: Mapping | bool | None = None,
     **overrides,
 ) -> Expert:
     """Train the expert of ``task`` for ``seed`` and ``variant`` (see the module docstring), or
     load it if this exact configuration was trained before. ``smoke=None`` follows ``SMOKE``;
-    ``overrides`` change fields of the task's :class:`Recipe` (and so the cache key)."""
+    ``overrides`` change fields of the task's :class:`Recipe` (and so the cache key). ``lora``
+    (True, or settings of :data:`LORA`) trains a LoRA adapter of the body and a full head instead
+    of fine-tuning every weight: the expert's ``state_dict`` holds the merged weights (base + B A,
+    the trained head), :meth:`Expert.adapter` the factors."""
     config = expert_config(task, seed=seed, variant=variant, smoke=smoke, model_name=model_name,
-                           data_dir=data_dir, **overrides)
+                           data_dir=data_dir, lora=lora, **overrides)
     cached = load_expert(config)
     if cached is not None:
         return cached
@@ -581,11 +656,19 @@ def fit_expert(
     recipe = Recipe(**config["recipe"])
     desc = f"{task} seed {seed} {config['variant']}"
     model = initial_model(config, data_dir=data_dir, progress=progress)
+    adapted, lora = None, config.get("lora")
     start, cpu_start = time.perf_counter(), time.process_time()
-    with _seeded(derive_seed(seed, task, "train")):
+    # a LoRA expert has a stream of its own (not the full fine-tune's), from which the adapter's
+    # initial A is drawn as well as the dropout
+    with _seeded(derive_seed(seed, task, "train", *(["lora"] if lora else []))):
+        if lora:
+            adapted = model = models.with_lora(model, **lora)
+            desc += " LoRA"
         batches, steps, n_train = _train_batches(config, recipe, data_dir)
         losses = train(model, batches, steps=steps, recipe=recipe, progress=progress, desc=desc)
     train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    if adapted is not None:
+        model = models.merged_lora(adapted)
     from .evaluate import evaluate
 
     start = time.perf_counter()
@@ -602,7 +685,7 @@ def fit_expert(
         versions(), expert_path(key), history={"loss_first10": float(np.mean(losses[:10])),
                                                "loss_last10": float(np.mean(losses[-10:]))},
     )
-    expert.path = _save_expert(expert)
+    expert.path = _save_expert(expert, adapted)
     return expert
 
 

@@ -1,0 +1,69 @@
+"""LoRA experts of lib.train: the configuration (a full fine-tune's key is unchanged), a SMOKE
+LoRA expert whose merged weights are its base plus its adapter's deltas and whose only other
+change is its head, the cache, and the adapter read back as factored task vectors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib import train
+from lib.lora import densify
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECTRAL_MERGE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_lora_settings_complete_and_check():
+    assert train.lora_spec(None) is None and train.lora_spec(False) is None
+    spec = train.lora_spec(True)
+    assert spec == {"r": 16, "alpha": 32.0, "targets": ["query", "value"], "dropout": 0.0}
+    assert train.lora_spec({"targets": "key", "r": 4})["targets"] == ["key"]
+    with pytest.raises(ValueError, match="unknown LoRA setting"):
+        train.lora_spec({"rank": 4})
+    with pytest.raises(ValueError, match="rank r >= 1"):
+        train.lora_spec({"r": 0})
+
+
+def test_lora_config_leaves_full_fine_tunes_alone():
+    full = train.expert_config("sst2", seed=0, smoke=True)
+    lora = train.expert_config("sst2", seed=0, smoke=True, lora=True)
+    assert "lora" not in full and lora["lora"]["r"] == 16
+    assert lora["recipe"]["lr"] == train.LORA_LR and full["recipe"]["lr"] == train.RECIPES["sst2"].lr
+    assert train.config_key(full) != train.config_key(lora)
+    assert train.expert_config("sst2", seed=0, smoke=True, lora=True, lr=1e-3)["recipe"]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="text experts"):
+        train.expert_config("mnist", seed=0, smoke=True, lora=True)
+
+
+def test_smoke_lora_expert_is_its_base_plus_its_adapter():
+    expert = train.fit_expert("sst2", seed=0, smoke=True, progress=False, lora={"r": 4},
+                              max_train_examples=16, batch_size=8)
+    assert expert.is_lora and (expert.path / train.ADAPTER_DIR / "adapter_config.json").is_file()
+    assert expert.metrics["n"] == train.SMOKE_EVAL["text"]
+    base = train.base_state_dict("sst2", seed=0)
+    adapter = expert.adapter()
+    assert sorted(k.split(".")[-2] for k in adapter.deltas) == sorted(["query", "value"] * 6)
+    assert all(d.rank == 4 and d.scale == 32 / 4 for d in adapter.deltas.values())
+    assert set(adapter.tensors) == {"classifier.weight", "classifier.bias"}
+    # the trained expert's weights are the base's, the adapted matrices plus s B A, and its own head
+    dense = densify(base, adapter)
+    assert dense.keys() == expert.state_dict.keys()
+    for k, t in expert.state_dict.items():
+        assert torch.allclose(t, dense[k], atol=1e-6), k
+    changed = {k for k in base if not torch.equal(base[k], expert.state_dict[k])}
+    assert changed == set(adapter.deltas) | set(adapter.tensors)
+    # the second call loads it
+    again = train.fit_expert("sst2", seed=0, smoke=True, progress=False, lora={"r": 4},
+                             max_train_examples=16, batch_size=8)
+    assert again.from_cache and again.key == expert.key
+    assert torch.equal(again.adapter().deltas[next(iter(adapter.deltas))].b, next(iter(adapter.deltas.values())).b)
+
+
+def test_a_full_fine_tune_has_no_adapter():
+    expert = train.Expert("k", {"task": "sst2", "seed": 0}, {}, {}, {}, {}, train.expert_path("k"))
+    with pytest.raises(ValueError, match="not a LoRA expert"):
+        expert.adapter()

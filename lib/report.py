@@ -360,7 +360,7 @@ def cluster_markdown(results: Mapping[str, Mapping]) -> str:
             "its own records (loading experts, spectra, diagnostics, 06's fits, tables); no plan goes below the "
             "longest single record. Left out: training missing experts (`make experts`, above; done first, in "
             "the runner's process) and each worker's start (about 10 s: torch import and loading its pool, "
-            "`benchmarks/grid.py`). The notebooks still run their grids in-process; `run_grid` with "
+            "`benchmarks/grid.py`). Every notebook and `make reproduce` run their grid through `run_grid`; "
             "`EXECUTOR=processes:N`, `dask:ADDRESS` or `slurm` is what these times plan for.\n\n"
             + table(rows, columns))
 

@@ -108,6 +108,59 @@ def race(weights: dict[str, torch.Tensor], repeats: int, device,
     return min(svd_times), min(scan_times), reference, table
 
 
+def weightwatcher_comparison(mp_fit: bool = True) -> dict:
+    """``spectral.layer_metrics`` and ``scan`` beside WeightWatcher's ``analyze()`` on MiniLM's body,
+    layer by layer (WeightWatcher is not a dependency: ``pip install weightwatcher``; skipped
+    without it). Prints the largest difference of every shared metric and both noise fits' spike
+    counts.
+
+    Why our fit calls several times more eigenvalues signal: ``scan`` sets the noise level so that
+    the *median* of the eigenvalues below the threshold matches the Marchenko–Pastur median
+    (:func:`lib.spectral._bulk_median_sigma2`). Pre-trained weights are heavy-tailed, so the lower
+    half of the spectrum is narrower than the whole, the fitted sigma² is small, the bulk edge low,
+    and much of the upper spectrum lies above it. WeightWatcher's ``mp_fit`` fits the MP density to
+    a kernel density estimate of the *whole* spectrum, heavy tail included, which widens the fitted
+    bulk and raises its edge; only the far tail stays above it. Neither is wrong for pure noise
+    plus spikes (both then find the planted spikes); they differ in what they call the bulk of a
+    spectrum that has none."""
+    from transformers import AutoModel
+
+    from lib import models
+
+    body = AutoModel.from_pretrained(str(models.default_text_model_path()))
+    t_ours, ours = timed(lambda: spectral.layer_metrics(body))
+    t_scan, table = timed(lambda: spectral.scan(body))
+    print(f"layer_metrics on MiniLM: {t_ours:.2f} s ({len(ours)} matrices, float64 spectra); scan {t_scan:.2f} s")
+    try:
+        import weightwatcher
+    except ImportError:
+        print("weightwatcher is not installed (pip install weightwatcher): comparison skipped")
+        return {"layer_metrics_s": t_ours, "scan_s": t_scan}
+    watcher = weightwatcher.WeightWatcher(model=body)
+    t_ww, details = timed(lambda: watcher.analyze(mp_fit=mp_fit))
+    print(f"WeightWatcher analyze(mp_fit={mp_fit}): {t_ww:.2f} s ({len(details)} layers)")
+    ours = ours.assign(layer=ours.name.str.removesuffix(".weight")).set_index("layer")
+    details = details.set_index("longname")
+    shared = [k for k in details.index if k in ours.index]
+    figures = {"layer_metrics_s": t_ours, "scan_s": t_scan, "weightwatcher_s": t_ww, "layers": len(shared)}
+    for ours_col, ww_col in [("alpha", "alpha"), ("alpha_weighted", "alpha_weighted"), ("xmin", "xmin"),
+                             ("stable_rank", "stable_rank"), ("log_spectral_norm", "log_spectral_norm"),
+                             ("log_norm", "log_norm"), ("entropy", "entropy"), ("rank_loss", "rank_loss")]:
+        if ww_col not in details:
+            continue
+        a, b = ours.loc[shared, ours_col].astype(float), details.loc[shared, ww_col].astype(float)
+        rel = ((a - b).abs() / b.abs().clip(lower=1e-12)).max()
+        print(f"  {ours_col:18s} largest relative difference {rel:.1e}   (ours median {a.median():.4g}, WW {b.median():.4g})")
+        figures[f"{ours_col}_max_rel_diff"] = float(rel)
+    if "num_spikes" in details:
+        ours_spikes = int(table.assign(layer=table.name.str.removesuffix(".weight")).set_index("layer").loc[shared, "n_signal"].sum())
+        ww_spikes = int(details.loc[shared, "num_spikes"].sum())
+        print(f"  eigenvalues called signal: scan {ours_spikes}, WeightWatcher {ww_spikes} "
+              f"({ours_spikes / max(ww_spikes, 1):.1f} x; see this function's docstring for why)")
+        figures |= {"scan_signal": ours_spikes, "weightwatcher_spikes": ww_spikes}
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one layer, one repeat, no per-shape breakdown")
@@ -119,7 +172,14 @@ def main() -> None:
                         help="dtype of the reference SVD (default float32, the weights' own)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-shape breakdown")
     parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file (atomically)")
+    parser.add_argument("--weightwatcher", action="store_true",
+                        help="only compare layer_metrics and scan with WeightWatcher on MiniLM (needs weightwatcher)")
     args = parser.parse_args()
+    if args.weightwatcher:
+        figures = weightwatcher_comparison()
+        if args.json:
+            write_json(args.json, figures)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     layers, repeats = (1, 1) if args.quick else (args.layers, args.repeats)

@@ -1,7 +1,7 @@
 # spectral-merge: every job of the project is a target here.
 #   make setup     build .venv with the pinned environment (idempotent; a second run is quick)
 #   make figures   main job: redraw every figure and README table from results/*.json (runs a notebook only where its results are missing)
-#   make test      unit/property/contract tests + every notebook in SMOKE mode under nbval
+#   make test      ruff lint, unit/property/contract tests + every notebook (and the book's lab) in SMOKE mode under nbval
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -23,7 +23,7 @@ export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup test unit nbval figures report smoke reproduce experts lab bench clean strip book book-check
+.PHONY: help setup test lint unit nbval figures report smoke reproduce experts lab bench clean strip book book-check
 .PHONY: gpu-check
 
 help:
@@ -40,7 +40,11 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
-test: unit nbval
+test: lint unit nbval
+
+# ruff.toml says which rules and why; `ruff check --fix .` repairs the import order
+lint: setup
+	$(BIN)/ruff check .
 
 unit: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS) tests
@@ -48,7 +52,7 @@ unit: setup
 # nbval executes each notebook top to bottom in SMOKE mode (tiny slices, about a minute each);
 # --nbval-lax checks that every cell runs, not that outputs match a stored copy.
 nbval: setup
-	SMOKE=1 $(BIN)/pytest -q -p no:cacheprovider --nbval-lax $(NOTEBOOKS)
+	SMOKE=1 $(BIN)/pytest -q -p no:cacheprovider --nbval-lax $(NOTEBOOKS) book/lab.ipynb
 
 figures: setup
 	$(PY) -m lib figures --run-missing

@@ -142,7 +142,7 @@ def bounds(device: torch.device, layers: int, quick: bool) -> dict:
     host = torch.randn(1 << (24 if quick else 26), generator=g)  # 64 or 256 MiB of float32, pageable as lib's tensors are
     to_device = _seconds(lambda: host.to(device), device)
     on_device = host.to(device)
-    to_host = _seconds(lambda: on_device.to("cpu"), device)
+    to_host = _seconds(lambda on_device=on_device: on_device.to("cpu"), device)
     h2d, d2h = host.numel() * 4 / to_device, host.numel() * 4 / to_host
     del on_device
     out = {"host_to_device_gb_s": h2d / 1e9, "device_to_host_gb_s": d2h / 1e9}
@@ -150,7 +150,7 @@ def bounds(device: torch.device, layers: int, quick: bool) -> dict:
     x = torch.randn(batch, 3072, 768, generator=g).to(device)
     for dtype, label in [(torch.float64, "float64"), (torch.float32, "float32")]:
         xd = x.to(dtype)
-        t = _seconds(lambda: xd.mT @ xd, device)
+        t = _seconds(lambda xd=xd: xd.mT @ xd, device)
         out[f"{label}_gram_tflop_s"] = 2 * batch * 3072 * 768 * 768 / t / 1e12
     del x, xd
     eigh_ms = {}
@@ -159,7 +159,7 @@ def bounds(device: torch.device, layers: int, quick: bool) -> dict:
         spd = (a @ a.mT).to(device)
         for dtype, label in [(torch.float64, "float64"), (torch.float32, "float32")]:
             m = spd.to(dtype)
-            eigh_ms[f"{label}_{size}"] = 1e3 * _seconds(lambda: torch.linalg.eigh(m), device, repeats=2) / count
+            eigh_ms[f"{label}_{size}"] = 1e3 * _seconds(lambda m=m: torch.linalg.eigh(m), device, repeats=2) / count
         del spd, m
     out["eigh_ms_per_matrix"] = eigh_ms
     if device.type == "cuda":

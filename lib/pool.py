@@ -55,8 +55,8 @@ from tqdm import tqdm
 from . import data, sweep, train
 from .device import get_device
 from .linalg import gram_eigh, shape_batches
-from .merge import get_method, resolve_hparams, stack
 from .merge import drm as drm_method
+from .merge import get_method, resolve_hparams, stack
 from .merge.star import BATCH_ELEMENTS, kept_rank
 from .statedict import StateDict, matches
 

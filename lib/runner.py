@@ -66,7 +66,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import data, executors, pool, store as store_module, sweep, train
+from . import data, executors, pool, sweep, train
+from . import store as store_module
 from .merge import get_method, merge, resolve_hparams
 from .store import RecordStore, config_key, method_version
 
@@ -109,7 +110,7 @@ class CachedExperts:
 
     @staticmethod
     def prepare(spec: Mapping, *, progress: bool = True) -> None:
-        for name, config in CachedExperts._configs(spec).items():
+        for config in CachedExperts._configs(spec).values():
             if not train.is_cached(config):
                 train.fit_expert(config["task"], seed=spec["seed"], variant=config["variant"], smoke=spec["smoke"],
                                  progress=progress)

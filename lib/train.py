@@ -366,8 +366,8 @@ def _load_average() -> float | None:
 
 
 def versions() -> dict:
-    import transformers
     import torchvision
+    import transformers
 
     import lib
 

@@ -22,10 +22,10 @@ import math
 
 import pytest
 import torch
+from test_star_drm import low_rank_plus_noise, relative_error
 
 from lib.merge import merge
 from lib.merge.drm import drm_h_deltas, drm_v_deltas, prune_in_joint_basis
-from test_star_drm import low_rank_plus_noise, relative_error
 
 TOLERANCE = 1e-6
 OURS = dict(zero_round_off=True, kept="ceil", zero_mass="zero", full_density="drm")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_runner import RUNS, SOURCE, TASKS, logged, write_experts
 
 from lib import grids, paths, pool, runner, sweep
 from lib.store import RecordStore
-from test_runner import RUNS, SOURCE, TASKS, logged, write_experts
 
 CONFIG = {"seeds": [0, 1], "sizes": [2, 3], "runs": ["average(weights=None)"]}
 

@@ -31,8 +31,7 @@ import pytest
 import torch
 
 from lib.checkpoint import Checkpoint
-from lib.lora import (FACTORED, Adapter, LowRank, densify, merge_lowrank, read_adapter, stack_factors,
-                      write_adapter)
+from lib.lora import FACTORED, Adapter, LowRank, densify, merge_lowrank, read_adapter, stack_factors, write_adapter
 from lib.merge import METHODS, merge
 
 TOL = 1e-6

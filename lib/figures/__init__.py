@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import paths
 
+
 def drawers() -> dict[str, Callable]:
     """notebook stem -> draw function, in notebook order."""
     out = {}

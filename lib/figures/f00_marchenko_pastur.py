@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..plotting import color, legend_beside, legend_below, savefig
+from ..plotting import color, legend_below, legend_beside, savefig
 from ..spectral import mp_pdf
 
 NOTEBOOK = "00_marchenko_pastur"

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import NullFormatter, SymmetricalLogLocator
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import NullFormatter, SymmetricalLogLocator
 
 from .. import sweep
 from ..plotting import color, matrix_name, savefig

@@ -30,8 +30,16 @@ from torch import Tensor
 from . import check_finite_number, check_range, register
 from .basic import check_weights, per_expert
 from .dare import THEN, agreeing_sum, drop_and_rescale
-from .ties import (TaskVectorItems, disjoint_mean, elect_sign, floor_kept_count, kept_count, kth_largest_magnitude,
-                   trim_below, trim_topk)
+from .ties import (
+    TaskVectorItems,
+    disjoint_mean,
+    elect_sign,
+    floor_kept_count,
+    kept_count,
+    kth_largest_magnitude,
+    trim_below,
+    trim_topk,
+)
 
 #: consensus: how the (sparsified) task vectors of the experts become one
 CONSENSUS = (None, "mean", "sum")

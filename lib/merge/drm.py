@@ -107,7 +107,6 @@ from ..linalg import concat_left_singular, left_singular
 from . import PRECISION, check_finite_number, check_range, register
 from .ties import disjoint_mean, elect_sign, trim_topk
 
-
 #: how step 3 ranks the entries: over the blocks of all tasks at once, or within each task's block
 PRUNE = ("joint", "per_task")
 

@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sqlite3
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_runner import RUNS, SOURCE, TASKS, logged, write_experts
+from test_runner import RUNS, SOURCE, TASKS, kill_after_records, logged, write_experts
 
 from lib import grids, paths, pool, runner, sweep
 from lib.store import RecordStore
@@ -105,22 +101,7 @@ def test_a_notebook_grid_killed_after_k_records_resumes_with_exactly_the_missing
     path, k = tmp_path / "records.sqlite", 3
     env = {**os.environ, "GRID_TEST_DELAY": "0.4",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_NOTEBOOK_GRID, str(experts), str(path)], env=env)
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if path.exists():
-                with sqlite3.connect(path) as conn:
-                    try:
-                        if conn.execute("select count(*) from records").fetchone()[0] >= k:
-                            break
-                    except sqlite3.OperationalError:
-                        pass
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the grid finished before it could be killed"
+    kill_after_records([sys.executable, "-c", KILLED_NOTEBOOK_GRID, str(experts), str(path)], env=env, path=path, k=k)
     store = RecordStore(path)
     stored = len(store)
     assert k <= stored < len(configs)

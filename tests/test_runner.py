@@ -196,16 +196,11 @@ runner.run_grid(grid(sys.argv[1], subsets={subsets!r}, alone=False), store=Recor
 SUBSETS = (("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c"))
 
 
-def test_a_killed_grid_resumes_and_computes_exactly_the_missing_records(experts, tmp_path, monkeypatch):
-    configs = grid(experts, subsets=SUBSETS, alone=False)
-    uninterrupted = runner.run_grid(configs, store=RecordStore(tmp_path / "reference.sqlite"), progress=False)
-    runner.release()
 
-    path, k = tmp_path / "records.sqlite", 3
-    env = {**os.environ, "GRID_TEST_DELAY": "0.4", "GRID_TEST_LOG": str(tmp_path / "killed.log"),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN.format(subsets=SUBSETS), str(experts), str(path)], env=env)
-    deadline = time.monotonic() + 60
+def kill_after_records(argv: list[str], *, env: dict, path: Path, k: int, timeout: float = 60) -> None:
+    """Start ``argv`` (a grid run storing into ``path``) and SIGKILL it once the store holds ``k`` records."""
+    proc = subprocess.Popen(argv, env=env)
+    deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if path.exists():
@@ -220,6 +215,18 @@ def test_a_killed_grid_resumes_and_computes_exactly_the_missing_records(experts,
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the grid finished before it could be killed"
+
+
+def test_a_killed_grid_resumes_and_computes_exactly_the_missing_records(experts, tmp_path, monkeypatch):
+    configs = grid(experts, subsets=SUBSETS, alone=False)
+    uninterrupted = runner.run_grid(configs, store=RecordStore(tmp_path / "reference.sqlite"), progress=False)
+    runner.release()
+
+    path, k = tmp_path / "records.sqlite", 3
+    env = {**os.environ, "GRID_TEST_DELAY": "0.4", "GRID_TEST_LOG": str(tmp_path / "killed.log"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    kill_after_records([sys.executable, "-c", KILLED_RUN.format(subsets=SUBSETS), str(experts), str(path)],
+                       env=env, path=path, k=k)
     store = RecordStore(path)
     stored = len(store)
     assert k <= stored < len(configs)

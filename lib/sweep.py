@@ -18,7 +18,7 @@ hands each run its layer decisions as the merge's ``context`` (:func:`lib.merge.
 sweep over eleven ``top`` values computes the spectra once instead of eleven times.
 
 :func:`evaluate_tasks` and :func:`evaluate_report_head` build the evaluation callables of the
-notebooks from :mod:`lib.train`; :func:`spectra` reads the experts' spectra for the figures
+notebooks from :mod:`lib.evaluate`; :func:`spectra` reads the experts' spectra for the figures
 (:func:`layer_snr_records`, :func:`telling_layers`, :func:`esd_records`);
 :func:`compare_with_report` puts the report's numbers beside ours.
 """
@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from . import data, train
+from . import evaluate as scoring
 from .merge import get_method, merge, resolve_hparams, select_keys, snr, to_compute
 from .merge.snr import decide_layers, expert_snrs
 from .spectral import scan, spectrum
@@ -468,7 +469,7 @@ def task_table(tasks: Iterable[str], *, smoke: bool) -> dict[str, dict]:
     out = {}
     for task in tasks:
         spec = data.get_task(task)
-        idx = train.eval_indices(task, spec.eval_split, smoke=smoke)
+        idx = scoring.eval_indices(task, spec.eval_split, smoke=smoke)
         labels = data.labels_of(task, spec.eval_split)[idx]
         metrics = ["accuracy"] + ([spec.metric] if spec.metric != "accuracy" else [])
         out[task] = {"title": spec.title, "split": spec.eval_split, "n_eval": len(idx), "metrics": metrics,
@@ -518,7 +519,7 @@ def evaluate_tasks(tasks: Sequence[str], *, smoke: bool, heads: Mapping[str, Sta
         out = {}
         for task in tasks:
             model = sd if heads is None else train.with_head(sd, heads[task], data.get_task(task).kind)
-            scores = train.evaluate(model, task, smoke=smoke)
+            scores = scoring.evaluate(model, task, smoke=smoke)
             out[task] = {k: v for k, v in scores.items() if k != "n"}
         return out
 
@@ -533,9 +534,9 @@ REPORT_SST2 = "sst2_shared_head"
 
 def collapsed_emotion_labels(*, smoke: bool) -> np.ndarray:
     """Emotion's evaluation labels collapsed as the report's code does (0 stays 0, every other
-    class becomes 1), in the order :func:`lib.train.predict` returns examples."""
+    class becomes 1), in the order :func:`lib.evaluate.predict` returns examples."""
     spec = data.get_task("emotion")
-    idx = train.eval_indices("emotion", spec.eval_split, smoke=smoke)
+    idx = scoring.eval_indices("emotion", spec.eval_split, smoke=smoke)
     return (data.labels_of("emotion", spec.eval_split)[idx] != 0).astype(np.int64)
 
 
@@ -545,9 +546,9 @@ def evaluate_report_head(*, smoke: bool) -> Evaluate:
     collapsed = collapsed_emotion_labels(smoke=smoke)
 
     def evaluate(sd: StateDict) -> dict[str, dict[str, float]]:
-        model = train.as_model(sd, "sst2")  # a two-class MiniLM holding ``sd``
-        sst2 = train.evaluate(model, "sst2", smoke=smoke)
-        logits, _ = train.predict(model, "emotion", smoke=smoke)
+        model = scoring.as_model(sd, "sst2")  # a two-class MiniLM holding ``sd``
+        sst2 = scoring.evaluate(model, "sst2", smoke=smoke)
+        logits, _ = scoring.predict(model, "emotion", smoke=smoke)
         return {REPORT_SST2: {"accuracy": sst2["accuracy"]},
                 COLLAPSED_EMOTION: {"accuracy": float((logits.argmax(1) == collapsed).mean())}}
 

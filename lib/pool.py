@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import data, sweep, train
+from . import data, stats, sweep, train
 from .device import get_device
 from .linalg import gram_eigh, shape_batches
 from .merge import drm as drm_method
@@ -290,24 +290,20 @@ def subset_scores(records: Iterable[Mapping], metric: str = "accuracy") -> pd.Da
     return pd.concat([out, pd.DataFrame(rows)], ignore_index=True) if rows else out
 
 
-def mean_std(values: pd.Series) -> pd.Series:
-    """Mean, sample standard deviation (NaN for one value) and count."""
-    return pd.Series({"mean": values.mean(), "std": values.std(ddof=1), "n": values.count()})
-
-
 def size_summary(records: Iterable[Mapping], metric: str = "accuracy") -> pd.DataFrame:
-    """Per pool, subset size and run: the mean over subsets of each seed, then ``mean``, ``std``
-    and ``n`` (seeds) over seeds, with the number of ``subsets`` per seed."""
+    """Per pool, subset size and run: :func:`lib.stats.over_seeds` of the normalized scores (the
+    mean over subsets of each seed, then ``mean``, ``std`` and ``n`` seeds), with the number of
+    ``subsets`` per seed."""
     s = subset_scores(records, metric)
     hp_cols = [c for c in s.columns if c.startswith("hp_")]
-    per_seed = (s.groupby(["pool", "kind", "size", "run", "seed"], sort=False, dropna=False)
-                .agg(normalized=("normalized", "mean"), subsets=("subset", "count")).reset_index())
-    out = per_seed.groupby(["pool", "kind", "size", "run"], sort=False)["normalized"].apply(mean_std).unstack().reset_index()
-    first = s.groupby("run", sort=False)[["method", *hp_cols]].first()
-    out = out.join(first, on="run")
-    out["subsets"] = per_seed.groupby(["pool", "kind", "size", "run"], sort=False)["subsets"].mean().to_numpy()
-    out["n"] = out["n"].astype(int)
-    return out.sort_values(["pool", "size"], kind="stable").reset_index(drop=True)
+    by = ["pool", "kind", "size", "run"]
+    first_seen = {run: i for i, run in enumerate(s.run.unique())}  # runs in the order the grid made them
+    out = stats.over_seeds(s, by).sort_values(["pool", "size", "run"], kind="stable",
+                                              key=lambda c: c.map(first_seen) if c.name == "run" else c)
+    out = out.join(s.groupby("run", sort=False)[["method", *hp_cols]].first(), on="run")
+    subsets = s.groupby([*by, "seed"], sort=False, dropna=False)["subset"].count().groupby(level=by).mean()
+    out["subsets"] = subsets.reindex(pd.MultiIndex.from_frame(out[by])).to_numpy()
+    return out.reset_index(drop=True)
 
 
 def select(frame: pd.DataFrame, method: str, **hparams) -> pd.DataFrame:
@@ -400,7 +396,7 @@ class Effect:
 
 
 #: the confidence level of :func:`compare_effects`' intervals
-EFFECT_LEVEL = sweep.LEVEL
+EFFECT_LEVEL = stats.LEVEL
 #: a baseline within this many normalized points of chance counts as "at chance"
 CHANCE_MARGIN = 2.0
 
@@ -461,9 +457,9 @@ def compare_effects(records: Iterable[Mapping], effects: Iterable[Effect], *, me
         per_seed = _seed_means(d, "difference")
         mean = float(per_seed.mean()) if len(d) else math.nan
         if per_seed.size >= 2:
-            (low, high), over = sweep.t_interval(per_seed, level), "seeds"
+            (low, high), over = stats.t_interval(per_seed, level), "seeds"
         elif len(d) >= 2:
-            (low, high), over = sweep.t_interval(d.difference, level), "subsets (one seed)"
+            (low, high), over = stats.t_interval(d.difference, level), "subsets (one seed)"
         else:
             (low, high), over = (math.nan, math.nan), "too few"
         resolved = bool(low > 0 or high < 0)

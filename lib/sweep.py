@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import data, train
+from . import data, stats, train
 from . import evaluate as scoring
 from .merge import get_method, merge, resolve_hparams, select_keys, snr, to_compute
 from .merge.snr import decide_layers, expert_snrs
@@ -312,12 +311,9 @@ def records_frame(records: Iterable[Mapping]) -> pd.DataFrame:
 
 
 def summarize(records: Iterable[Mapping]) -> pd.DataFrame:
-    """Mean, standard deviation (ddof=1; NaN for one seed) and number of seeds of every value,
-    per sweep coordinate, task and metric."""
-    df = records_frame(records)
-    g = df.groupby(GROUP_COLUMNS, dropna=False, sort=False)["value"]
-    out = g.agg(mean="mean", std="std", n="count").reset_index()
-    return out
+    """:func:`lib.stats.over_seeds` of every value (mean, sample std, seeds), per sweep
+    coordinate, task and metric."""
+    return stats.over_seeds(records_frame(records), GROUP_COLUMNS, "value")
 
 
 def timing(records: Iterable[Mapping]) -> dict[str, float]:
@@ -571,23 +567,6 @@ def spectra(experts: Mapping[str, StateDict], snr_methods: Sequence[str], *, see
 # --- reading the results -----------------------------------------------------------------------
 
 
-#: the confidence level of every interval the notebooks and README state
-LEVEL = 0.95
-
-
-def t_interval(values, level: float = LEVEL) -> tuple[float, float]:
-    """Student-t interval for the mean of ``values`` at ``level`` (NaN for fewer than two). With
-    three seeds the 95 % interval is the mean ± 4.30 standard errors: two standard errors would
-    be about an 80 % interval."""
-    from scipy.stats import t
-
-    values = np.asarray(values, dtype=np.float64)
-    if values.size < 2:
-        return math.nan, math.nan
-    half = float(t.ppf((1 + level) / 2, values.size - 1)) * float(values.std(ddof=1)) / math.sqrt(values.size)
-    return float(values.mean()) - half, float(values.mean()) + half
-
-
 def leaderboard(records: Iterable[Mapping], task: str, metric: str) -> pd.DataFrame:
     """Each SNR strategy and definition at its best ``top`` (or threshold), each reference merge,
     each expert and the base, ranked by the mean over seeds of ``metric`` on ``task``."""
@@ -619,9 +598,9 @@ def verdict(records: Iterable[Mapping], task: str, metric: str, *, reference: st
     if paired.size < 2:
         spread = "one seed, so no interval: read it as anecdotal"
     else:
-        low, high = t_interval(paired)
+        low, high = stats.t_interval(paired)
         clear = low > 0 or high < 0
-        spread = (f"paired {LEVEL:.0%} t-interval over {paired.size} seeds [{low:+.3f}, {high:+.3f}]"
+        spread = (f"paired {stats.LEVEL:.0%} t-interval over {paired.size} seeds [{low:+.3f}, {high:+.3f}]"
                   + ("" if clear else f": it holds 0, not distinguishable with {paired.size} seeds"))
     text = (f"{task} {metric}: the best SNR merge on the grid (an optimistic pick), {snr_rows.index[0]}, scores "
             f"{best['mean']:.3f} ± {_std(best)}; {reference} scores {ref['mean']:.3f} ± {_std(ref)}; "

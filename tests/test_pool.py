@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from lib import pool, sweep
+from lib import pool
 from lib.merge import drm
 from lib.merge.star import kept_rank
 from lib.merge.ties import trim_topk
@@ -218,14 +218,6 @@ def test_paired_differences_and_effects_compare_on_the_same_subsets():
     assert table.loc["one seed only", "agrees"] == "–"
     with pytest.raises(ValueError, match="no scores of \\['dare\\(\\)'\\]"):
         pool.paired_differences(records, "dare()", "base")
-
-
-def test_t_interval_is_wider_than_two_standard_errors_with_three_seeds():
-    values = [1.0, 2.0, 4.0]
-    low, high = sweep.t_interval(values, 0.95)
-    se = np.std(values, ddof=1) / math.sqrt(3)
-    assert (high - low) / 2 == pytest.approx(stats.t.ppf(0.975, 2) * se) and (high - low) / 2 > 4 * se
-    assert all(math.isnan(v) for v in sweep.t_interval([1.0]))
 
 
 def test_a_win_over_a_baseline_at_chance_is_not_agreement():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib import sweep
+from lib import stats, sweep
 
 
 def tiny(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -395,7 +395,7 @@ def test_verdict_states_the_difference_and_whether_seeds_resolve_it():
     best = best[best.snr_method.notna()].run.iloc[0]
     a = frame[(frame.task == "a") & (frame.metric == "accuracy")]
     paired = a[a.run == best].groupby("seed").value.mean() - a[a.run == "average()"].groupby("seed").value.mean()
-    low, high = sweep.t_interval(paired)
+    low, high = stats.t_interval(paired)
     assert f"[{low:+.3f}, {high:+.3f}]" in text
     assert "The a expert alone scores" in text
     one_seed = [r for r in results["records"] if r["seed"] == 0]

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import LogNorm
 
-from .. import pool
+from .. import pool, stats
 from ..plotting import color, legend_below, savefig
 
 NOTEBOOK = "04_star"
@@ -42,13 +42,6 @@ def size_colors(sizes) -> dict[int, tuple]:
     return {s: cmap(i / max(1, len(sizes) - 1) * 0.9) for i, s in enumerate(sizes)}
 
 
-def per_seed(frame: pd.DataFrame, by: list[str], value: str = "normalized") -> pd.DataFrame:
-    """Mean over subsets within each seed, then mean and std over seeds, per ``by``."""
-    seeds = frame.groupby([*by, "seed"], sort=False, dropna=False)[value].mean().reset_index()
-    out = seeds.groupby(by, sort=False, dropna=False)[value].agg(["mean", "std", "count"]).reset_index()
-    return out.sort_values(by, kind="stable")
-
-
 def band(ax, x, mean, std, *, c, label=None, linestyle="-", marker="o"):
     x, mean, std = np.asarray(x, float), np.asarray(mean, float), np.nan_to_num(np.asarray(std, float))
     ax.plot(x, mean, color=c, linestyle=linestyle, marker=marker, markersize=3, linewidth=1.4, label=label)
@@ -63,7 +56,7 @@ def draw_eta_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
     colors = size_colors(s["size"])
     for name, ax in axes.items():
         p = s[s.pool == name]
-        for (size, rescale), g in per_seed(p, ["size", "hp_rescale", "hp_eta"]).groupby(["size", "hp_rescale"]):
+        for (size, rescale), g in stats.over_seeds(p, ["size", "hp_rescale", "hp_eta"], sort=True).groupby(["size", "hp_rescale"]):
             band(ax, g.hp_eta, g["mean"], g["std"], c=colors[size], linestyle="-" if rescale else "--",
                  label=f"{size} tasks" if rescale else None)
         ax.axvline(results["config"]["default_eta"], color="#999999", linewidth=0.8, linestyle=":")
@@ -104,7 +97,7 @@ def draw_rescale(results: dict, *, smoke: bool = False) -> list[Path]:
     fig, axes = pool_axes(results)
     colors = size_colors(diff["size"]) if len(diff) else {}
     for name, ax in axes.items():
-        for size, g in per_seed(diff[diff.pool == name], ["size", "hp_eta"]).groupby("size"):
+        for size, g in stats.over_seeds(diff[diff.pool == name], ["size", "hp_eta"], sort=True).groupby("size"):
             band(ax, g.hp_eta, g["mean"], g["std"], c=colors[size], label=f"{size} tasks")
         ax.axhline(0, color="#333333", linewidth=0.8)
         ax.set_xlabel("eta")
@@ -128,7 +121,7 @@ def draw_methods(results: dict, *, name: str, smoke: bool = False) -> list[Path]
                 continue
             c = color(r.method.iloc[0])
             ax.scatter(r["size"], r.normalized, s=8, color=c, alpha=0.25, linewidth=0)
-            g = per_seed(r, ["size"])
+            g = stats.over_seeds(r, ["size"], sort=True)
             band(ax, g["size"], g["mean"], g["std"], c=c, label=spec["name"],
                  linestyle=":" if spec["run"] == "base" else "-")
         ax.axhline(1.0, color="#000000", linewidth=0.8, linestyle="-.")

@@ -15,9 +15,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from .. import pool
+from .. import pool, stats
 from ..plotting import color, legend_below, savefig
-from .f04_star import band, draw_methods, per_seed, pool_axes, short_key
+from .f04_star import band, draw_methods, pool_axes, short_key
 
 NOTEBOOK = "05_drm"
 
@@ -37,7 +37,7 @@ def draw_renorm(results: dict, *, smoke: bool = False) -> list[Path]:
             r = pool.select(s[s.pool == name], method, renorm=renorm, density=density)
             if r.empty:
                 continue
-            g = per_seed(r, ["size"])
+            g = stats.over_seeds(r, ["size"], sort=True)
             c = color(method)
             ax.errorbar(g["size"] + offsets[(method, renorm)], g["mean"], yerr=g["std"].fillna(0), color=c,
                         marker="o" if method == "drm_h" else "s", markersize=6, capsize=3,
@@ -70,7 +70,7 @@ def draw_density(results: dict, *, smoke: bool = False) -> list[Path]:
         ax.set_title(f"{name}: {what} (pool of {len(results['pools'][name]['tasks'])} experts)", fontsize=10)
         for spec in results["config"]["density_methods"]:
             r = pool.select(p, spec["method"], **spec.get("fixed", {}))
-            for i, (size, g) in enumerate(per_seed(r, ["size", "hp_density"]).groupby("size")):
+            for i, (size, g) in enumerate(stats.over_seeds(r, ["size", "hp_density"], sort=True).groupby("size")):
                 band(ax, g.hp_density, g["mean"], g["std"], c=color(spec["method"]), marker=markers[i % len(markers)],
                      linestyle=spec.get("linestyle", "-"), label=f"{spec['name']}, {size} tasks")
         default = results["config"]["default_density"]

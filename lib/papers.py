@@ -3,10 +3,9 @@
 The seed papers are in ``../shared/seeds/``: paper 000 is the Sapienza report (SNR-routed
 merging, notebooks 01-03), paper 002 STAR (Lee et al. 2025, notebook 04), paper 004 DRM
 (Decom-Renorm-Merge, notebook 05). A number here is read off the paper, never measured by us;
-the notebooks turn them into :class:`lib.sweep.Claim` rows (a value of the report beside our
-mean) and :class:`lib.pool.Effect` rows (a difference "better minus worse" in points beside ours)
-with the functions below, so a table of claims is built in one place and a notebook only says
-which runs it has.
+each is a :class:`lib.claims.Claim`: a value of the report beside our mean (notebooks 01-03), or
+a difference "better minus worse" in points beside ours (04-05, built by the functions below),
+so a table of claims is built in one place and a notebook only says which runs it has.
 """
 
 from __future__ import annotations
@@ -14,32 +13,33 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from . import pool, sweep
+from .claims import Claim
 
 # --- paper 000, the report: section 4.2 (ResNet-18), section 4.1 (text) ------------------------
 
 #: notebook 01: Fashion-MNIST + KMNIST ResNet-18 experts over an MNIST base (report section 4.2)
 RESNET_CLAIMS = [
-    sweep.Claim("Fashion-MNIST expert alone", 0.91, ("expert:fashion_mnist",), "fashion_mnist", "accuracy"),
-    sweep.Claim("Fashion-MNIST, snr_lowB at threshold 25 (the crash)", 0.15,
-                ("snr_low_b(snr_method=max_median, threshold=25.0)",), "fashion_mnist", "accuracy",
-                "report: accuracy falls towards the non-expert level as the threshold grows"),
-    sweep.Claim("KMNIST, Standard merge", 0.31, ("average()",), "kmnist", "accuracy"),
-    sweep.Claim("KMNIST expert alone", 0.98, ("expert:kmnist",), "kmnist", "accuracy",
-                "ours: trained on 7,011 of the 60,000 training images"),
+    Claim("Fashion-MNIST expert alone", 0.91, runs=("expert:fashion_mnist",), task="fashion_mnist"),
+    Claim("Fashion-MNIST, snr_lowB at threshold 25 (the crash)", 0.15,
+          runs=("snr_low_b(snr_method=max_median, threshold=25.0)",), task="fashion_mnist",
+          note="report: accuracy falls towards the non-expert level as the threshold grows"),
+    Claim("KMNIST, Standard merge", 0.31, runs=("average()",), task="kmnist"),
+    Claim("KMNIST expert alone", 0.98, runs=("expert:kmnist",), task="kmnist",
+          note="ours: trained on 7,011 of the 60,000 training images"),
 ]
 
 #: notebook 02: SST-2 + Emotion MiniLM experts (report section 4.1), against our evaluation and its own
 SST2_EMOTION_CLAIMS = [
-    sweep.Claim("SST-2 accuracy, SNR Winner top 25% (own heads)", 0.885, ("snr_winner(snr_method=seed, top=0.25)",),
-                "sst2", "accuracy", "ours: SST-2 head over the merged body, whole validation set"),
-    sweep.Claim("SST-2 accuracy, SNR Winner top 25% (report's shared head)", 0.885,
-                ("snr_winner(snr_method=seed, top=0.25)",), sweep.REPORT_SST2, "accuracy",
-                "SNR Winner keeps the higher-SNR head whole, the trained SST-2 one, so this equals the own-heads row; only average() mixes it with the random head (figure head_variants)"),
-    sweep.Claim("Emotion accuracy, SNR Winner top 70% (own heads, 6 classes)", 0.705,
-                ("snr_winner(snr_method=seed, top=0.7)",), "emotion", "accuracy", "ours: six classes, whole test set"),
-    sweep.Claim("Emotion accuracy, SNR Winner top 70% (report's collapsed labels)", 0.705,
-                ("snr_winner(snr_method=seed, top=0.7)",), sweep.COLLAPSED_EMOTION, "accuracy",
-                "sadness vs rest: compare with the majority-class rate"),
+    Claim("SST-2 accuracy, SNR Winner top 25% (own heads)", 0.885, runs=("snr_winner(snr_method=seed, top=0.25)",),
+          task="sst2", note="ours: SST-2 head over the merged body, whole validation set"),
+    Claim("SST-2 accuracy, SNR Winner top 25% (report's shared head)", 0.885,
+          runs=("snr_winner(snr_method=seed, top=0.25)",), task=sweep.REPORT_SST2,
+          note="SNR Winner keeps the higher-SNR head whole, the trained SST-2 one, so this equals the own-heads row; only average() mixes it with the random head (figure head_variants)"),
+    Claim("Emotion accuracy, SNR Winner top 70% (own heads, 6 classes)", 0.705,
+          runs=("snr_winner(snr_method=seed, top=0.7)",), task="emotion", note="ours: six classes, whole test set"),
+    Claim("Emotion accuracy, SNR Winner top 70% (report's collapsed labels)", 0.705,
+          runs=("snr_winner(snr_method=seed, top=0.7)",), task=sweep.COLLAPSED_EMOTION,
+          note="sadness vs rest: compare with the majority-class rate"),
 ]
 
 #: the report's grid of ``top`` fractions (section 4.1)
@@ -47,11 +47,11 @@ REPORT_TOPS = (0.25, 0.5, 0.7)
 
 #: notebook 03: SST-2 + CoLA MiniLM experts, merged whole (report section 4.1)
 SST2_COLA_CLAIMS = [
-    sweep.Claim("SST-2 accuracy, Standard merge", 0.695, ("average()",), "sst2", "accuracy",
-                "report: first 200 validation sentences"),
-    sweep.Claim("CoLA accuracy, SNR Winner (best of top 25/50/70%)", 0.685,
-                tuple(f"snr_winner(snr_method=seed, top={t})" for t in REPORT_TOPS), "cola", "accuracy",
-                "report: accuracy on 200 examples; compare with the majority-class accuracy"),
+    Claim("SST-2 accuracy, Standard merge", 0.695, runs=("average()",), task="sst2",
+          note="report: first 200 validation sentences"),
+    Claim("CoLA accuracy, SNR Winner (best of top 25/50/70%)", 0.685,
+          runs=tuple(f"snr_winner(snr_method=seed, top={t})" for t in REPORT_TOPS), task="cola",
+          note="report: accuracy on 200 examples; compare with the majority-class accuracy"),
 ]
 
 # --- paper 002, STAR ------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ STAR_NOTES = {"task_arithmetic": "ours: lam=1 (a sum); the paper's TA: alpha=0.1
               "dare": "ours: drop 0.9 then sum; the paper's: TA+DARE at alpha=0.125, p=0.7"}
 
 
-def star_effects(largest: Mapping[str, int], references: Sequence[str], no_rescale_etas: Iterable[float]) -> list[pool.Effect]:
+def star_effects(largest: Mapping[str, int], references: Sequence[str], no_rescale_etas: Iterable[float]) -> list[Claim]:
     """Notebook 04's claims of STAR: it beats each reference at each pool's largest size
     (Table 2 where the paper has the method), beats the pre-trained body, and rescaling helps at
     each ``eta`` of the ablation (Table 1)."""
@@ -74,14 +74,17 @@ def star_effects(largest: Mapping[str, int], references: Sequence[str], no_resca
     paper = {m: STAR_TABLE2["star"] - v for m, v in STAR_TABLE2.items() if m != "star"}
     effects = []
     for name, size in largest.items():
-        effects += [pool.Effect(f"STAR beats {m} ({size} tasks)", star, pool.canonical_run(m).label(), paper.get(m),
-                                STAR_TABLE2_SOURCE if m in paper else "not compared in the paper", pools=(name,),
-                                sizes=(size,), in_paper=m in paper, note=STAR_NOTES.get(m, ""))
+        effects += [Claim(f"STAR beats {m} ({size} tasks)", paper.get(m),
+                          STAR_TABLE2_SOURCE if m in paper else "not compared in the paper", STAR_NOTES.get(m, ""),
+                          better=star, worse=pool.canonical_run(m).label(), pools=(name,), sizes=(size,),
+                          in_paper=m in paper)
                     for m in references]
-        effects.append(pool.Effect("STAR beats the pre-trained body (all sizes)", star, "base", None,
-                                   "Figures 1 and 4: STAR stays above the pretrained model up to 20 models", pools=(name,)))
-    effects += [pool.Effect(f"rescaling helps at eta={e} (all sizes)", pool.canonical_run("star", eta=e).label(),
-                            pool.canonical_run("star", eta=e, rescale=False).label(), None, STAR_TABLE1_SOURCE)
+        effects.append(Claim("STAR beats the pre-trained body (all sizes)", None,
+                             "Figures 1 and 4: STAR stays above the pretrained model up to 20 models", better=star,
+                             worse="base", pools=(name,)))
+    effects += [Claim(f"rescaling helps at eta={e} (all sizes)", None, STAR_TABLE1_SOURCE,
+                      better=pool.canonical_run("star", eta=e).label(),
+                      worse=pool.canonical_run("star", eta=e, rescale=False).label())
                 for e in no_rescale_etas]
     return effects
 
@@ -101,7 +104,7 @@ DRM_NOTES = {"task_arithmetic": "ours: lam=1 (a sum); the paper's TA without val
 
 
 def drm_effects(largest: Mapping[str, int], kinds: Mapping[str, str], compare: Sequence[sweep.Run],
-                names: Mapping[str, str], drm: Mapping[str, sweep.Run], no_renorm: Mapping[str, sweep.Run]) -> list[pool.Effect]:
+                names: Mapping[str, str], drm: Mapping[str, sweep.Run], no_renorm: Mapping[str, sweep.Run]) -> list[Claim]:
     """Notebook 05's claims of DRM per pool (``kinds``: pool -> text/vision): DRM-H beats each
     run of ``compare[1:]`` at the pool's largest size (Table 1), beats the pre-trained body, and
     renormalisation helps DRM-H (Table 3) and DRM-V (ours only)."""
@@ -111,16 +114,18 @@ def drm_effects(largest: Mapping[str, int], kinds: Mapping[str, str], compare: S
         table = DRM_TABLE1[kind]
         for run in compare[1:]:
             paper = table["drm_h"] - table[run.method] if run.method in table else None
-            effects.append(pool.Effect(f"DRM-H beats {names[run.label()]} ({size} tasks)", drm["h"].label(), run.label(),
-                                       paper, f"Table 1 ({DRM_SETTING[kind]})" if paper is not None else "not compared in the paper",
-                                       pools=(name,), sizes=(size,), note=DRM_NOTES.get(run.method, ""),
-                                       in_paper=paper is not None))
-        effects.append(pool.Effect("DRM-H beats the pre-trained body (all sizes)", drm["h"].label(), "base", None,
-                                   "Figure 2: every merge stays above the pretrained model", pools=(name,)))
+            effects.append(Claim(f"DRM-H beats {names[run.label()]} ({size} tasks)", paper,
+                                 f"Table 1 ({DRM_SETTING[kind]})" if paper is not None else "not compared in the paper",
+                                 DRM_NOTES.get(run.method, ""), better=drm["h"].label(), worse=run.label(),
+                                 pools=(name,), sizes=(size,), in_paper=paper is not None))
+        effects.append(Claim("DRM-H beats the pre-trained body (all sizes)", None,
+                             "Figure 2: every merge stays above the pretrained model", better=drm["h"].label(),
+                             worse="base", pools=(name,)))
         with_renorm, without = DRM_TABLE3[kind]
-        effects.append(pool.Effect("renormalisation helps DRM-H (all sizes)", drm["h"].label(), no_renorm["h"].label(),
-                                   with_renorm - without, f"Table 3 ({DRM_SETTING[kind]})", pools=(name,)))
-        effects.append(pool.Effect("renormalisation helps DRM-V (all sizes)", drm["v"].label(), no_renorm["v"].label(), None,
-                                   "not in the paper (section 3 applies it to both variants)", pools=(name,),
-                                   in_paper=False))
+        effects.append(Claim("renormalisation helps DRM-H (all sizes)", with_renorm - without,
+                             f"Table 3 ({DRM_SETTING[kind]})", better=drm["h"].label(), worse=no_renorm["h"].label(),
+                             pools=(name,)))
+        effects.append(Claim("renormalisation helps DRM-V (all sizes)", None,
+                             "not in the paper (section 3 applies it to both variants)", better=drm["v"].label(),
+                             worse=no_renorm["v"].label(), pools=(name,), in_paper=False))
     return effects

@@ -53,6 +53,7 @@ import torch
 from tqdm import tqdm
 
 from . import data, stats, sweep, train
+from .claims import Claim
 from .device import get_device
 from .linalg import gram_eigh, shape_batches
 from .merge import drm as drm_method
@@ -376,25 +377,6 @@ def slopes(records: Iterable[Mapping], runs: Sequence[str], *, metric: str = "ac
     return pd.DataFrame(rows)
 
 
-@dataclass(frozen=True)
-class Effect:
-    """A claim of a paper put as "``better`` scores above ``worse``", with the paper's size of the
-    effect in points of its metric (``paper``; None where it gives only a direction or a figure)
-    and where it says so (``source``). ``pools``/``sizes`` restrict where ours is measured.
-    ``in_paper=False`` marks a comparison the paper does not make (ours only: it can neither
-    agree nor disagree with the paper)."""
-
-    claim: str
-    better: str
-    worse: str
-    paper: float | None
-    source: str
-    pools: tuple[str, ...] | None = None
-    sizes: tuple[int, ...] | None = None
-    note: str = ""
-    in_paper: bool = True
-
-
 #: the confidence level of :func:`compare_effects`' intervals
 EFFECT_LEVEL = stats.LEVEL
 #: a baseline within this many normalized points of chance counts as "at chance"
@@ -420,9 +402,9 @@ def _seed_means(d: pd.DataFrame, column: str) -> pd.Series:
     return d.groupby("seed")[column].mean()
 
 
-def compare_effects(records: Iterable[Mapping], effects: Iterable[Effect], *, metric: str = "accuracy",
+def compare_effects(records: Iterable[Mapping], effects: Iterable[Claim], *, metric: str = "accuracy",
                     chance: Mapping[str, float] | None = None, level: float = EFFECT_LEVEL) -> pd.DataFrame:
-    """One row per effect: the paper's size beside ours (``better - worse`` in normalized points,
+    """One row per effect claim (:class:`lib.claims.Claim`): the paper's size beside ours (``better - worse`` in normalized points,
     the mean over the subsets of each seed, then mean and sample std over seeds), a paired
     Student-t interval at ``level`` over the per-seed means (both runs are scored on the same
     experts and subsets; with one seed, over its subsets, said in ``interval_over``), how many
@@ -477,7 +459,7 @@ def compare_effects(records: Iterable[Mapping], effects: Iterable[Effect], *, me
             agrees = "unresolved"
         else:
             agrees = "yes" if direction == "same" else "no"
-        rows.append({"claim": e.claim, "pools": ", ".join(e.pools) if e.pools else "all", "source": e.source,
+        rows.append({"claim": e.what, "pools": ", ".join(e.pools) if e.pools else "all", "source": e.source,
                      "paper": e.paper, "ours": mean,
                      "ours_std": float(per_seed.std(ddof=1)) if per_seed.size >= 2 else math.nan,
                      "seeds": int(per_seed.size), "subsets": len(d), "won": int((d.difference > 0).sum()),
@@ -490,8 +472,8 @@ def compare_effects(records: Iterable[Mapping], effects: Iterable[Effect], *, me
     return pd.DataFrame(rows)
 
 
-def stored_effects(rows: Iterable[Mapping]) -> list[Effect]:
-    """The :class:`Effect` definitions behind a results file's ``effects`` table, to measure them
+def stored_effects(rows: Iterable[Mapping]) -> list[Claim]:
+    """The :class:`lib.claims.Claim` definitions behind a results file's ``effects`` table, to measure them
     again on the same records (:func:`refresh_effects`). Rows written before ``sizes`` and
     ``in_paper`` were stored give them in words: a claim ending "(N tasks)" was measured at N
     tasks only, and a source beginning "not" ("not compared in the paper") is ours only."""
@@ -504,8 +486,8 @@ def stored_effects(rows: Iterable[Mapping]) -> list[Effect]:
         in_paper = r.get("in_paper", not r["source"].lower().startswith("not "))
         pools = None if r["pools"] == "all" else tuple(p.strip() for p in r["pools"].split(","))
         paper = None if r["paper"] is None or (isinstance(r["paper"], float) and math.isnan(r["paper"])) else r["paper"]
-        out.append(Effect(r["claim"], r["better"], r["worse"], paper, r["source"], pools=pools,
-                          sizes=tuple(sizes) if sizes else None, note=r.get("note", ""), in_paper=bool(in_paper)))
+        out.append(Claim(r["claim"], paper, r["source"], r.get("note", ""), better=r["better"], worse=r["worse"],
+                         pools=pools, sizes=tuple(sizes) if sizes else None, in_paper=bool(in_paper)))
     return out
 
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from . import data, stats, train
 from . import evaluate as scoring
+from .claims import Claim
 from .merge import get_method, merge, resolve_hparams, select_keys, snr, to_compute
 from .merge.snr import decide_layers, expert_snrs
 from .spectral import scan, spectrum
@@ -420,37 +421,21 @@ def esd_records(sd: StateDict, picks: Iterable[tuple[str, str]], *, expert: str)
 # --- the report's numbers beside ours ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Claim:
-    """A number of the report (seed 000, section 4) and where our sweep measures the same thing.
-
-    ``runs`` are record ``run`` labels (for example ``"snr_winner(snr_method=seed, top=0.25)"``
-    or ``"expert:sst2"``); where the report gives its best value over several settings, list
-    them all and the best of our means is compared."""
-
-    what: str
-    report: float
-    runs: tuple[str, ...]
-    task: str
-    metric: str
-    note: str = ""
-
-
 def compare_with_report(records: Iterable[Mapping], claims: Iterable[Claim]) -> pd.DataFrame:
-    """One row per claim: the report's value, ours (mean, std and seeds of the best listed run)
-    and the difference. A claim none of whose runs was measured (a SMOKE grid) gets NaN and says
+    """One row per value claim (:class:`lib.claims.Claim`): the report's value, ours (mean, std and
+    seeds of the best listed run) and the difference. A claim none of whose runs was measured (a SMOKE grid) gets NaN and says
     so in ``run``."""
     summary = summarize(records)
     rows = []
     for c in claims:
         sel = summary[summary.run.isin(c.runs) & (summary.task == c.task) & (summary.metric == c.metric)]
         if sel.empty:
-            rows.append({"what": c.what, "report": c.report, "ours_mean": np.nan, "ours_std": np.nan, "seeds": 0,
+            rows.append({"what": c.what, "report": c.paper, "ours_mean": np.nan, "ours_std": np.nan, "seeds": 0,
                          "difference": np.nan, "run": "not measured in this run", "metric": c.metric, "note": c.note})
             continue
         best = sel.loc[sel["mean"].idxmax()]
-        rows.append({"what": c.what, "report": c.report, "ours_mean": float(best["mean"]), "ours_std": float(best["std"]),
-                     "seeds": int(best["n"]), "difference": float(best["mean"]) - c.report, "run": best["run"],
+        rows.append({"what": c.what, "report": c.paper, "ours_mean": float(best["mean"]), "ours_std": float(best["std"]),
+                     "seeds": int(best["n"]), "difference": float(best["mean"]) - c.paper, "run": best["run"],
                      "metric": c.metric, "note": c.note})
     return pd.DataFrame(rows)
 

@@ -13,6 +13,7 @@ import torch
 from scipy import stats
 
 from lib import pool
+from lib.claims import Claim
 from lib.merge import drm
 from lib.merge.star import kept_rank
 from lib.merge.ties import trim_topk
@@ -198,9 +199,9 @@ def test_paired_differences_and_effects_compare_on_the_same_subsets():
     records = run_fake(seeds=(0, 1, 2))
     d = pool.paired_differences(records, "star(eta=40, rescale=True)", "base")
     assert len(d) == 3 * 3 and (d.difference > 0).all(), "every merge here lies nearer the experts than the base"
-    effects = [pool.Effect("merging beats the base", "star(eta=40, rescale=True)", "base", 5.0, "fake"),
-               pool.Effect("the base beats merging", "base", "average(weights=None)", None, "fake", sizes=(3,)),
-               pool.Effect("one seed only", "average(weights=None)", "base", None, "fake", pools=("other",))]
+    effects = [Claim("merging beats the base", 5.0, "fake", better="star(eta=40, rescale=True)", worse="base"),
+               Claim("the base beats merging", None, "fake", better="base", worse="average(weights=None)", sizes=(3,)),
+               Claim("one seed only", None, "fake", better="average(weights=None)", worse="base", pools=("other",))]
     table = pool.compare_effects(records, effects).set_index("claim")
     assert table.loc["merging beats the base", "direction"] == "same"
     assert table.loc["merging beats the base", "resolved"] and table.loc["merging beats the base", "seeds"] == 3
@@ -225,8 +226,8 @@ def test_a_win_over_a_baseline_at_chance_is_not_agreement():
     worse = "average(weights=None)"
     s = pool.subset_scores(records)
     average = s[s.run == worse].normalized.mean()
-    effects = [pool.Effect("STAR beats average", "star(eta=40, rescale=True)", worse, 1.0, "fake"),
-               pool.Effect("ours only", "star(eta=40, rescale=True)", worse, None, "not in the paper", in_paper=False)]
+    effects = [Claim("STAR beats average", 1.0, "fake", better="star(eta=40, rescale=True)", worse=worse),
+               Claim("ours only", None, "not in the paper", better="star(eta=40, rescale=True)", worse=worse, in_paper=False)]
     # guessing scores what the average scores: the average has learned nothing
     experts = pool.task_scores(records).drop_duplicates("task").set_index("task").expert
     at_chance = {t: average * experts[t] for t in experts.index}
@@ -241,9 +242,9 @@ def test_a_win_over_a_baseline_at_chance_is_not_agreement():
 
 def test_stored_effects_measure_the_same_table_again():
     records = run_fake(seeds=(0, 1, 2))
-    effects = [pool.Effect("merging beats the base (3 tasks)", "star(eta=40, rescale=True)", "base", 5.0, "fake",
+    effects = [Claim("merging beats the base (3 tasks)", 5.0, "fake", better="star(eta=40, rescale=True)", worse="base",
                            pools=("fake",), sizes=(3,), note="a note"),
-               pool.Effect("ours only", "average(weights=None)", "base", None, "not compared in the paper", in_paper=False)]
+               Claim("ours only", None, "not compared in the paper", better="average(weights=None)", worse="base", in_paper=False)]
     table = pool.compare_effects(records, effects)
     again = pool.compare_effects(records, pool.stored_effects(table.to_dict("records")))
     pd.testing.assert_frame_equal(table, again)

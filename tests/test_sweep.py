@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lib import stats, sweep
+from lib.claims import Claim
 
 
 def tiny(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -351,8 +352,8 @@ def test_compare_with_report_puts_numbers_side_by_side():
         recs += sweep.run_sweep(tiny(0), [tiny(10 + seed)], CountingEvaluate(), runs, seed=seed, merge_fn=fake_merge,
                                 share_prepass=False, progress=False)
     best = "snr_winner(snr_method=mp, top=1.0)"  # fake_merge adds top to every weight: task a grows with it
-    claims = [sweep.Claim("a, best top", 0.5, ("snr_winner(snr_method=mp, top=0.5)", best), "a", "accuracy"),
-              sweep.Claim("not in this grid", 0.1, ("average()",), "a", "accuracy")]
+    claims = [Claim("a, best top", 0.5, runs=("snr_winner(snr_method=mp, top=0.5)", best), task="a"),
+              Claim("not in this grid", 0.1, runs=("average()",), task="a")]
     table = sweep.compare_with_report(recs, claims)
     values = [r["value"] for r in recs if r["task"] == "a" and r["run"] == best]
     assert table.loc[0, "run"] == best
@@ -400,3 +401,13 @@ def test_verdict_states_the_difference_and_whether_seeds_resolve_it():
     assert "The a expert alone scores" in text
     one_seed = [r for r in results["records"] if r["seed"] == 0]
     assert "one seed" in sweep.verdict(one_seed, "a", "accuracy")
+
+
+def test_a_claim_is_a_value_or_an_effect_never_both_nor_neither():
+    with pytest.raises(ValueError, match="either runs and a task"):
+        Claim("neither", 1.0)
+    with pytest.raises(ValueError, match="either runs and a task"):
+        Claim("both", 1.0, runs=("average()",), task="a", better="average()", worse="base")
+    with pytest.raises(ValueError, match="either runs and a task"):
+        Claim("half an effect", 1.0, better="average()")
+    assert Claim("an effect", None, better="average()", worse="base").is_effect

@@ -275,10 +275,11 @@ def _average(b, a, *, weights=None):
     return _weighted_sum(b, a, [x / sum(w) for x in w])
 
 
-def _star(b, a, *, eta=40, rescale=True):
+def _star(b, a, *, eta=40, rescale=True, lam=1.0):
     from .merge.star import star_lowrank
 
-    return star_lowrank(b, a, eta=eta, rescale=rescale)
+    merged_b, merged_a = star_lowrank(b, a, eta=eta, rescale=rescale)
+    return merged_b * lam, merged_a
 
 
 def _drm(variant: str):

@@ -106,6 +106,7 @@ def test_every_method_on_factored_inputs_equals_it_on_densified_ones(method, n_e
 
 @pytest.mark.parametrize("method,hp", [
     ("star", dict(eta=90)), ("star", dict(eta=100, rescale=False)), ("star", dict(eta=10)),
+    ("star", dict(lam=0.125)), ("star", dict(eta=20, rescale=False, lam=-1.5)),
     ("drm_h", dict(rtol=0.0)), ("drm_h", dict(prune="per_task", renorm=False, density=0.5)),
     ("drm_v", dict(density=1.0, lam=0.7)), ("drm_v", dict(prune="per_task")),
     ("task_arithmetic", dict(lam=0.5, weights=[1.0, -2.0, 0.5])), ("average", dict(weights=[3.0, 1.0, 0.0])),

@@ -155,6 +155,16 @@ def test_star_state_dict_matches_reference(tiny_base, tiny_experts):
         torch.testing.assert_close(merged[k], expected[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("lam", [0.125, -0.5, 2.0])
+def test_star_lam_scales_the_merged_task_vector_of_every_tensor(lam, tiny_base, tiny_experts):
+    one = merge("star", tiny_base, tiny_experts, eta=60)
+    scaled = merge("star", tiny_base, tiny_experts, eta=60, lam=lam)
+    for k in (k for k in one if one[k].is_floating_point()):  # integer buffers are the base's
+        torch.testing.assert_close(scaled[k] - tiny_base[k], lam * (one[k] - tiny_base[k]), atol=1e-6, rtol=1e-5,
+                                   msg=lambda m: f"{k}: {m}")
+    assert any(not torch.allclose(scaled[k], one[k]) for k in one)
+
+
 def test_star_eta_100_without_rescale_is_task_arithmetic(tiny_base, tiny_experts):
     star = merge("star", tiny_base, tiny_experts, eta=100, rescale=False)
     arithmetic = merge("task_arithmetic", tiny_base, tiny_experts, lam=1 / len(tiny_experts))
@@ -247,6 +257,7 @@ OUT_OF_RANGE = [
     ("star", {"eta": 0}, r"eta must be in \(0.0, 100.0\]"),
     ("star", {"eta": 120}, r"eta must be in \(0.0, 100.0\]"),
     ("star", {"rescale": "yes"}, "rescale must be True or False"),
+    ("star", {"lam": math.inf}, "lam must be in"),
     ("drm_h", {"density": 1.5}, r"density must be in \[0.0, 1.0\]"),
     ("drm_v", {"lam": math.nan}, "lam must be in"),
     ("drm_h", {"rtol": 1.0}, r"rtol must be in \[0.0, 1.0\)"),

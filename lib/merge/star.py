@@ -4,7 +4,9 @@ For every weight matrix and every expert, STAR takes the task vector ``tau = exp
 keeps the smallest rank ``r`` whose singular values reach ``eta`` % of its nuclear norm
 (``sum(s[:r]) >= eta/100 * sum(s)``), optionally rescales the kept singular values by
 ``sum(s) / sum(s[:r])`` so the truncated matrix has the nuclear norm of the original, and returns
-``base + mean over experts of the truncated task vectors``.
+``base + lam * mean over experts of the truncated task vectors`` (``lam``, as every method of the
+task-arithmetic family has it, :data:`lib.merge.VOCABULARY`; the paper's STAR is ``lam = 1``, the
+default).
 
 Decisions the paper leaves open, stated once:
 
@@ -13,7 +15,8 @@ Decisions the paper leaves open, stated once:
   code (IBM/STAR) applies STAR to the LoRA matrices only, where every task vector is a matrix.
 * 1-D tensors (biases, norm scales, running statistics) have no spectrum: their task vectors are
   averaged, which is what STAR does to a matrix with nothing to truncate. So ``eta=100,
-  rescale=False`` is exactly task arithmetic with ``lam = 1/N`` on every tensor.
+  rescale=False`` is exactly task arithmetic with ``lam = 1/N`` on every tensor (``lam/N`` with
+  STAR's ``lam``).
 * A zero task vector stays zero (its nuclear norm is 0 and there is nothing to rescale).
 
 Fast and exact. The truncated, rescaled matrix is ``c * tau V_r V_rᵀ`` (or ``c * U_r U_rᵀ tau``),
@@ -51,7 +54,7 @@ import torch
 from torch import Tensor
 
 from ..linalg import factored_svd, gram_eigh
-from . import BATCH_ELEMENTS, PRECISION, check_range, register  # noqa: F401 (BATCH_ELEMENTS: lib.pool reads it here)
+from . import BATCH_ELEMENTS, PRECISION, check_finite_number, check_range, register  # noqa: F401 (BATCH_ELEMENTS: lib.pool reads it here)
 
 
 def kept_rank(singular_values: Tensor, eta: float) -> Tensor:
@@ -106,16 +109,19 @@ def star_lowrank(b: Tensor, a: Tensor, *, eta: float = 40, rescale: bool = True)
     return (tb / n_experts).transpose(1, 2).flatten(2), ta.flatten(1, 2)
 
 
-def _check(eta, rescale):
+def _check(eta, rescale, lam):
     check_range("eta", eta, 0.0, 100.0, low_open=True)
+    check_finite_number("lam", lam)
     if not isinstance(rescale, bool):
         raise ValueError(f"rescale must be True or False (rescale the kept singular values to the nuclear norm), got {rescale!r}")
 
 
 @register("star", family="spectral", per="stack", check=_check, version=1,
-          description="STAR: truncate each task-vector matrix to the rank holding eta % of its nuclear norm, rescale, average (Lee et al. 2025)",
+          description="STAR: truncate each task-vector matrix to the rank holding eta % of its nuclear norm, rescale, average, "
+                      "times lam (Lee et al. 2025)",
           reference="Lee et al., STAR: Spectral Truncation and Rescale for Model Merging, NAACL 2025 (paper 002); "
                     "https://github.com/IBM/STAR",
-          eta=40, rescale=True)
+          eta=40, rescale=True, lam=1.0)
 def star(taus, *, eta, rescale):
+    # lam is applied by the registry's per-stack wrapper (lib.merge._per_stack): base + lam * merged
     return star_truncate(taus, eta, rescale).mean(1)

@@ -17,7 +17,7 @@ them in a child process per method. Each child reports two numbers, and the pare
 
 The issue's bound is on the process peak: below 1.5 x one checkpoint. Import alone is 1.23-1.28 x
 BERT-base (540-560 of 438 MB), which leaves the merge 100-120 MB. Measured on the 2-core CPU (BERT-base,
-3 experts, 4 MiB blocks, after the changes of :func:`lib.cli.return_freed_blocks_to_the_system`
+3 experts, 4 MiB blocks, after the changes of :func:`lib.merge.stream.return_freed_blocks_to_the_system`
 and the in-place TIES step), on a quiet machine: process peak average 579 MB, task arithmetic
 584 MB, TIES 608 MB, under the 657 MB bound (above import: 41, 46, 70 MB; 604/595/640 MB while
 other work loaded the machine); loading every model whole instead: 2.7, 2.7 and 3.2 GB. The
@@ -25,7 +25,7 @@ whole run takes under a minute. ``above import`` = merge peak - after import is 
 itself costs, whatever torch weighs. Rows: ``import only`` (a child that imports and exits,
 normally and as the command line does), ``stream METHOD`` (the command line; with
 ``--block-sizes``, once per ``--block-size``, how the largest tensors are cut into blocks of
-rows, see :mod:`lib.cli`) and ``in memory METHOD`` (load every model whole and call
+rows, see :mod:`lib.merge.stream`) and ``in memory METHOD`` (load every model whole and call
 ``lib.merge.merge``: what streaming avoids). Not a test: nothing is asserted, the numbers are
 printed. The checkpoints are deleted afterwards.
 
@@ -36,7 +36,7 @@ printed. The checkpoints are deleted afterwards.
 A busy core (issue 22): ``--busy`` runs a busy loop pinned to one core beside every measured
 child, as a shared machine or a CI runner has; ``--threads 1 2`` measures the streamed merge
 once per ``--threads`` value of the command line (default: its own choice,
-:func:`lib.cli.merge_threads`), so the wall times show what a contended core costs at each count.
+:func:`lib.merge.stream.merge_threads`), so the wall times show what a contended core costs at each count.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ exactly the same picture.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -71,6 +72,41 @@ def matrix_name(key: str) -> str:
     key = key.removeprefix("bert.").removesuffix(".weight")
     return (key.replace("encoder.layer.", "L").replace("attention.self.", "").replace("attention.output.dense", "attn_out")
             .replace("intermediate.dense", "ffn_in").replace("output.dense", "ffn_out").replace("embeddings.", "emb."))
+
+
+def matrix_kind(name: str) -> str:
+    """The role of a matrix, the same in every layer: ``encoder.layer.3.attention.self.query.weight``
+    -> ``attention.self.query``; names without a layer number keep their module path."""
+    from .statedict import module_of  # torch, which the figures of results/*.json do not need
+
+    return re.sub(r"^.*?\.\d+\.", "", module_of(name)) or name
+
+
+def plot_scan(table, title: str = ""):
+    """Bar chart of the SNR of every matrix in depth order (log scale above 1: SNRs span orders
+    of magnitude), coloured by the role of the matrix (query, key, value, feed-forward, ...), one
+    tick per layer: where along the depth the signal above the noise bulk sits, and which kinds
+    of matrix carry it."""
+    from .statedict import module_of
+
+    names = list(table["name"])
+    kinds = [matrix_kind(n) for n in names]
+    palette = dict(zip(dict.fromkeys(kinds), plt.get_cmap("tab20").colors * 5))
+    fig, ax = plt.subplots(figsize=(max(9.0, 0.08 * len(names) + 3.0), 4.6))
+    for kind, c in palette.items():
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        ax.bar(idx, [table["snr"].iloc[i] for i in idx], color=c, label=kind, width=0.85)
+    ticks = {}
+    for i, n in enumerate(names):
+        layer = re.search(r"\.(\d+)\.", n)
+        ticks.setdefault(layer.group(1) if layer else module_of(n).split(".")[0], i)
+    ax.set_xticks(list(ticks.values()), list(ticks.keys()), fontsize=7, rotation=45)
+    ax.set_yscale("symlog", linthresh=1.0)  # linear below 1 (noise-like, and 0 stays drawable), log above
+    ax.set_xlabel("matrix, in depth order (ticks: first matrix of each layer)")
+    ax.set_ylabel("SNR (signal / Marchenko-Pastur bulk)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
 
 
 def legend_beside(ax, **kwargs):

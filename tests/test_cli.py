@@ -18,14 +18,13 @@ from safetensors.torch import load_file, save_file
 from lib import spectral
 from lib.__main__ import main
 from lib.checkpoint import Checkpoint, ShardedWriter, atomic_output_dir
-from lib.cli import (
+from lib.cli import load_config, parse_value
+from lib.merge import METHODS, is_elementwise, merge, resolve_hparams
+from lib.merge.stream import (
     MERGE_RECORD,
-    load_config,
     merge_checkpoints,
-    parse_value,
     row_blocks,
 )
-from lib.merge import METHODS, is_elementwise, merge, resolve_hparams
 
 transformers = pytest.importorskip("transformers")
 
@@ -479,7 +478,7 @@ def test_savefig_writes_at_a_path_in_the_format_of_its_suffix(tmp_path):
 def test_allocator_setting_applies_on_glibc():
     import platform
 
-    from lib.cli import return_freed_blocks_to_the_system
+    from lib.merge.stream import return_freed_blocks_to_the_system
 
     assert return_freed_blocks_to_the_system() is (platform.libc_ver()[0] == "glibc")
 
@@ -505,8 +504,8 @@ def test_streamed_merge_does_not_depend_on_the_key_order(method, tmp_path):
 
 
 def test_elementwise_merges_run_on_one_thread_and_the_count_is_restored(models, tmp_path, monkeypatch):
-    from lib import cli
     from lib.merge import get_method
+    from lib.merge import stream as cli
 
     def params(name):
         return resolve_hparams(get_method(name), {})

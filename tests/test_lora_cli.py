@@ -11,9 +11,9 @@ import torch
 
 from lib.__main__ import main
 from lib.checkpoint import Checkpoint
-from lib.cli import MERGE_RECORD, merge_checkpoints
 from lib.lora import FACTORED, densify, merge_lowrank, read_adapter
 from lib.merge import merge
+from lib.merge.stream import MERGE_RECORD, merge_checkpoints
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

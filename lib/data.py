@@ -163,7 +163,6 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 TEXT_TASKS = tuple(n for n, t in TASKS.items() if t.kind == "text")
-VISION_TASKS = tuple(n for n, t in TASKS.items() if t.kind == "vision")
 
 
 def get_task(task: str | TaskSpec) -> TaskSpec:

@@ -149,12 +149,6 @@ def _ratio(norm2_a: float, norm2_b: float) -> float:
     return math.sqrt(min(norm2_a, norm2_b) / max(norm2_a, norm2_b)) if max(norm2_a, norm2_b) > 0 else math.nan
 
 
-def layer_cosines(a: Mapping[str, Tensor], b: Mapping[str, Tensor], *, stats: InnerProducts | None = None) -> dict[str, float]:
-    """Cosine of ``a[k]`` and ``b[k]`` for every key (NaN where either is zero)."""
-    stats = inner_products(a, b) if stats is None else stats
-    return {k: _cosine(*s) for k, s in stats.items()}
-
-
 def cosine(a: Mapping[str, Tensor], b: Mapping[str, Tensor], *, stats: InnerProducts | None = None) -> float:
     """Cosine of two state-dict-shaped vectors (task vectors, gradients) flattened over all keys.
     ``stats``: their :func:`inner_products`, if already computed."""

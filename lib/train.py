@@ -725,14 +725,6 @@ def with_head(body: Mapping, head_from: Mapping | Expert, kind: str) -> StateDic
     return {**merged_body, **head}
 
 
-def evaluate_with_head(body: Mapping, expert: Expert, split: str | None = None, **kwargs) -> dict:
-    """Score a merged ``body`` on ``expert``'s task with ``expert``'s own head."""
-    from .evaluate import evaluate
-
-    kind = data.get_task(expert.task).kind
-    return evaluate(with_head(body, expert, kind), expert.task, split, **kwargs)
-
-
 def fresh_head(body: Mapping, task: str, *, seed: int, probe_examples: int = 0, smoke: bool | None = None,
                probe_steps: int = 300, data_dir=None, device=None) -> StateDict:
     """The report's re-initialised-head variant: ``body`` with a head redrawn from ``seed``.

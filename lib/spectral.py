@@ -605,35 +605,70 @@ METRIC_COLUMNS = ["alpha", "alpha_weighted", "xmin", "stable_rank", "log_spectra
                   "rank_loss"]
 
 
-def power_law_fit(eigenvalues) -> tuple[float, float, float]:
+#: eigenvalues at or below this are left out of the power-law fit (WeightWatcher's ``EVALS_THRESH``)
+POWER_LAW_THRESHOLD = 1e-5
+#: tails shorter than this are fitted by WeightWatcher's small-sample rule (``WW_powerlaw.SMALL_N_CUTOFF``)
+SMALL_TAIL = 20
+#: candidates whose KS distances are computed at once (bounds the ``O(block * M)`` temporaries)
+_KS_BLOCK = 256
+
+
+def power_law_fit(eigenvalues, *, threshold: float = POWER_LAW_THRESHOLD) -> tuple[float, float, float]:
     """``(alpha, xmin, D)``: the continuous power law ``p(x) ~ x**-alpha`` on ``x >= xmin`` fitted to
-    the tail of a spectrum as Clauset, Shalizi and Newman (2009) do (and the ``powerlaw`` package
-    that WeightWatcher calls): for every candidate ``xmin`` (each eigenvalue but the largest) the
-    maximum-likelihood ``alpha = 1 + n / sum(log(x / xmin))`` of the ``n`` eigenvalues at or above
-    it, and the ``xmin`` whose fit has the smallest Kolmogorov–Smirnov distance ``D`` to the
-    empirical tail. All candidates at once: ``O(M**2)`` for ``M`` eigenvalues."""
+    the tail of a spectrum as Clauset, Shalizi and Newman (2009) do, in the form WeightWatcher 0.7.7's
+    ``analyze()`` runs by default (``pl_package="ww"``: ``WW_powerlaw.WWFit``, no ``fix_fingers``, no
+    ``xmin``/``xmax``, eigenvalues above ``threshold`` only): for every candidate ``xmin`` (each
+    eigenvalue but the largest) the maximum-likelihood ``alpha = 1 + n / sum(log(x / xmin))`` of the
+    ``n`` eigenvalues at or above it, and the ``xmin`` whose fit has the smallest Kolmogorov–Smirnov
+    distance ``D = max_i |F(x_i) - i / n|`` between the fitted CDF and the empirical one (taken at
+    the left of each step, as WeightWatcher does; ``D = 1`` where ``alpha <= 1``; the first of equal
+    minima). Fewer than :data:`SMALL_TAIL` eigenvalues: WeightWatcher's small-sample rule
+    (:func:`_small_power_law_fit`). ``O(M**2)`` for ``M`` eigenvalues, in blocks of candidates."""
     x = np.sort(np.asarray(eigenvalues, dtype=np.float64))
-    x = x[x > 0]
+    x = x[x > threshold]
     if len(x) < 2:
         return math.nan, math.nan, math.nan
-    candidates = np.arange(len(x) - 1)  # xmin = x[c]; the tail is x[c:]
-    n = len(x) - candidates
+    if len(x) < SMALL_TAIL:
+        return _small_power_law_fit(x)
+    m = len(x)
     logs = np.log(x)
-    tail_log_sum = np.cumsum(logs[::-1])[::-1][candidates]  # sum of log x over each tail
+    suffix = np.cumsum(logs[::-1])[::-1]  # sum of log x over x[c:]
+    candidates = np.arange(m - 1)  # xmin = x[c]; the tail is x[c:]
+    n = (m - candidates).astype(np.float64)
     with np.errstate(divide="ignore"):
-        alpha = 1.0 + n / (tail_log_sum - n * logs[candidates])
-    # KS distance of each candidate's fit: rows are candidates, columns the sorted eigenvalues
-    rank = np.arange(len(x))[None, :] - candidates[:, None]  # 0-based position inside the tail
-    in_tail = rank >= 0
-    ratio = np.where(in_tail, x[None, :] / x[candidates][:, None], 1.0)
-    with np.errstate(over="ignore", invalid="ignore"):
-        model = 1.0 - ratio ** (1.0 - alpha[:, None])
-    upper, lower = (rank + 1) / n[:, None], rank / n[:, None]
-    gap = np.where(in_tail, np.maximum(np.abs(upper - model), np.abs(model - lower)), 0.0)
-    distance = gap.max(axis=1)
-    distance = np.where(np.isfinite(alpha), distance, np.inf)
+        alpha = 1.0 + n / (suffix[:-1] - n * logs[:-1])
+    distance = np.ones(m - 1)
+    for lo in range(0, m - 1, _KS_BLOCK):
+        c = candidates[lo:lo + _KS_BLOCK]
+        rank = np.arange(m)[None, :] - c[:, None]  # 0-based position inside the tail
+        in_tail = rank >= 0
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            model = 1.0 - np.where(in_tail, x[None, :] / x[c, None], 1.0) ** (1.0 - alpha[c, None])
+            gap = np.where(in_tail, np.abs(model - rank / n[c, None]), 0.0)
+        distance[lo:lo + len(c)] = np.where(alpha[c] > 1.0, gap.max(axis=1), 1.0)
     best = int(np.argmin(distance))
-    return float(alpha[best]), float(x[candidates[best]]), float(distance[best])
+    return float(alpha[best]), float(x[best]), float(distance[best])
+
+
+def _small_power_law_fit(x: np.ndarray, min_tail: int = 8) -> tuple[float, float, float]:
+    """What WeightWatcher 0.7.7 returns for fewer than :data:`SMALL_TAIL` sorted eigenvalues
+    (``WWFit.fit_powerlaw_smallN``): candidates with tails of at least ``min_tail`` (the whole
+    spectrum when it is shorter), the bias-corrected ``alpha = 1 + (n - 1) / sum(log(x / xmin))``,
+    and the smallest KS distance. (``fit_powerlaw_smallN`` ranks the candidates by
+    ``D - 0.868 / sqrt(n)``, but ``WWFit.__init__`` then takes the smallest ``D`` among them, which
+    is what ``analyze()`` reports; ``D = 1`` for the candidates it skips.)"""
+    m, logs = len(x), np.log(x)
+    alpha, distance = np.zeros(m - 1), np.ones(m - 1)
+    for i in range(m - 1):
+        n = m - i
+        spread = logs[i:].sum() - n * logs[i]
+        if (n < min_tail and not (i == 0 and m < min_tail)) or spread <= 1e-12:
+            continue
+        alpha[i] = 1.0 + (n - 1.0) / spread
+        if alpha[i] > 1.0:
+            distance[i] = float(np.max(np.abs(np.arange(n) / n - (1.0 - (x[i:] / x[i]) ** (1.0 - alpha[i])))))
+    best = int(np.argmin(distance))
+    return float(alpha[best]), float(x[best]), float(distance[best])
 
 
 def metrics_from_eigenvalues(eigenvalues, shape: tuple[int, int]) -> dict:

@@ -66,6 +66,28 @@ def test_power_law_fit_recovers_the_exponent_of_an_exact_power_law(alpha):
     assert m["alpha_weighted"] == pytest.approx(fit_alpha * math.log10(np.max(tail)))
 
 
+def test_power_law_fit_leaves_out_eigenvalues_at_weightwatchers_threshold():
+    # a rank-deficient matrix's zero (and round-off) eigenvalues are not part of the tail fit
+    rng = np.random.default_rng(2)
+    x = 0.5 * (1.0 - rng.random(400)) ** (-1.0 / 2.0)
+    assert spectral.power_law_fit(np.r_[np.zeros(50), np.full(20, 1e-6), x]) == spectral.power_law_fit(x)
+
+
+@pytest.mark.parametrize("size", [5, 12, 19, 20, 64, 384, 1000])
+def test_power_law_fit_is_weightwatchers_fit(size):
+    # what WeightWatcher 0.7.7's analyze() fits by default (pl_package="ww"), small tails included
+    ww_powerlaw = pytest.importorskip("weightwatcher.WW_powerlaw")
+    rng = np.random.default_rng(size)
+    spectra = [rng.pareto(2.0, size) + 1.0, rng.lognormal(0.0, 1.0, size),
+               np.r_[0.5 * rng.random(size // 2), (1.0 - rng.random(size - size // 2)) ** (-1.0 / 2.5)]]
+    for x in spectra:
+        fit = ww_powerlaw.WWFit(x[x > spectral.POWER_LAW_THRESHOLD])
+        alpha, xmin, distance = spectral.power_law_fit(x)
+        assert alpha == pytest.approx(fit.alpha, rel=1e-12)
+        assert xmin == fit.xmin
+        assert distance == pytest.approx(fit.D, rel=1e-12)
+
+
 def test_layer_metrics_skip_vectors_and_keep_the_scan_order():
     sd = {"a": torch.randn(30, 20), "bias": torch.randn(20), "b": torch.randn(20, 50)}
     table = spectral.layer_metrics(sd)

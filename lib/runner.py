@@ -91,7 +91,8 @@ class CachedExperts:
 
     @staticmethod
     def _configs(spec: Mapping) -> dict[str, dict]:
-        out = {t: train.expert_config(t, seed=spec["seed"], variant=spec["variant"], smoke=spec["smoke"])
+        kw = expert_kw(spec)
+        out = {t: train.expert_config(t, seed=spec["seed"], variant=spec["variant"], smoke=spec["smoke"], **kw)
                for t in spec["tasks"]}
         if spec["variant"] == "mnist_base":  # the base is the MNIST expert
             out.setdefault("mnist (base)", train.expert_config("mnist", seed=spec["seed"], smoke=spec["smoke"]))
@@ -113,7 +114,7 @@ class CachedExperts:
         for config in CachedExperts._configs(spec).values():
             if not train.is_cached(config):
                 train.fit_expert(config["task"], seed=spec["seed"], variant=config["variant"], smoke=spec["smoke"],
-                                 progress=progress)
+                                 progress=progress, **(expert_kw(spec) if config["task"] in spec["tasks"] else {}))
 
     @staticmethod
     def build(spec: Mapping) -> pool.Pool:
@@ -123,8 +124,10 @@ class CachedExperts:
                     f"expert {name} (seed {spec['seed']}, {config['variant']}, {'SMOKE' if spec['smoke'] else 'full'}"
                     f" mode) is not in the cache: {train.expert_path(train.config_key(config))} is missing; train it "
                     "with `make experts` (or let run_grid train it before the workers start)")
-        return pool.build_pool(spec["tasks"], seed=spec["seed"], smoke=spec["smoke"], variant=spec["variant"],
-                               name=spec["name"])
+        from .lora_pool import build_pool  # lib.pool.build_pool when the spec has no expert_kw
+
+        return build_pool(spec["tasks"], seed=spec["seed"], smoke=spec["smoke"], variant=spec["variant"],
+                          name=spec["name"], expert_kw=expert_kw(spec))
 
 
 class CachedSweep:
@@ -158,7 +161,8 @@ class CachedSweep:
                 raise FileNotFoundError(f"expert {task} (seed {seed}, {variant}, {'SMOKE' if smoke else 'full'} mode) is "
                                         f"not in the cache: {train.expert_path(train.config_key(config))} is missing; "
                                         "train it with `make experts` (or let run_grid train it first)")
-        trained = {t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=False) for t in tasks}
+        trained = {t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=False, **expert_kw(spec))
+                   for t in tasks}
         info = [{"seed": seed, "task": t, "key": e.key, "from_cache": e.from_cache, **e.metrics, **e.runtime}
                 for t, e in trained.items()]
         if spec["setup"] != "bodies":
@@ -166,7 +170,9 @@ class CachedSweep:
         if spec["setup"] == "whole":
             models, evaluate = {t: e.state_dict for t, e in trained.items()}, sweep.evaluate_tasks(tasks, smoke=smoke)
         elif spec["setup"] == "bodies":  # a pool of notebooks 04-06: bodies merged over the base body
-            p = pool.build_pool(tasks, seed=seed, smoke=smoke, variant=variant, name=spec["name"])
+            from .lora_pool import build_pool
+
+            p = build_pool(tasks, seed=seed, smoke=smoke, variant=variant, name=spec["name"], expert_kw=expert_kw(spec))
             models, base, evaluate = p.bodies, p.base, p.evaluator(tasks)
         else:  # the report's: the second expert's body under a fresh head of the first task
             first, second = tasks
@@ -176,6 +182,12 @@ class CachedSweep:
             evaluate = sweep.evaluate_report_head(smoke=smoke)
         return sweep.SweepSetup(name=spec["name"], seed=seed, base=base, models=models, evaluate=evaluate,
                                 experts=info)
+
+
+def expert_kw(spec: Mapping) -> dict:
+    """The extra :func:`lib.train.fit_expert` keywords of a pool's experts (``spec["expert_kw"]``,
+    e.g. ``{"lora": True}``; none for the default full fine-tunes)."""
+    return dict(spec.get("expert_kw") or {})
 
 
 def resolve_source(name: str):
@@ -191,10 +203,13 @@ def resolve_source(name: str):
 
 
 def pool_spec(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | None = None, name: str | None = None,
-              source: str = DEFAULT_SOURCE, **fields) -> dict:
+              source: str = DEFAULT_SOURCE, expert_kw: Mapping[str, Any] | None = None, **fields) -> dict:
     """The pool part of every configuration of a grid: name, tasks, seed, SMOKE flag, variant,
     source, and the source's expert identities and evaluation (``fields``: more for a custom
-    source, e.g. a folder)."""
+    source, e.g. a folder). ``expert_kw``: extra :func:`lib.train.fit_expert` keywords of the
+    experts (``{"lora": True}``: LoRA experts, :mod:`lib.lora_pool`; smaller recipes), kept in the
+    spec and so in every record's key (besides changing the experts' own keys); the spec holds no
+    ``expert_kw`` entry without them, so the full fine-tunes' record keys are unchanged."""
     tasks = list(tasks)
     if len(tasks) < 2:
         raise ValueError(f"a pool needs at least two experts to merge, got {tasks}")
@@ -205,7 +220,7 @@ def pool_spec(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | No
     elif name is None:
         raise ValueError(f"a pool from source {source!r} needs a name")
     spec = {"name": name, "tasks": tasks, "seed": int(seed), "smoke": bool(smoke), "variant": variant,
-            "source": source, **fields}
+            "source": source, **({"expert_kw": dict(expert_kw)} if expert_kw else {}), **fields}
     src = resolve_source(source)
     spec["experts"] = src.experts(spec)
     spec["evaluation"] = src.evaluation(spec)

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from lib import executors, pool, runner, sweep
-from lib.store import RecordStore
+from lib.store import RecordStore, config_key
 
 TASKS = ["a", "b", "c"]
 SOURCE = f"{__name__}:SyntheticExperts"
@@ -189,7 +189,7 @@ def test_a_cached_expert_missing_is_an_error_naming_it(tmp_path):
 KILLED_RUN = """
 import sys
 from lib import runner
-from lib.store import RecordStore
+from lib.store import RecordStore, config_key
 from test_runner import grid
 runner.run_grid(grid(sys.argv[1], subsets={subsets!r}, alone=False), store=RecordStore(sys.argv[2]), progress=False)
 """
@@ -318,3 +318,52 @@ def test_expected_wall_time_spreads_the_records_and_keeps_the_serial_part():
     rows = runner.cluster_plan({"a": {"records": bare, "total": 60.0}, "b": {"records": bare, "total": 60.0}},
                                lambda r: r["total"], workers=(1,))
     assert [r["records"] for r in rows] == [3, 3, 6]
+
+
+# --- experts trained with extra fit_expert keywords (expert_kw: LoRA experts, smaller recipes) -------
+
+
+def test_a_spec_without_expert_kw_keeps_the_record_keys_stored_before_it(experts, tmp_path, monkeypatch):
+    """Records stored under a pool spec as it was spelled before ``expert_kw`` existed (no such
+    entry) are found by today's grid, and a grid asking for other experts finds none of them."""
+    log = tmp_path / "evaluations.log"
+    monkeypatch.setenv("GRID_TEST_LOG", str(log))
+    old_spec = {"name": "synthetic", "tasks": TASKS, "seed": 0, "smoke": True, "variant": None, "source": SOURCE,
+                "folder": str(experts), "experts": {t: f"synthetic:0:{t}" for t in TASKS},
+                "evaluation": {"score": "exp(-|body - expert|^2)"}}
+    old = [runner.merge_config(old_spec, s, r.method, r.hparams()) for s in (("a", "b"), ("a", "c")) for r in RUNS]
+    store = RecordStore(tmp_path / "records.sqlite")
+    runner.run_grid(old, store=store, progress=False)
+    assert len(logged(log)) == 4
+    today = grid(experts, alone=False)
+    assert "expert_kw" not in today[0]["pool"]
+    assert runner.pool_spec(TASKS, seed=0, smoke=True, name="synthetic", source=SOURCE, folder=str(experts),
+                            expert_kw={})["experts"] == old_spec["experts"]
+    done, todo = runner.plan(today, store)
+    assert (len(done), len(todo)) == (4, 0)
+    spec = runner.pool_spec(TASKS, seed=0, smoke=True, name="synthetic", source=SOURCE, folder=str(experts),
+                            expert_kw={"lora": True})
+    assert spec["expert_kw"] == {"lora": True}
+    other = runner.pool_grid(spec, (("a", "b"), ("a", "c")), RUNS, alone=False)
+    done, todo = runner.plan(other, store)
+    assert (len(done), len(todo)) == (0, 4)
+    runner.run_grid(other, store=store, progress=False)
+    assert len(logged(log)) == 8 and len(store) == 8  # the LoRA records beside the full ones, none replaced
+
+
+def test_cached_experts_with_expert_kw_are_lora_experts_under_their_own_keys():
+    from lib import train
+    from lib.lora_pool import lora_pool_spec
+
+    tasks = ["sst2", "emotion"]
+    full = runner.pool_spec(tasks, seed=0, smoke=True)
+    lora = lora_pool_spec(tasks, seed=0, smoke=True)
+    assert "expert_kw" not in full and lora["expert_kw"] == {"lora": True} and lora["name"] == "text-lora"
+    assert full["experts"] == {t: train.config_key(train.expert_config(t, seed=0, smoke=True)) for t in tasks}
+    assert lora["experts"] == {t: train.config_key(train.expert_config(t, seed=0, smoke=True, lora=True)) for t in tasks}
+    assert all(lora["experts"][t] != full["experts"][t] for t in tasks)
+    assert all(c["lora"] for c in runner.CachedExperts._configs(lora).values())
+    assert not any("lora" in c for c in runner.CachedExperts._configs(full).values())
+    assert config_key(runner.alone_config(full)) != config_key(runner.alone_config(lora))
+    with pytest.raises(FileNotFoundError, match=r"expert sst2 \(seed 0, .*SMOKE mode\).*make experts"):
+        runner.CachedExperts.build(lora)

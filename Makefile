@@ -105,6 +105,7 @@ bench: setup
 	$(PY) benchmarks/lowrank.py
 	$(PY) benchmarks/evaluate.py
 	$(PY) benchmarks/spectral.py --weightwatcher
+	$(PY) benchmarks/costs.py && $(PY) benchmarks/report.py
 
 # issue 20: the GPU paths on a GPU machine, with that machine's own interpreter (no .venv):
 # pytest -m gpu, the bench on the GPU, benchmarks/results/gpu_check.json; without CUDA the GPU

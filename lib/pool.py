@@ -332,6 +332,22 @@ def best_setting(records: Iterable[Mapping], method: str, param: str, *, metric:
     return best.rename(columns={f"hp_{param}": "best"}).sort_values(["pool", "size"], kind="stable").reset_index(drop=True)
 
 
+def density_sensitivity(records: Iterable[Mapping], methods: Sequence[Mapping], densities: Sequence[float],
+                        sizes: Mapping[str, Sequence[int]], *, metric: str = "accuracy") -> pd.DataFrame:
+    """Notebook 05's sensitivity to the density (DRM's Figure 7): per pool, subset size and method
+    of ``methods`` (``{"method", "name", "fixed"}``), over ``densities`` at the subset ``sizes``
+    (kind -> sizes) the density sweep covers, the density with the best mean over seeds
+    (``best_density``), that mean (``best``) and the curve's spread, best minus worst mean in
+    normalized points (``spread_points``)."""
+    summary = size_summary(records, metric)
+    curves = pd.concat([select(summary, m["method"], **m.get("fixed", {})).assign(name=m["name"]) for m in methods])
+    curves = curves[curves.hp_density.isin(densities) & curves.apply(lambda r: r["size"] in sizes[r["kind"]], axis=1)]
+    return (curves.groupby(["pool", "size", "name"])
+            .apply(lambda g: pd.Series({"best_density": g.loc[g["mean"].idxmax(), "hp_density"], "best": g["mean"].max(),
+                                        "spread_points": 100 * (g["mean"].max() - g["mean"].min())}),
+                   include_groups=False).reset_index())
+
+
 def paired_differences(records: Iterable[Mapping], better: str, worse: str, *, metric: str = "accuracy") -> pd.DataFrame:
     """``better - worse`` (run labels, or ``"base"``) in normalized points (x100) on every (pool,
     seed, subset) where both were scored: a comparison on the same experts and tasks."""
@@ -569,6 +585,16 @@ def drm_pruning_summary(base: StateDict, bodies: Mapping[str, StateDict], *, var
                 row[f"energy_{label}"] = float(p.kept_energy[renorm][t])
             out.append(row)
     return out
+
+
+def census_summary(census: Iterable[Mapping]) -> pd.DataFrame:
+    """Per pool: how many matrices :func:`drm_pruning_summary`'s census (rows with ``pool``)
+    followed, and the mean over matrices and tasks of its zeroed top components and kept energy,
+    with and without renormalisation."""
+    return pd.DataFrame(list(census)).groupby("pool").agg(
+        matrices=("key", "nunique"), zeroed_top_renorm=("zeroed_top_renorm", "mean"),
+        zeroed_top_plain=("zeroed_top_plain", "mean"), energy_renorm=("energy_renorm", "mean"),
+        energy_plain=("energy_plain", "mean")).reset_index()
 
 
 # --- time ----------------------------------------------------------------------------------------

@@ -117,14 +117,10 @@ def test_presets_are_a_no_op_without_PRESET(monkeypatch):
 
 
 def test_lab_preset_sets_only_parameters_notebook_03_has():
-    import json
 
-    from lib import presets, train
+    from lib import configs, presets, train
 
-    nb = json.loads((BOOK.parent / "notebooks" / "03_text_sst2_cola.ipynb").read_text())
-    params = next("".join(c["source"]) for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
-    full = {}
-    exec(params, {"os": __import__("os")}, full)
+    full = configs.grid("03_text_sst2_cola", smoke=False)
     lab = presets.parameters("03_text_sst2_cola", "lab")
     assert set(lab) <= set(full)
     for key, value in lab.items():  # a smaller grid of the same kind: a subset of the full one

@@ -192,3 +192,19 @@ def test_the_papers_effects_are_their_tables_differences():
     with_renorm, without = papers.DRM_TABLE3["vision"]
     assert by_claim["renormalisation helps DRM-H (all sizes)"].paper == with_renorm - without
     assert len(effects) == len(compare) - 1 + 3
+
+
+def test_a_notebook_grid_is_unpacked_by_name_and_smoke_replaces_only_its_own_parameters():
+    from lib import configs
+
+    for notebook, smoke in configs.SMOKE.items():
+        assert set(smoke) <= set(configs.FULL[notebook]), notebook
+    names = " ".join(reversed(list(configs.FULL["04_star"])))
+    assert configs.values("04_star", names, smoke=True)[-1] == [0]  # SEEDS, asked for last
+    assert configs.values("04_star", names, smoke=False)[-1] == [0, 1, 2]
+    with pytest.raises(ValueError, match="the notebook asks for"):
+        configs.values("04_star", "SEEDS POOLS", smoke=False)
+    with pytest.raises(ValueError, match="no grid for notebook"):
+        configs.grid("99_nothing", smoke=False)
+    configs.grid("04_star", smoke=False)["SEEDS"].append(9)  # a notebook changing its copy changes nothing here
+    assert configs.grid("04_star", smoke=False)["SEEDS"] == [0, 1, 2]

@@ -25,6 +25,16 @@ VISION_POOLS = {"vision/mnist_base": ["fashion_mnist", "kmnist"], "vision/shared
 SMOKE_LAYERS = r"encoder\.layer\.0\."
 SMOKE_POOLS = {"text": ["sst2", "cola", "trec"], "vision/mnist_base": VISION_POOLS["vision/mnist_base"]}
 
+#: notebooks 02 and 03: the report's two text sweeps
+TEXT_SWEEP = {
+    "SEEDS": [0, 1, 2],  # experts are retrained for each seed
+    "SNR_METHODS": ["mp", "seed"],  # ours first, then the report's code
+    "STRATEGIES": STRATEGIES,
+    "TOPS": [0.0, 0.1, 0.25, 0.4, 0.5, 0.7, 0.9, 1.0],  # the report's 0.25, 0.5, 0.7 and a coarse rest: 2/3 of the 0.1 grid's time
+    "REFERENCES": REFERENCES,
+    "MERGE_KW": {},  # which tensors are merged and scanned: all
+}
+
 FULL: dict[str, dict[str, Any]] = {
     "01_resnet_fashion_kmnist": {
         "SEEDS": [0, 1, 2],  # experts (and the MNIST base) are retrained for each seed
@@ -35,23 +45,8 @@ FULL: dict[str, dict[str, Any]] = {
         "REFERENCES": REFERENCES,
         "MERGE_KW": {},  # every tensor is merged and scanned, in SMOKE mode too (a ResNet-18 is quick to scan)
     },
-    "02_text_sst2_emotion": {
-        "SEEDS": [0, 1, 2],  # experts are retrained for each seed
-        "SNR_METHODS": ["mp", "seed"],  # ours first, then the report's code
-        "STRATEGIES": STRATEGIES,
-        # the report's 0.25, 0.5, 0.7 and a coarse rest: 2/3 of the 0.1 grid's time
-        "TOPS": [0.0, 0.1, 0.25, 0.4, 0.5, 0.7, 0.9, 1.0],
-        "REFERENCES": REFERENCES,
-        "MERGE_KW": {},  # which tensors are merged and scanned: all
-    },
-    "03_text_sst2_cola": {
-        "SEEDS": [0, 1, 2],
-        "SNR_METHODS": ["mp", "seed"],
-        "STRATEGIES": STRATEGIES,
-        "TOPS": [0.0, 0.1, 0.25, 0.4, 0.5, 0.7, 0.9, 1.0],
-        "REFERENCES": REFERENCES,
-        "MERGE_KW": {},
-    },
+    "02_text_sst2_emotion": TEXT_SWEEP,
+    "03_text_sst2_cola": TEXT_SWEEP,
     "04_star": {
         "SEEDS": [0, 1, 2],  # experts are retrained for each seed; subsets are drawn anew for each seed
         "POOLS": {"text": TEXT_TASKS, **VISION_POOLS},

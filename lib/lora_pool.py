@@ -58,3 +58,64 @@ def lora_pool_spec(tasks: Sequence[str], *, seed: int, smoke: bool, name: str = 
     from . import runner
 
     return runner.pool_spec(tasks, seed=seed, smoke=smoke, name=name, expert_kw=dict(expert_kw or LORA_KW))
+
+
+# --- notebook 07's grid ---------------------------------------------------------------------------
+
+NOTEBOOK = "07_lora"
+TEXT_TASKS = ["sst2", "cola", "emotion", "trec", "mrpc", "rte", "rotten_tomatoes"]
+#: the methods STAR and DRM are compared with on the LoRA experts: (method, hyperparameters);
+#: task arithmetic also at the STAR paper's alpha = 0.125, DRM-H and DRM-V with and without renormalisation
+REFERENCES = [("average", {}), ("task_arithmetic", {}), ("task_arithmetic", {"lam": 0.125}), ("ties", {}),
+              ("dare", {}), ("drm_h", {}), ("drm_v", {}), ("drm_h", {"renorm": False}), ("drm_v", {"renorm": False})]
+FULL = {
+    "SEEDS": [0, 1, 2],  # 21 LoRA experts: the seven text tasks x three seeds
+    "TASKS": TEXT_TASKS,
+    "SIZES": [2, 3, 5, 7],  # the STAR paper's eta sweep sizes
+    "MAX_SUBSETS": 1,  # subsets per size and seed, as notebook 04
+    "ETAS": [10, 20, 40, 70, 100],
+    "NO_RESCALE_ETAS": [10, 20, 40],
+    "RANK_ETAS": [10, 20, 30, 40, 50, 60, 70, 80, 90, 100],
+}
+SMOKE = {**FULL, "SEEDS": [0], "TASKS": ["sst2", "cola", "trec"], "SIZES": [2, 3], "ETAS": [20, 40, 100],
+         "NO_RESCALE_ETAS": [20], "RANK_ETAS": [20, 40, 70, 100]}
+
+
+def grid_values(names: str, *, smoke: bool) -> list:
+    """Notebook 07's parameters (:data:`FULL`, or :data:`SMOKE`), copies, in the order ``names``
+    gives them (space-separated)."""
+    import copy
+
+    source = SMOKE if smoke else FULL
+    return [copy.deepcopy(source[n]) for n in names.split()]
+
+
+def lora_runs(etas, no_rescale_etas, references=REFERENCES) -> list:
+    """STAR at each eta (rescaled), its default, without rescaling at ``no_rescale_etas``, then each
+    reference; each label once (as :func:`lib.grids.star_runs`)."""
+    star = [pool.canonical_run("star", eta=e) for e in etas] + [pool.canonical_run("star")]
+    star += [pool.canonical_run("star", eta=e, rescale=False) for e in no_rescale_etas]
+    return list({r.label(): r for r in star + [pool.canonical_run(m, **hp) for m, hp in references]}.values())
+
+
+def task_vector_ranks(base, bodies, *, rtol: float = 1e-2) -> list[dict]:
+    """How low-rank each expert's task vectors are: per expert and weight matrix whose task vector
+    is not zero, the numerical rank (singular values above ``rtol`` x the largest), the stable rank
+    ``sum s^2 / s_max^2`` and the fraction of the squared Frobenius norm in the top 16 directions
+    (LoRA's rank). Float64 singular values."""
+    import torch
+
+    rows = []
+    for expert, body in bodies.items():
+        for order, (k, w) in enumerate(base.items()):
+            if w.ndim != 2 or k not in body:
+                continue
+            tau = body[k].double() - w.double()
+            if not bool(tau.any()):
+                continue
+            s = torch.linalg.svdvals(tau)
+            energy = (s ** 2) / (s ** 2).sum()
+            rows.append({"expert": expert, "key": k, "order": order, "rows": int(w.shape[0]), "cols": int(w.shape[1]),
+                         "rank": int((s > rtol * s[0]).sum()), "stable_rank": float((s ** 2).sum() / s[0] ** 2),
+                         "top16_energy": float(energy[:16].sum())})
+    return rows

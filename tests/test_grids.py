@@ -174,7 +174,7 @@ def test_the_papers_effects_are_their_tables_differences():
     from lib import papers
 
     star = papers.star_effects({"text": 3}, ["ties", "drm_h"], [20])
-    assert [e.claim for e in star] == ["STAR beats ties (3 tasks)", "STAR beats drm_h (3 tasks)",
+    assert [e.what for e in star] == ["STAR beats ties (3 tasks)", "STAR beats drm_h (3 tasks)",
                                        "STAR beats the pre-trained body (all sizes)", "rescaling helps at eta=20 (all sizes)"]
     assert star[0].paper == papers.STAR_TABLE2["star"] - papers.STAR_TABLE2["ties"] and star[0].in_paper
     assert star[1].paper is None and not star[1].in_paper and star[2].worse == "base"
@@ -185,7 +185,7 @@ def test_the_papers_effects_are_their_tables_differences():
     compare = [drm["h"], drm["v"], pool.canonical_run("ties"), pool.canonical_run("star")]
     names = {r.label(): pool.short_name(r) for r in compare}
     effects = papers.drm_effects({"vision/x": 2}, {"vision/x": "vision"}, compare, names, drm, plain)
-    by_claim = {e.claim: e for e in effects}
+    by_claim = {e.what: e for e in effects}
     table = papers.DRM_TABLE1["vision"]
     assert by_claim["DRM-H beats ties (2 tasks)"].paper == table["drm_h"] - table["ties"]
     assert by_claim["DRM-H beats star (2 tasks)"].paper is None

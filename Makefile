@@ -70,7 +70,7 @@ smoke: setup
 	done
 
 experts: setup
-	$(PY) -m lib experts
+	$(PY) -m lib experts$(if $(filter 1,$(LORA)), --lora)
 
 reproduce: setup experts
 	@mkdir -p $(BUILD)

@@ -22,8 +22,8 @@ import time
 import numpy as np
 import torch
 
+from lib import cache, train
 from lib import evaluate as evaluation
-from lib import train
 from lib.paths import write_json
 
 
@@ -58,9 +58,9 @@ def main() -> None:
     first = evaluation.evaluate(model, task, split, smoke=False)
     first_s = time.perf_counter() - start
     n = first["n"]
-    batches = evaluation._eval_batches(task, split, smoke=False, max_length=train.RECIPES[task].max_length,
+    batches = evaluation._eval_batches(task, split, smoke=False, max_length=cache.RECIPES[task].max_length,
                                        model_name=None, data_dir=None)
-    print(f"SST-2 {split}: {n} examples in {len(batches)} length-sorted batches of {train.EVAL_BATCH['text']}, "
+    print(f"SST-2 {split}: {n} examples in {len(batches)} length-sorted batches of {cache.EVAL_BATCH['text']}, "
           f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
 
     wall = {"evaluate": [], "bare": []}
@@ -95,7 +95,7 @@ def main() -> None:
     if not args.quick:  # what lowers the floor itself: threads and batch sizes (padding differs)
         threads = torch.get_num_threads()
         figures["sweep"] = []
-        enc = train.encode(task, split, max_length=train.RECIPES[task].max_length)
+        enc = train.encode(task, split, max_length=cache.RECIPES[task].max_length)
         subset = evaluation.eval_indices(task, split, smoke=False)
         for n_threads in sorted({1, threads}):
             torch.set_num_threads(n_threads)

@@ -5,8 +5,8 @@
   experts   train every expert the notebooks use, once (full mode; resumable)
   report    rewrite README.md's results and runtimes tables from results/*.json (``--check``)
   records   what the record store holds: rows per method, stale rows (``--delete-stale``)
-  scan      spectra and SNR of every matrix of a checkpoint on disk -> CSV (+ plot)   (lib/cli.py)
-  merge     merge checkpoints on disk, streaming, into a loadable model folder      (lib/cli.py)
+  scan      spectra and SNR of every matrix of a checkpoint on disk -> CSV (+ plot)   (lib/cli.py -> lib/merge/stream.py)
+  merge     merge checkpoints on disk, streaming, into a loadable model folder      (lib/cli.py -> lib/merge/stream.py)
 
 Each command lives in its own function below and is added to the parser in ``main``.
 """
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("experts", help="train every expert of every notebook once (full mode, resumable)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, train nothing")
     p.add_argument("--smoke", action="store_true", help="tiny slices, seconds per expert")
+    p.add_argument("--lora", action="store_true",
+                   help="plan the LoRA experts of the text tasks instead (rank 16, alpha 32, query and value)")
     p.set_defaults(func=_experts)
 
     p = sub.add_parser("report", help="rewrite README.md's tables from results/*.json")

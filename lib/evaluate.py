@@ -20,13 +20,10 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data, paths
+from .cache import EVAL_BATCH, RECIPES, SMOKE_EVAL, Expert
 from .device import get_device
 from .statedict import to_state_dict
 from .train import (
-    EVAL_BATCH,
-    RECIPES,
-    SMOKE_EVAL,
-    Expert,
     _architecture,
     _to,
     collate,

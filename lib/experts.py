@@ -1,6 +1,6 @@
 """The plan of every expert the notebooks merge, and ``python -m lib experts`` (``make experts``).
 
-Notebooks 01-06 share these experts through the cache (:mod:`lib.train`): whichever runs first
+Notebooks 01-06 share these experts through the cache (:mod:`lib.cache`): whichever runs first
 trains an expert, the others load it. ``make experts`` trains them all up front, seed by seed:
 
 * text, fine-tuned from the pre-trained MiniLM body (variant ``pretrained``), for every text
@@ -10,6 +10,11 @@ trains an expert, the others load it. ``make experts`` trains them all up front,
 * vision ``shared_init``: the Fashion-MNIST and KMNIST experts trained from the seed's random
   initialisation -- the same one the MNIST base started from, so the MNIST expert of this
   variant *is* the base above and is trained once.
+
+``--lora`` (``make experts LORA=1``) plans, instead, the LoRA experts of the seven text tasks,
+seeds 0-2 (:func:`lib.train.fit_expert` with ``lora=True``: rank 16, alpha 32, query and value,
+:data:`lib.cache.LORA`), in the same cache, with the same listing, estimate and SMOKE mode; their
+metrics go to ``results/experts_lora.json``. The default plan does not include them.
 
 The cache may not survive a change of machine, so a full run must fit in one working session:
 the plan prints an estimate from throughputs measured on two CPU cores (:data:`RATES`) before
@@ -29,7 +34,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import data, paths, train
+from . import cache, data, paths, train
+from . import evaluate as evaluation
 from .models import HEAD_PATTERNS
 
 SEEDS = (0, 1, 2)
@@ -72,17 +78,27 @@ class Planned:
     task: str
     variant: str
     seed: int
+    lora: bool = False  # a LoRA adapter of the body (lib.cache.LORA) instead of a full fine-tune
 
     def config(self, smoke: bool) -> dict:
-        return train.expert_config(self.task, seed=self.seed, variant=self.variant, smoke=smoke)
+        return cache.expert_config(self.task, seed=self.seed, variant=self.variant, smoke=smoke,
+                                   lora=True if self.lora else None)
+
+    def fit(self, smoke: bool):
+        return train.fit_expert(self.task, seed=self.seed, variant=self.variant, smoke=smoke,
+                                lora=True if self.lora else None)
 
     def __str__(self) -> str:
-        return f"{self.task:<16} {self.variant:<12} seed {self.seed}"
+        kind = f"LoRA r{cache.LORA['r']}" if self.lora else self.variant
+        return f"{self.task:<16} {kind:<12} seed {self.seed}"
 
 
-def plan(seeds=SEEDS) -> list[Planned]:
+def plan(seeds=SEEDS, *, lora: bool = False) -> list[Planned]:
     """Every expert the notebooks use, seed by seed (a partial run leaves whole seeds), bases
-    before the experts fine-tuned from them."""
+    before the experts fine-tuned from them; with ``lora``, the LoRA experts of every text task
+    instead."""
+    if lora:
+        return [Planned(task, "pretrained", seed, lora=True) for seed in seeds for task in data.TEXT_TASKS]
     out = []
     for seed in seeds:
         out += [Planned(task, "pretrained", seed) for task in data.TEXT_TASKS]
@@ -93,13 +109,15 @@ def plan(seeds=SEEDS) -> list[Planned]:
 
 
 def estimate_seconds(config: dict) -> float:
-    """Expected training plus evaluation time of an expert on the project's CPU."""
+    """Expected training plus evaluation time of an expert on the project's CPU. A LoRA expert is
+    estimated at its full fine-tune's rates (it still runs the whole body forward and backward;
+    its own rates are not measured yet)."""
     task = config["task"]
-    recipe = train.Recipe(**config["recipe"])
+    recipe = cache.Recipe(**config["recipe"])
     n_train = len(data.load(task, "train"))
     if recipe.max_train_examples is not None:
         n_train = min(n_train, recipe.max_train_examples)
-    n_eval = len(train.eval_indices(task, data.get_task(task).eval_split, smoke=config["smoke"]))
+    n_eval = len(evaluation.eval_indices(task, data.get_task(task).eval_split, smoke=config["smoke"]))
     train_rate, eval_rate = RATES[task]
     return OVERHEAD_S + recipe.epochs * n_train / train_rate + n_eval / eval_rate
 
@@ -111,8 +129,8 @@ def _clock(seconds: float) -> str:
 
 
 def _status_line(item: Planned, config: dict) -> tuple[str, float]:
-    key = train.config_key(config)
-    cached = train.load_expert(config)
+    key = cache.config_key(config)
+    cached = cache.load_expert(config)
     if cached is not None:
         took = cached.runtime["train_s"] + cached.runtime["eval_s"]
         return f"  {item}  {key[:10]}  cached   (took {_clock(took)}) {_metrics_text(cached.metrics)}", 0.0
@@ -127,7 +145,7 @@ def _metrics_text(metrics: dict) -> str:
 def print_plan(items: list[Planned], smoke: bool) -> float:
     """Print each expert with its cache status; return the estimated seconds still to train."""
     total = 0.0
-    print(f"experts ({'SMOKE' if smoke else 'full'} mode), cache {train.experts_dir()}")
+    print(f"experts ({'SMOKE' if smoke else 'full'} mode), cache {cache.experts_dir()}")
     for item in items:
         line, est = _status_line(item, item.config(smoke))
         total += est
@@ -149,9 +167,9 @@ def mergeability(seed: int, variant: str, *, smoke: bool) -> list[dict]:
     for expert in experts:
         merged = expert.model()
         merged.load_state_dict(train.with_head(body, expert, "vision"))
-        plain = train.evaluate(merged, expert.task, smoke=smoke)["accuracy"]
+        plain = evaluation.evaluate(merged, expert.task, smoke=smoke)["accuracy"]
         train.reestimate_batchnorm(merged, expert.task, batches=2 if smoke else 20)
-        bn = train.evaluate(merged, expert.task, smoke=smoke)["accuracy"]
+        bn = evaluation.evaluate(merged, expert.task, smoke=smoke)["accuracy"]
         records.append({"seed": seed, "variant": variant, "task": expert.task,
                         "expert": expert.metrics["accuracy"], "average": plain, "average_bn_reestimated": bn})
     return records
@@ -161,10 +179,11 @@ def summarize(items: list[Planned], smoke: bool) -> dict:
     """Metrics of every cached expert of the plan, mean and std over seeds, and the targets."""
     rows = []
     for item in items:
-        expert = train.load_expert(item.config(smoke))
+        expert = cache.load_expert(item.config(smoke))
         if expert is not None:
             rows.append({"task": item.task, "variant": item.variant, "seed": item.seed, "key": expert.key,
-                         "metrics": expert.metrics, "runtime": expert.runtime, "versions": expert.versions})
+                         "metrics": expert.metrics, "runtime": expert.runtime, "versions": expert.versions,
+                         **({"lora": expert.config["lora"]} if item.lora else {})})
     return {"experts": rows, "summary": summary_of(rows)}
 
 
@@ -189,25 +208,31 @@ def summary_of(rows: list[dict]) -> dict:
 
 def main(args) -> int:
     smoke = bool(getattr(args, "smoke", False))
-    items = plan()
+    lora = bool(getattr(args, "lora", False))
+    items = plan(lora=lora)
     remaining = print_plan(items, smoke)
-    missing = [i for i in items if not train.is_cached(i.config(smoke))]
-    print(f"{len(missing)} of {len(items)} experts to train; estimated {_clock(remaining)} on two CPU cores "
-          "(longer while other work shares the CPU)")
+    missing = [i for i in items if not cache.is_cached(i.config(smoke))]
+    print(f"{len(missing)} of {len(items)} {'LoRA ' if lora else ''}experts to train; estimated {_clock(remaining)} "
+          "on two CPU cores (longer while other work shares the CPU)")
     if getattr(args, "dry_run", False):
         return 0
     start = time.perf_counter()
     for n, item in enumerate(missing, 1):
         print(f"[{n}/{len(missing)}] {item} (~{_clock(estimate_seconds(item.config(smoke)))})", flush=True)
-        expert = train.fit_expert(item.task, seed=item.seed, variant=item.variant, smoke=smoke)
+        expert = item.fit(smoke)
         took = expert.runtime["train_s"] + expert.runtime["eval_s"]
         print(f"    {_metrics_text(expert.metrics)} in {_clock(took)}; {_clock(time.perf_counter() - start)} so far",
               flush=True)
     results = summarize(items, smoke)
-    results["mergeability"] = [r for seed in SEEDS for variant in ("mnist_base", "shared_init")
-                               for r in mergeability(seed, variant, smoke=smoke)]
-    results["config"] = {"seeds": list(SEEDS), "smoke": smoke, "recipes": {t: asdict(r) for t, r in train.RECIPES.items()}}
-    out = paths.write_json(paths.results_dir(smoke) / "experts.json", results)
+    if lora:
+        results["config"] = {"seeds": list(SEEDS), "smoke": smoke, "lora": cache.lora_spec(True), "lr": cache.LORA_LR,
+                             "recipes": {t: asdict(cache.RECIPES[t]) for t in data.TEXT_TASKS}}
+    else:
+        results["mergeability"] = [r for seed in SEEDS for variant in ("mnist_base", "shared_init")
+                                   for r in mergeability(seed, variant, smoke=smoke)]
+        results["config"] = {"seeds": list(SEEDS), "smoke": smoke,
+                             "recipes": {t: asdict(r) for t, r in cache.RECIPES.items()}}
+    out = paths.write_json(paths.results_dir(smoke) / ("experts_lora.json" if lora else "experts.json"), results)
     for name, entry in results["summary"].items():
         target = entry.get("target")
         check = f"  target {target['metric']} >= {target['minimum']}: {'met' if target['met'] else 'NOT MET'}" if target else ""

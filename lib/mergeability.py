@@ -74,7 +74,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from . import data, linalg, spectral, train
+from . import cache, data, linalg, spectral, train
 from .device import get_device
 from .merge.snr import decide_layers
 from .pool import subset_name
@@ -282,7 +282,7 @@ def task_batch(task: str, n: int, *, seed: int = 0, split: str = "train", data_d
     size = len(data.load(spec.name, spec.check_split(split), data_dir))
     idx = data.fixed_subset(size, n, seed)
     if spec.kind == "text":
-        enc = train.encode(spec.name, split, max_length=train.RECIPES[spec.name].max_length, data_dir=data_dir)
+        enc = train.encode(spec.name, split, max_length=cache.RECIPES[spec.name].max_length, data_dir=data_dir)
         return train.collate(enc, idx), torch.from_numpy(enc.labels[idx])
     ds = data.load_vision(spec.name, split, data_dir)
     chosen = torch.from_numpy(idx)
@@ -576,7 +576,7 @@ def univariate(X, y, names: Sequence[str]) -> dict[str, float]:
 # the notebook's survey: trained experts, every pair, every method
 
 
-def expert_profile(expert: train.Expert, *, k: int = DEFAULT_K, examples: int = 32, seed: int = 0, exclude=None,
+def expert_profile(expert: cache.Expert, *, k: int = DEFAULT_K, examples: int = 32, seed: int = 0, exclude=None,
                    device=None) -> Profile:
     """The :class:`Profile` of a trained expert (:func:`lib.train.fit_expert`) against the model its
     training started from, with two gradient sets on ``examples`` fixed training examples of its

@@ -123,7 +123,7 @@ def resnet18_28(num_classes: int = 10) -> nn.Module:
     on this machine (batch 128, 2 cores): ~210-230 training images/s with this stem, ~130 with
     a 3x3 stride-1 first convolution plus max-pool, ~45 with 3x3 stride-1 and no max-pool (the
     usual CIFAR-style stem), while the quality targets (MNIST >= 0.98, Fashion-MNIST >= 0.90,
-    KMNIST >= 0.85) are reached with it (see lib.train.RECIPES).
+    KMNIST >= 0.85) are reached with it (see lib.cache.RECIPES).
     """
     from torchvision.models import resnet18
 

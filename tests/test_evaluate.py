@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from lib import cache, paths, train
 from lib import evaluate as evaluation
-from lib import paths, train
 
 needs_shared = pytest.mark.skipif(
     not (paths.SHARED_DATA / "MD5SUMS").is_file(),
@@ -47,7 +47,7 @@ def test_cached_batches_give_the_predictions_of_a_fresh_tokenisation(task):
 
 @needs_shared
 def test_evaluation_batches_are_built_once_per_split_and_reused():
-    kwargs = {"smoke": True, "max_length": train.RECIPES["sst2"].max_length, "model_name": None, "data_dir": None}
+    kwargs = {"smoke": True, "max_length": cache.RECIPES["sst2"].max_length, "model_name": None, "data_dir": None}
     first = evaluation._eval_batches("sst2", "validation", **kwargs)
     assert evaluation._eval_batches("sst2", "validation", **kwargs) is first
     # a different length cap is a different tokenisation, cached under its own key

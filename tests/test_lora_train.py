@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lib import cache as expert_cache
 from lib import train
 from lib.lora import densify
 
@@ -18,32 +19,32 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_lora_settings_complete_and_check():
-    assert train.lora_spec(None) is None and train.lora_spec(False) is None
-    spec = train.lora_spec(True)
+    assert expert_cache.lora_spec(None) is None and expert_cache.lora_spec(False) is None
+    spec = expert_cache.lora_spec(True)
     assert spec == {"r": 16, "alpha": 32.0, "targets": ["query", "value"], "dropout": 0.0}
-    assert train.lora_spec({"targets": "key", "r": 4})["targets"] == ["key"]
+    assert expert_cache.lora_spec({"targets": "key", "r": 4})["targets"] == ["key"]
     with pytest.raises(ValueError, match="unknown LoRA setting"):
-        train.lora_spec({"rank": 4})
+        expert_cache.lora_spec({"rank": 4})
     with pytest.raises(ValueError, match="rank r >= 1"):
-        train.lora_spec({"r": 0})
+        expert_cache.lora_spec({"r": 0})
 
 
 def test_lora_config_leaves_full_fine_tunes_alone():
-    full = train.expert_config("sst2", seed=0, smoke=True)
-    lora = train.expert_config("sst2", seed=0, smoke=True, lora=True)
+    full = expert_cache.expert_config("sst2", seed=0, smoke=True)
+    lora = expert_cache.expert_config("sst2", seed=0, smoke=True, lora=True)
     assert "lora" not in full and lora["lora"]["r"] == 16
-    assert lora["recipe"]["lr"] == train.LORA_LR and full["recipe"]["lr"] == train.RECIPES["sst2"].lr
-    assert train.config_key(full) != train.config_key(lora)
-    assert train.expert_config("sst2", seed=0, smoke=True, lora=True, lr=1e-3)["recipe"]["lr"] == 1e-3
+    assert lora["recipe"]["lr"] == expert_cache.LORA_LR and full["recipe"]["lr"] == expert_cache.RECIPES["sst2"].lr
+    assert expert_cache.config_key(full) != expert_cache.config_key(lora)
+    assert expert_cache.expert_config("sst2", seed=0, smoke=True, lora=True, lr=1e-3)["recipe"]["lr"] == 1e-3
     with pytest.raises(ValueError, match="text experts"):
-        train.expert_config("mnist", seed=0, smoke=True, lora=True)
+        expert_cache.expert_config("mnist", seed=0, smoke=True, lora=True)
 
 
 def test_smoke_lora_expert_is_its_base_plus_its_adapter():
     expert = train.fit_expert("sst2", seed=0, smoke=True, progress=False, lora={"r": 4},
                               max_train_examples=16, batch_size=8)
-    assert expert.is_lora and (expert.path / train.ADAPTER_DIR / "adapter_config.json").is_file()
-    assert expert.metrics["n"] == train.SMOKE_EVAL["text"]
+    assert expert.is_lora and (expert.path / expert_cache.ADAPTER_DIR / "adapter_config.json").is_file()
+    assert expert.metrics["n"] == expert_cache.SMOKE_EVAL["text"]
     base = train.base_state_dict("sst2", seed=0)
     adapter = expert.adapter()
     assert sorted(k.split(".")[-2] for k in adapter.deltas) == sorted(["query", "value"] * 6)
@@ -64,6 +65,6 @@ def test_smoke_lora_expert_is_its_base_plus_its_adapter():
 
 
 def test_a_full_fine_tune_has_no_adapter():
-    expert = train.Expert("k", {"task": "sst2", "seed": 0}, {}, {}, {}, {}, train.expert_path("k"))
+    expert = expert_cache.Expert("k", {"task": "sst2", "seed": 0}, {}, {}, {}, {}, expert_cache.expert_path("k"))
     with pytest.raises(ValueError, match="not a LoRA expert"):
         expert.adapter()

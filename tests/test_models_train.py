@@ -12,7 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from lib import cache as expert_cache
 from lib import data, models, paths, train
+from lib import evaluate as evaluation
 
 needs_shared = pytest.mark.skipif(
     not (paths.SHARED_DATA / "MD5SUMS").is_file(),
@@ -61,7 +63,7 @@ def test_train_fits_a_tiny_slice():
     y = (x[:, 0] + x[:, 1] > 0).long()
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
     batches = ((x, y) for _ in range(150))
-    recipe = train.Recipe(epochs=1, batch_size=32, lr=1e-2, weight_decay=0.0)
+    recipe = expert_cache.Recipe(epochs=1, batch_size=32, lr=1e-2, weight_decay=0.0)
     losses = train.train(model, batches, steps=150, recipe=recipe, device="cpu", progress=False)
     assert len(losses) == 150 and losses[-1] < 0.1 * losses[0]
     assert (model(x).argmax(1) == y).all()
@@ -97,11 +99,11 @@ def test_shift_images_moves_content_without_losing_it():
 
 def test_metrics_of_a_constant_predictor():
     y = np.array([0, 0, 0, 1, 1, 1, 1, 1])
-    cola = train.compute_metrics("cola", y, np.ones_like(y))
+    cola = evaluation.compute_metrics("cola", y, np.ones_like(y))
     assert cola == {"accuracy": 5 / 8, "mcc": 0.0}
-    mrpc = train.compute_metrics("mrpc", y, np.ones_like(y))
+    mrpc = evaluation.compute_metrics("mrpc", y, np.ones_like(y))
     assert mrpc["f1"] == pytest.approx(2 * (5 / 8) / (1 + 5 / 8))  # precision 5/8, recall 1
-    emotion = train.compute_metrics("emotion", y, np.zeros_like(y))
+    emotion = evaluation.compute_metrics("emotion", y, np.zeros_like(y))
     assert emotion["macro_f1"] == pytest.approx((2 * (3 / 8) / (1 + 3 / 8)) / 6)  # one class of six
 
 
@@ -123,10 +125,10 @@ class ConstantImage(ConstantText):
 
 @needs_shared
 def test_evaluate_constant_predictor_on_the_full_split():
-    scores = train.evaluate(ConstantText(1, 2), "cola", smoke=False)
+    scores = evaluation.evaluate(ConstantText(1, 2), "cola", smoke=False)
     assert scores == {"accuracy": pytest.approx(721 / 1043), "mcc": 0.0, "n": 1043}  # CoLA validation
-    scores = train.evaluate(ConstantImage(3, 10), "mnist", split="test", smoke=True)
-    labels = data.labels_of("mnist", "test")[train.eval_indices("mnist", "test", smoke=True)]
+    scores = evaluation.evaluate(ConstantImage(3, 10), "mnist", split="test", smoke=True)
+    labels = data.labels_of("mnist", "test")[evaluation.eval_indices("mnist", "test", smoke=True)]
     assert scores == {"accuracy": pytest.approx(np.mean(labels == 3)), "n": 500}
 
 
@@ -136,7 +138,7 @@ def test_predict_returns_the_split_order():
         def forward(self, input_ids, attention_mask, token_type_ids):
             return SimpleNamespace(logits=attention_mask.sum(1, keepdim=True).float() * self.logits)
 
-    logits, idx = train.predict(FirstToken(0, 2), "trec", smoke=False)
+    logits, idx = evaluation.predict(FirstToken(0, 2), "trec", smoke=False)
     enc = train.encode("trec", "test")
     assert np.array_equal(idx, np.arange(500))
     assert np.array_equal(logits[:, 0], enc.lengths.astype(np.float32))
@@ -176,13 +178,13 @@ def test_training_is_deterministic_given_the_seed(cache, monkeypatch):
 
 @needs_shared
 def test_fine_tuned_expert_is_keyed_by_its_base_and_starts_from_it():
-    base_config = train.expert_config("mnist", seed=0, smoke=True, **{k: TINY[k] for k in ("max_train_examples",)})
-    config = train.expert_config("kmnist", seed=0, variant="mnist_base", smoke=True)
-    assert config["init"]["base"] == train.config_key(train.expert_config("mnist", seed=0, smoke=True))
-    assert train.config_key(base_config) != config["init"]["base"]  # another MNIST recipe is another base
-    assert train.expert_config("mnist", seed=0, variant="mnist_base") == train.expert_config("mnist", seed=0)
+    base_config = expert_cache.expert_config("mnist", seed=0, smoke=True, **{k: TINY[k] for k in ("max_train_examples",)})
+    config = expert_cache.expert_config("kmnist", seed=0, variant="mnist_base", smoke=True)
+    assert config["init"]["base"] == expert_cache.config_key(expert_cache.expert_config("mnist", seed=0, smoke=True))
+    assert expert_cache.config_key(base_config) != config["init"]["base"]  # another MNIST recipe is another base
+    assert expert_cache.expert_config("mnist", seed=0, variant="mnist_base") == expert_cache.expert_config("mnist", seed=0)
     with pytest.raises(ValueError, match="variants"):
-        train.expert_config("sst2", seed=0, variant="mnist_base")
+        expert_cache.expert_config("sst2", seed=0, variant="mnist_base")
 
 
 @needs_shared
@@ -236,7 +238,7 @@ def test_reestimate_batchnorm_recomputes_statistics():
 @needs_shared
 def test_text_expert_smoke_and_shared_binary_head():
     expert = train.fit_expert("cola", seed=0, max_train_examples=16, batch_size=8, smoke=True, progress=False)
-    assert set(expert.metrics) == {"accuracy", "mcc", "n"} and expert.metrics["n"] == train.SMOKE_EVAL["text"]
+    assert set(expert.metrics) == {"accuracy", "mcc", "n"} and expert.metrics["n"] == expert_cache.SMOKE_EVAL["text"]
     base_sst2 = train.base_state_dict("sst2", seed=0)
     base_cola = train.base_state_dict("cola", seed=0)
     # SST-2 and CoLA experts of a seed start from one head, so their heads can be merged too
@@ -246,4 +248,4 @@ def test_text_expert_smoke_and_shared_binary_head():
     assert not torch.equal(expert.state_dict[body_key], base_cola[body_key])
     emotion = train.fresh_head(expert.state_dict, "emotion", seed=0)
     assert emotion["classifier.weight"].shape == (6, 384)
-    assert train.evaluate(emotion, "emotion", smoke=True)["n"] == train.SMOKE_EVAL["text"]
+    assert evaluation.evaluate(emotion, "emotion", smoke=True)["n"] == expert_cache.SMOKE_EVAL["text"]

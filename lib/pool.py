@@ -65,6 +65,8 @@ EvaluateFor = Callable[[Sequence[str]], sweep.Evaluate]
 
 #: the methods whose records are not merges
 ALONE = ("expert", "base")
+#: the columns that identify a scored model in the records (a sweep's have no pool or subset)
+MODEL_COLUMNS = ["pool", "seed", "subset", "run", "method", "model"]
 #: subset scores are grouped by these columns (``run`` names the merge with all its hyperparameters)
 SUBSET_COLUMNS = ["pool", "kind", "seed", "size", "subset", "run"]
 
@@ -601,15 +603,25 @@ def census_summary(census: Iterable[Mapping]) -> pd.DataFrame:
 
 
 def models_frame(records: Iterable[Mapping]) -> pd.DataFrame:
-    """One row per scored model (records repeat a model once per task and metric)."""
+    """One row per scored model (records repeat a model once per task and metric), with the
+    ``tasks`` it was scored on. Records of a :mod:`lib.sweep` grid (every expert merged, every
+    model scored on every task) get their tasks' ``kind`` and ``size``, their seed's experts."""
     df = pd.DataFrame(list(records))
-    return df.drop_duplicates(["pool", "seed", "subset", "run", "method", "model"]).reset_index(drop=True)
+    if "kind" not in df:
+        df["kind"] = [data.get_task(t).kind for t in df.task]
+        df["size"] = df.seed.map(df[df.method == "expert"].groupby("seed").model.nunique())
+    cols = [c for c in MODEL_COLUMNS if c in df]
+    keys = df[cols].astype(object).where(df[cols].notna(), "")  # a base has no subset: a key all the same
+    tasks = df.task.groupby([keys[c] for c in cols], sort=False).unique()
+    first = ~df.duplicated(cols)
+    return df[first].assign(tasks=[list(tasks[tuple(k)]) for k in keys[first].itertuples(index=False)]).reset_index(drop=True)
 
 
 def measured_rates(records: Iterable[Mapping], n_eval: Mapping[str, int]) -> dict:
-    """From the merged models of ``records``: seconds per merged expert for each (kind, method),
-    and seconds per evaluated example for each kind (fresh evaluations only; ``n_eval``: task ->
-    examples scored in these records)."""
+    """From the merged models of ``records`` (:mod:`lib.pool`'s or :mod:`lib.sweep`'s): seconds
+    per merged expert for each (kind, method), seconds per evaluated example for each kind (fresh
+    evaluations only; ``n_eval``: task -> examples scored in these records), and the SNR prepass
+    seconds per seed (a sweep's; 0 for pools)."""
     m = models_frame(records)
     merged = m[~m.method.isin(ALONE)]
     if merged.empty:
@@ -617,18 +629,20 @@ def measured_rates(records: Iterable[Mapping], n_eval: Mapping[str, int]) -> dic
     merge_rate = {f"{k}/{meth}": float(g.merge_s.sum() / g["size"].sum())
                   for (k, meth), g in merged.groupby(["kind", "method"], sort=False)}
     fresh = merged[~merged.reused.astype(bool)]
-    eval_rate = {}
-    for kind, g in fresh.groupby("kind", sort=False):
-        examples = sum(n_eval[t] for s in g.subset for t in subset_tasks(s))
-        eval_rate[kind] = float(g.eval_s.sum() / examples)
+    eval_rate = {kind: float(g.eval_s.sum() / sum(n_eval[t] for ts in g.tasks for t in ts))
+                 for kind, g in fresh.groupby("kind", sort=False)}
     return {"merge_s_per_expert": merge_rate, "eval_s_per_example": eval_rate,
             "merges": len(merged), "fresh_evaluations": len(fresh), "reused_evaluations": len(merged) - len(fresh),
-            "merge_s": float(merged.merge_s.sum()), "eval_s": float(fresh.eval_s.sum())}
+            "merge_s": float(merged.merge_s.sum()), "eval_s": float(fresh.eval_s.sum()),
+            "prepass_s_per_seed": float(merged.prepass_s.sum()) / max(m.seed.nunique(), 1)}
 
 
-def planned(pool: str, kind: str, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run]) -> list[dict]:
-    """The merges a grid will make, for :func:`estimate_seconds`."""
-    return [{"pool": pool, "kind": kind, "tasks": list(s), "method": r.method} for s in subsets for r in runs]
+def planned(pool: str, kind: str, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run], *,
+            alone: Sequence[str] = ()) -> list[dict]:
+    """The merges a grid will make, for :func:`estimate_seconds`; ``alone``: the models scored
+    as they are on each subset too (a sweep's ``["expert", "expert", "base"]``)."""
+    return [{"pool": pool, "kind": kind, "tasks": list(s), "method": m} for s in subsets
+            for m in [r.method for r in runs] + list(alone)]
 
 
 def plan_grid(pools: Mapping[str, Sequence[str]], sizes: Mapping[str, Sequence[int]], *, max_subsets: int,
@@ -646,13 +660,14 @@ def plan_grid(pools: Mapping[str, Sequence[str]], sizes: Mapping[str, Sequence[i
 
 
 def estimate_seconds(rates: Mapping, plan: Sequence[Mapping], n_full: Mapping[str, int],
-                     alone: Sequence[tuple[str, Sequence[str]]] = ()) -> dict:
-    """Seconds a grid ``plan`` (:func:`planned`) costs at the measured ``rates``
-    (:func:`measured_rates`): merge time per merged expert (a method not measured gets the mean of
-    the measured ones of its kind) plus evaluation time per example of ``n_full`` (task -> examples
-    of the full evaluation split), plus ``alone`` (``(kind, tasks)`` of each pool and seed, whose
-    tasks are scored twice: by the experts alone and by the base). Every evaluation is counted as
-    fresh."""
+                     alone: Sequence[tuple[str, Sequence[str]]] = (), *, seeds: int = 1) -> dict:
+    """The one runtime estimate of notebooks 01-06: seconds a grid ``plan`` (:func:`planned`)
+    costs at the measured ``rates`` (:func:`measured_rates`): merge time per merged expert (a
+    method not measured gets the mean of the measured ones of its kind; none for a model scored
+    alone) plus evaluation time per example of ``n_full`` (task -> examples of the full evaluation
+    split), plus ``alone`` (``(kind, tasks)`` of each pool and seed, whose tasks are scored twice:
+    by the experts alone and by the base), plus the SNR prepass of each of ``seeds``. Every
+    evaluation is counted as fresh."""
     merge_rate, eval_rate = rates["merge_s_per_expert"], rates["eval_s_per_example"]
     merge_s = eval_s = 0.0
     for item in plan:
@@ -661,8 +676,10 @@ def estimate_seconds(rates: Mapping, plan: Sequence[Mapping], n_full: Mapping[st
             raise ValueError(f"no measured evaluation of a {kind} model; the estimate needs one")
         same_kind = [v for k, v in merge_rate.items() if k.startswith(f"{kind}/")]
         rate = merge_rate.get(f"{kind}/{item['method']}", float(np.mean(same_kind)) if same_kind else 0.0)
-        merge_s += rate * len(item["tasks"])
+        merge_s += 0.0 if item["method"] in ALONE else rate * len(item["tasks"])
         eval_s += eval_rate[kind] * sum(n_full[t] for t in item["tasks"])
     alone_s = sum(2 * eval_rate[kind] * n_full[t] for kind, tasks in alone for t in tasks)
-    return {"merges": len(plan), "task_evaluations": int(sum(len(i["tasks"]) for i in plan)),
-            "merge_s": merge_s, "eval_s": eval_s + alone_s, "total_s": merge_s + eval_s + alone_s}
+    prepass_s = seeds * rates.get("prepass_s_per_seed", 0.0)
+    return {"merges": sum(i["method"] not in ALONE for i in plan), "task_evaluations": int(sum(len(i["tasks"]) for i in plan)),
+            "merge_s": merge_s, "eval_s": eval_s + alone_s, "prepass_s": prepass_s,
+            "total_s": merge_s + eval_s + alone_s + prepass_s}

@@ -620,18 +620,3 @@ def shape_bias(layers: Iterable[Mapping]) -> pd.DataFrame:
                 row[f"rho({a}, {b})"] = float(spearmanr(wide[a], wide[b]).statistic)
         out.append(row)
     return pd.DataFrame(out)
-
-
-def full_mode_estimate(records: Iterable[Mapping], tasks_now: Mapping[str, Mapping], tasks_full: Mapping[str, Mapping],
-                       *, merges: int, evaluations: int) -> dict[str, float]:
-    """Seconds per seed of a sweep of ``merges`` merges and ``evaluations`` fresh evaluations on
-    the full evaluation sets, extrapolated from these records: the measured SNR prepass time (the
-    same experts' architecture, the same definitions), the mean merge time, and the measured
-    evaluation time per example times the full sets' size. ``tasks_*``: :func:`task_table`."""
-    t = timing(records)
-    n_now = sum(v["n_eval"] for v in tasks_now.values())
-    n_full = sum(v["n_eval"] for v in tasks_full.values())
-    eval_s = t["eval_s_mean"] * n_full / n_now
-    return {"prepass_s": t["prepass_s"], "merge_s_per_model": t["merge_s_mean"], "eval_s_per_model": eval_s,
-            "merges": merges, "evaluations": evaluations,
-            "total_s": t["prepass_s"] + merges * t["merge_s_mean"] + evaluations * eval_s}

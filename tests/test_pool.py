@@ -277,6 +277,22 @@ def test_measured_rates_and_estimate_scale_with_examples_and_experts():
         pool.estimate_seconds(rates, pool.planned("v", "vision", [("a", "b")], [pool.canonical_run("star")]), n_eval)
 
 
+def test_the_estimate_prices_a_sweep_grid_from_its_records_too():
+    # lib.sweep's records: no pool, kind, size or subset; every model scored on every task
+    def rec(method, model, run, **times):
+        return [{"seed": 0, "method": method, "model": model, "run": run, "task": t, "metric": "accuracy", "value": 0.5,
+                 "prepass_s": 0.0, "merge_s": 0.0, "eval_s": 3.0, "reused": False, **times} for t in ("sst2", "cola")]
+    records = rec("base", "base", "base:base") + rec("expert", "sst2", "expert:sst2") + rec("expert", "cola", "expert:cola")
+    records += rec("average", "merged", "average()", merge_s=2.0, prepass_s=1.0) + rec("ties", "merged", "ties()", merge_s=4.0)
+    rates = pool.measured_rates(records, {"sst2": 10, "cola": 20})
+    assert rates["merge_s_per_expert"] == {"text/average": 1.0, "text/ties": 2.0} and rates["prepass_s_per_seed"] == 1.0
+    assert rates["eval_s_per_example"]["text"] == pytest.approx(2 * 3.0 / (2 * 30))
+    plan = pool.planned("", "text", [("sst2", "cola")], [pool.canonical_run("average")] * 3, alone=["expert", "expert", "base"])
+    est = pool.estimate_seconds(rates, plan, {"sst2": 100, "cola": 200})
+    assert est["merges"] == 3 and est["merge_s"] == pytest.approx(3 * 1.0 * 2)  # the experts and the base merge nothing
+    assert est["eval_s"] == pytest.approx(6 * 0.1 * 300) and est["total_s"] == pytest.approx(6 + 180 + 1.0)
+
+
 def test_plan_grid_draws_the_subsets_the_run_will_merge():
     pools = {"text": ["sst2", "cola", "trec"], "vision/mnist_base": ["fashion_mnist", "kmnist"]}
     plan, alone = pool.plan_grid(pools, {"text": [2, 3], "vision": [2, 3]}, max_subsets=1, seeds=[0, 1],

@@ -173,16 +173,6 @@ def test_timing_counts_each_model_once():
     assert min(t["merge_s"], t["eval_s"], t["prepass_s"]) >= 0
 
 
-def test_full_mode_estimate_scales_evaluation_by_examples():
-    recs = sweep.run_sweep(tiny(0), [tiny(1)], CountingEvaluate(), sweep.snr_runs(["snr_winner"], ["mp"], [0.0, 0.5]),
-                           seed=0, merge_fn=fake_merge, share_prepass=False, progress=False)
-    for r in recs:
-        r.update(merge_s=2.0, eval_s=3.0)
-    est = sweep.full_mode_estimate(recs, {"a": {"n_eval": 10}}, {"a": {"n_eval": 1000}}, merges=100, evaluations=50)
-    assert est["eval_s_per_model"] == pytest.approx(300.0)
-    assert est["total_s"] == pytest.approx(100 * 2.0 + 50 * 300.0)
-
-
 def test_versions_name_the_device_and_libraries():
     v = sweep.versions(["numpy", "surely-not-a-package"])
     assert v["numpy"] == np.__version__ and v["torch"] == torch.__version__

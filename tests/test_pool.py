@@ -98,8 +98,8 @@ def test_subset_plan_skips_sizes_the_pool_cannot_fill():
 
 def test_canonical_runs_spell_out_defaults_and_short_names_show_changes():
     run = pool.canonical_run("star", eta=10)
-    assert run.hparams() == {"eta": 10, "rescale": True}
-    assert pool.canonical_run("star").label() == "star(eta=40, rescale=True)"
+    assert run.hparams() == {"eta": 10, "rescale": True, "lam": 1.0}
+    assert pool.canonical_run("star").label() == "star(eta=40, rescale=True, lam=1.0)"
     assert pool.short_name(run) == "star(eta=10)" and pool.short_name(pool.canonical_run("drm_h")) == "drm_h"
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         pool.canonical_run("star", density=0.2)

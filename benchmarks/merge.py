@@ -19,7 +19,9 @@ printed with them.
 On a GPU (``--device cuda``, or the default device there) the fast path is also timed on the CPU
 (``--no-cpu-path`` skips that), so the GPU's gain over the same method's CPU path is printed
 beside its gain over the reference; a warm-up merge of one layer keeps CUDA's first-call costs
-out of the timings. ``--json PATH`` also writes the figures there. Without ``psutil`` the
+out of the timings. The figures go to ``benchmarks/results/merge.json`` (``merge.quick.json`` with
+``--quick``, ``merge_vs_peft.json`` with ``--against-peft``, ``.busy`` before ``.json`` with
+``--busy``; ``--json PATH`` elsewhere). Without ``psutil`` the
 resident-memory columns read nan.
 
     python benchmarks/merge.py [--quick] [--layers 12] [--experts 3 8] [--methods star drm_h] [--threads N]
@@ -123,12 +125,15 @@ class PeakMemory:
 
 
 def timed(fn, device):
+    """``(fn(), wall seconds, memory)``; ``memory.cpu_s`` is the process's CPU seconds in the call
+    (all threads: what the call cost the machine)."""
     with PeakMemory(device) as memory:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
+        memory.cpu_s = time.process_time() - cpu_start
     return out, seconds, memory
 
 
@@ -199,17 +204,21 @@ def against_peft(base, experts, *, density: float = 0.2, keep: float = 0.1) -> l
         ("dare then=ties", lambda: merge("dare", base, experts, keep=keep, then="ties"),
          "peft dare_ties", lambda: peft_loop(merge_utils.dare_ties, base, experts, density=keep)),
     ]
-    runs, peft_s = [], {}
+    runs, peft_s, peft_cpu = [], {}, {}
     for ours_name, ours_fn, peft_name, peft_fn in pairs:
-        ours, ours_s, _ = timed(ours_fn, torch.device("cpu"))
+        ours, ours_s, ours_mem = timed(ours_fn, torch.device("cpu"))
         if peft_fn is not None:
-            reference, peft_s[peft_name], _ = timed(peft_fn, torch.device("cpu"))
-        theirs = peft_s[peft_name]
-        line = f"{ours_name:18s} {ours_s:7.2f} s   {peft_name:15s} {theirs:7.2f} s   ours {theirs / ours_s:4.1f}x faster"
+            reference, peft_s[peft_name], peft_mem = timed(peft_fn, torch.device("cpu"))
+            peft_cpu[peft_name] = peft_mem.cpu_s
+        theirs, theirs_cpu = peft_s[peft_name], peft_cpu[peft_name]
+        line = (f"{ours_name:18s} {ours_s:7.2f} s ({ours_mem.cpu_s:6.2f} CPU s)   {peft_name:15s} {theirs:7.2f} s "
+                f"({theirs_cpu:6.2f} CPU s)   ours {theirs / ours_s:4.1f}x faster ({theirs_cpu / ours_mem.cpu_s:4.1f}x in CPU time)")
         if ours_name == "ties scope=tensor":
             line += "   " + tie_explained_difference(ours, reference, base, experts, density)
         print(line + f"   load {os.getloadavg()[0]:.1f}", flush=True)
-        runs.append({"ours": ours_name, "ours_s": ours_s, "peft": peft_name, "peft_s": theirs, "speedup": theirs / ours_s})
+        runs.append({"ours": ours_name, "ours_s": ours_s, "ours_cpu_s": ours_mem.cpu_s, "peft": peft_name, "peft_s": theirs,
+                     "peft_cpu_s": theirs_cpu, "speedup": theirs / ours_s, "speedup_cpu": theirs_cpu / ours_mem.cpu_s,
+                     "load": os.getloadavg()[0]})
     # DARE-TIES given the same masks (PEFT draws its own from torch's global generator)
     masks = iter([keep_mask(w.shape, 1.0 - keep, key=k, expert=i, seed=0) for k, w in base.items() for i in range(len(experts))])
     original = merge_utils.random_pruning
@@ -252,7 +261,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: lib.device.get_device())")
     parser.add_argument("--no-cpu-path", action="store_true", help="on a GPU, do not also time the fast path on the CPU")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file (atomically)")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="write the figures to this JSON file, atomically (default: benchmarks/results/, docstring)")
     parser.add_argument("--against-peft", action="store_true", help="TIES and DARE-TIES against PEFT instead (module docstring)")
     parser.add_argument("--busy", action="store_true", help="a busy loop on one core beside the benchmark")
     args = parser.parse_args(argv)
@@ -281,9 +291,10 @@ def main(argv=None) -> int:
     finally:
         if busy is not None:
             busy.terminate()
-    if args.json:
-        write_json(args.json, {"torch": torch.__version__, "device": str(device), "layers": layers,
-                               "threads": torch.get_num_threads(), "busy": args.busy, "runs": runs})
+    name = "merge_vs_peft" if args.against_peft else "merge.quick" if args.quick else "merge"
+    target = args.json or ROOT / "benchmarks" / "results" / f"{name}{'.busy' if args.busy else ''}.json"
+    print("results:", write_json(target, {"benchmark": name, "torch": torch.__version__, "device": str(device), "layers": layers,
+                                          "threads": torch.get_num_threads(), "busy": args.busy, "runs": runs}))
     return 0
 
 

@@ -10,7 +10,8 @@ printed with the numbers). Prints, never asserts.
 
 On a GPU (``--device cuda``) ``scan`` is also timed on the CPU, so the GPU's gain over the same
 routine is printed beside its gain over the SVD. ``--reference-dtype float64`` takes the
-reference SVD in float64 (issue 20's target); ``--json PATH`` also writes the figures there.
+reference SVD in float64 (issue 20's target). The figures go to ``benchmarks/results/spectral.json``
+(``spectral.quick.json`` with ``--quick``, ``weightwatcher.json`` with ``--weightwatcher``; ``--json PATH`` elsewhere).
 
     python benchmarks/spectral.py            # BERT-base: 72 matrices
     python benchmarks/spectral.py --quick    # one layer, one repeat: a smoke check
@@ -22,12 +23,15 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from lib import spectral
 from lib.device import get_device
 from lib.paths import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = {"attention": [(768, 768)] * 4, "ffn_in": [(3072, 768)], "ffn_out": [(768, 3072)]}
 
@@ -142,7 +146,8 @@ def weightwatcher_comparison(mp_fit: bool = True) -> dict:
     ours = ours.assign(layer=ours.name.str.removesuffix(".weight")).set_index("layer")
     details = details.set_index("longname")
     shared = [k for k in details.index if k in ours.index]
-    figures = {"layer_metrics_s": t_ours, "scan_s": t_scan, "weightwatcher_s": t_ww, "layers": len(shared)}
+    figures = {"layer_metrics_s": t_ours, "scan_s": t_scan, "weightwatcher_s": t_ww, "layers": len(shared),
+               "load": os.getloadavg()[0]}
     for ours_col, ww_col in [("alpha", "alpha"), ("alpha_weighted", "alpha_weighted"), ("xmin", "xmin"),
                              ("stable_rank", "stable_rank"), ("log_spectral_norm", "log_spectral_norm"),
                              ("log_norm", "log_norm"), ("entropy", "entropy"), ("rank_loss", "rank_loss")]:
@@ -171,14 +176,16 @@ def main() -> None:
     parser.add_argument("--reference-dtype", choices=["float32", "float64"], default="float32",
                         help="dtype of the reference SVD (default float32, the weights' own)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-shape breakdown")
-    parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file (atomically)")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="write the figures to this JSON file, atomically (default benchmarks/results/spectral.json, "
+                             "spectral.quick.json with --quick, weightwatcher.json with --weightwatcher)")
     parser.add_argument("--weightwatcher", action="store_true",
                         help="only compare layer_metrics and scan with WeightWatcher on MiniLM (needs weightwatcher)")
     args = parser.parse_args()
+    results = ROOT / "benchmarks" / "results"
     if args.weightwatcher:
         figures = weightwatcher_comparison()
-        if args.json:
-            write_json(args.json, figures)
+        print(f"results: {write_json(args.json or results / 'weightwatcher.json', figures)}")
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,8 +251,7 @@ def main() -> None:
             print(f"  {kind:9s} {rows}x{cols}: {len(group):3d} matrices  SVD {t_ref:6.2f} s  scan {t_ours:6.2f} s  "
                   f"ratio {t_ref / t_ours:5.2f} x")
             figures["by_shape"][f"{kind} {rows}x{cols}"] = {"svd_s": t_ref, "scan_s": t_ours}
-    if args.json:
-        write_json(args.json, figures)
+    print(f"results: {write_json(args.json or results / ('spectral.quick.json' if args.quick else 'spectral.json'), figures)}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from lib import cache, train
+from lib import batching, cache, train
 from lib import evaluate as evaluation
 from lib.paths import write_json
 
@@ -95,13 +95,13 @@ def main() -> None:
     if not args.quick:  # what lowers the floor itself: threads and batch sizes (padding differs)
         threads = torch.get_num_threads()
         figures["sweep"] = []
-        enc = train.encode(task, split, max_length=cache.RECIPES[task].max_length)
+        enc = batching.encode(task, split, max_length=cache.RECIPES[task].max_length)
         subset = evaluation.eval_indices(task, split, smoke=False)
         for n_threads in sorted({1, threads}):
             torch.set_num_threads(n_threads)
             for size in (32, 64, 128, 256):
-                sized = [(train.collate(enc, subset[b]), subset[b])
-                         for b in train.sorted_batches(enc.lengths[subset], size)]
+                sized = [(batching.collate(enc, subset[b]), subset[b])
+                         for b in batching.sorted_batches(enc.lengths[subset], size)]
                 w, c = best(lambda sized=sized: bare_loop(model, sized), repeats)
                 print(f"  bare loop, {n_threads} thread(s), batches of {size:3d}: {n / w:6.1f} examples/s "
                       f"({w:.2f} s, {c:.2f} CPU s)")

@@ -20,17 +20,11 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data, paths
+from .batching import collate, encode, logits_of, sorted_batches, to_device
 from .cache import EVAL_BATCH, RECIPES, SMOKE_EVAL, Expert
 from .device import get_device
 from .statedict import to_state_dict
-from .train import (
-    _architecture,
-    _to,
-    collate,
-    encode,
-    logits_of,
-    sorted_batches,
-)
+from .train import _architecture
 
 
 def compute_metrics(task: str, y_true, y_pred) -> dict:
@@ -128,7 +122,7 @@ def predict(model_or_state_dict, task: str, split: str | None = None, *, smoke: 
     try:
         with torch.inference_mode():
             for inputs, idx in tqdm(batches, desc=f"eval {task}", disable=not progress, leave=False):
-                logits.append(logits_of(model, _to(inputs, device)).detach().float().cpu())
+                logits.append(logits_of(model, to_device(inputs, device)).detach().float().cpu())
                 order.append(idx)
     finally:
         model.to(old_device).train(was_training)

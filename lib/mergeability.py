@@ -74,7 +74,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from . import cache, data, linalg, spectral, train
+from . import batching, cache, data, linalg, spectral, train
 from .device import get_device
 from .merge.snr import decide_layers
 from .pool import subset_name
@@ -282,8 +282,8 @@ def task_batch(task: str, n: int, *, seed: int = 0, split: str = "train", data_d
     size = len(data.load(spec.name, spec.check_split(split), data_dir))
     idx = data.fixed_subset(size, n, seed)
     if spec.kind == "text":
-        enc = train.encode(spec.name, split, max_length=cache.RECIPES[spec.name].max_length, data_dir=data_dir)
-        return train.collate(enc, idx), torch.from_numpy(enc.labels[idx])
+        enc = batching.encode(spec.name, split, max_length=cache.RECIPES[spec.name].max_length, data_dir=data_dir)
+        return batching.collate(enc, idx), torch.from_numpy(enc.labels[idx])
     ds = data.load_vision(spec.name, split, data_dir)
     chosen = torch.from_numpy(idx)
     return data.to_float(ds.images[chosen]), ds.labels[chosen]
@@ -305,7 +305,7 @@ def loss_gradient(model: nn.Module, inputs, labels: Tensor, *, include=None, exc
     model.to(dev).eval()
     try:
         with torch.enable_grad():
-            loss = nn.functional.cross_entropy(train.logits_of(model, train._to(inputs, dev)), labels.to(dev))
+            loss = nn.functional.cross_entropy(batching.logits_of(model, batching.to_device(inputs, dev)), labels.to(dev))
             grads = torch.autograd.grad(loss, [p for _, p in named])
     finally:
         model.to(old_device).train(was_training)

@@ -1,6 +1,7 @@
-"""Fit the experts every notebook merges: their starting points, batches, the training loop, and
-heads over merged bodies (re-drawn, probed; BatchNorm re-estimation). What an expert is and the
-cache it is kept in: :mod:`lib.cache`; scoring: :mod:`lib.evaluate`.
+"""Fit the experts every notebook merges: their starting points, the training loop, and heads
+over merged bodies (re-drawn, probed; BatchNorm re-estimation). What an expert is and the cache
+it is kept in: :mod:`lib.cache`; tokenising and batches: :mod:`lib.batching`; scoring:
+:mod:`lib.evaluate`.
 
 >>> expert = fit_expert("sst2", seed=0)                 # trained once, then loaded from the cache
 >>> expert.metrics                                      # {'accuracy': 0.88..., 'n': 872, ...}
@@ -42,7 +43,6 @@ import os
 import platform
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data, models, paths
+from .batching import collate, encode, length_bucketed_batches, logits_of, shift_images, sorted_batches, to_device
 from .cache import (  # noqa: F401  (SMOKE_EVAL, VARIANTS, is_cached: still read as train.X by lib/runner.py, lib/pool.py)
     EVAL_BATCH,
     RECIPES,
@@ -148,105 +149,6 @@ def base_state_dict(task: str, *, seed: int, variant: str | None = None, smoke: 
 
 
 # ---------------------------------------------------------------------------------------------
-# batches
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """A tokenised text split: token ids per example (unpadded), labels, lengths."""
-
-    input_ids: list[np.ndarray]
-    token_type_ids: list[np.ndarray]
-    labels: np.ndarray
-    pad_id: int
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
-
-
-_ENCODED: dict[tuple, Encoded] = {}
-_TOKENIZERS: dict[str | None, object] = {}
-
-
-def _tokenizer(model_name: str | None):
-    if model_name not in _TOKENIZERS:
-        from transformers import AutoTokenizer
-
-        _TOKENIZERS[model_name] = AutoTokenizer.from_pretrained(
-            str(models.default_text_model_path()) if model_name is None else model_name
-        )
-    return _TOKENIZERS[model_name]
-
-
-def encode(task: str, split: str, *, max_length: int = 128, model_name: str | None = None, data_dir=None) -> Encoded:
-    """``split`` tokenised for the model (pairs as ``[CLS] a [SEP] b [SEP]``), once per process."""
-    spec = data.get_task(task)
-    key = (spec.name, split, max_length, model_name, str(data.find_source(spec, split, data_dir).root))
-    if key not in _ENCODED:
-        ds = data.load_text(spec.name, split, data_dir)
-        tok = _tokenizer(model_name)
-        columns = [list(ds[c]) for c in spec.text_columns]
-        enc = tok(*columns, truncation=True, max_length=max_length)
-        type_ids = enc.get("token_type_ids") or [[0] * len(x) for x in enc["input_ids"]]
-        _ENCODED[key] = Encoded(
-            [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]],
-            [np.asarray(x, dtype=np.int64) for x in type_ids],
-            np.asarray(ds[spec.label_column], dtype=np.int64),
-            tok.pad_token_id,
-        )
-    return _ENCODED[key]
-
-
-def collate(enc: Encoded, idx: np.ndarray) -> dict[str, torch.Tensor]:
-    """The examples ``idx`` padded to the longest of them (dynamic padding)."""
-    width = max(len(enc.input_ids[i]) for i in idx)
-    ids = np.full((len(idx), width), enc.pad_id, dtype=np.int64)
-    types = np.zeros((len(idx), width), dtype=np.int64)
-    mask = np.zeros((len(idx), width), dtype=np.int64)
-    for row, i in enumerate(idx):
-        n = len(enc.input_ids[i])
-        ids[row, :n], types[row, :n], mask[row, :n] = enc.input_ids[i], enc.token_type_ids[i], 1
-    return {
-        "input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
-        "attention_mask": torch.from_numpy(mask),
-    }
-
-
-def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
-                            pool_batches: int = 50) -> list[np.ndarray]:
-    """One epoch of shuffled batches of similar lengths: the examples are shuffled, cut into
-    pools of ``pool_batches`` batches, sorted by length inside each pool, batched, and the
-    batches shuffled, so padding stays small while every epoch sees a different order."""
-    order = rng.permutation(len(lengths))
-    pool = batch_size * pool_batches
-    batches = []
-    for start in range(0, len(order), pool):
-        chunk = order[start : start + pool]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Evaluation batches: examples sorted by length (longest first, so memory peaks at once)."""
-    order = np.argsort(-lengths, kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def shift_images(images: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Each image of ``(n, 1, h, w)`` moved by its own random offset of up to ``max_shift``
-    pixels in each direction, filling with zeros (the background of these datasets)."""
-    n, _, h, w = images.shape
-    padded = nn.functional.pad(images, (max_shift,) * 4)
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]
-    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
-
-
-# ---------------------------------------------------------------------------------------------
 # training
 
 
@@ -288,16 +190,6 @@ def _train_batches(config: Mapping, recipe: Recipe, data_dir=None) -> tuple[Iter
     return (b for _, b in zip(range(steps), stream())), steps, n
 
 
-def logits_of(model: nn.Module, inputs) -> torch.Tensor:
-    return model(**inputs).logits if isinstance(inputs, Mapping) else model(inputs)
-
-
-def _to(inputs, device):
-    if isinstance(inputs, Mapping):
-        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-    return inputs.to(device, non_blocking=True)
-
-
 def warmup_cosine(step: int, total: int, warmup: float) -> float:
     """Learning-rate factor: linear warm-up over ``warmup`` of the steps, then cosine to zero."""
     warm = max(1, round(warmup * total))
@@ -323,7 +215,7 @@ def train(model: nn.Module, batches, *, steps: int, recipe: Recipe, device=None,
     losses = []
     bar = tqdm(batches, total=steps, desc=desc, disable=not progress, mininterval=2.0, leave=False)
     for inputs, labels in bar:
-        loss = nn.functional.cross_entropy(logits_of(model, _to(inputs, device)), labels.to(device))
+        loss = nn.functional.cross_entropy(logits_of(model, to_device(inputs, device)), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -467,7 +359,7 @@ def _head_inputs(model: nn.Module, task: str, n: int, *, data_dir=None, device=N
             enc = encode(spec.name, "train", max_length=RECIPES[spec.name].max_length, data_dir=data_dir)
             batches = [subset[b] for b in sorted_batches(enc.lengths[subset], EVAL_BATCH["text"])]
             for idx in batches:
-                logits_of(model, _to(collate(enc, idx), device))
+                logits_of(model, to_device(collate(enc, idx), device))
             labels = enc.labels[np.concatenate(batches)]
         else:
             ds = data.load_vision(spec.name, "train", data_dir)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lib import cache, paths, train
+from lib import batching, cache, paths
 from lib import evaluate as evaluation
 
 needs_shared = pytest.mark.skipif(
@@ -57,11 +57,11 @@ def test_evaluation_batches_are_built_once_per_split_and_reused():
 
 def _fresh_predict(model, task):
     """``predict`` with every tokenisation cache emptied first (then restored as it was)."""
-    saved_batches, saved_encoded = dict(evaluation._EVAL_BATCHES), dict(train._ENCODED)
+    saved_batches, saved_encoded = dict(evaluation._EVAL_BATCHES), dict(batching._ENCODED)
     evaluation._EVAL_BATCHES.clear()
-    train._ENCODED.clear()
+    batching._ENCODED.clear()
     try:
         return evaluation.predict(model, task, smoke=True)
     finally:
         evaluation._EVAL_BATCHES.update(saved_batches)
-        train._ENCODED.update(saved_encoded)
+        batching._ENCODED.update(saved_encoded)

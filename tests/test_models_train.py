@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from lib import batching, data, models, paths, train
 from lib import cache as expert_cache
-from lib import data, models, paths, train
 from lib import evaluate as evaluation
 
 needs_shared = pytest.mark.skipif(
@@ -77,9 +77,9 @@ def test_warmup_cosine_schedule():
 
 def test_length_bucketed_batches_cover_each_example_once_with_little_padding():
     lengths = np.random.default_rng(0).integers(1, 100, size=1000)
-    batches = train.length_bucketed_batches(lengths, 16, np.random.default_rng(1), pool_batches=8)
+    batches = batching.length_bucketed_batches(lengths, 16, np.random.default_rng(1), pool_batches=8)
     assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
-    again = train.length_bucketed_batches(lengths, 16, np.random.default_rng(1), pool_batches=8)
+    again = batching.length_bucketed_batches(lengths, 16, np.random.default_rng(1), pool_batches=8)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))
     padded = sum(len(b) * lengths[b].max() for b in batches)
     assert padded < 1.3 * lengths.sum()  # random batches would pad to ~1.9x
@@ -88,10 +88,10 @@ def test_length_bucketed_batches_cover_each_example_once_with_little_padding():
 def test_shift_images_moves_content_without_losing_it():
     images = torch.zeros(5, 1, 28, 28)
     images[:, :, 10:14, 10:14] = 1.0
-    shifted = train.shift_images(images, 2, torch.Generator().manual_seed(0))
+    shifted = batching.shift_images(images, 2, torch.Generator().manual_seed(0))
     assert shifted.shape == images.shape
     assert torch.equal(shifted.sum((1, 2, 3)), images.sum((1, 2, 3)))
-    assert torch.equal(train.shift_images(images, 0, torch.Generator()), images)
+    assert torch.equal(batching.shift_images(images, 0, torch.Generator()), images)
 
 
 # --- metrics ----------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def test_predict_returns_the_split_order():
             return SimpleNamespace(logits=attention_mask.sum(1, keepdim=True).float() * self.logits)
 
     logits, idx = evaluation.predict(FirstToken(0, 2), "trec", smoke=False)
-    enc = train.encode("trec", "test")
+    enc = batching.encode("trec", "test")
     assert np.array_equal(idx, np.arange(500))
     assert np.array_equal(logits[:, 0], enc.lengths.astype(np.float32))
 

@@ -36,7 +36,7 @@ def test_defaults_are_declared_once(name):
 def test_shared_names_mean_the_same_everywhere():
     """A hyperparameter name in VOCABULARY has one meaning; every method that takes it uses it so."""
     taking = {word: sorted(n for n, m in METHODS.items() if word in m.defaults) for word in VOCABULARY}
-    assert taking["lam"] == sorted(["task_arithmetic", "ties", "dare", "drm_h", "drm_v"])
+    assert taking["lam"] == sorted(["task_arithmetic", "ties", "dare", "drm_h", "drm_v", "star"])
     assert taking["density"] == sorted(["ties", "dare", "drm_h", "drm_v"])
     assert taking["keep"] == ["dare"]
 

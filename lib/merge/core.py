@@ -92,7 +92,8 @@ def merge_tensor(recipe: Recipe, base: Tensor, experts: list[Tensor], *, key: st
         merged = disjoint_mean(taus, elect_sign(taus), inplace=True)
     else:
         merged = agreeing_sum(taus, elect_sign(taus))
-    return base + r.lam * merged
+    # merged is a new tensor: scaled and shifted in place (the same values as base + lam * merged)
+    return (merged if r.lam == 1 else merged.mul_(r.lam)).add_(base)
 
 
 def weighted_sum(base: Tensor, experts: list[Tensor], weights=None) -> Tensor:

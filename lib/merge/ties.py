@@ -149,8 +149,11 @@ def disjoint_mean(taus: Tensor, signs: Tensor, *, inplace: bool = False) -> Tens
     Same result either way.
     """
     if inplace:
-        kept = taus.masked_fill_(torch.sign(taus) != signs, 0)
-        return kept.sum(dim=0).div_((kept != 0).sum(dim=0, dtype=kept.dtype).clamp_(min=1))
+        # an entry agrees when its product with the elected sign is positive: non-zero and of
+        # that sign (exact: the sign is -1, 0 or 1), so the one mask zeroes the rest and counts
+        agree = taus.mul(signs) > 0
+        count = agree.sum(dim=0, dtype=taus.dtype).clamp_(min=1)
+        return taus.masked_fill_(agree.logical_not_(), 0).sum(dim=0).div_(count)
     agree = (torch.sign(taus) == signs) & (taus != 0)
     total = (taus * agree).sum(dim=0)
     # counted in the task vectors' dtype rather than int64: half the memory, and small integer

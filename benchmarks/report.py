@@ -48,8 +48,8 @@ def fmt(x) -> str:
 def ratio_rows(name: str, data) -> list[str]:
     rows = []
     for path, value in leaves(data):
-        if name == "costs" and path.startswith("points"):
-            continue
+        if (name == "costs" and path.startswith(("points", "growth"))) or ".target." in f".{path}.":
+            continue  # the costs table below has the growth; targets are not measurements
         if RATIO.search(path.split(".")[-1]) or RATIO.search(path.split("]")[-1]):
             rows.append(f"| {name} | `{path}` | {fmt(value)} |")
     return rows

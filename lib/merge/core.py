@@ -80,12 +80,13 @@ def merge_tensor(recipe: Recipe, base: Tensor, experts: list[Tensor], *, key: st
     if weights is not None:
         taus.mul_(torch.tensor(weights, dtype=taus.dtype, device=taus.device).reshape(-1, *[1] * base.ndim))
     if r.keep is not None:
-        taus = torch.stack([drop_and_rescale(tau, 1.0 - r.keep, key=key, expert=i, seed=r.seed) for i, tau in enumerate(taus)])
+        for i, tau in enumerate(taus):  # inside the stack: no second copy of it
+            drop_and_rescale(tau, 1.0 - r.keep, key=key, expert=i, seed=r.seed, inplace=True)
     if r.density is not None:
         if r.scope == "model":
             taus = trim_below(taus, thresholds, inplace=True)
         else:
-            taus = trim_topk(taus, r.density, batch_dims=1, count=floor_kept_count)
+            taus = trim_topk(taus, r.density, batch_dims=1, count=floor_kept_count, inplace=True)
     if r.consensus is None:
         merged = taus.sum(dim=0)
     elif r.consensus == "mean":

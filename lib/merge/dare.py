@@ -54,9 +54,11 @@ def keep_mask(shape: torch.Size, p: float, *, key: str, expert: int, seed: int) 
     return torch.rand(shape, generator=generator) >= p
 
 
-def drop_and_rescale(tau: Tensor, p: float, *, key: str, expert: int, seed: int) -> Tensor:
+def drop_and_rescale(tau: Tensor, p: float, *, key: str, expert: int, seed: int, inplace: bool = False) -> Tensor:
+    """``tau`` with the entries outside its (key, expert, seed) mask zeroed and the rest divided by
+    ``1 - p``; ``inplace`` (for a tensor the caller owns) does it inside ``tau``, same values."""
     mask = keep_mask(tau.shape, p, key=key, expert=expert, seed=seed).to(tau.device)
-    return tau * mask / (1.0 - p)
+    return tau.mul_(mask).div_(1.0 - p) if inplace else tau * mask / (1.0 - p)
 
 
 def agreeing_sum(taus: Tensor, signs: Tensor) -> Tensor:

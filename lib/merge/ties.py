@@ -68,12 +68,14 @@ def _magnitude_bits(t: Tensor) -> Tensor:
 
 
 def trim_topk(tau: Tensor, density: float, *, batch_dims: int = 0,
-              count: Callable[[int, float], int] = kept_count) -> Tensor:
+              count: Callable[[int, float], int] = kept_count, inplace: bool = False) -> Tensor:
     """Zero all but the top-``density`` fraction of magnitudes of ``tau``: the ``count(n, density)``
     largest of each ranked group of ``n`` (:func:`kept_count` or :func:`floor_kept_count`).
 
     ``batch_dims=0`` ranks the whole tensor; ``batch_dims=1`` ranks each ``tau[i]`` separately
-    (one task vector per row of a stack ``(N, ...)``).
+    (one task vector per row of a stack ``(N, ...)``). ``inplace=True`` (for a contiguous tensor
+    the caller owns) zeroes the trimmed entries inside ``tau``: the same values, except that a
+    trimmed negative entry becomes ``+0.0`` rather than ``-0.0``.
     """
     check_range("density", density, 0.0, 1.0)
     if batch_dims not in (0, 1):
@@ -81,8 +83,11 @@ def trim_topk(tau: Tensor, density: float, *, batch_dims: int = 0,
     rows = tau.reshape(1, -1) if batch_dims == 0 else tau.reshape(tau.shape[0], -1)
     k = count(rows.shape[1], density)
     if k == 0:
-        return torch.zeros_like(tau)
+        return tau.zero_() if inplace else torch.zeros_like(tau)
     magnitude = rows.abs().to(torch.float32)
+    if inplace and rows.data_ptr() == tau.data_ptr() and tau.is_contiguous():
+        rows.masked_fill_(magnitude < kth_largest(magnitude, k), 0)
+        return tau
     return (rows * (magnitude >= kth_largest(magnitude, k))).reshape(tau.shape)
 
 

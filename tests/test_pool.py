@@ -172,8 +172,8 @@ def test_size_summary_is_mean_and_std_over_seeds_of_subset_means():
     records = run_fake(seeds=(0, 1, 2))
     s = pool.subset_scores(records)
     summary = pool.size_summary(records)
-    row = summary[(summary.run == "star(eta=40, rescale=True)") & (summary["size"] == 2)].iloc[0]
-    per_seed = s[(s.run == "star(eta=40, rescale=True)") & (s["size"] == 2)].groupby("seed").normalized.mean()
+    row = summary[(summary.run == "star(eta=40, rescale=True, lam=1.0)") & (summary["size"] == 2)].iloc[0]
+    per_seed = s[(s.run == "star(eta=40, rescale=True, lam=1.0)") & (s["size"] == 2)].groupby("seed").normalized.mean()
     assert row["mean"] == pytest.approx(per_seed.mean()) and row["std"] == pytest.approx(per_seed.std(ddof=1))
     assert row["n"] == 3 and row["subsets"] == 2 and row.hp_eta == 40
 
@@ -191,15 +191,15 @@ def test_best_setting_takes_the_argmax_and_the_smallest_value_on_ties():
 
 
 def test_select_names_the_hyperparameters_that_exist():
-    with pytest.raises(ValueError, match=r"no hyperparameter 'density'.*\['eta', 'rescale'\]"):
+    with pytest.raises(ValueError, match=r"no hyperparameter 'density'.*\['eta', 'rescale', 'lam'\]"):
         pool.select(pool.subset_scores(run_fake(seeds=(0,))), "star", density=0.2)
 
 
 def test_paired_differences_and_effects_compare_on_the_same_subsets():
     records = run_fake(seeds=(0, 1, 2))
-    d = pool.paired_differences(records, "star(eta=40, rescale=True)", "base")
+    d = pool.paired_differences(records, "star(eta=40, rescale=True, lam=1.0)", "base")
     assert len(d) == 3 * 3 and (d.difference > 0).all(), "every merge here lies nearer the experts than the base"
-    effects = [Claim("merging beats the base", 5.0, "fake", better="star(eta=40, rescale=True)", worse="base"),
+    effects = [Claim("merging beats the base", 5.0, "fake", better="star(eta=40, rescale=True, lam=1.0)", worse="base"),
                Claim("the base beats merging", None, "fake", better="base", worse="average(weights=None)", sizes=(3,)),
                Claim("one seed only", None, "fake", better="average(weights=None)", worse="base", pools=("other",))]
     table = pool.compare_effects(records, effects).set_index("claim")
@@ -226,8 +226,8 @@ def test_a_win_over_a_baseline_at_chance_is_not_agreement():
     worse = "average(weights=None)"
     s = pool.subset_scores(records)
     average = s[s.run == worse].normalized.mean()
-    effects = [Claim("STAR beats average", 1.0, "fake", better="star(eta=40, rescale=True)", worse=worse),
-               Claim("ours only", None, "not in the paper", better="star(eta=40, rescale=True)", worse=worse, in_paper=False)]
+    effects = [Claim("STAR beats average", 1.0, "fake", better="star(eta=40, rescale=True, lam=1.0)", worse=worse),
+               Claim("ours only", None, "not in the paper", better="star(eta=40, rescale=True, lam=1.0)", worse=worse, in_paper=False)]
     # guessing scores what the average scores: the average has learned nothing
     experts = pool.task_scores(records).drop_duplicates("task").set_index("task").expert
     at_chance = {t: average * experts[t] for t in experts.index}
@@ -242,7 +242,7 @@ def test_a_win_over_a_baseline_at_chance_is_not_agreement():
 
 def test_stored_effects_measure_the_same_table_again():
     records = run_fake(seeds=(0, 1, 2))
-    effects = [Claim("merging beats the base (3 tasks)", 5.0, "fake", better="star(eta=40, rescale=True)", worse="base",
+    effects = [Claim("merging beats the base (3 tasks)", 5.0, "fake", better="star(eta=40, rescale=True, lam=1.0)", worse="base",
                            pools=("fake",), sizes=(3,), note="a note"),
                Claim("ours only", None, "not compared in the paper", better="average(weights=None)", worse="base", in_paper=False)]
     table = pool.compare_effects(records, effects)

@@ -10,7 +10,7 @@ experts from their factors, equal to 1e-6; the pool merges the dense weights so 
 TIES and DARE included, goes through one path).
 
 :func:`lora_pool_spec` is :func:`lib.runner.pool_spec` with ``expert_kw={"lora": True}`` (or other
-settings of :data:`lib.train.LORA`); the runner carries ``expert_kw`` into every expert's key and
+settings of :data:`lib.cache.LORA`); the runner carries ``expert_kw`` into every expert's key and
 into the record key, so LoRA and full fine-tune records never mix. :func:`build_pool` is
 :func:`lib.pool.build_pool` with extra :func:`lib.train.fit_expert` keywords.
 """
@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from . import cache as expert_cache
 from . import pool, train
 
-#: the LoRA experts' fit_expert keywords (the papers' setting: lib.train.LORA's defaults)
+#: the LoRA experts' fit_expert keywords (the papers' setting: lib.cache.LORA's defaults)
 LORA_KW = {"lora": True}
 
 
@@ -36,7 +37,7 @@ def build_pool(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | N
     if len(tasks) < 2:
         raise ValueError(f"a pool needs at least two experts to merge, got {list(tasks)}")
     kind = pool.kind_of(tasks)
-    variant = variant or train.VARIANTS[kind][0]
+    variant = variant or expert_cache.VARIANTS[kind][0]
     name = name or f"{kind}-{'lora' if expert_kw.get('lora') else 'custom'}"
     experts = {t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=progress, **expert_kw)
                for t in tasks}

@@ -52,6 +52,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from . import cache as expert_cache
 from . import data, stats, sweep, train
 from .claims import Claim
 from .device import get_device
@@ -118,7 +119,7 @@ def build_pool(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | N
     if len(tasks) < 2:
         raise ValueError(f"a pool needs at least two experts to merge, got {list(tasks)}")
     kind = kind_of(tasks)
-    variant = variant or train.VARIANTS[kind][0]
+    variant = variant or expert_cache.VARIANTS[kind][0]
     if "mnist" in tasks and variant != "shared_init":
         raise ValueError("MNIST is the base of the mnist_base variant, not an expert; use variant='shared_init'")
     name = name or (kind if kind == "text" else f"{kind}/{variant}")

@@ -83,7 +83,8 @@ def estimate_seconds(notebook: str, name: str = "lab", published: dict | None = 
     import math
     import statistics
 
-    from . import paths, sweep, train
+    from . import cache as expert_cache
+    from . import paths, sweep
 
     published = paths.read_json(paths.results_dir(False) / f"{notebook}.json") if published is None else published
     params = parameters(notebook, name)
@@ -91,7 +92,7 @@ def estimate_seconds(notebook: str, name: str = "lab", published: dict | None = 
     for task in published["config"]["tasks"]:
         rows = [e for e in published["experts"] if e["task"] == task and e.get("steps")]
         per_step = statistics.median(e["train_s"] / e["steps"] for e in rows)
-        recipe = train.RECIPES[task]
+        recipe = expert_cache.RECIPES[task]
         recipe_kw = {**{"epochs": recipe.epochs, "batch_size": recipe.batch_size,
                         "max_train_examples": recipe.max_train_examples}, **expert_kw(task, name)}
         n_train = min(rows[0]["train_examples"], recipe_kw["max_train_examples"] or math.inf)

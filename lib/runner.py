@@ -16,7 +16,7 @@ of a grid back in the shape of ``results/*.json``'s ``records`` (the list publis
 
 What a configuration holds. ``pool``: the pool's name, tasks, seed, SMOKE flag, variant, its
 *source* and, from the source, each expert's cache key (its whole training configuration
-hashed, :func:`lib.train.config_key`) and the evaluation (split per task, examples scored, each
+hashed, :func:`lib.cache.config_key`) and the evaluation (split per task, examples scored, each
 task scored under its own expert's head). A merge adds ``subset``, ``method``, ``hparams`` (all
 of the method's hyperparameters, defaults filled in, as :func:`lib.pool.canonical_run` spells
 them), ``version`` (:func:`lib.store.method_version`: bumped when the method's code or defaults
@@ -66,6 +66,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from . import cache as expert_cache
 from . import data, executors, pool, sweep, train
 from . import store as store_module
 from .merge import get_method, merge, resolve_hparams
@@ -92,37 +93,37 @@ class CachedExperts:
     @staticmethod
     def _configs(spec: Mapping) -> dict[str, dict]:
         kw = expert_kw(spec)
-        out = {t: train.expert_config(t, seed=spec["seed"], variant=spec["variant"], smoke=spec["smoke"], **kw)
+        out = {t: expert_cache.expert_config(t, seed=spec["seed"], variant=spec["variant"], smoke=spec["smoke"], **kw)
                for t in spec["tasks"]}
         if spec["variant"] == "mnist_base":  # the base is the MNIST expert
-            out.setdefault("mnist (base)", train.expert_config("mnist", seed=spec["seed"], smoke=spec["smoke"]))
+            out.setdefault("mnist (base)", expert_cache.expert_config("mnist", seed=spec["seed"], smoke=spec["smoke"]))
         return out
 
     @staticmethod
     def experts(spec: Mapping) -> dict[str, str]:
-        return {name: train.config_key(c) for name, c in CachedExperts._configs(spec).items()}
+        return {name: expert_cache.config_key(c) for name, c in CachedExperts._configs(spec).items()}
 
     @staticmethod
     def evaluation(spec: Mapping) -> dict:
         kind = pool.kind_of(spec["tasks"])
         return {"split": {t: data.get_task(t).eval_split for t in spec["tasks"]},
-                "examples": train.SMOKE_EVAL[kind] if spec["smoke"] else "all",
+                "examples": expert_cache.SMOKE_EVAL[kind] if spec["smoke"] else "all",
                 "head": "each task's own expert"}
 
     @staticmethod
     def prepare(spec: Mapping, *, progress: bool = True) -> None:
         for config in CachedExperts._configs(spec).values():
-            if not train.is_cached(config):
+            if not expert_cache.is_cached(config):
                 train.fit_expert(config["task"], seed=spec["seed"], variant=config["variant"], smoke=spec["smoke"],
                                  progress=progress, **(expert_kw(spec) if config["task"] in spec["tasks"] else {}))
 
     @staticmethod
     def build(spec: Mapping) -> pool.Pool:
         for name, config in CachedExperts._configs(spec).items():
-            if not train.is_cached(config):
+            if not expert_cache.is_cached(config):
                 raise FileNotFoundError(
                     f"expert {name} (seed {spec['seed']}, {config['variant']}, {'SMOKE' if spec['smoke'] else 'full'}"
-                    f" mode) is not in the cache: {train.expert_path(train.config_key(config))} is missing; train it "
+                    f" mode) is not in the cache: {expert_cache.expert_path(expert_cache.config_key(config))} is missing; train it "
                     "with `make experts` (or let run_grid train it before the workers start)")
         from .lora_pool import build_pool  # lib.pool.build_pool when the spec has no expert_kw
 
@@ -149,7 +150,7 @@ class CachedSweep:
             raise ValueError(f"unknown sweep setup {spec['setup']!r}; expected one of {sorted(CachedSweep.SETUPS)}")
         kind = pool.kind_of(spec["tasks"])
         return {"split": {t: data.get_task(t).eval_split for t in spec["tasks"]},
-                "examples": train.SMOKE_EVAL[kind] if spec["smoke"] else "all", "head": CachedSweep.SETUPS[spec["setup"]]}
+                "examples": expert_cache.SMOKE_EVAL[kind] if spec["smoke"] else "all", "head": CachedSweep.SETUPS[spec["setup"]]}
 
     prepare = CachedExperts.prepare
 
@@ -157,9 +158,9 @@ class CachedSweep:
     def build(spec: Mapping) -> sweep.SweepSetup:
         seed, smoke, variant, tasks = spec["seed"], spec["smoke"], spec["variant"], spec["tasks"]
         for task, config in CachedExperts._configs(spec).items():
-            if not train.is_cached(config):
+            if not expert_cache.is_cached(config):
                 raise FileNotFoundError(f"expert {task} (seed {seed}, {variant}, {'SMOKE' if smoke else 'full'} mode) is "
-                                        f"not in the cache: {train.expert_path(train.config_key(config))} is missing; "
+                                        f"not in the cache: {expert_cache.expert_path(expert_cache.config_key(config))} is missing; "
                                         "train it with `make experts` (or let run_grid train it first)")
         trained = {t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=False, **expert_kw(spec))
                    for t in tasks}
@@ -178,7 +179,7 @@ class CachedSweep:
             first, second = tasks
             models = {first: trained[first].state_dict,
                       second: train.fresh_head(trained[second].state_dict, first,
-                                               seed=train.derive_seed(seed, "report head"))}
+                                               seed=expert_cache.derive_seed(seed, "report head"))}
             evaluate = sweep.evaluate_report_head(smoke=smoke)
         return sweep.SweepSetup(name=spec["name"], seed=seed, base=base, models=models, evaluate=evaluate,
                                 experts=info)
@@ -215,7 +216,7 @@ def pool_spec(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | No
         raise ValueError(f"a pool needs at least two experts to merge, got {tasks}")
     if source == DEFAULT_SOURCE:
         kind = pool.kind_of(tasks)
-        variant = variant or train.VARIANTS[kind][0]
+        variant = variant or expert_cache.VARIANTS[kind][0]
         name = name or (kind if kind == "text" else f"{kind}/{variant}")
     elif name is None:
         raise ValueError(f"a pool from source {source!r} needs a name")
@@ -258,7 +259,7 @@ def sweep_spec(tasks: Sequence[str], *, seed: int, smoke: bool, setup: str = "wh
     """The setup part of a sweep's configurations (notebooks 01-03, :class:`CachedSweep`): the
     models of ``tasks`` merged together over ``base_task``'s base (default: the first task)."""
     kind = pool.kind_of(tasks)
-    variant = variant or train.VARIANTS[kind][0]
+    variant = variant or expert_cache.VARIANTS[kind][0]
     name = name or f"{'+'.join(tasks)}/{variant}/{setup}"
     return pool_spec(tasks, seed=seed, smoke=smoke, variant=variant, name=name, source="lib.runner:CachedSweep",
                      setup=setup, base_task=base_task or tasks[0])

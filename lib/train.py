@@ -51,18 +51,15 @@ from tqdm import tqdm
 
 from . import data, models, paths
 from .batching import collate, encode, length_bucketed_batches, logits_of, shift_images, sorted_batches, to_device
-from .cache import (  # noqa: F401  (SMOKE_EVAL, VARIANTS, is_cached: still read as train.X by lib/runner.py, lib/pool.py)
+from .cache import (
     EVAL_BATCH,
     RECIPES,
-    SMOKE_EVAL,
-    VARIANTS,
     Expert,
     Recipe,
     config_key,
     derive_seed,
     expert_config,
     expert_path,
-    is_cached,
     load_expert,
     model_name_of,
     save_expert,

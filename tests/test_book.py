@@ -118,7 +118,8 @@ def test_presets_are_a_no_op_without_PRESET(monkeypatch):
 
 def test_lab_preset_sets_only_parameters_notebook_03_has():
 
-    from lib import configs, presets, train
+    from lib import cache as expert_cache
+    from lib import configs, presets
 
     full = configs.grid("03_text_sst2_cola", smoke=False)
     lab = presets.parameters("03_text_sst2_cola", "lab")
@@ -126,7 +127,7 @@ def test_lab_preset_sets_only_parameters_notebook_03_has():
     for key, value in lab.items():  # a smaller grid of the same kind: a subset of the full one
         assert set(value) <= set(full[key]), key
     for task in ("sst2", "cola"):
-        fields = set(train.Recipe.__dataclass_fields__)
+        fields = set(expert_cache.Recipe.__dataclass_fields__)
         assert set(presets.expert_kw(task, "lab")) <= fields
 
 

@@ -352,15 +352,15 @@ def test_a_spec_without_expert_kw_keeps_the_record_keys_stored_before_it(experts
 
 
 def test_cached_experts_with_expert_kw_are_lora_experts_under_their_own_keys():
-    from lib import train
+    from lib import cache as expert_cache
     from lib.lora_pool import lora_pool_spec
 
     tasks = ["sst2", "emotion"]
     full = runner.pool_spec(tasks, seed=0, smoke=True)
     lora = lora_pool_spec(tasks, seed=0, smoke=True)
     assert "expert_kw" not in full and lora["expert_kw"] == {"lora": True} and lora["name"] == "text-lora"
-    assert full["experts"] == {t: train.config_key(train.expert_config(t, seed=0, smoke=True)) for t in tasks}
-    assert lora["experts"] == {t: train.config_key(train.expert_config(t, seed=0, smoke=True, lora=True)) for t in tasks}
+    assert full["experts"] == {t: expert_cache.config_key(expert_cache.expert_config(t, seed=0, smoke=True)) for t in tasks}
+    assert lora["experts"] == {t: expert_cache.config_key(expert_cache.expert_config(t, seed=0, smoke=True, lora=True)) for t in tasks}
     assert all(lora["experts"][t] != full["experts"][t] for t in tasks)
     assert all(c["lora"] for c in runner.CachedExperts._configs(lora).values())
     assert not any("lora" in c for c in runner.CachedExperts._configs(full).values())

@@ -72,7 +72,9 @@ smoke: setup
 experts: setup
 	$(PY) -m lib experts$(if $(filter 1,$(LORA)), --lora)
 
+# notebook 07 needs the LoRA experts too (the opt-in plan of make experts LORA=1)
 reproduce: setup experts
+	$(PY) -m lib experts --lora
 	@mkdir -p $(BUILD)
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb (full, EXECUTOR=$(EXECUTOR))"; \

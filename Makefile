@@ -45,6 +45,7 @@ test: lint unit nbval
 # ruff.toml says which rules and why; `ruff check --fix .` repairs the import order
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 unit: setup
 	$(BIN)/pytest -q $(PYTEST_ARGS) tests

@@ -120,11 +120,21 @@ def measure_point(method: str, n_experts: int, rows: int, cols: int) -> dict:
         del out
         cpu, wall, repeats, total = min(cpu, c1 - c0), min(wall, w1 - w0), repeats + 1, total + (c1 - c0)
     peak_mib = (high_water - (rss_before or 0)) / 1024 if reset and rss_before else high_water / 1024
-    return {"method": method, "experts": n_experts, "rows": rows, "cols": cols, "entries": rows * cols,
-            "cpu_s": cpu, "wall_s": wall, "repeats": repeats, "peak_extra_mib": peak_mib,
-            "inputs_mib": (n_experts + 1) * rows * cols * 4 / 2**20,
-            "peak_memory": "VmHWM after reset less VmRSS before the merge" if reset else "ru_maxrss of the whole process",
-            "load": os.getloadavg()[0], "torch_threads": torch.get_num_threads()}
+    return {
+        "method": method,
+        "experts": n_experts,
+        "rows": rows,
+        "cols": cols,
+        "entries": rows * cols,
+        "cpu_s": cpu,
+        "wall_s": wall,
+        "repeats": repeats,
+        "peak_extra_mib": peak_mib,
+        "inputs_mib": (n_experts + 1) * rows * cols * 4 / 2**20,
+        "peak_memory": "VmHWM after reset less VmRSS before the merge" if reset else "ru_maxrss of the whole process",
+        "load": os.getloadavg()[0],
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 # ------------------------------------------------------------------------------ the sweep (parent)
@@ -171,12 +181,17 @@ def sweep(experts=EXPERTS, sizes=SIZES) -> list[dict]:
     points, too_slow = [], set()
     for sweep_name, method, n, rows, cols in plan:
         if (sweep_name, method) in too_slow:
-            print(f"{sweep_name:7s} {method:13s} N={n:2d} {rows}x{cols}: skipped (an earlier point took > {POINT_LIMIT_S:.0f} s)")
+            print(
+                f"{sweep_name:7s} {method:13s} N={n:2d} {rows}x{cols}: skipped (an earlier point took > {POINT_LIMIT_S:.0f} s)"
+            )
             continue
         p = run_point(method, n, rows, cols) | {"sweep": sweep_name}
         points.append(p)
-        print(f"{sweep_name:7s} {method:13s} N={n:2d} {rows:4d}x{cols:<4d}  CPU {p['cpu_s']:8.3f} s  wall {p['wall_s']:8.3f} s  "
-              f"peak extra {p['peak_extra_mib']:7.1f} MiB (inputs {p['inputs_mib']:6.1f} MiB)  load {p['load']:.1f}", flush=True)
+        print(
+            f"{sweep_name:7s} {method:13s} N={n:2d} {rows:4d}x{cols:<4d}  CPU {p['cpu_s']:8.3f} s  wall {p['wall_s']:8.3f} s  "
+            f"peak extra {p['peak_extra_mib']:7.1f} MiB (inputs {p['inputs_mib']:6.1f} MiB)  load {p['load']:.1f}",
+            flush=True,
+        )
         if p["cpu_s"] > POINT_LIMIT_S:
             too_slow.add((sweep_name, method))
     return points
@@ -188,8 +203,10 @@ def print_growth(slopes: dict) -> None:
 
     print("log-log slopes (1 = linear):     CPU vs N   memory vs N   CPU vs entries   memory vs entries")
     for method, s in slopes.items():
-        print(f"  {method:13s}                   {f(s['cpu_vs_experts'])}        {f(s['memory_vs_experts'])}"
-              f"           {f(s['cpu_vs_entries'])}             {f(s['memory_vs_entries'])}")
+        print(
+            f"  {method:13s}                   {f(s['cpu_vs_experts'])}        {f(s['memory_vs_experts'])}"
+            f"           {f(s['cpu_vs_entries'])}             {f(s['memory_vs_entries'])}"
+        )
 
 
 # ------------------------------------------------------------------------------------- the figure
@@ -211,14 +228,21 @@ def draw(results: dict):
     markers = dict(zip(METHODS, "osD^v"))
     for method in METHODS:
         s = results["growth"][method]
-        label = (f"{method}: time ~ N^{s['cpu_vs_experts']:.2f}, size^{s['cpu_vs_entries']:.2f}"
-                 if s["cpu_vs_experts"] is not None and s["cpu_vs_entries"] is not None else method)
+        label = (
+            f"{method}: time ~ N^{s['cpu_vs_experts']:.2f}, size^{s['cpu_vs_entries']:.2f}"
+            if s["cpu_vs_experts"] is not None and s["cpu_vs_entries"] is not None
+            else method
+        )
         for col, sweep_name, x in ((0, "experts", "experts"), (1, "size", "entries")):
-            pts = sorted((p for p in results["points"] if p["method"] == method and p["sweep"] == sweep_name), key=lambda p: p[x])
+            pts = sorted(
+                (p for p in results["points"] if p["method"] == method and p["sweep"] == sweep_name), key=lambda p: p[x]
+            )
             if not pts:
                 continue
             style = dict(marker=markers[method], color=plotting.color(method, f"C{METHODS.index(method)}"), ms=4)
-            axes[0, col].plot([p[x] for p in pts], [p["cpu_s"] for p in pts], label=label if col == 0 else None, **style)
+            axes[0, col].plot(
+                [p[x] for p in pts], [p["cpu_s"] for p in pts], label=label if col == 0 else None, **style
+            )
             axes[1, col].plot([p[x] for p in pts], [max(p["peak_extra_mib"], 0.1) for p in pts], **style)
     rows, cols = results["experts_shape"]
     for ax in axes.flat:
@@ -227,8 +251,11 @@ def draw(results: dict):
     axes[0, 0].set_ylabel("CPU time of merge (s)")
     axes[1, 0].set_ylabel("peak extra memory (MiB)")
     axes[1, 0].set_xlabel(f"experts N (one {rows}x{cols} matrix)")
-    axes[1, 1].set_xlabel(f"entries of the matrix (N = {results['size_experts']}; "
-                          + ", ".join(f"{r}x{c}" for r, c in results["sizes"]) + ")")
+    axes[1, 1].set_xlabel(
+        f"entries of the matrix (N = {results['size_experts']}; "
+        + ", ".join(f"{r}x{c}" for r, c in results["sizes"])
+        + ")"
+    )
     axes[0, 0].set_title("against the number of experts", fontsize=10)
     axes[0, 1].set_title("against the matrix size", fontsize=10)
     for ax in axes[:, 0]:
@@ -266,7 +293,10 @@ def main(argv=None) -> int:
     target = RESULTS / ("costs.quick.json" if args.quick else "costs.json")
     if args.plot_only:
         if not target.exists():
-            print(f"error: {target} does not exist; run benchmarks/costs.py{' --quick' if args.quick else ''} first", file=sys.stderr)
+            print(
+                f"error: {target} does not exist; run benchmarks/costs.py{' --quick' if args.quick else ''} first",
+                file=sys.stderr,
+            )
             return 1
         print(f"figure: {save_figure(read_json(target), args.quick)}")
         return 0
@@ -274,16 +304,28 @@ def main(argv=None) -> int:
 
     experts = EXPERTS[:3] if args.quick else EXPERTS
     sizes = SIZES[:2] if args.quick else SIZES
-    print(f"torch {torch.__version__}, 1 torch thread per point, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"torch {torch.__version__}, 1 torch thread per point, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     start = time.perf_counter()
     points = sweep(experts, sizes)
     slopes = growth(points)
     print_growth(slopes)
-    results = {"benchmark": "costs", "torch": torch.__version__, "quick": args.quick, "methods": list(METHODS),
-               "experts_shape": list(EXPERTS_SHAPE), "size_experts": SIZE_EXPERTS, "sizes": [list(s) for s in sizes],
-               "time": "CPU seconds (time.process_time) of one merge call, 1 torch thread, min over repeats",
-               "memory": "peak resident memory above the level before the merge, fresh subprocess per point",
-               "wall_s_total": time.perf_counter() - start, "growth": slopes, "points": points}
+    results = {
+        "benchmark": "costs",
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "methods": list(METHODS),
+        "experts_shape": list(EXPERTS_SHAPE),
+        "size_experts": SIZE_EXPERTS,
+        "sizes": [list(s) for s in sizes],
+        "time": "CPU seconds (time.process_time) of one merge call, 1 torch thread, min over repeats",
+        "memory": "peak resident memory above the level before the merge, fresh subprocess per point",
+        "wall_s_total": time.perf_counter() - start,
+        "growth": slopes,
+        "points": points,
+    }
     print(f"results: {write_json(target, results)}")
     print(f"figure: {save_figure(results, args.quick)}")
     return 0

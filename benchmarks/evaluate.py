@@ -58,16 +58,21 @@ def main() -> None:
     first = evaluation.evaluate(model, task, split, smoke=False)
     first_s = time.perf_counter() - start
     n = first["n"]
-    batches = evaluation._eval_batches(task, split, smoke=False, max_length=cache.RECIPES[task].max_length,
-                                       model_name=None, data_dir=None)
-    print(f"SST-2 {split}: {n} examples in {len(batches)} length-sorted batches of {cache.EVAL_BATCH['text']}, "
-          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
+    batches = evaluation._eval_batches(
+        task, split, smoke=False, max_length=cache.RECIPES[task].max_length, model_name=None, data_dir=None
+    )
+    print(
+        f"SST-2 {split}: {n} examples in {len(batches)} length-sorted batches of {cache.EVAL_BATCH['text']}, "
+        f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}"
+    )
 
     wall = {"evaluate": [], "bare": []}
     cpu = {"evaluate": [], "bare": []}
     for _ in range(repeats):  # alternating, so that a change in load hits both alike
-        for name, fn in (("evaluate", lambda: evaluation.evaluate(model, task, split, smoke=False)),
-                         ("bare", lambda: bare_loop(model, batches))):
+        for name, fn in (
+            ("evaluate", lambda: evaluation.evaluate(model, task, split, smoke=False)),
+            ("bare", lambda: bare_loop(model, batches)),
+        ):
             w, c = best(fn, 1)
             wall[name].append(w)
             cpu[name].append(c)
@@ -78,19 +83,38 @@ def main() -> None:
     order = np.concatenate([i for _, i in batches])
     identical = bool(np.array_equal(logits[np.searchsorted(idx, order)], bare))  # back to the batches' order
 
-    print(f"first evaluate (tokenises)   : {first_s:7.2f} s  ({first_s - wall['evaluate']:.2f} s of it tokenising "
-          f"and batching, once per process)")
-    print(f"evaluate                     : {wall['evaluate']:7.2f} s  ({n / wall['evaluate']:6.1f} examples/s; "
-          f"{cpu['evaluate']:.2f} CPU s)")
-    print(f"bare loop, same batches      : {wall['bare']:7.2f} s  ({n / wall['bare']:6.1f} examples/s; "
-          f"{cpu['bare']:.2f} CPU s)")
-    print(f"evaluate / bare loop         : {wall['evaluate'] / wall['bare']:7.2f} x  "
-          f"({cpu['evaluate'] / cpu['bare']:.2f} x in CPU time; target <= 1.1)")
+    print(
+        f"first evaluate (tokenises)   : {first_s:7.2f} s  ({first_s - wall['evaluate']:.2f} s of it tokenising "
+        f"and batching, once per process)"
+    )
+    print(
+        f"evaluate                     : {wall['evaluate']:7.2f} s  ({n / wall['evaluate']:6.1f} examples/s; "
+        f"{cpu['evaluate']:.2f} CPU s)"
+    )
+    print(
+        f"bare loop, same batches      : {wall['bare']:7.2f} s  ({n / wall['bare']:6.1f} examples/s; "
+        f"{cpu['bare']:.2f} CPU s)"
+    )
+    print(
+        f"evaluate / bare loop         : {wall['evaluate'] / wall['bare']:7.2f} x  "
+        f"({cpu['evaluate'] / cpu['bare']:.2f} x in CPU time; target <= 1.1)"
+    )
     print(f"same metrics on every call: {same}; logits equal the bare loop's bit for bit: {identical}")
-    figures = {"task": task, "split": split, "n": n, "threads": torch.get_num_threads(), "first_s": first_s,
-               "evaluate_s": wall["evaluate"], "bare_s": wall["bare"], "evaluate_cpu_s": cpu["evaluate"],
-               "bare_cpu_s": cpu["bare"], "ratio": wall["evaluate"] / wall["bare"],
-               "ratio_cpu": cpu["evaluate"] / cpu["bare"], "metrics": first, "identical": identical}
+    figures = {
+        "task": task,
+        "split": split,
+        "n": n,
+        "threads": torch.get_num_threads(),
+        "first_s": first_s,
+        "evaluate_s": wall["evaluate"],
+        "bare_s": wall["bare"],
+        "evaluate_cpu_s": cpu["evaluate"],
+        "bare_cpu_s": cpu["bare"],
+        "ratio": wall["evaluate"] / wall["bare"],
+        "ratio_cpu": cpu["evaluate"] / cpu["bare"],
+        "metrics": first,
+        "identical": identical,
+    }
 
     if not args.quick:  # what lowers the floor itself: threads and batch sizes (padding differs)
         threads = torch.get_num_threads()
@@ -100,11 +124,15 @@ def main() -> None:
         for n_threads in sorted({1, threads}):
             torch.set_num_threads(n_threads)
             for size in (32, 64, 128, 256):
-                sized = [(batching.collate(enc, subset[b]), subset[b])
-                         for b in batching.sorted_batches(enc.lengths[subset], size)]
+                sized = [
+                    (batching.collate(enc, subset[b]), subset[b])
+                    for b in batching.sorted_batches(enc.lengths[subset], size)
+                ]
                 w, c = best(lambda sized=sized: bare_loop(model, sized), repeats)
-                print(f"  bare loop, {n_threads} thread(s), batches of {size:3d}: {n / w:6.1f} examples/s "
-                      f"({w:.2f} s, {c:.2f} CPU s)")
+                print(
+                    f"  bare loop, {n_threads} thread(s), batches of {size:3d}: {n / w:6.1f} examples/s "
+                    f"({w:.2f} s, {c:.2f} CPU s)"
+                )
                 figures["sweep"].append({"threads": n_threads, "batch": size, "wall_s": w, "cpu_s": c})
         torch.set_num_threads(threads)
     print(f"load average after: {os.getloadavg()[0]:.1f}")

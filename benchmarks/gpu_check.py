@@ -55,9 +55,13 @@ TARGETS = {
     "drm_h_vs_cpu_path": ("DRM-H of three BERT-base experts, GPU vs its CPU path", 10.0),
 }
 #: what each part needs beyond torch and the standard library
-NEEDED = {"tests": ["pytest", "numpy", "pandas", "safetensors"], "cli test": ["yaml", "tqdm"],
-          "benchmarks": ["numpy", "pandas", "pytest"], "stream benchmark": ["transformers", "safetensors", "yaml", "tqdm"],
-          "memory columns of benchmarks/merge.py": ["psutil"]}
+NEEDED = {
+    "tests": ["pytest", "numpy", "pandas", "safetensors"],
+    "cli test": ["yaml", "tqdm"],
+    "benchmarks": ["numpy", "pandas", "pytest"],
+    "stream benchmark": ["transformers", "safetensors", "yaml", "tqdm"],
+    "memory columns of benchmarks/merge.py": ["psutil"],
+}
 #: seconds each step may take (the whole run stays under 5 minutes on the GPU machine)
 STEP_TIMEOUT = {"tests": 150, "spectral": 60, "merge": 90, "stream": 45}
 
@@ -68,13 +72,25 @@ def missing_modules() -> list[str]:
 
 
 def environment(device: torch.device) -> dict:
-    env = {"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform(),
-           "torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    env = {
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env |= {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-                "compute_capability": f"{props.major}.{props.minor}", "cudnn": torch.backends.cudnn.version()}
+        env |= {
+            "gpu": props.name,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "cudnn": torch.backends.cudnn.version(),
+        }
     return env
 
 
@@ -85,23 +101,48 @@ def run_step(name: str, cmd: list[str], env: dict[str, str] | None = None) -> di
     # a script in benchmarks/ sees only its own folder: lib comes from this checkout (no install)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": path, **(env or {})}, capture_output=True, text=True,
-                              timeout=STEP_TIMEOUT[name])
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": path, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=STEP_TIMEOUT[name],
+        )
         output, code = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as err:
         output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
         output += f"\n(timed out after {STEP_TIMEOUT[name]} s)"
         code = None
     print(output[-6000:], flush=True)
-    return {"command": " ".join(cmd), "returncode": code, "seconds": round(time.perf_counter() - start, 1),
-            "output_tail": output[-3000:]}
+    return {
+        "command": " ".join(cmd),
+        "returncode": code,
+        "seconds": round(time.perf_counter() - start, 1),
+        "output_tail": output[-3000:],
+    }
 
 
 def run_tests(device_under_test: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
-        step = run_step("tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-rs", "-p", "no:cacheprovider",
-                                  f"--junitxml={report}", "tests/test_gpu.py"], env={"GPU_TEST_DEVICE": device_under_test})
+        step = run_step(
+            "tests",
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-m",
+                "gpu",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={report}",
+                "tests/test_gpu.py",
+            ],
+            env={"GPU_TEST_DEVICE": device_under_test},
+        )
         counts = {"passed": 0, "failed": 0, "skipped": 0}
         failures, skipped = [], {}
         if report.exists():
@@ -139,7 +180,9 @@ def bounds(device: torch.device, layers: int, quick: bool) -> dict:
     """The three things a GPU merge or scan can wait on, measured here, and what they add up to
     for the benchmarks' workloads (``layers`` BERT-base layers, three experts)."""
     g = torch.Generator().manual_seed(0)
-    host = torch.randn(1 << (24 if quick else 26), generator=g)  # 64 or 256 MiB of float32, pageable as lib's tensors are
+    host = torch.randn(
+        1 << (24 if quick else 26), generator=g
+    )  # 64 or 256 MiB of float32, pageable as lib's tensors are
     to_device = _seconds(lambda: host.to(device), device)
     on_device = host.to(device)
     to_host = _seconds(lambda on_device=on_device: on_device.to("cpu"), device)
@@ -171,7 +214,9 @@ def bounds(device: torch.device, layers: int, quick: bool) -> dict:
     n = 3
     gram_flop_64 = {  # Gram products, plus the same again for reconstructing from the kept basis
         "star": n * layers * 2 * (4 * 2 * 768**3 + 2 * 2 * 3072 * 768**2),
-        "drm_h": layers * 2 * (4 * 2 * 768 * (n * 768) * 768 + 2 * 768 * (n * 3072) * 768 + 2 * 3072 * (n * 768) * (n * 768)),
+        "drm_h": layers
+        * 2
+        * (4 * 2 * 768 * (n * 768) * 768 + 2 * 768 * (n * 3072) * 768 + 2 * 3072 * (n * 768) * (n * 768)),
     }
     eighs_64 = {"star": {768: n * layers * 6}, "drm_h": {768: layers * 5, 2304: layers}}
     moved = {"star": (n + 2) * entries * 4, "drm_h": (n + 2) * entries * 4}  # base + experts in, merged out
@@ -207,8 +252,13 @@ def ratios(spectral: dict | None, merge: dict | None, probe: dict | None) -> lis
     rows = []
     for key, (what, target) in TARGETS.items():
         ratio, seconds, workload = found.get(key, (None, None, None))
-        row = {"ratio": key, "what": what, "target": target, "value": ratio,
-               "met": None if ratio is None else bool(ratio >= target)}
+        row = {
+            "ratio": key,
+            "what": what,
+            "target": target,
+            "value": ratio,
+            "met": None if ratio is None else bool(ratio >= target),
+        }
         if ratio is not None and ratio < target and probe:
             row["bounded_by"] = bound_of(probe["estimates_s"][workload]) + f"; measured {seconds:.2f} s on the GPU"
         rows.append(row)
@@ -235,11 +285,15 @@ def read_json(path: Path) -> dict | None:
 
 def summary(record: dict) -> str:
     env, tests = record["environment"], record["steps"]["tests"]
-    lines = [f"gpu-check ({record['mode']}): {env.get('gpu', 'no GPU')}, torch {env['torch']}, CUDA {env['cuda']}, "
-             f"{record['elapsed_s']:.0f} s"]
+    lines = [
+        f"gpu-check ({record['mode']}): {env.get('gpu', 'no GPU')}, torch {env['torch']}, CUDA {env['cuda']}, "
+        f"{record['elapsed_s']:.0f} s"
+    ]
     if record["missing_modules"]:
         lines.append(f"  missing here: {', '.join(record['missing_modules'])} (parts needing them skipped)")
-    lines.append(f"  gpu tests: {tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, {tests.get('skipped', 0)} skipped")
+    lines.append(
+        f"  gpu tests: {tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, {tests.get('skipped', 0)} skipped"
+    )
     lines += [f"    FAILED {f}" for f in tests.get("failures", [])[:10]]
     lines += [f"    skipped {n}: {reason}" for reason, n in tests.get("skip_reasons", {}).items()]
     for row in record["targets"]:
@@ -257,7 +311,9 @@ def summary(record: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rehearse", action="store_true", help="no GPU: run every step on the CPU (checks this script)")
+    parser.add_argument(
+        "--rehearse", action="store_true", help="no GPU: run every step on the CPU (checks this script)"
+    )
     parser.add_argument("--quick", action="store_true", help="benchmarks on one layer (default with --rehearse)")
     parser.add_argument("--layers", type=int, default=12, help="BERT-base layers in the benchmarks (default 12)")
     parser.add_argument("--out", help="JSON to write (default benchmarks/results/gpu_check[.no-cuda|.rehearsal].json)")
@@ -268,45 +324,99 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if mode == "gpu" else "cpu")
     quick = args.quick or mode == "rehearsal"
     layers = 1 if quick else args.layers
-    out = Path(args.out) if args.out else RESULTS / {"gpu": "gpu_check.json", "no-cuda": "gpu_check.no-cuda.json",
-                                                     "rehearsal": "gpu_check.rehearsal.json"}[mode]
+    out = (
+        Path(args.out)
+        if args.out
+        else RESULTS
+        / {"gpu": "gpu_check.json", "no-cuda": "gpu_check.no-cuda.json", "rehearsal": "gpu_check.rehearsal.json"}[mode]
+    )
     missing = missing_modules()
-    print(f"gpu-check, mode {mode}: torch {torch.__version__} (CUDA {torch.version.cuda}), "
-          f"{'GPU ' + torch.cuda.get_device_name(0) if cuda else 'no CUDA GPU'}; missing: {', '.join(missing) or 'nothing'}",
-          flush=True)
+    print(
+        f"gpu-check, mode {mode}: torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"{'GPU ' + torch.cuda.get_device_name(0) if cuda else 'no CUDA GPU'}; missing: {', '.join(missing) or 'nothing'}",
+        flush=True,
+    )
 
     steps: dict[str, dict] = {}
-    tests = run_tests("cuda" if mode != "rehearsal" else "cpu") if "pytest" not in missing else {"skipped_step": "no pytest"}
+    tests = (
+        run_tests("cuda" if mode != "rehearsal" else "cpu")
+        if "pytest" not in missing
+        else {"skipped_step": "no pytest"}
+    )
     steps["tests"] = tests
     probe = spectral = merge = None
     if mode == "no-cuda":
         note = "no CUDA GPU here: the gpu tests skipped and nothing was timed"
     else:
-        note = "rehearsal on the CPU: every step ran, CPU against CPU; the figures say nothing about a GPU" \
-            if mode == "rehearsal" else ""
+        note = (
+            "rehearsal on the CPU: every step ran, CPU against CPU; the figures say nothing about a GPU"
+            if mode == "rehearsal"
+            else ""
+        )
         print("\n== bounds: transfer, Gram products, eigensolver", flush=True)
         probe = bounds(device, layers, quick)
         print(json.dumps(probe, indent=1), flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             spectral_json, merge_json = Path(tmp) / "spectral.json", Path(tmp) / "merge.json"
             layer_args = ["--quick"] if quick else ["--layers", str(layers)]
-            steps["spectral"] = run_step("spectral", [sys.executable, "benchmarks/spectral.py", *layer_args,
-                                                      *([] if quick else ["--repeats", "2"]), "--no-breakdown",
-                                                      "--reference-dtype", "float64", "--device", str(device),
-                                                      "--json", str(spectral_json)])
-            steps["merge"] = run_step("merge", [sys.executable, "benchmarks/merge.py", *layer_args, "--experts", "3",
-                                                "--methods", "star", "drm_h", "--device", str(device),
-                                                *(["--no-cpu-path"] if device.type == "cpu" else []), "--json", str(merge_json)])
+            steps["spectral"] = run_step(
+                "spectral",
+                [
+                    sys.executable,
+                    "benchmarks/spectral.py",
+                    *layer_args,
+                    *([] if quick else ["--repeats", "2"]),
+                    "--no-breakdown",
+                    "--reference-dtype",
+                    "float64",
+                    "--device",
+                    str(device),
+                    "--json",
+                    str(spectral_json),
+                ],
+            )
+            steps["merge"] = run_step(
+                "merge",
+                [
+                    sys.executable,
+                    "benchmarks/merge.py",
+                    *layer_args,
+                    "--experts",
+                    "3",
+                    "--methods",
+                    "star",
+                    "drm_h",
+                    "--device",
+                    str(device),
+                    *(["--no-cpu-path"] if device.type == "cpu" else []),
+                    "--json",
+                    str(merge_json),
+                ],
+            )
             spectral, merge = read_json(spectral_json), read_json(merge_json)
         if {"transformers", "safetensors", "yaml", "tqdm"} & set(missing):
             steps["stream"] = {"skipped_step": "stream_merge.py needs transformers, safetensors, yaml and tqdm"}
         else:
-            steps["stream"] = run_step("stream", [sys.executable, "benchmarks/stream_merge.py", "--quick", "--no-in-memory"],
-                                       env={"SPECTRAL_MERGE_DEVICE": str(device)})
+            steps["stream"] = run_step(
+                "stream",
+                [sys.executable, "benchmarks/stream_merge.py", "--quick", "--no-in-memory"],
+                env={"SPECTRAL_MERGE_DEVICE": str(device)},
+            )
 
-    record = {"issue": 20, "mode": mode, "note": note, "environment": environment(device), "missing_modules": missing,
-              "layers": layers, "targets": ratios(spectral, merge, probe), "other_ratios": other_ratios(spectral, merge),
-              "bounds": probe, "spectral": spectral, "merge": merge, "steps": steps}
+    record = {
+        "issue": 20,
+        "mode": mode,
+        "note": note,
+        "environment": environment(device),
+        "missing_modules": missing,
+        "layers": layers,
+        "targets": ratios(spectral, merge, probe),
+        "other_ratios": other_ratios(spectral, merge),
+        "bounds": probe,
+        "spectral": spectral,
+        "merge": merge,
+        "steps": steps,
+    }
     record["elapsed_s"] = time.perf_counter() - started
     record["json"] = str(out)
     write_json(out, record)

@@ -51,22 +51,29 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--methods", nargs="+", default=["average", "task_arithmetic", "ties"])
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads per worker (default: cores // workers, as processes:N sets them)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per worker (default: cores // workers, as processes:N sets them)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
     spec = runner.pool_spec(TASKS, seed=0, smoke=True, variant="shared_init")
-    configs = runner.pool_grid(spec, pool.subset_plan(TASKS, [2, 3], seed=0),
-                               [pool.canonical_run(m) for m in args.methods])
+    configs = runner.pool_grid(
+        spec, pool.subset_plan(TASKS, [2, 3], seed=0), [pool.canonical_run(m) for m in args.methods]
+    )
     t0 = time.perf_counter()
     runner.CachedExperts.prepare(spec, progress=False)
     prepare_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     runner.CachedExperts.build(spec)
     load_s = time.perf_counter() - t0
-    print(f"grid: {len(configs)} records (1 alone + {len(configs) - 1} merges of {len(TASKS)} SMOKE vision experts); "
-          f"experts ready in {prepare_s:.1f} s, pool loaded in {load_s:.2f} s in this process; load {load()}")
+    print(
+        f"grid: {len(configs)} records (1 alone + {len(configs) - 1} merges of {len(TASKS)} SMOKE vision experts); "
+        f"experts ready in {prepare_s:.1f} s, pool loaded in {load_s:.2f} s in this process; load {load()}"
+    )
 
     results, baseline = {}, None
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,20 +90,38 @@ def main(argv=None) -> int:
             merged = merged[~merged.method.isin(pool.ALONE)]
             same = baseline is None or runner.comparable(records) == baseline
             baseline = baseline if baseline is not None else runner.comparable(records)
-            results[n] = {"wall_s": wall, "threads_per_worker": threads, "records": len(configs), "record_s": seconds,
-                          "record_s_median": statistics.median(seconds), "record_s_sum": sum(seconds),
-                          "merge_s_median": float(merged.merge_s.median()), "eval_s_median": float(merged.eval_s.median()),
-                          "identical_to_first": same, "load_before": before, "load_after": load()}
-            print(f"  processes:{n} ({threads} torch thread{'s' if threads > 1 else ''} each): {wall:6.1f} s wall, {len(configs) / wall:.2f} records/s; per record median "
-                  f"{results[n]['record_s_median']:.2f} s (sum {results[n]['record_s_sum']:.1f} s; merge "
-                  f"{results[n]['merge_s_median']:.2f} s + evaluation {results[n]['eval_s_median']:.2f} s); "
-                  f"records identical: {same}; load {before} -> {load()}")
+            results[n] = {
+                "wall_s": wall,
+                "threads_per_worker": threads,
+                "records": len(configs),
+                "record_s": seconds,
+                "record_s_median": statistics.median(seconds),
+                "record_s_sum": sum(seconds),
+                "merge_s_median": float(merged.merge_s.median()),
+                "eval_s_median": float(merged.eval_s.median()),
+                "identical_to_first": same,
+                "load_before": before,
+                "load_after": load(),
+            }
+            print(
+                f"  processes:{n} ({threads} torch thread{'s' if threads > 1 else ''} each): {wall:6.1f} s wall, {len(configs) / wall:.2f} records/s; per record median "
+                f"{results[n]['record_s_median']:.2f} s (sum {results[n]['record_s_sum']:.1f} s; merge "
+                f"{results[n]['merge_s_median']:.2f} s + evaluation {results[n]['eval_s_median']:.2f} s); "
+                f"records identical: {same}; load {before} -> {load()}"
+            )
     if len(results) >= 2:
         a, b = min(results), max(results)
         print(f"speed-up of {b} workers over {a}: {results[a]['wall_s'] / results[b]['wall_s']:.2f}x (wall-time ratio)")
     if args.json:
-        write_json(args.json, {"config": {"tasks": TASKS, "methods": args.methods, "records": len(configs)},
-                               "prepare_s": prepare_s, "pool_load_s": load_s, "runs": results})
+        write_json(
+            args.json,
+            {
+                "config": {"tasks": TASKS, "methods": args.methods, "records": len(configs)},
+                "prepare_s": prepare_s,
+                "pool_load_s": load_s,
+                "runs": results,
+            },
+        )
     return 0
 
 

@@ -107,19 +107,33 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--methods", nargs="+", default=["star", "drm_h"], choices=["star", "drm_h"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU-time ratios)")
-    parser.add_argument("--json", default=None,
-                        help="result JSON (default benchmarks/results/lowrank[.L<layers>].json; '' to skip)")
+    parser.add_argument(
+        "--json", default=None, help="result JSON (default benchmarks/results/lowrank[.L<layers>].json; '' to skip)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = bert_shapes(args.layers)
     experts = lora_experts(shapes, args.experts, args.rank)
     base = {k: torch.zeros(s) for k, s in shapes.items()}  # the merged delta does not depend on the base
     load = os.getloadavg()
-    print(f"{len(shapes)} matrices of BERT-base shapes, {args.experts} rank-{args.rank} LoRA experts, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average {load[0]:.1f}", flush=True)
-    record = {"benchmark": "lowrank", "matrices": len(shapes), "layers": args.layers, "experts": args.experts,
-              "rank": args.rank, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "platform": platform.platform(), "cpu_count": os.cpu_count(), "load_before": list(load), "methods": {}}
+    print(
+        f"{len(shapes)} matrices of BERT-base shapes, {args.experts} rank-{args.rank} LoRA experts, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average {load[0]:.1f}",
+        flush=True,
+    )
+    record = {
+        "benchmark": "lowrank",
+        "matrices": len(shapes),
+        "layers": args.layers,
+        "experts": args.experts,
+        "rank": args.rank,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_before": list(load),
+        "methods": {},
+    }
     for method in args.methods:
         reference = {"star": star_reference, "drm_h": drm_h_reference}[method]
         merge_lowrank(method, base, experts)  # warm-up; the best of three runs is timed
@@ -136,19 +150,35 @@ def main(argv=None):
             del ref
         load = os.getloadavg()
         record["methods"][method] = {
-            "factored_cpu_s": factored_cpu, "factored_wall_s": factored_wall,
-            "reference_cpu_s": dense_cpu, "reference_wall_s": dense_wall,
-            "ratio_cpu": dense_cpu / factored_cpu, "ratio_wall": dense_wall / factored_wall,
-            "max_relative_error": worst, "load_after": list(load),
+            "factored_cpu_s": factored_cpu,
+            "factored_wall_s": factored_wall,
+            "reference_cpu_s": dense_cpu,
+            "reference_wall_s": dense_wall,
+            "ratio_cpu": dense_cpu / factored_cpu,
+            "ratio_wall": dense_wall / factored_wall,
+            "max_relative_error": worst,
+            "load_after": list(load),
             "target": {"ratio": 50, "max_relative_error": 1e-6},
-            "meets_target": bool(dense_cpu / factored_cpu >= 50 and worst <= 1e-6)}
-        print(f"{method:6s} factored {factored_cpu:8.3f} s CPU ({factored_wall:.3f} s wall)   "
-              f"full float64 SVD {dense_cpu:8.2f} s CPU ({dense_wall:.2f} s wall)   "
-              f"ratio {dense_cpu / factored_cpu:7.1f}x CPU ({dense_wall / factored_wall:.1f}x wall)   "
-              f"max relative error {worst:.1e}   load {load[0]:.1f}", flush=True)
+            "meets_target": bool(dense_cpu / factored_cpu >= 50 and worst <= 1e-6),
+        }
+        print(
+            f"{method:6s} factored {factored_cpu:8.3f} s CPU ({factored_wall:.3f} s wall)   "
+            f"full float64 SVD {dense_cpu:8.2f} s CPU ({dense_wall:.2f} s wall)   "
+            f"ratio {dense_cpu / factored_cpu:7.1f}x CPU ({dense_wall / factored_wall:.1f}x wall)   "
+            f"max relative error {worst:.1e}   load {load[0]:.1f}",
+            flush=True,
+        )
     if args.json != "":
-        out = Path(args.json) if args.json else RESULTS / (
-            "lowrank.json" if (args.layers, args.experts, args.rank) == (12, 3, 16) else f"lowrank.L{args.layers}.json")
+        out = (
+            Path(args.json)
+            if args.json
+            else RESULTS
+            / (
+                "lowrank.json"
+                if (args.layers, args.experts, args.rank) == (12, 3, 16)
+                else f"lowrank.L{args.layers}.json"
+            )
+        )
         write_json(out, record)
         print(f"  -> {out}")
 

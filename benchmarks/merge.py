@@ -151,7 +151,9 @@ def reference_merge(method, base, experts):
 def agreement(merged, expected, base) -> tuple[float, float]:
     """Relative Frobenius error of the merged deltas over the whole model, and of the worst matrix."""
     deltas = {k: (merged[k].double() - base[k].double(), expected[k].double() - base[k].double()) for k in base}
-    whole = relative_error(torch.cat([f.flatten() for f, _ in deltas.values()]), torch.cat([r.flatten() for _, r in deltas.values()]))
+    whole = relative_error(
+        torch.cat([f.flatten() for f, _ in deltas.values()]), torch.cat([r.flatten() for _, r in deltas.values()])
+    )
     return whole, max(relative_error(f, r) for f, r in deltas.values())
 
 
@@ -160,20 +162,39 @@ def compare(method, base, experts, device, *, cpu_path: bool = False) -> dict:
     ref, ref_s, ref_mem = timed(lambda: reference_merge(method, base, experts), torch.device("cpu"))
     whole, worst = agreement(fast, ref, base)
     gpu = f"  gpu peak {fast_mem.gpu_mib:7.0f} MiB" if fast_mem.gpu_mib is not None else ""
-    print(f"{method:6s} N={len(experts)}  fast {fast_s:8.2f} s  reference {ref_s:8.2f} s  speed-up {ref_s / fast_s:5.1f}x  "
-          f"rel. error {whole:.1e} (worst matrix {worst:.1e})  peak extra RSS fast {fast_mem.extra_mib:6.0f} MiB, "
-          f"reference {ref_mem.extra_mib:6.0f} MiB{gpu}  load {os.getloadavg()[0]:.1f}", flush=True)
-    figures = {"method": method, "experts": len(experts), "device": str(device), "fast_s": fast_s, "reference_s": ref_s,
-               "fast_vs_reference": ref_s / fast_s, "error_vs_reference": whole, "worst_matrix_error_vs_reference": worst,
-               "fast_extra_rss_mib": fast_mem.extra_mib, "reference_extra_rss_mib": ref_mem.extra_mib,
-               "gpu_peak_mib": fast_mem.gpu_mib}
+    print(
+        f"{method:6s} N={len(experts)}  fast {fast_s:8.2f} s  reference {ref_s:8.2f} s  speed-up {ref_s / fast_s:5.1f}x  "
+        f"rel. error {whole:.1e} (worst matrix {worst:.1e})  peak extra RSS fast {fast_mem.extra_mib:6.0f} MiB, "
+        f"reference {ref_mem.extra_mib:6.0f} MiB{gpu}  load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    figures = {
+        "method": method,
+        "experts": len(experts),
+        "device": str(device),
+        "fast_s": fast_s,
+        "reference_s": ref_s,
+        "fast_vs_reference": ref_s / fast_s,
+        "error_vs_reference": whole,
+        "worst_matrix_error_vs_reference": worst,
+        "fast_extra_rss_mib": fast_mem.extra_mib,
+        "reference_extra_rss_mib": ref_mem.extra_mib,
+        "gpu_peak_mib": fast_mem.gpu_mib,
+    }
     if cpu_path:  # the same method on the CPU: what the device itself gains
         on_cpu, cpu_s, _ = timed(lambda: merge(method, base, experts, device="cpu"), torch.device("cpu"))
         whole_cpu, worst_cpu = agreement(fast, on_cpu, base)
-        print(f"{method:6s} N={len(experts)}  {device} {fast_s:8.2f} s  same method on the CPU {cpu_s:8.2f} s  "
-              f"speed-up {cpu_s / fast_s:5.1f}x  rel. difference {whole_cpu:.1e} (worst matrix {worst_cpu:.1e})", flush=True)
-        figures |= {"cpu_path_s": cpu_s, "fast_vs_cpu_path": cpu_s / fast_s, "difference_vs_cpu_path": whole_cpu,
-                    "worst_matrix_difference_vs_cpu_path": worst_cpu}
+        print(
+            f"{method:6s} N={len(experts)}  {device} {fast_s:8.2f} s  same method on the CPU {cpu_s:8.2f} s  "
+            f"speed-up {cpu_s / fast_s:5.1f}x  rel. difference {whole_cpu:.1e} (worst matrix {worst_cpu:.1e})",
+            flush=True,
+        )
+        figures |= {
+            "cpu_path_s": cpu_s,
+            "fast_vs_cpu_path": cpu_s / fast_s,
+            "difference_vs_cpu_path": whole_cpu,
+            "worst_matrix_difference_vs_cpu_path": worst_cpu,
+        }
     return figures
 
 
@@ -197,12 +218,19 @@ def against_peft(base, experts, *, density: float = 0.2, keep: float = 0.1) -> l
     from lib.merge.dare import keep_mask
 
     pairs = [
-        ("ties scope=tensor", lambda: merge("ties", base, experts, density=density, scope="tensor"),
-         "peft ties", lambda: peft_loop(merge_utils.ties, base, experts, density=density)),
-        ("ties scope=model", lambda: merge("ties", base, experts, density=density),
-         "peft ties", None),
-        ("dare then=ties", lambda: merge("dare", base, experts, keep=keep, then="ties"),
-         "peft dare_ties", lambda: peft_loop(merge_utils.dare_ties, base, experts, density=keep)),
+        (
+            "ties scope=tensor",
+            lambda: merge("ties", base, experts, density=density, scope="tensor"),
+            "peft ties",
+            lambda: peft_loop(merge_utils.ties, base, experts, density=density),
+        ),
+        ("ties scope=model", lambda: merge("ties", base, experts, density=density), "peft ties", None),
+        (
+            "dare then=ties",
+            lambda: merge("dare", base, experts, keep=keep, then="ties"),
+            "peft dare_ties",
+            lambda: peft_loop(merge_utils.dare_ties, base, experts, density=keep),
+        ),
     ]
     runs, peft_s, peft_cpu = [], {}, {}
     for ours_name, ours_fn, peft_name, peft_fn in pairs:
@@ -211,16 +239,30 @@ def against_peft(base, experts, *, density: float = 0.2, keep: float = 0.1) -> l
             reference, peft_s[peft_name], peft_mem = timed(peft_fn, torch.device("cpu"))
             peft_cpu[peft_name] = peft_mem.cpu_s
         theirs, theirs_cpu = peft_s[peft_name], peft_cpu[peft_name]
-        line = (f"{ours_name:18s} {ours_s:7.2f} s ({ours_mem.cpu_s:6.2f} CPU s)   {peft_name:15s} {theirs:7.2f} s "
-                f"({theirs_cpu:6.2f} CPU s)   ours {theirs / ours_s:4.1f}x faster ({theirs_cpu / ours_mem.cpu_s:4.1f}x in CPU time)")
+        line = (
+            f"{ours_name:18s} {ours_s:7.2f} s ({ours_mem.cpu_s:6.2f} CPU s)   {peft_name:15s} {theirs:7.2f} s "
+            f"({theirs_cpu:6.2f} CPU s)   ours {theirs / ours_s:4.1f}x faster ({theirs_cpu / ours_mem.cpu_s:4.1f}x in CPU time)"
+        )
         if ours_name == "ties scope=tensor":
             line += "   " + tie_explained_difference(ours, reference, base, experts, density)
         print(line + f"   load {os.getloadavg()[0]:.1f}", flush=True)
-        runs.append({"ours": ours_name, "ours_s": ours_s, "ours_cpu_s": ours_mem.cpu_s, "peft": peft_name, "peft_s": theirs,
-                     "peft_cpu_s": theirs_cpu, "speedup": theirs / ours_s, "speedup_cpu": theirs_cpu / ours_mem.cpu_s,
-                     "load": os.getloadavg()[0]})
+        runs.append(
+            {
+                "ours": ours_name,
+                "ours_s": ours_s,
+                "ours_cpu_s": ours_mem.cpu_s,
+                "peft": peft_name,
+                "peft_s": theirs,
+                "peft_cpu_s": theirs_cpu,
+                "speedup": theirs / ours_s,
+                "speedup_cpu": theirs_cpu / ours_mem.cpu_s,
+                "load": os.getloadavg()[0],
+            }
+        )
     # DARE-TIES given the same masks (PEFT draws its own from torch's global generator)
-    masks = iter([keep_mask(w.shape, 1.0 - keep, key=k, expert=i, seed=0) for k, w in base.items() for i in range(len(experts))])
+    masks = iter(
+        [keep_mask(w.shape, 1.0 - keep, key=k, expert=i, seed=0) for k, w in base.items() for i in range(len(experts))]
+    )
     original = merge_utils.random_pruning
     merge_utils.random_pruning = lambda tensor, density, rescale: tensor * next(masks) / density
     try:
@@ -229,8 +271,10 @@ def against_peft(base, experts, *, density: float = 0.2, keep: float = 0.1) -> l
         merge_utils.random_pruning = original
     ours = merge("dare", base, experts, keep=keep, then="ties")
     differing = sum(int((ours[k] != same_masks[k]).sum()) for k in base)
-    print(f"dare then=ties vs PEFT dare_ties given our masks: {differing} of {sum(w.numel() for w in base.values())} entries differ",
-          flush=True)
+    print(
+        f"dare then=ties vs PEFT dare_ties given our masks: {differing} of {sum(w.numel() for w in base.values())} entries differ",
+        flush=True,
+    )
     return runs
 
 
@@ -256,14 +300,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one layer, three experts")
     parser.add_argument("--layers", type=int, default=None, help="encoder layers (default 12; 1 with --quick)")
-    parser.add_argument("--experts", type=int, nargs="+", default=None, help="expert counts (default 3 8; 3 with --quick)")
+    parser.add_argument(
+        "--experts", type=int, nargs="+", default=None, help="expert counts (default 3 8; 3 with --quick)"
+    )
     parser.add_argument("--methods", nargs="+", default=list(REFERENCES), choices=list(REFERENCES))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: lib.device.get_device())")
-    parser.add_argument("--no-cpu-path", action="store_true", help="on a GPU, do not also time the fast path on the CPU")
-    parser.add_argument("--json", metavar="PATH", default=None,
-                        help="write the figures to this JSON file, atomically (default: benchmarks/results/, docstring)")
-    parser.add_argument("--against-peft", action="store_true", help="TIES and DARE-TIES against PEFT instead (module docstring)")
+    parser.add_argument(
+        "--no-cpu-path", action="store_true", help="on a GPU, do not also time the fast path on the CPU"
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        default=None,
+        help="write the figures to this JSON file, atomically (default: benchmarks/results/, docstring)",
+    )
+    parser.add_argument(
+        "--against-peft", action="store_true", help="TIES and DARE-TIES against PEFT instead (module docstring)"
+    )
     parser.add_argument("--busy", action="store_true", help="a busy loop on one core beside the benchmark")
     args = parser.parse_args(argv)
     layers = args.layers or (1 if args.quick else 12)
@@ -272,8 +326,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = get_device(args.device)
     cpu_path = device.type != "cpu" and not args.no_cpu_path
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU thread(s), "
-          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {layers} BERT-base layer(s)", flush=True)
+    print(
+        f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU thread(s), "
+        f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {layers} BERT-base layer(s)",
+        flush=True,
+    )
     busy = None
     if args.busy:
         import multiprocessing
@@ -293,8 +350,21 @@ def main(argv=None) -> int:
             busy.terminate()
     name = "merge_vs_peft" if args.against_peft else "merge.quick" if args.quick else "merge"
     target = args.json or ROOT / "benchmarks" / "results" / f"{name}{'.busy' if args.busy else ''}.json"
-    print("results:", write_json(target, {"benchmark": name, "torch": torch.__version__, "device": str(device), "layers": layers,
-                                          "threads": torch.get_num_threads(), "busy": args.busy, "runs": runs}))
+    print(
+        "results:",
+        write_json(
+            target,
+            {
+                "benchmark": name,
+                "torch": torch.__version__,
+                "device": str(device),
+                "layers": layers,
+                "threads": torch.get_num_threads(),
+                "busy": args.busy,
+                "runs": runs,
+            },
+        ),
+    )
     return 0
 
 
@@ -305,7 +375,12 @@ def star_and_drm(args, layers, expert_counts, device, cpu_path) -> list[dict]:
         if device.type != "cpu":  # cuBLAS/cuSOLVER initialisation out of the timings
             first_layer = [k for k in base if k.startswith("encoder.layer.0.")]
             for method in args.methods:
-                merge(method, {k: base[k] for k in first_layer}, [{k: e[k] for k in first_layer} for e in experts], device=device)
+                merge(
+                    method,
+                    {k: base[k] for k in first_layer},
+                    [{k: e[k] for k in first_layer} for e in experts],
+                    device=device,
+                )
         for method in args.methods:
             runs.append(compare(method, base, experts, device, cpu_path=cpu_path))
     return runs

@@ -98,8 +98,9 @@ def cpu_timed(fn: Callable[[], object]) -> float:
     return time.process_time() - start
 
 
-def race(weights: dict[str, torch.Tensor], repeats: int, device,
-         reference_dtype: torch.dtype = torch.float32) -> tuple[float, float, dict, object]:
+def race(
+    weights: dict[str, torch.Tensor], repeats: int, device, reference_dtype: torch.dtype = torch.float32
+) -> tuple[float, float, dict, object]:
     """Best-of-``repeats`` seconds of both paths, alternating so that a change in machine load
     hits both alike; also returns the last result of each. ``scan`` returns its table on the
     CPU, so a GPU's time includes the transfers and the wait for the device."""
@@ -146,22 +147,40 @@ def weightwatcher_comparison(mp_fit: bool = True) -> dict:
     ours = ours.assign(layer=ours.name.str.removesuffix(".weight")).set_index("layer")
     details = details.set_index("longname")
     shared = [k for k in details.index if k in ours.index]
-    figures = {"layer_metrics_s": t_ours, "scan_s": t_scan, "weightwatcher_s": t_ww, "layers": len(shared),
-               "load": os.getloadavg()[0]}
-    for ours_col, ww_col in [("alpha", "alpha"), ("alpha_weighted", "alpha_weighted"), ("xmin", "xmin"),
-                             ("stable_rank", "stable_rank"), ("log_spectral_norm", "log_spectral_norm"),
-                             ("log_norm", "log_norm"), ("entropy", "entropy"), ("rank_loss", "rank_loss")]:
+    figures = {
+        "layer_metrics_s": t_ours,
+        "scan_s": t_scan,
+        "weightwatcher_s": t_ww,
+        "layers": len(shared),
+        "load": os.getloadavg()[0],
+    }
+    for ours_col, ww_col in [
+        ("alpha", "alpha"),
+        ("alpha_weighted", "alpha_weighted"),
+        ("xmin", "xmin"),
+        ("stable_rank", "stable_rank"),
+        ("log_spectral_norm", "log_spectral_norm"),
+        ("log_norm", "log_norm"),
+        ("entropy", "entropy"),
+        ("rank_loss", "rank_loss"),
+    ]:
         if ww_col not in details:
             continue
         a, b = ours.loc[shared, ours_col].astype(float), details.loc[shared, ww_col].astype(float)
         rel = ((a - b).abs() / b.abs().clip(lower=1e-12)).max()
-        print(f"  {ours_col:18s} largest relative difference {rel:.1e}   (ours median {a.median():.4g}, WW {b.median():.4g})")
+        print(
+            f"  {ours_col:18s} largest relative difference {rel:.1e}   (ours median {a.median():.4g}, WW {b.median():.4g})"
+        )
         figures[f"{ours_col}_max_rel_diff"] = float(rel)
     if "num_spikes" in details:
-        ours_spikes = int(table.assign(layer=table.name.str.removesuffix(".weight")).set_index("layer").loc[shared, "n_signal"].sum())
+        ours_spikes = int(
+            table.assign(layer=table.name.str.removesuffix(".weight")).set_index("layer").loc[shared, "n_signal"].sum()
+        )
         ww_spikes = int(details.loc[shared, "num_spikes"].sum())
-        print(f"  eigenvalues called signal: scan {ours_spikes}, WeightWatcher {ww_spikes} "
-              f"({ours_spikes / max(ww_spikes, 1):.1f} x; see this function's docstring for why)")
+        print(
+            f"  eigenvalues called signal: scan {ours_spikes}, WeightWatcher {ww_spikes} "
+            f"({ours_spikes / max(ww_spikes, 1):.1f} x; see this function's docstring for why)"
+        )
         figures |= {"scan_signal": ours_spikes, "weightwatcher_spikes": ww_spikes}
     return figures
 
@@ -173,14 +192,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: lib.device.get_device())")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--reference-dtype", choices=["float32", "float64"], default="float32",
-                        help="dtype of the reference SVD (default float32, the weights' own)")
+    parser.add_argument(
+        "--reference-dtype",
+        choices=["float32", "float64"],
+        default="float32",
+        help="dtype of the reference SVD (default float32, the weights' own)",
+    )
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-shape breakdown")
-    parser.add_argument("--json", metavar="PATH", default=None,
-                        help="write the figures to this JSON file, atomically (default benchmarks/results/spectral.json, "
-                             "spectral.quick.json with --quick, weightwatcher.json with --weightwatcher)")
-    parser.add_argument("--weightwatcher", action="store_true",
-                        help="only compare layer_metrics and scan with WeightWatcher on MiniLM (needs weightwatcher)")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        default=None,
+        help="write the figures to this JSON file, atomically (default benchmarks/results/spectral.json, "
+        "spectral.quick.json with --quick, weightwatcher.json with --weightwatcher)",
+    )
+    parser.add_argument(
+        "--weightwatcher",
+        action="store_true",
+        help="only compare layer_metrics and scan with WeightWatcher on MiniLM (needs weightwatcher)",
+    )
     args = parser.parse_args()
     results = ROOT / "benchmarks" / "results"
     if args.weightwatcher:
@@ -194,13 +224,19 @@ def main() -> None:
     reference_dtype = getattr(torch, args.reference_dtype)
 
     weights = bert_like_weights(layers)
-    print(f"{len(weights)} matrices ({layers} BERT-base layers), float32, device {device}, "
-          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
-    spectral.scan({"warm-up": torch.randn(256, 64)}, device=device)  # first-call costs (library loading) out of the race
+    print(
+        f"{len(weights)} matrices ({layers} BERT-base layers), float32, device {device}, "
+        f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}"
+    )
+    spectral.scan(
+        {"warm-up": torch.randn(256, 64)}, device=device
+    )  # first-call costs (library loading) out of the race
 
     t_svd, t_scan, reference, table = race(weights, repeats, device, reference_dtype)
     ours = dict(zip(weights, spectral.spectra(list(weights.values()), device=device)))
-    eig_err = max(float((ours[k].eigenvalues - ref.eigenvalues).abs().max() / ref.lambda_max) for k, ref in reference.items())
+    eig_err = max(
+        float((ours[k].eigenvalues - ref.eigenvalues).abs().max() / ref.lambda_max) for k, ref in reference.items()
+    )
     snr_err = max(abs(row.snr - reference[row.name].snr) / reference[row.name].snr for row in table.itertuples())
     same_counts = all(row.n_signal == reference[row.name].n_signal for row in table.itertuples())
 
@@ -208,14 +244,18 @@ def main() -> None:
     print(f"scan (Gram eigenvalues, batched): {t_scan:8.2f} s   (best of {repeats})")
     print(f"speed ratio                     : {t_svd / t_scan:8.2f} x")
     t_gram = min(timed(lambda: gram_matrices(weights, device))[0] for _ in range(repeats))
-    print(f"Gram products alone             : {t_gram:8.2f} s   (ceiling for any Gram-based path: {t_svd / t_gram:.1f} x)")
+    print(
+        f"Gram products alone             : {t_gram:8.2f} s   (ceiling for any Gram-based path: {t_svd / t_gram:.1f} x)"
+    )
     # the floor and the stages of scan, interleaved, best of repeats (wall and CPU seconds): what
     # scan pays beyond the floor is the checks (one max-magnitude pass per matrix), the round-off
     # cut and conversions (inside _gram_spectra), and reading the spectra (median fit, threshold,
     # table; scan less _gram_spectra)
-    stages = {"floor": lambda: exact_floor(weights, device),
-              "gram_spectra": lambda: spectral._gram_spectra(list(weights.values()), device=device, entry_var=False),
-              "scan": lambda: spectral.scan(weights, device=device)}
+    stages = {
+        "floor": lambda: exact_floor(weights, device),
+        "gram_spectra": lambda: spectral._gram_spectra(list(weights.values()), device=device, entry_var=False),
+        "scan": lambda: spectral.scan(weights, device=device),
+    }
     wall = {k: [] for k in stages}
     cpu = {k: [] for k in stages}
     for _ in range(repeats):
@@ -224,21 +264,42 @@ def main() -> None:
             cpu[k].append(cpu_timed(fn))
     wall, cpu = {k: min(v) for k, v in wall.items()}, {k: min(v) for k, v in cpu.items()}
     print(f"exact floor (Gram + eigvalsh)   : {wall['floor']:8.2f} s   ({cpu['floor']:.2f} CPU s)")
-    print(f"scan / floor                    : {wall['scan'] / wall['floor']:8.2f} x   "
-          f"({cpu['scan'] / cpu['floor']:.2f} x in CPU time; target <= 1.2)")
+    print(
+        f"scan / floor                    : {wall['scan'] / wall['floor']:8.2f} x   "
+        f"({cpu['scan'] / cpu['floor']:.2f} x in CPU time; target <= 1.2)"
+    )
     print(f"  of which checks, cut, dtypes  : {cpu['gram_spectra'] - cpu['floor']:8.2f} CPU s")
-    print(f"  of which reading the spectra  : {cpu['scan'] - cpu['gram_spectra']:8.2f} CPU s  (median fit, threshold, table)")
+    print(
+        f"  of which reading the spectra  : {cpu['scan'] - cpu['gram_spectra']:8.2f} CPU s  (median fit, threshold, table)"
+    )
     print(f"largest eigenvalue difference   : {eig_err:.1e}  (relative to the matrix's largest eigenvalue)")
     print(f"largest SNR difference          : {snr_err:.1e}  (relative); n_signal identical: {same_counts}")
-    figures = {"matrices": len(weights), "layers": layers, "device": str(device), "repeats": repeats,
-               "reference_dtype": args.reference_dtype, "threads": torch.get_num_threads(),
-               "svd_s": t_svd, "scan_s": t_scan, "scan_vs_svd": t_svd / t_scan, "gram_s": t_gram,
-               "floor_s": wall["floor"], "scan_vs_floor": wall["scan"] / wall["floor"],
-               "floor_cpu_s": cpu["floor"], "scan_cpu_s": cpu["scan"], "gram_spectra_cpu_s": cpu["gram_spectra"],
-               "scan_vs_floor_cpu": cpu["scan"] / cpu["floor"], "max_eigenvalue_error": eig_err, "max_snr_error": snr_err, "n_signal_identical": bool(same_counts)}
+    figures = {
+        "matrices": len(weights),
+        "layers": layers,
+        "device": str(device),
+        "repeats": repeats,
+        "reference_dtype": args.reference_dtype,
+        "threads": torch.get_num_threads(),
+        "svd_s": t_svd,
+        "scan_s": t_scan,
+        "scan_vs_svd": t_svd / t_scan,
+        "gram_s": t_gram,
+        "floor_s": wall["floor"],
+        "scan_vs_floor": wall["scan"] / wall["floor"],
+        "floor_cpu_s": cpu["floor"],
+        "scan_cpu_s": cpu["scan"],
+        "gram_spectra_cpu_s": cpu["gram_spectra"],
+        "scan_vs_floor_cpu": cpu["scan"] / cpu["floor"],
+        "max_eigenvalue_error": eig_err,
+        "max_snr_error": snr_err,
+        "n_signal_identical": bool(same_counts),
+    }
     if device.type != "cpu":  # the same routine on the CPU: what the device itself gains
         t_scan_cpu = min(timed(lambda: spectral.scan(weights, device="cpu"))[0] for _ in range(repeats))
-        print(f"scan on the CPU                 : {t_scan_cpu:8.2f} s   ({device} is {t_scan_cpu / t_scan:.1f} x faster)")
+        print(
+            f"scan on the CPU                 : {t_scan_cpu:8.2f} s   ({device} is {t_scan_cpu / t_scan:.1f} x faster)"
+        )
         figures |= {"scan_cpu_s": t_scan_cpu, "scan_vs_scan_cpu": t_scan_cpu / t_scan}
     print(f"load average after              : {os.getloadavg()[0]:.1f}")
     if not (args.quick or args.no_breakdown):
@@ -248,10 +309,14 @@ def main() -> None:
             group = {k: w for k, w in weights.items() if f".{kind}." in k}
             t_ref, t_ours, _, _ = race(group, repeats, device, reference_dtype)
             rows, cols = shapes[0]
-            print(f"  {kind:9s} {rows}x{cols}: {len(group):3d} matrices  SVD {t_ref:6.2f} s  scan {t_ours:6.2f} s  "
-                  f"ratio {t_ref / t_ours:5.2f} x")
+            print(
+                f"  {kind:9s} {rows}x{cols}: {len(group):3d} matrices  SVD {t_ref:6.2f} s  scan {t_ours:6.2f} s  "
+                f"ratio {t_ref / t_ours:5.2f} x"
+            )
             figures["by_shape"][f"{kind} {rows}x{cols}"] = {"svd_s": t_ref, "scan_s": t_ours}
-    print(f"results: {write_json(args.json or results / ('spectral.quick.json' if args.quick else 'spectral.json'), figures)}")
+    print(
+        f"results: {write_json(args.json or results / ('spectral.quick.json' if args.quick else 'spectral.json'), figures)}"
+    )
 
 
 if __name__ == "__main__":

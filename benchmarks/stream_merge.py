@@ -130,8 +130,10 @@ def measure(body: str, *args: str, ending: str = NORMAL_EXIT) -> tuple[int, int,
         err.seek(0)
         lines = err.read().decode(errors="replace").splitlines()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(args[:6])} ... failed with exit status {os.waitstatus_to_exitcode(status)}:\n"
-                           + "\n".join(lines[-20:]))
+        raise RuntimeError(
+            f"{' '.join(args[:6])} ... failed with exit status {os.waitstatus_to_exitcode(status)}:\n"
+            + "\n".join(lines[-20:])
+        )
     after_import, merge_peak = (int(x) for x in lines[-1].split()[1:])
     return usage.ru_maxrss * RSS_UNIT, after_import, merge_peak, wall
 
@@ -141,11 +143,21 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="a 45 MB BERT instead of BERT-base")
     parser.add_argument("--experts", type=int, default=3, help="experts merged into the base (default 3)")
     parser.add_argument("--methods", nargs="+", default=["average", "task_arithmetic", "ties"])
-    parser.add_argument("--block-sizes", nargs="+", default=[None], metavar="SIZE",
-                        help="--block-size values of the streamed merges (default: the command line's own)")
+    parser.add_argument(
+        "--block-sizes",
+        nargs="+",
+        default=[None],
+        metavar="SIZE",
+        help="--block-size values of the streamed merges (default: the command line's own)",
+    )
     parser.add_argument("--no-in-memory", action="store_true", help="skip the load-everything comparison")
-    parser.add_argument("--threads", nargs="+", default=[None], metavar="N",
-                        help="--threads values of the streamed merges (default: the command line's own choice)")
+    parser.add_argument(
+        "--threads",
+        nargs="+",
+        default=[None],
+        metavar="N",
+        help="--threads values of the streamed merges (default: the command line's own choice)",
+    )
     parser.add_argument("--busy", action="store_true", help="a busy loop on one core beside every measurement")
     parser.add_argument("--make", metavar="DIR", help=argparse.SUPPRESS)  # internal: the child that writes the models
     args = parser.parse_args(argv)
@@ -159,20 +171,37 @@ def main(argv=None) -> None:
     folder = Path(tempfile.mkdtemp(prefix="stream_merge_"))
     busy = start_busy_core() if args.busy else None
     try:
-        subprocess.run([sys.executable, __file__, "--make", str(folder), "--experts", str(args.experts),
-                        *(["--quick"] if args.quick else [])], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--make",
+                str(folder),
+                "--experts",
+                str(args.experts),
+                *(["--quick"] if args.quick else []),
+            ],
+            check=True,
+        )
         base, experts = folder / model_name(0), [folder / model_name(i + 1) for i in range(args.experts)]
         size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-        print(f"checkpoint: {size / 1e6:.0f} MB ({'quick' if args.quick else 'BERT-base'}), base + {len(experts)} experts;"
-              f" bound {BOUND} x = {BOUND * size / 1e6:.0f} MB; device {os.environ.get('SPECTRAL_MERGE_DEVICE', 'auto')}")
-        print(f"{'run':<30}{'process peak MB':>16}{'after import MB':>16}{'merge peak MB':>14}"
-              f"{'above import MB':>16}{'x ckpt':>8}{'wall s':>8}")
+        print(
+            f"checkpoint: {size / 1e6:.0f} MB ({'quick' if args.quick else 'BERT-base'}), base + {len(experts)} experts;"
+            f" bound {BOUND} x = {BOUND * size / 1e6:.0f} MB; device {os.environ.get('SPECTRAL_MERGE_DEVICE', 'auto')}"
+        )
+        print(
+            f"{'run':<30}{'process peak MB':>16}{'after import MB':>16}{'merge peak MB':>14}"
+            f"{'above import MB':>16}{'x ckpt':>8}{'wall s':>8}"
+        )
 
         def report(label: str, body: str, *args: str, ending: str = NORMAL_EXIT) -> None:
             process_peak, after_import, merge_peak, wall = measure(body, *args, ending=ending)
             above = merge_peak - after_import
-            print(f"{label:<30}{process_peak / 1e6:>16.0f}{after_import / 1e6:>16.0f}{merge_peak / 1e6:>14.0f}"
-                  f"{above / 1e6:>16.0f}{above / size:>8.2f}{wall:>8.1f}", flush=True)
+            print(
+                f"{label:<30}{process_peak / 1e6:>16.0f}{after_import / 1e6:>16.0f}{merge_peak / 1e6:>14.0f}"
+                f"{above / 1e6:>16.0f}{above / size:>8.2f}{wall:>8.1f}",
+                flush=True,
+            )
 
         report("import only", IMPORT_ONLY)
         report("import only, CLI exit", IMPORT_ONLY, ending=CLI_EXIT)
@@ -180,15 +209,36 @@ def main(argv=None) -> None:
             out = folder / f"out_{method}"
             for block in args.block_sizes:
                 for threads in args.threads:
-                    label = f"stream {method}" + (f" ({block})" if block else "") + (f" {threads} thr" if threads else "")
-                    report(label, STREAM,
-                           "merge", "--method", method, "--base", str(base), "--experts", *map(str, experts),
-                           "--out", str(out), "--quiet", *(["--block-size", block] if block else []),
-                           *(["--threads", str(threads)] if threads else []), ending=CLI_EXIT)
+                    label = (
+                        f"stream {method}" + (f" ({block})" if block else "") + (f" {threads} thr" if threads else "")
+                    )
+                    report(
+                        label,
+                        STREAM,
+                        "merge",
+                        "--method",
+                        method,
+                        "--base",
+                        str(base),
+                        "--experts",
+                        *map(str, experts),
+                        "--out",
+                        str(out),
+                        "--quiet",
+                        *(["--block-size", block] if block else []),
+                        *(["--threads", str(threads)] if threads else []),
+                        ending=CLI_EXIT,
+                    )
                     shutil.rmtree(out)
             if not args.no_in_memory:
-                report(f"in memory {method}", IN_MEMORY, method, str(folder / "in_memory.safetensors"),
-                       str(base / "model.safetensors"), *(str(e / "model.safetensors") for e in experts))
+                report(
+                    f"in memory {method}",
+                    IN_MEMORY,
+                    method,
+                    str(folder / "in_memory.safetensors"),
+                    str(base / "model.safetensors"),
+                    *(str(e / "model.safetensors") for e in experts),
+                )
                 (folder / "in_memory.safetensors").unlink()
         print(f"bound: {BOUND} x checkpoint = {BOUND * size / 1e6:.0f} MB, to compare with 'above import'")
     finally:
@@ -201,8 +251,9 @@ def main(argv=None) -> None:
 def start_busy_core() -> subprocess.Popen:
     """A child that spins on one core (the last one this process may use) until killed."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
-    code = (f"import os\nif hasattr(os, 'sched_setaffinity'): os.sched_setaffinity(0, {{{cores[-1]}}})\n"
-            "while True: pass\n")
+    code = (
+        f"import os\nif hasattr(os, 'sched_setaffinity'): os.sched_setaffinity(0, {{{cores[-1]}}})\nwhile True: pass\n"
+    )
     print(f"busy loop on core {cores[-1]} of {len(cores)}")
     return subprocess.Popen([sys.executable, "-c", code])
 

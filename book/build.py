@@ -35,21 +35,36 @@ from lib import paths, report  # noqa: E402
 #: the chapters, in reading order
 CHAPTERS = sorted((ROOT / "notebooks").glob("0[0-6]_*.ipynb"))
 #: how a chapter is executed: from its committed results/<notebook>.json, without training or merging
-EXECUTE_ENV = {"FROM_RESULTS": "1", "SMOKE": "0",
-               # a static page cannot run widget JavaScript offline: no progress bars in the book
-               "TQDM_DISABLE": "1"}
+EXECUTE_ENV = {
+    "FROM_RESULTS": "1",
+    "SMOKE": "0",
+    # a static page cannot run widget JavaScript offline: no progress bars in the book
+    "TQDM_DISABLE": "1",
+}
 #: the parameter a notebook must read for the book to execute it (else it would train for an hour)
 MODE_FLAG = "FROM_RESULTS"
 #: the book's own sources, copied as they are
-PAGES = ["_config.yml", "_toc.yml", "intro.md", "strategies.md", "glossary.md", "reading.md", "exercises.md",
-         "lab.ipynb", "solutions.py"]
+PAGES = [
+    "_config.yml",
+    "_toc.yml",
+    "intro.md",
+    "strategies.md",
+    "glossary.md",
+    "reading.md",
+    "exercises.md",
+    "lab.ipynb",
+    "solutions.py",
+]
 
 
 def has_results_mode(notebook: Path) -> bool:
     """Whether the notebook's parameters cell reads :data:`MODE_FLAG`."""
     cells = json.loads(notebook.read_text())["cells"]
-    return any(MODE_FLAG in "".join(c["source"]) for c in cells
-               if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", []))
+    return any(
+        MODE_FLAG in "".join(c["source"])
+        for c in cells
+        if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", [])
+    )
 
 
 class ChapterFailed(RuntimeError):
@@ -60,8 +75,21 @@ def execute_chapter(notebook: Path, out: Path, *, timeout: int = 600) -> None:
     """Run ``notebook`` top to bottom under :data:`EXECUTE_ENV` (papermill), outputs into ``out``;
     :class:`ChapterFailed` with the notebook's own error line if a cell fails."""
     env = {**os.environ, **EXECUTE_ENV, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "papermill", "--log-level", "WARNING", "-k", "python3",
-           "--cwd", str(notebook.parent), "--execution-timeout", str(timeout), str(notebook), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "papermill",
+        "--log-level",
+        "WARNING",
+        "-k",
+        "python3",
+        "--cwd",
+        str(notebook.parent),
+        "--execution-timeout",
+        str(timeout),
+        str(notebook),
+        str(out),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -74,8 +102,10 @@ def unexecuted_chapter(notebook: Path, out: Path, why: str) -> None:
     """The stripped notebook with a note on top saying ``why``, and its published figures at the end."""
     nb = json.loads(notebook.read_text())
     stem = notebook.stem
-    note = (f"```{{note}}\nThis chapter is shown without outputs: {why}. Its published figures, drawn from "
-            f"`results/{stem}.json`, are at the end of the page.\n```")
+    note = (
+        f"```{{note}}\nThis chapter is shown without outputs: {why}. Its published figures, drawn from "
+        f"`results/{stem}.json`, are at the end of the page.\n```"
+    )
     figures = sorted((paths.figures_dir(False)).glob(f"{stem}_*.png"))
     tail = "## Published figures\n\n" + "\n\n".join(f"![{f.stem}](../figures/{f.name})" for f in figures)
     nb["cells"].insert(1, {"cell_type": "markdown", "metadata": {}, "source": note})
@@ -85,12 +115,16 @@ def unexecuted_chapter(notebook: Path, out: Path, why: str) -> None:
 
 def results_page(results: dict, figure_dir: Path) -> str:
     """README's tables (lib.report, from results/*.json) and every published figure, as MyST."""
-    parts = ["# Results\n",
-             "Every number on this page is rendered by `lib.report` from the committed `results/*.json` when the "
-             "book is built: the same tables as the README's (`python -m lib report`). Chapters explain where "
-             "each one comes from; the {doc}`glossary` defines the terms.\n",
-             report.results_markdown(results),
-             "\n## Runtimes\n", report.runtimes_markdown(results), "\n## Figures\n"]
+    parts = [
+        "# Results\n",
+        "Every number on this page is rendered by `lib.report` from the committed `results/*.json` when the "
+        "book is built: the same tables as the README's (`python -m lib report`). Chapters explain where "
+        "each one comes from; the {doc}`glossary` defines the terms.\n",
+        report.results_markdown(results),
+        "\n## Runtimes\n",
+        report.runtimes_markdown(results),
+        "\n## Figures\n",
+    ]
     for nb in report.NOTEBOOKS:
         mine = sorted(figure_dir.glob(f"{nb}_*.png"))
         if mine:
@@ -118,8 +152,10 @@ def stage(src: Path, *, execute: bool = True, strict: bool = False) -> list[str]
         if not execute:
             why = "the book was built with --no-execute"
         elif not has_results_mode(notebook):
-            why = (f"notebook `{notebook.stem}` has no `{MODE_FLAG}` mode yet, and executing it would train and "
-                   f"merge (see its runtime section)")
+            why = (
+                f"notebook `{notebook.stem}` has no `{MODE_FLAG}` mode yet, and executing it would train and "
+                f"merge (see its runtime section)"
+            )
         else:
             try:
                 execute_chapter(notebook, out)
@@ -149,7 +185,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", type=Path, default=ROOT / "build" / "book-src", help="staging folder")
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "book", help="the static site")
-    ap.add_argument("--no-execute", action="store_true", help="show every chapter unexecuted (a quick look at the layout)")
+    ap.add_argument(
+        "--no-execute", action="store_true", help="show every chapter unexecuted (a quick look at the layout)"
+    )
     ap.add_argument("--strict", action="store_true", help="stop if a chapter fails in results mode")
     args = ap.parse_args(argv)
     start = time.perf_counter()

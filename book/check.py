@@ -25,8 +25,16 @@ from urllib.parse import unquote, urlparse
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 #: the flags this machine needs (no network beyond localhost, no GPU, running as root)
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 #: pages Sphinx writes that are not chapters: checked, not photographed
 NOT_CHAPTERS = {"genindex.html", "search.html", "py-modindex.html"}
 
@@ -74,8 +82,9 @@ def serve(site: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
 
 def pages_of(site: Path) -> list[str]:
     """Every HTML page of the site, relative to it (Sphinx's own ``_static`` and ``_sources`` aside)."""
-    return sorted(p.relative_to(site).as_posix() for p in site.rglob("*.html")
-                  if not p.relative_to(site).parts[0].startswith("_"))
+    return sorted(
+        p.relative_to(site).as_posix() for p in site.rglob("*.html") if not p.relative_to(site).parts[0].startswith("_")
+    )
 
 
 # run in the page: every image's load state, every link, every element id
@@ -87,8 +96,9 @@ _INSPECT = """() => ({
 })"""
 
 
-def check_site(site: Path, shots: Path | None = None, *, chapters: set[str] | None = None,
-               timeout_ms: int = 30_000) -> list[PageReport]:
+def check_site(
+    site: Path, shots: Path | None = None, *, chapters: set[str] | None = None, timeout_ms: int = 30_000
+) -> list[PageReport]:
     """Open every page of ``site``; screenshots of ``chapters`` (default: every page but Sphinx's
     index and search pages) into ``shots``. Returns one report per page."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
@@ -107,20 +117,40 @@ def check_site(site: Path, shots: Path | None = None, *, chapters: set[str] | No
     try:
         with tempfile.TemporaryDirectory(prefix="book-check-profile-") as profile, sync_playwright() as pw:
             browser = pw.chromium.launch_persistent_context(
-                profile, executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
-                viewport={"width": 1280, "height": 900})
+                profile,
+                executable_path=str(CHROMIUM),
+                headless=True,
+                args=CHROMIUM_FLAGS,
+                viewport={"width": 1280, "height": 900},
+            )
             for rel in pages:
                 report = PageReport(rel)
                 page = browser.new_page()
-                page.on("console", lambda msg, r=report: r.problems.append(f"console {msg.type}: {msg.text}")
-                        if msg.type == "error" else None)
+                page.on(
+                    "console",
+                    lambda msg, r=report: (
+                        r.problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None
+                    ),
+                )
                 page.on("pageerror", lambda err, r=report: r.problems.append(f"script error: {err}"))
-                page.on("requestfailed", lambda req, r=report: r.problems.append(
-                    f"request failed: {req.url} ({req.failure})"))
-                page.on("response", lambda resp, r=report: r.problems.append(
-                    f"HTTP {resp.status}: {resp.url}") if resp.status >= 400 else None)
-                page.on("request", lambda req, r=report, b=base: r.problems.append(f"leaves the site: {req.url}")
-                        if not req.url.startswith((b, "data:", "blob:", "about:")) else None)
+                page.on(
+                    "requestfailed",
+                    lambda req, r=report: r.problems.append(f"request failed: {req.url} ({req.failure})"),
+                )
+                page.on(
+                    "response",
+                    lambda resp, r=report: (
+                        r.problems.append(f"HTTP {resp.status}: {resp.url}") if resp.status >= 400 else None
+                    ),
+                )
+                page.on(
+                    "request",
+                    lambda req, r=report, b=base: (
+                        r.problems.append(f"leaves the site: {req.url}")
+                        if not req.url.startswith((b, "data:", "blob:", "about:"))
+                        else None
+                    ),
+                )
                 pending: set[str] = set()
                 page.on("request", lambda req, p=pending: p.add(req.url))
                 page.on("requestfinished", lambda req, p=pending: p.discard(req.url))
@@ -131,15 +161,16 @@ def check_site(site: Path, shots: Path | None = None, *, chapters: set[str] | No
                 except PlaywrightTimeout:
                     # on a loaded machine "idle" (no request for 500 ms) can take long to be seen;
                     # only a request that never finished is a problem of the page
-                    report.problems += [f"request still pending {timeout_ms / 1000:.0f} s after load: {url}"
-                                        for url in sorted(pending)]
+                    report.problems += [
+                        f"request still pending {timeout_ms / 1000:.0f} s after load: {url}" for url in sorted(pending)
+                    ]
                 seen = page.evaluate(_INSPECT)
                 report.images = len(seen["images"])
                 report.problems += [f"image did not load: {i['src']}" for i in seen["images"] if not i["ok"]]
                 ids[rel] = set(seen["ids"])
                 internal = [href for href in seen["links"] if href.startswith(base)]
                 report.links = len(internal)
-                links += [(report, href[len(base):]) for href in internal]
+                links += [(report, href[len(base) :]) for href in internal]
                 if shots is not None and rel in chapters:
                     out = shots / (rel.removesuffix(".html").replace("/", "__") + ".png")
                     page.screenshot(path=str(out), full_page=True)
@@ -176,8 +207,10 @@ def main(argv=None) -> int:
     bad = [r for r in reports if r.problems]
     (args.shots / "report.json").write_text(json.dumps([asdict(r) for r in reports], indent=1))
     for r in reports:
-        print(f"{'FAIL' if r.problems else 'ok  '} {r.page}: {r.images} images, {r.links} internal links"
-              + (f", screenshot {Path(r.screenshot).name}" if r.screenshot else ""))
+        print(
+            f"{'FAIL' if r.problems else 'ok  '} {r.page}: {r.images} images, {r.links} internal links"
+            + (f", screenshot {Path(r.screenshot).name}" if r.screenshot else "")
+        )
         for problem in r.problems:
             print(f"       {problem}")
     shots = sum(r.screenshot is not None for r in reports)

@@ -43,14 +43,18 @@ def _records(args) -> int:
     if not store.path.exists():
         print(f"{store.path}: no record store yet (a notebook or make reproduce writes one)")
         return 0
-    rows = store.conn.execute("select method, count(*), sum(seconds) from records group by method order by method").fetchall()
+    rows = store.conn.execute(
+        "select method, count(*), sum(seconds) from records group by method order by method"
+    ).fetchall()
     print(f"{store.path}: {len(store)} records")
     for method, n, seconds in rows:
         print(f"  {method:<20} {n:>6} records  {(seconds or 0) / 60:8.1f} min computing")
     stale = store.stale()
     if stale:
-        print(f"{len(stale)} stale records (their method's code or defaults changed since; never reused): "
-              + ", ".join(sorted({r['method'] for r in stale})))
+        print(
+            f"{len(stale)} stale records (their method's code or defaults changed since; never reused): "
+            + ", ".join(sorted({r["method"] for r in stale}))
+        )
         if args.delete_stale:
             print(f"deleted {store.delete(r['key'] for r in stale)}")
     return 0
@@ -61,7 +65,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("figures", help="redraw figures from results/*.json")
-    p.add_argument("--run-missing", action="store_true", help="run a notebook (papermill) where its results are missing")
+    p.add_argument(
+        "--run-missing", action="store_true", help="run a notebook (papermill) where its results are missing"
+    )
     p.add_argument("--smoke", action="store_true", help="use results/smoke and figures/smoke")
     p.add_argument("only", nargs="*", help="notebook stems to draw (default: all)")
     p.set_defaults(func=_figures)
@@ -69,8 +75,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("experts", help="train every expert of every notebook once (full mode, resumable)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, train nothing")
     p.add_argument("--smoke", action="store_true", help="tiny slices, seconds per expert")
-    p.add_argument("--lora", action="store_true",
-                   help="plan the LoRA experts of the text tasks instead (rank 16, alpha 32, query and value)")
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="plan the LoRA experts of the text tasks instead (rank 16, alpha 32, query and value)",
+    )
     p.set_defaults(func=_experts)
 
     p = sub.add_parser("report", help="rewrite README.md's tables from results/*.json")

@@ -73,13 +73,15 @@ def collate(enc: Encoded, idx: np.ndarray) -> dict[str, torch.Tensor]:
         n = len(enc.input_ids[i])
         ids[row, :n], types[row, :n], mask[row, :n] = enc.input_ids[i], enc.token_type_ids[i], 1
     return {
-        "input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
+        "input_ids": torch.from_numpy(ids),
+        "token_type_ids": torch.from_numpy(types),
         "attention_mask": torch.from_numpy(mask),
     }
 
 
-def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
-                            pool_batches: int = 50) -> list[np.ndarray]:
+def length_bucketed_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, pool_batches: int = 50
+) -> list[np.ndarray]:
     """One epoch of shuffled batches of similar lengths: the examples are shuffled, cut into
     pools of ``pool_batches`` batches, sorted by length inside each pool, batched, and the
     batches shuffled, so padding stays small while every epoch sees a different order."""

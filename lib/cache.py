@@ -111,10 +111,15 @@ def lora_spec(lora: Mapping | bool | None) -> dict | None:
     if isinstance(spec["targets"], str):
         spec["targets"] = (spec["targets"],)
     if not (isinstance(spec["r"], int) and spec["r"] >= 1) or not spec["targets"]:
-        raise ValueError(f"a LoRA expert needs a rank r >= 1 and target modules, got r={spec['r']!r}, "
-                         f"targets={spec['targets']!r}")
-    return {"r": int(spec["r"]), "alpha": float(spec["alpha"]), "targets": sorted(spec["targets"]),
-            "dropout": float(spec["dropout"])}
+        raise ValueError(
+            f"a LoRA expert needs a rank r >= 1 and target modules, got r={spec['r']!r}, targets={spec['targets']!r}"
+        )
+    return {
+        "r": int(spec["r"]),
+        "alpha": float(spec["alpha"]),
+        "targets": sorted(spec["targets"]),
+        "dropout": float(spec["dropout"]),
+    }
 
 
 def recipe_for(task: str, *, smoke: bool = False, **overrides) -> Recipe:
@@ -248,8 +253,11 @@ class Expert:
 
         if not self.is_lora:
             raise ValueError(f"{self.task} seed {self.seed} ({self.key}) is a full fine-tune, not a LoRA expert")
-        return read_adapter(self.path / ADAPTER_DIR, to_state_dict(initial_model(self.config)),
-                            label=f"{self.task} seed {self.seed} LoRA")
+        return read_adapter(
+            self.path / ADAPTER_DIR,
+            to_state_dict(initial_model(self.config)),
+            label=f"{self.task} seed {self.seed} LoRA",
+        )
 
     def model(self) -> nn.Module:
         """A fresh module holding the expert's weights (CPU, eval mode)."""
@@ -288,12 +296,18 @@ def load_expert(config: Mapping) -> Expert | None:
     meta = paths.read_json(folder / "meta.json")
     if meta["config"] != json.loads(json.dumps(config)):
         raise RuntimeError(
-            f"{folder} holds a different configuration than its hash says; delete the folder "
-            "and train the expert again"
+            f"{folder} holds a different configuration than its hash says; delete the folder and train the expert again"
         )
     return Expert(
-        key, meta["config"], load_file(folder / "model.safetensors"), meta["metrics"], meta["runtime"],
-        meta["versions"], folder, from_cache=True, history=meta.get("history", {}),
+        key,
+        meta["config"],
+        load_file(folder / "model.safetensors"),
+        meta["metrics"],
+        meta["runtime"],
+        meta["versions"],
+        folder,
+        from_cache=True,
+        history=meta.get("history", {}),
     )
 
 
@@ -313,8 +327,12 @@ def save_expert(expert: Expert, adapter: nn.Module | None = None) -> Path:
         if adapter is not None:
             adapter.save_pretrained(tmp / ADAPTER_DIR)
         meta = {
-            "key": expert.key, "config": expert.config, "metrics": expert.metrics, "runtime": expert.runtime,
-            "versions": expert.versions, "history": expert.history,
+            "key": expert.key,
+            "config": expert.config,
+            "metrics": expert.metrics,
+            "runtime": expert.runtime,
+            "versions": expert.versions,
+            "history": expert.history,
         }
         paths.write_json(tmp / "meta.json", meta)
         if final.exists():  # another process finished the same expert first: keep theirs

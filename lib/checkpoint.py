@@ -103,8 +103,11 @@ class TensorEntry:
         if step != 1:
             raise ValueError(f"a block of rows is a contiguous slice, got step {step}")
         stop = max(first, stop)
-        return (self.start + first * self.row_bytes, self.start + stop * self.row_bytes,
-                (stop - first, *self.shape[1:]))
+        return (
+            self.start + first * self.row_bytes,
+            self.start + stop * self.row_bytes,
+            (stop - first, *self.shape[1:]),
+        )
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
@@ -183,7 +186,9 @@ class Checkpoint:
         self.path = Path(path)
         self.label = label or str(self.path)
         if sys.byteorder != "little":
-            raise RuntimeError("safetensors stores little-endian data; this reader supports little-endian machines only")
+            raise RuntimeError(
+                "safetensors stores little-endian data; this reader supports little-endian machines only"
+            )
         if not self.path.exists():
             raise CheckpointError(f"{self.label}: {self.path} does not exist")
         self.folder = self.path if self.path.is_dir() else None
@@ -207,7 +212,9 @@ class Checkpoint:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index (no readable 'weight_map': {err})") from None
+            raise CheckpointError(
+                f"{index} is not a valid safetensors index (no readable 'weight_map': {err})"
+            ) from None
         shards: dict[str, dict[str, TensorEntry]] = {}
         for name in dict.fromkeys(weight_map.values()):
             shard = self.path / name
@@ -273,7 +280,9 @@ def check_same_architecture(reference: Checkpoint, others: Sequence[Checkpoint])
                     f"{list(a.shape)} in {reference.label}"
                 )
         if extra:
-            raise CheckpointError(f"architectures differ: {other.label} has {extra[0]!r}, absent from {reference.label}")
+            raise CheckpointError(
+                f"architectures differ: {other.label} has {extra[0]!r}, absent from {reference.label}"
+            )
     return keys
 
 
@@ -342,10 +351,14 @@ class ShardedWriter:
         first dimension). The blocks of a tensor come in order, each starting where the last ended."""
         dtype, shape = self.layout[key]
         if row != self.rows_done[key]:
-            raise ValueError(f"{key!r}: blocks of rows are written in order; the next starts at row {self.rows_done[key]}, got {row}")
+            raise ValueError(
+                f"{key!r}: blocks of rows are written in order; the next starts at row {self.rows_done[key]}, got {row}"
+            )
         if t.dtype != dtype or t.ndim != len(shape) or t.shape[1:] != shape[1:] or row + _rows(t.shape) > _rows(shape):
-            raise ValueError(f"{key!r}: expected {dtype} {list(shape)} or a block of its rows, got {t.dtype} "
-                             f"{list(t.shape)} from row {row}")
+            raise ValueError(
+                f"{key!r}: expected {dtype} {list(shape)} or a block of its rows, got {t.dtype} "
+                f"{list(t.shape)} from row {row}"
+            )
         path, offset = self.where[key]
         with open(path, "r+b") as fh:
             fh.seek(offset + row * math.prod(shape[1:]) * dtype.itemsize)
@@ -465,7 +478,9 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
 
 def check_can_write(out: Path, *, force: bool) -> None:
     if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it, or choose another output")
+        raise FileExistsError(
+            f"{out} already exists; pass --force (force=True) to replace it, or choose another output"
+        )
 
 
 def _replace(new: Path, out: Path) -> None:

@@ -43,8 +43,10 @@ class Claim:
     def __post_init__(self):
         value, effect = bool(self.runs) and self.task is not None, self.better is not None and self.worse is not None
         if value == effect or (not effect and (self.better or self.worse)):
-            raise ValueError(f"claim {self.what!r} needs either runs and a task (a value) or better and worse "
-                             "(an effect), not both or neither")
+            raise ValueError(
+                f"claim {self.what!r} needs either runs and a task (a value) or better and worse "
+                "(an effect), not both or neither"
+            )
 
     @property
     def is_effect(self) -> bool:

@@ -174,8 +174,12 @@ def _config_models(path: Path, models) -> tuple[list[str], list[float | None]]:
     for entry in models:
         entry = {"model": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "model" not in entry:
-            raise ValueError(f"{path}: each entry of 'models' is a path or {{model: path, parameters: ...}}, got {entry!r}")
-        params = _mapping(entry.get("parameters"), f"{path}: the parameters of model {entry['model']!r}", "{weight: 0.7}")
+            raise ValueError(
+                f"{path}: each entry of 'models' is a path or {{model: path, parameters: ...}}, got {entry!r}"
+            )
+        params = _mapping(
+            entry.get("parameters"), f"{path}: the parameters of model {entry['model']!r}", "{weight: 0.7}"
+        )
         other = sorted(set(params) - {"weight"})
         if other:
             raise ValueError(
@@ -198,8 +202,14 @@ def weighted_methods() -> list[str]:
 def merge_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The merge to run: the config file (if any), overridden by the flags that were given."""
     spec = load_config(args.config) if args.config else {"parameters": {}}
-    for name, value in (("method", args.method), ("base", args.base), ("experts", args.experts),
-                        ("include", args.include), ("exclude", args.exclude), ("out_format", args.out_format)):
+    for name, value in (
+        ("method", args.method),
+        ("base", args.base),
+        ("experts", args.experts),
+        ("include", args.include),
+        ("exclude", args.exclude),
+        ("out_format", args.out_format),
+    ):
         if value:
             spec[name] = value
     spec["parameters"] = {**spec["parameters"], **parse_assignments(args.set or [])}
@@ -210,12 +220,16 @@ def merge_spec(args: argparse.Namespace) -> dict[str, Any]:
     if weights is not None and "weights" not in spec["parameters"]:
         method = merging.get_method(spec["method"])
         if "weights" not in method.defaults:
-            raise ValueError(f"{args.config}: the models have per-model 'weight' entries, but {method.name!r} takes no "
-                             f"per-model weights; methods that do: {', '.join(weighted_methods())} "
-                             "(remove the weights, or choose one of those methods)")
+            raise ValueError(
+                f"{args.config}: the models have per-model 'weight' entries, but {method.name!r} takes no "
+                f"per-model weights; methods that do: {', '.join(weighted_methods())} "
+                "(remove the weights, or choose one of those methods)"
+            )
         if args.experts and len(args.experts) != len(weights):
-            raise ValueError(f"{args.config} gives {len(weights)} per-model weight(s) but --experts names "
-                             f"{len(args.experts)} model(s); drop the weights or pass --set weights=[...]")
+            raise ValueError(
+                f"{args.config} gives {len(weights)} per-model weight(s) but --experts names "
+                f"{len(args.experts)} model(s); drop the weights or pass --set weights=[...]"
+            )
         spec["parameters"]["weights"] = weights
     return spec
 
@@ -251,8 +265,9 @@ def check_plot_format(path: Path) -> None:
     formats = Figure().canvas.get_supported_filetypes()
     suffix = path.suffix.lstrip(".").lower()
     if suffix not in formats:
-        raise ValueError(f"--plot {path}: cannot draw a {suffix or 'suffix-less'} file; "
-                         f"use one of {', '.join(sorted(formats))}")
+        raise ValueError(
+            f"--plot {path}: cannot draw a {suffix or 'suffix-less'} file; use one of {', '.join(sorted(formats))}"
+        )
 
 
 def _scan(args: argparse.Namespace) -> int:
@@ -263,8 +278,14 @@ def _scan(args: argparse.Namespace) -> int:
             raise ValueError(f"--plot and --out are the same file {out}")
         check_plot_format(plot)
         check_file_output(plot, model, force=args.force, flag="--plot")
-    table = scan_checkpoint(model, include=args.include, exclude=args.exclude, snr_method=args.snr_method,
-                            device=args.device, progress=not args.quiet)
+    table = scan_checkpoint(
+        model,
+        include=args.include,
+        exclude=args.exclude,
+        snr_method=args.snr_method,
+        device=args.device,
+        progress=not args.quiet,
+    )
     atomic_write_bytes(out, table.to_csv(index=False).encode())
     print(f"scanned {len(table)} matrices of {args.model} -> {out}")
     if plot is not None:
@@ -279,16 +300,29 @@ def _merge(args: argparse.Namespace) -> int:
     return_freed_blocks_to_the_system()
     spec = merge_spec(args)
     with _sigterm_as_interrupt():
-        result = merge_checkpoints(spec["method"], spec.get("base"), spec["experts"], args.out,
-                                   parameters=spec["parameters"], include=spec.get("include"),
-                                   exclude=spec.get("exclude"), device=args.device,
-                                   force=args.force or args.force_any, force_any=args.force_any, max_shard_bytes=parse_size(args.max_shard_size),
-                                   block_bytes=parse_size(args.block_size), progress=not args.quiet,
-                                   out_format=spec.get("out_format", "model"), threads=args.threads)
+        result = merge_checkpoints(
+            spec["method"],
+            spec.get("base"),
+            spec["experts"],
+            args.out,
+            parameters=spec["parameters"],
+            include=spec.get("include"),
+            exclude=spec.get("exclude"),
+            device=args.device,
+            force=args.force or args.force_any,
+            force_any=args.force_any,
+            max_shard_bytes=parse_size(args.max_shard_size),
+            block_bytes=parse_size(args.block_size),
+            progress=not args.quiet,
+            out_format=spec.get("out_format", "model"),
+            threads=args.threads,
+        )
     source = "the base" if spec.get("base") else "expert 0"
     what = " (a PEFT adapter of the base)" if spec.get("out_format") == "adapter" else ""
-    print(f"merged {len(spec['experts'])} expert(s) with {spec['method']}: {result.merged} tensor(s) merged, "
-          f"{result.copied} copied from {source} -> {result.out}{what}")
+    print(
+        f"merged {len(spec['experts'])} expert(s) with {spec['method']}: {result.merged} tensor(s) merged, "
+        f"{result.copied} copied from {source} -> {result.out}{what}"
+    )
     for folder in result.side.unmerged_weights:
         print(f"note: {folder} holds weights of its own, copied unmerged from {source} (see README.md)")
     for folder in result.side.skipped:
@@ -360,32 +394,65 @@ def add_commands(sub) -> None:
     p = sub.add_parser("merge", help="merge checkpoints on disk, streaming, into a loadable model folder")
     p.add_argument("--method", help=f"merge method: {', '.join(sorted(merging.METHODS))}")
     p.add_argument("--base", help="the pre-trained model the experts were fine-tuned from")
-    p.add_argument("--experts", nargs="+", metavar="MODEL",
-                   help="the fine-tuned models, or PEFT LoRA adapter folders of --base (adapter_config.json + "
-                        "adapter_model.safetensors)")
-    p.add_argument("--out", required=True, help="output model folder (written atomically); not an input, nor inside one")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="method hyperparameter, repeatable (e.g. --set density=0.3 --set weights=[0.7,0.3])")
+    p.add_argument(
+        "--experts",
+        nargs="+",
+        metavar="MODEL",
+        help="the fine-tuned models, or PEFT LoRA adapter folders of --base (adapter_config.json + "
+        "adapter_model.safetensors)",
+    )
+    p.add_argument(
+        "--out", required=True, help="output model folder (written atomically); not an input, nor inside one"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="method hyperparameter, repeatable (e.g. --set density=0.3 --set weights=[0.7,0.3])",
+    )
     p.add_argument("--config", help="mergekit-style YAML: merge_method, base_model, models, parameters")
-    p.add_argument("--include", action="append", metavar="REGEX",
-                   help="merge only tensors whose name matches (repeatable); the others are copied from the base")
-    p.add_argument("--exclude", action="append", metavar="REGEX",
-                   help="do not merge tensors whose name matches (repeatable); they are copied from the base")
-    p.add_argument("--out-format", choices=OUT_FORMATS,
-                   help="model (default): a full model folder; adapter: a PEFT adapter of --base, for merges of "
-                        f"adapters that stay exactly low-rank ({', '.join(sorted(_factored_names()))})")
-    p.add_argument("--threads", type=int,
-                   help="torch threads during the merge (default: 1 for methods that merge entry by entry, whose "
-                        "small operations lose more to a busy core than a second thread gains; torch's default "
-                        "for STAR, DRM and the SNR strategies)")
+    p.add_argument(
+        "--include",
+        action="append",
+        metavar="REGEX",
+        help="merge only tensors whose name matches (repeatable); the others are copied from the base",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="REGEX",
+        help="do not merge tensors whose name matches (repeatable); they are copied from the base",
+    )
+    p.add_argument(
+        "--out-format",
+        choices=OUT_FORMATS,
+        help="model (default): a full model folder; adapter: a PEFT adapter of --base, for merges of "
+        f"adapters that stay exactly low-rank ({', '.join(sorted(_factored_names()))})",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads during the merge (default: 1 for methods that merge entry by entry, whose "
+        "small operations lose more to a busy core than a second thread gains; torch's default "
+        "for STAR, DRM and the SNR strategies)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    p.add_argument("--block-size", default=f"{DEFAULT_BLOCK_BYTES // 2**20}MiB",
-                   help="tensors larger than this are merged in blocks of rows where the method allows it, "
-                        f"which bounds the memory used (default {DEFAULT_BLOCK_BYTES // 2**20}MiB)")
-    p.add_argument("--force", action="store_true",
-                   help=f"replace an existing --out that is a previous merge output (holds {MERGE_RECORD})")
-    p.add_argument("--force-any", action="store_true",
-                   help="replace an existing --out even if it is not a merge output (never one holding an input)")
+    p.add_argument(
+        "--block-size",
+        default=f"{DEFAULT_BLOCK_BYTES // 2**20}MiB",
+        help="tensors larger than this are merged in blocks of rows where the method allows it, "
+        f"which bounds the memory used (default {DEFAULT_BLOCK_BYTES // 2**20}MiB)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace an existing --out that is a previous merge output (holds {MERGE_RECORD})",
+    )
+    p.add_argument(
+        "--force-any",
+        action="store_true",
+        help="replace an existing --out even if it is not a merge output (never one holding an input)",
+    )
     _add_common(p)
     p.set_defaults(func=lambda args: run(_merge, args))
 

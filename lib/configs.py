@@ -19,7 +19,10 @@ from typing import Any
 STRATEGIES = ["snr_base_reset", "snr_winner", "snr_low_a", "snr_low_b", "snr_max", "snr_weighted"]
 REFERENCES = ["average", "task_arithmetic", "ties", "dare", "star", "drm_h"]  # each at its registered defaults
 TEXT_TASKS = ["sst2", "cola", "emotion", "trec", "mrpc", "rte", "rotten_tomatoes"]
-VISION_POOLS = {"vision/mnist_base": ["fashion_mnist", "kmnist"], "vision/shared_init": ["mnist", "fashion_mnist", "kmnist"]}
+VISION_POOLS = {
+    "vision/mnist_base": ["fashion_mnist", "kmnist"],
+    "vision/shared_init": ["mnist", "fashion_mnist", "kmnist"],
+}
 # SMOKE merges and scans MiniLM's first transformer block only: the spectrum of the 30522 x 384 word
 # embeddings alone would take most of a SMOKE run
 SMOKE_LAYERS = r"encoder\.layer\.0\."
@@ -30,7 +33,16 @@ TEXT_SWEEP = {
     "SEEDS": [0, 1, 2],  # experts are retrained for each seed
     "SNR_METHODS": ["mp", "seed"],  # ours first, then the report's code
     "STRATEGIES": STRATEGIES,
-    "TOPS": [0.0, 0.1, 0.25, 0.4, 0.5, 0.7, 0.9, 1.0],  # the report's 0.25, 0.5, 0.7 and a coarse rest: 2/3 of the 0.1 grid's time
+    "TOPS": [
+        0.0,
+        0.1,
+        0.25,
+        0.4,
+        0.5,
+        0.7,
+        0.9,
+        1.0,
+    ],  # the report's 0.25, 0.5, 0.7 and a coarse rest: 2/3 of the 0.1 grid's time
     "REFERENCES": REFERENCES,
     "MERGE_KW": {},  # which tensors are merged and scanned: all
 }
@@ -64,26 +76,61 @@ FULL: dict[str, dict[str, Any]] = {
         # text: the ends of notebook 04's [2, 3, 5, 7]: the record store holds 04's merges of the same subsets
         "SIZES": {"text": [2, 7], "vision": [2, 3]},
         "MAX_SUBSETS": 1,  # subsets per size and seed (the paper: up to 10); all combinations when there are fewer
-        "REFERENCES": [("average", {}), ("task_arithmetic", {}), ("ties", {}), ("dare", {"then": "ties"}), ("star", {})],
+        "REFERENCES": [
+            ("average", {}),
+            ("task_arithmetic", {}),
+            ("ties", {}),
+            ("dare", {"then": "ties"}),
+            ("star", {}),
+        ],
         "DENSITIES": [0.05, 0.1, 0.2, 0.5, 1.0],  # fraction of entries kept, swept for DRM-H and TIES
         # sizes the density sweep covers; text 7 would add 8 seven-task merges per seed
         "DENSITY_SIZES": {"text": [2], "vision": [2]},
-        "PROFILE_KEYS": {"text": "bert.encoder.layer.3.attention.output.dense.weight", "vision": "layer3.0.conv1.weight"},
+        "PROFILE_KEYS": {
+            "text": "bert.encoder.layer.3.attention.output.dense.weight",
+            "vision": "layer3.0.conv1.weight",
+        },
         "TOP_COMPONENTS": 10,  # per task and matrix: how many of its largest components the pruning census follows
     },
 }
 
 SMOKE: dict[str, dict[str, Any]] = {
-    "01_resnet_fashion_kmnist": {"SEEDS": [0], "STRATEGIES": ["snr_low_b"], "TOPS": [0.0, 0.5, 1.0],
-                                 "THRESHOLDS": [5.0, 25.0], "REFERENCES": ["average"]},
-    "02_text_sst2_emotion": {"SEEDS": [0], "STRATEGIES": ["snr_winner"], "TOPS": [0.0, 0.25, 0.7],
-                             "REFERENCES": ["average"], "MERGE_KW": {"include": SMOKE_LAYERS}},
-    "03_text_sst2_cola": {"SEEDS": [0], "STRATEGIES": ["snr_winner"], "TOPS": [0.0, 0.5, 1.0], "REFERENCES": ["average"],
-                          "MERGE_KW": {"include": SMOKE_LAYERS}},
-    "04_star": {"SEEDS": [0], "POOLS": SMOKE_POOLS, "SIZES": {"text": [2, 3], "vision": [2, 3]},
-                "ETAS": [20, 40, 100], "NO_RESCALE_ETAS": [20], "RANK_ETAS": [20, 40, 100]},
-    "05_drm": {"SEEDS": [0], "POOLS": SMOKE_POOLS, "SIZES": {"text": [2, 3], "vision": [2, 3]},
-               "DENSITIES": [0.05, 0.2, 1.0], "DENSITY_SIZES": {"text": [3], "vision": [2]}},
+    "01_resnet_fashion_kmnist": {
+        "SEEDS": [0],
+        "STRATEGIES": ["snr_low_b"],
+        "TOPS": [0.0, 0.5, 1.0],
+        "THRESHOLDS": [5.0, 25.0],
+        "REFERENCES": ["average"],
+    },
+    "02_text_sst2_emotion": {
+        "SEEDS": [0],
+        "STRATEGIES": ["snr_winner"],
+        "TOPS": [0.0, 0.25, 0.7],
+        "REFERENCES": ["average"],
+        "MERGE_KW": {"include": SMOKE_LAYERS},
+    },
+    "03_text_sst2_cola": {
+        "SEEDS": [0],
+        "STRATEGIES": ["snr_winner"],
+        "TOPS": [0.0, 0.5, 1.0],
+        "REFERENCES": ["average"],
+        "MERGE_KW": {"include": SMOKE_LAYERS},
+    },
+    "04_star": {
+        "SEEDS": [0],
+        "POOLS": SMOKE_POOLS,
+        "SIZES": {"text": [2, 3], "vision": [2, 3]},
+        "ETAS": [20, 40, 100],
+        "NO_RESCALE_ETAS": [20],
+        "RANK_ETAS": [20, 40, 100],
+    },
+    "05_drm": {
+        "SEEDS": [0],
+        "POOLS": SMOKE_POOLS,
+        "SIZES": {"text": [2, 3], "vision": [2, 3]},
+        "DENSITIES": [0.05, 0.2, 1.0],
+        "DENSITY_SIZES": {"text": [3], "vision": [2]},
+    },
 }
 
 

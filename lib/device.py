@@ -33,11 +33,15 @@ def _checked(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r} asked for, but no CUDA GPU is usable here; available: {_available()}")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
-                             f"available: {_available()}")
+            raise ValueError(
+                f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                f"available: {_available()}"
+            )
     elif device.type == "mps":
         if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
-            raise ValueError(f"device {name!r} asked for, but MPS (Apple GPU) is not available here; available: {_available()}")
+            raise ValueError(
+                f"device {name!r} asked for, but MPS (Apple GPU) is not available here; available: {_available()}"
+            )
     elif device.type != "cpu":
         raise ValueError(f"device {name!r} is not supported (cpu, cuda, cuda:N or mps); available here: {_available()}")
     return device

@@ -39,8 +39,9 @@ def compute_metrics(task: str, y_true, y_pred) -> dict:
     elif spec.metric == "f1":
         out["f1"] = float(f1_score(y_true, y_pred, pos_label=1, zero_division=0))
     elif spec.metric == "macro_f1":
-        out["macro_f1"] = float(f1_score(y_true, y_pred, average="macro", labels=range(spec.num_labels),
-                                         zero_division=0))
+        out["macro_f1"] = float(
+            f1_score(y_true, y_pred, average="macro", labels=range(spec.num_labels), zero_division=0)
+        )
     return out
 
 
@@ -101,9 +102,18 @@ def as_model(model_or_state_dict, task: str, model_name: str | None = None) -> n
     return skeleton
 
 
-def predict(model_or_state_dict, task: str, split: str | None = None, *, smoke: bool | None = None,
-            max_length: int | None = None, model_name: str | None = None, data_dir=None, device=None,
-            progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    model_or_state_dict,
+    task: str,
+    split: str | None = None,
+    *,
+    smoke: bool | None = None,
+    max_length: int | None = None,
+    model_name: str | None = None,
+    data_dir=None,
+    device=None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(logits, indices)``: the model's logits on the scored examples of ``split`` and their
     indices in the split, in the split's order."""
     spec = data.get_task(task)
@@ -112,8 +122,9 @@ def predict(model_or_state_dict, task: str, split: str | None = None, *, smoke: 
     max_length = max_length or RECIPES[spec.name].max_length
     model = as_model(model_or_state_dict, spec.name, model_name)
     device = get_device(device)
-    batches = _eval_batches(spec.name, split, smoke=smoke, max_length=max_length, model_name=model_name,
-                            data_dir=data_dir)
+    batches = _eval_batches(
+        spec.name, split, smoke=smoke, max_length=max_length, model_name=model_name, data_dir=data_dir
+    )
     # a caller's module goes back where it was, in the mode it was in; it is moved outside
     # inference mode so that its parameters stay usable for training
     was_training, old_device = model.training, next(model.parameters()).device
@@ -131,14 +142,32 @@ def predict(model_or_state_dict, task: str, split: str | None = None, *, smoke: 
     return torch.cat(logits).numpy()[back], order[back]
 
 
-def evaluate(model_or_state_dict, task: str, split: str | None = None, *, smoke: bool | None = None,
-             max_length: int | None = None, model_name: str | None = None, data_dir=None, device=None,
-             progress: bool = False) -> dict:
+def evaluate(
+    model_or_state_dict,
+    task: str,
+    split: str | None = None,
+    *,
+    smoke: bool | None = None,
+    max_length: int | None = None,
+    model_name: str | None = None,
+    data_dir=None,
+    device=None,
+    progress: bool = False,
+) -> dict:
     """Score a model (module, state dict or :class:`Expert`) on ``split`` (default: the task's
     evaluation split) over every example (SMOKE: a fixed slice). Returns accuracy, the task's own
     metric, and ``n``, the number of examples scored."""
     spec = data.get_task(task)
-    logits, idx = predict(model_or_state_dict, task, split, smoke=smoke, max_length=max_length,
-                          model_name=model_name, data_dir=data_dir, device=device, progress=progress)
+    logits, idx = predict(
+        model_or_state_dict,
+        task,
+        split,
+        smoke=smoke,
+        max_length=max_length,
+        model_name=model_name,
+        data_dir=data_dir,
+        device=device,
+        progress=progress,
+    )
     labels = data.labels_of(spec.name, split or spec.eval_split, data_dir)[idx]
     return {**compute_metrics(spec.name, labels, logits.argmax(1)), "n": int(len(idx))}

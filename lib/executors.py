@@ -101,8 +101,12 @@ class LocalProcesses(ProcessPoolExecutor):
     def __init__(self, workers: int, *, threads: int | None = None):
         self.workers = workers
         self.threads = threads or threads_per_worker(workers)
-        super().__init__(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                         initializer=_init_worker, initargs=(self.threads,))
+        super().__init__(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self.threads,),
+        )
 
     def __repr__(self) -> str:
         return f"LocalProcesses({self.workers}, threads={self.threads})"
@@ -116,7 +120,9 @@ class DaskExecutor(Executor):
         try:
             from distributed import Client, LocalCluster
         except ImportError:
-            raise ValueError("executor 'dask:...' needs dask and distributed: pip install -r requirements.txt") from None
+            raise ValueError(
+                "executor 'dask:...' needs dask and distributed: pip install -r requirements.txt"
+            ) from None
         self.cluster = None
         if address is None:
             n = workers or max(1, cores() // 2)
@@ -210,8 +216,9 @@ def _submitit():
     try:
         import submitit
     except ImportError:
-        raise ValueError("executors 'submitit:local' and 'slurm' need submitit, an optional dependency: "
-                         "pip install submitit") from None
+        raise ValueError(
+            "executors 'submitit:local' and 'slurm' need submitit, an optional dependency: pip install submitit"
+        ) from None
     return submitit
 
 

@@ -81,12 +81,14 @@ class Planned:
     lora: bool = False  # a LoRA adapter of the body (lib.cache.LORA) instead of a full fine-tune
 
     def config(self, smoke: bool) -> dict:
-        return cache.expert_config(self.task, seed=self.seed, variant=self.variant, smoke=smoke,
-                                   lora=True if self.lora else None)
+        return cache.expert_config(
+            self.task, seed=self.seed, variant=self.variant, smoke=smoke, lora=True if self.lora else None
+        )
 
     def fit(self, smoke: bool):
-        return train.fit_expert(self.task, seed=self.seed, variant=self.variant, smoke=smoke,
-                                lora=True if self.lora else None)
+        return train.fit_expert(
+            self.task, seed=self.seed, variant=self.variant, smoke=smoke, lora=True if self.lora else None
+        )
 
     def __str__(self) -> str:
         kind = f"LoRA r{cache.LORA['r']}" if self.lora else self.variant
@@ -103,8 +105,11 @@ def plan(seeds=SEEDS, *, lora: bool = False) -> list[Planned]:
     for seed in seeds:
         out += [Planned(task, "pretrained", seed) for task in data.TEXT_TASKS]
         out.append(Planned("mnist", "shared_init", seed))
-        out += [Planned(task, variant, seed) for variant in ("mnist_base", "shared_init")
-                for task in ("fashion_mnist", "kmnist")]
+        out += [
+            Planned(task, variant, seed)
+            for variant in ("mnist_base", "shared_init")
+            for task in ("fashion_mnist", "kmnist")
+        ]
     return out
 
 
@@ -170,8 +175,16 @@ def mergeability(seed: int, variant: str, *, smoke: bool) -> list[dict]:
         plain = evaluation.evaluate(merged, expert.task, smoke=smoke)["accuracy"]
         train.reestimate_batchnorm(merged, expert.task, batches=2 if smoke else 20)
         bn = evaluation.evaluate(merged, expert.task, smoke=smoke)["accuracy"]
-        records.append({"seed": seed, "variant": variant, "task": expert.task,
-                        "expert": expert.metrics["accuracy"], "average": plain, "average_bn_reestimated": bn})
+        records.append(
+            {
+                "seed": seed,
+                "variant": variant,
+                "task": expert.task,
+                "expert": expert.metrics["accuracy"],
+                "average": plain,
+                "average_bn_reestimated": bn,
+            }
+        )
     return records
 
 
@@ -181,9 +194,18 @@ def summarize(items: list[Planned], smoke: bool) -> dict:
     for item in items:
         expert = cache.load_expert(item.config(smoke))
         if expert is not None:
-            rows.append({"task": item.task, "variant": item.variant, "seed": item.seed, "key": expert.key,
-                         "metrics": expert.metrics, "runtime": expert.runtime, "versions": expert.versions,
-                         **({"lora": expert.config["lora"]} if item.lora else {})})
+            rows.append(
+                {
+                    "task": item.task,
+                    "variant": item.variant,
+                    "seed": item.seed,
+                    "key": expert.key,
+                    "metrics": expert.metrics,
+                    "runtime": expert.runtime,
+                    "versions": expert.versions,
+                    **({"lora": expert.config["lora"]} if item.lora else {}),
+                }
+            )
     return {"experts": rows, "summary": summary_of(rows)}
 
 
@@ -212,8 +234,10 @@ def main(args) -> int:
     items = plan(lora=lora)
     remaining = print_plan(items, smoke)
     missing = [i for i in items if not cache.is_cached(i.config(smoke))]
-    print(f"{len(missing)} of {len(items)} {'LoRA ' if lora else ''}experts to train; estimated {_clock(remaining)} "
-          "on two CPU cores (longer while other work shares the CPU)")
+    print(
+        f"{len(missing)} of {len(items)} {'LoRA ' if lora else ''}experts to train; estimated {_clock(remaining)} "
+        "on two CPU cores (longer while other work shares the CPU)"
+    )
     if getattr(args, "dry_run", False):
         return 0
     start = time.perf_counter()
@@ -221,23 +245,44 @@ def main(args) -> int:
         print(f"[{n}/{len(missing)}] {item} (~{_clock(estimate_seconds(item.config(smoke)))})", flush=True)
         expert = item.fit(smoke)
         took = expert.runtime["train_s"] + expert.runtime["eval_s"]
-        print(f"    {_metrics_text(expert.metrics)} in {_clock(took)}; {_clock(time.perf_counter() - start)} so far",
-              flush=True)
+        print(
+            f"    {_metrics_text(expert.metrics)} in {_clock(took)}; {_clock(time.perf_counter() - start)} so far",
+            flush=True,
+        )
     results = summarize(items, smoke)
     if lora:
-        results["config"] = {"seeds": list(SEEDS), "smoke": smoke, "lora": cache.lora_spec(True), "lr": cache.LORA_LR,
-                             "recipes": {t: asdict(cache.RECIPES[t]) for t in data.TEXT_TASKS}}
+        results["config"] = {
+            "seeds": list(SEEDS),
+            "smoke": smoke,
+            "lora": cache.lora_spec(True),
+            "lr": cache.LORA_LR,
+            "recipes": {t: asdict(cache.RECIPES[t]) for t in data.TEXT_TASKS},
+        }
     else:
-        results["mergeability"] = [r for seed in SEEDS for variant in ("mnist_base", "shared_init")
-                                   for r in mergeability(seed, variant, smoke=smoke)]
-        results["config"] = {"seeds": list(SEEDS), "smoke": smoke,
-                             "recipes": {t: asdict(r) for t, r in cache.RECIPES.items()}}
+        results["mergeability"] = [
+            r
+            for seed in SEEDS
+            for variant in ("mnist_base", "shared_init")
+            for r in mergeability(seed, variant, smoke=smoke)
+        ]
+        results["config"] = {
+            "seeds": list(SEEDS),
+            "smoke": smoke,
+            "recipes": {t: asdict(r) for t, r in cache.RECIPES.items()},
+        }
     out = paths.write_json(paths.results_dir(smoke) / ("experts_lora.json" if lora else "experts.json"), results)
     for name, entry in results["summary"].items():
         target = entry.get("target")
-        check = f"  target {target['metric']} >= {target['minimum']}: {'met' if target['met'] else 'NOT MET'}" if target else ""
-        means = " ".join(f"{k}={v['mean']:.4f}±{v['std']:.4f}" for k, v in entry.items()
-                         if isinstance(v, dict) and "mean" in v and k != "train_s")
+        check = (
+            f"  target {target['metric']} >= {target['minimum']}: {'met' if target['met'] else 'NOT MET'}"
+            if target
+            else ""
+        )
+        means = " ".join(
+            f"{k}={v['mean']:.4f}±{v['std']:.4f}"
+            for k, v in entry.items()
+            if isinstance(v, dict) and "mean" in v and k != "train_s"
+        )
         print(f"  {name:<28} {means}  train {entry['train_s']['mean']:.0f}s{check}")
     print(f"wrote {out}")
     return 0

@@ -61,8 +61,9 @@ def results_path(notebook: str, *, smoke: bool) -> Path:
     return paths.results_dir(smoke) / f"{notebook}.json"
 
 
-def load_results(notebook: str, config: Mapping, *, smoke: bool, derived: Iterable[str] = (),
-                 ignore: Iterable[str] = ()) -> dict:
+def load_results(
+    notebook: str, config: Mapping, *, smoke: bool, derived: Iterable[str] = (), ignore: Iterable[str] = ()
+) -> dict:
     """``results/<notebook>.json`` (``results/smoke/`` when ``smoke``), checked to hold this
     notebook's configuration: a missing file, another mode or another value of a parameter is an
     error saying which fields differ and what to do.
@@ -74,24 +75,35 @@ def load_results(notebook: str, config: Mapping, *, smoke: bool, derived: Iterab
     the machine, not the experiment (e.g. the device)."""
     path = results_path(notebook, smoke=smoke)
     if not path.exists():
-        raise FileNotFoundError(f"FROM_RESULTS=1 but {path} does not exist: run the notebook without FROM_RESULTS "
-                                f"({'SMOKE=1 ' if smoke else ''}papermill, or `make {'smoke' if smoke else 'reproduce'}`) "
-                                "to compute it")
+        raise FileNotFoundError(
+            f"FROM_RESULTS=1 but {path} does not exist: run the notebook without FROM_RESULTS "
+            f"({'SMOKE=1 ' if smoke else ''}papermill, or `make {'smoke' if smoke else 'reproduce'}`) "
+            "to compute it"
+        )
     results = paths.read_json(path)
     if bool(results.get("smoke")) != bool(smoke):
-        raise ConfigMismatch(f"{path} was computed with SMOKE={int(bool(results.get('smoke')))}, the notebook runs with "
-                             f"SMOKE={int(bool(smoke))}")
+        raise ConfigMismatch(
+            f"{path} was computed with SMOKE={int(bool(results.get('smoke')))}, the notebook runs with "
+            f"SMOKE={int(bool(smoke))}"
+        )
     derived, stored = set(derived), results.get("config", {})
     diff = differences(stored, config, ignore=set(ignore) | derived)
     if diff:
-        raise ConfigMismatch(f"{path} holds another configuration than this notebook's parameters; it cannot be "
-                             f"rendered from results. Differences: {'; '.join(diff)}. Set the parameters back, or "
-                             "run without FROM_RESULTS to compute the new configuration")
-    notes = [_first_difference(k, stored.get(k), config.get(k)) for k in sorted(derived)
-             if _plain(stored.get(k)) != _plain(config.get(k))]
+        raise ConfigMismatch(
+            f"{path} holds another configuration than this notebook's parameters; it cannot be "
+            f"rendered from results. Differences: {'; '.join(diff)}. Set the parameters back, or "
+            "run without FROM_RESULTS to compute the new configuration"
+        )
+    notes = [
+        _first_difference(k, stored.get(k), config.get(k))
+        for k in sorted(derived)
+        if _plain(stored.get(k)) != _plain(config.get(k))
+    ]
     if notes:
-        print(f"note: {path.name} was computed by an earlier version of the methods; it is shown as published. "
-              f"{'; '.join(notes)}")
+        print(
+            f"note: {path.name} was computed by an earlier version of the methods; it is shown as published. "
+            f"{'; '.join(notes)}"
+        )
     return results
 
 
@@ -113,9 +125,11 @@ def publish(notebook: str, results: Mapping, *, smoke: bool, ignore: Iterable[st
         old = paths.read_json(path)
         diff = differences(old.get("config", {}), results.get("config", {}), ignore=ignore)
         if diff or bool(old.get("smoke")) != bool(smoke):
-            raise ConfigMismatch(f"not overwriting the published {path}: it holds another configuration "
-                                 f"({'; '.join(diff) or 'another mode'}). Set {OVERWRITE_VARIABLE}=1 to replace it "
-                                 "(and say in the commit which numbers change and why), or restore the parameters")
+            raise ConfigMismatch(
+                f"not overwriting the published {path}: it holds another configuration "
+                f"({'; '.join(diff) or 'another mode'}). Set {OVERWRITE_VARIABLE}=1 to replace it "
+                "(and say in the commit which numbers change and why), or restore the parameters"
+            )
     return paths.write_json(path, results)
 
 
@@ -125,13 +139,21 @@ def publish(notebook: str, results: Mapping, *, smoke: bool, ignore: Iterable[st
 def pool_specs(pools: Mapping[str, Sequence[str]], seeds: Sequence[int], *, smoke: bool) -> list[dict]:
     """One :func:`lib.runner.pool_spec` per seed and pool, seed by seed (a pool's name
     ``kind/variant`` names its variant)."""
-    return [runner.pool_spec(tasks, seed=seed, smoke=smoke, variant=name.split("/")[1] if "/" in name else None,
-                             name=name)
-            for seed in seeds for name, tasks in pools.items()]
+    return [
+        runner.pool_spec(tasks, seed=seed, smoke=smoke, variant=name.split("/")[1] if "/" in name else None, name=name)
+        for seed in seeds
+        for name, tasks in pools.items()
+    ]
 
 
-def pool_configs(spec: Mapping, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run], *,
-                 extra: Iterable[tuple[Sequence[Sequence[str]], Sequence[sweep.Run]]] = (), alone: bool = True) -> list[dict]:
+def pool_configs(
+    spec: Mapping,
+    subsets: Sequence[Sequence[str]],
+    runs: Sequence[sweep.Run],
+    *,
+    extra: Iterable[tuple[Sequence[Sequence[str]], Sequence[sweep.Run]]] = (),
+    alone: bool = True,
+) -> list[dict]:
     """The configurations of one pool and seed: experts and base alone, every subset by every
     run, then each ``(subsets, runs)`` of ``extra`` (e.g. a density sweep on some sizes)."""
     out = runner.pool_grid(spec, subsets, runs, alone=alone)
@@ -156,7 +178,6 @@ def seconds_by_pool(records: Iterable[Mapping]) -> dict[tuple[str, int], float]:
     return out
 
 
-
 def label_in(records: Iterable[Mapping], run: sweep.Run) -> str:
     """The label under which ``records`` hold ``run``: the record of ``run``'s method whose
     hyperparameters agree with ``run``'s (defaults filled in) on every one the record names.
@@ -166,7 +187,11 @@ def label_in(records: Iterable[Mapping], run: sweep.Run) -> str:
     wanted = pool.canonical_run(run.method, **run.hparams()).hparams()
     for r in records:
         hp = r.get("hparams") or {}
-        if r.get("method") == run.method and r.get("model") == "merged" and all(wanted.get(k) == v for k, v in hp.items()):
+        if (
+            r.get("method") == run.method
+            and r.get("model") == "merged"
+            and all(wanted.get(k) == v for k, v in hp.items())
+        ):
             return r["run"]
     return run.label()
 
@@ -183,8 +208,9 @@ def star_runs(etas: Iterable[float], no_rescale_etas: Iterable[float], reference
     return list({r.label(): r for r in star + [pool.canonical_run(m) for m in references]}.values())
 
 
-def drm_runs(references: Iterable[tuple[str, Mapping]], densities: Iterable[float],
-             density_methods: Sequence[Mapping]) -> tuple[list[sweep.Run], list[sweep.Run]]:
+def drm_runs(
+    references: Iterable[tuple[str, Mapping]], densities: Iterable[float], density_methods: Sequence[Mapping]
+) -> tuple[list[sweep.Run], list[sweep.Run]]:
     """Notebook 05's ``(main runs, density runs)``: DRM-H and DRM-V with and without
     renormalisation and each reference, then each of ``density_methods`` (``method``, ``fixed``
     hyperparameters) at each density, less the runs already among the main ones (the main runs
@@ -192,7 +218,10 @@ def drm_runs(references: Iterable[tuple[str, Mapping]], densities: Iterable[floa
     drm = [pool.canonical_run(f"drm_{v}") for v in ("h", "v")]
     no_renorm = [pool.canonical_run(f"drm_{v}", renorm=False) for v in ("h", "v")]
     main = [*drm, *no_renorm, *(pool.canonical_run(m, **hp) for m, hp in references)]
-    sweep_runs = [pool.canonical_run(spec["method"], density=d, **spec.get("fixed", {}))
-                  for spec in density_methods for d in densities]
+    sweep_runs = [
+        pool.canonical_run(spec["method"], density=d, **spec.get("fixed", {}))
+        for spec in density_methods
+        for d in densities
+    ]
     labels = {r.label() for r in main}
     return main, list({r.label(): r for r in sweep_runs if r.label() not in labels}.values())

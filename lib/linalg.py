@@ -139,8 +139,9 @@ def _core_svd(core: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
     return u * kept.unsqueeze(-2), sigma, vh * kept.unsqueeze(-1)
 
 
-def factored_svd(b: Tensor, a: Tensor, *, dtype: torch.dtype = torch.float64,
-                 rtol: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+def factored_svd(
+    b: Tensor, a: Tensor, *, dtype: torch.dtype = torch.float64, rtol: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD ``b @ a = U diag(S) Vh`` of every product of ``b (..., m, r)`` and ``a (..., r, n)``,
     exact, without forming it: QR of ``b`` and of ``aᵀ``, then the SVD of the small core (module
     docstring). ``U (..., m, k)``, ``S (..., k)`` descending, ``Vh (..., k, n)`` with ``k =
@@ -149,8 +150,10 @@ def factored_svd(b: Tensor, a: Tensor, *, dtype: torch.dtype = torch.float64,
     solver's device."""
     _check_rtol(rtol)
     if b.ndim < 2 or a.ndim < 2 or b.shape[-1] != a.shape[-2] or b.shape[:-2] != a.shape[:-2]:
-        raise ValueError(f"factored_svd needs b (..., m, r) and a (..., r, n) with the same batch shape, "
-                         f"got {tuple(b.shape)} and {tuple(a.shape)}")
+        raise ValueError(
+            f"factored_svd needs b (..., m, r) and a (..., r, n) with the same batch shape, "
+            f"got {tuple(b.shape)} and {tuple(a.shape)}"
+        )
     device = _solver_device(b.device, dtype)
     q_b, r_b = torch.linalg.qr(b.to(device=device, dtype=dtype))
     q_a, r_a = torch.linalg.qr(a.to(device=device, dtype=dtype).mT)
@@ -159,8 +162,9 @@ def factored_svd(b: Tensor, a: Tensor, *, dtype: torch.dtype = torch.float64,
     return (q_b @ u)[..., :k], sigma[..., :k], (vh @ q_a.mT)[..., :k, :]
 
 
-def concat_left_singular(b: Tensor, a: Tensor, *, dtype: torch.dtype = torch.float64,
-                         rtol: float = 0.0) -> tuple[Tensor, Tensor]:
+def concat_left_singular(
+    b: Tensor, a: Tensor, *, dtype: torch.dtype = torch.float64, rtol: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """``U (..., m, k)`` and ``S (..., k)`` of the horizontal concatenation ``[b_1 a_1 ... b_N a_N]``
     of the products of ``b (..., N, m, r)`` and ``a (..., N, r, n)``, exact and without forming it,
     truncated as :func:`factored_svd`; ``k = min(m, N * min(r, n))``.
@@ -170,8 +174,10 @@ def concat_left_singular(b: Tensor, a: Tensor, *, dtype: torch.dtype = torch.flo
     matrix in front of it, which one more QR and a small SVD give."""
     _check_rtol(rtol)
     if b.ndim < 3 or b.shape[-1] != a.shape[-2] or b.shape[:-2] != a.shape[:-2]:
-        raise ValueError(f"concat_left_singular needs b (..., N, m, r) and a (..., N, r, n) with the same batch "
-                         f"shape, got {tuple(b.shape)} and {tuple(a.shape)}")
+        raise ValueError(
+            f"concat_left_singular needs b (..., N, m, r) and a (..., N, r, n) with the same batch "
+            f"shape, got {tuple(b.shape)} and {tuple(a.shape)}"
+        )
     device = _solver_device(b.device, dtype)
     _, r_a = torch.linalg.qr(a.to(device=device, dtype=dtype).mT)
     blocks = b.to(device=device, dtype=dtype) @ r_a.mT  # (..., N, m, k2)

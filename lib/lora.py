@@ -70,12 +70,16 @@ class LowRank:
 
     def __post_init__(self):
         if self.b.ndim != 2 or self.a.ndim != 2 or self.b.shape[1] != self.a.shape[0]:
-            raise ValueError(f"a low-rank task vector needs b (out, r) and a (r, in), got {tuple(self.b.shape)} "
-                             f"and {tuple(self.a.shape)}")
+            raise ValueError(
+                f"a low-rank task vector needs b (out, r) and a (r, in), got {tuple(self.b.shape)} "
+                f"and {tuple(self.a.shape)}"
+            )
         matrix = (self.b.shape[0], self.a.shape[1])
         shape = matrix if self.shape is None else tuple(self.shape)
         if shape[0] != matrix[0] or math.prod(shape[1:]) != matrix[1]:
-            raise ValueError(f"factors {tuple(self.b.shape)} x {tuple(self.a.shape)} do not make a delta of shape {shape}")
+            raise ValueError(
+                f"factors {tuple(self.b.shape)} x {tuple(self.a.shape)} do not make a delta of shape {shape}"
+            )
         object.__setattr__(self, "shape", shape)
 
     @property
@@ -124,7 +128,9 @@ def _unsupported(config: Mapping) -> str | None:
     return None
 
 
-def read_adapter(folder: str | os.PathLike, base: Checkpoint | Mapping[str, Tensor], *, label: str | None = None) -> Adapter:
+def read_adapter(
+    folder: str | os.PathLike, base: Checkpoint | Mapping[str, Tensor], *, label: str | None = None
+) -> Adapter:
     """The PEFT LoRA adapter in ``folder`` as an :class:`Adapter` keyed by the base's weight names,
     checked against ``base`` (a :class:`lib.checkpoint.Checkpoint` or a state dict): every adapted
     module and saved tensor must exist in the base with the same shape. Errors name the adapter and
@@ -134,8 +140,14 @@ def read_adapter(folder: str | os.PathLike, base: Checkpoint | Mapping[str, Tens
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.exists():
-            hint = " (a .bin adapter: re-save it with save_pretrained, safetensors is the default)" if (folder / "adapter_model.bin").exists() else ""
-            raise ValueError(f"{label}: no {path.name} in {folder}; a PEFT adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
+            hint = (
+                " (a .bin adapter: re-save it with save_pretrained, safetensors is the default)"
+                if (folder / "adapter_model.bin").exists()
+                else ""
+            )
+            raise ValueError(
+                f"{label}: no {path.name} in {folder}; a PEFT adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}{hint}"
+            )
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
@@ -143,7 +155,11 @@ def read_adapter(folder: str | os.PathLike, base: Checkpoint | Mapping[str, Tens
     problem = _unsupported(config)
     if problem:
         raise ValueError(f"{label}: unsupported adapter: {problem}")
-    shapes = {k: tuple(e.shape) for k, e in base.entries.items()} if isinstance(base, Checkpoint) else {k: tuple(t.shape) for k, t in base.items()}
+    shapes = (
+        {k: tuple(e.shape) for k, e in base.entries.items()}
+        if isinstance(base, Checkpoint)
+        else {k: tuple(t.shape) for k, t in base.items()}
+    )
 
     factors: dict[str, dict[str, Tensor]] = {}
     transposed, embeddings, tensors = set(), set(), {}
@@ -153,11 +169,15 @@ def read_adapter(folder: str | os.PathLike, base: Checkpoint | Mapping[str, Tens
         suffix = next((s for s in _FACTOR_SUFFIXES if name.endswith(s)), None)
         if suffix is None:
             if "lora_" in name:
-                raise ValueError(f"{label}: {key!r} is a LoRA tensor this reader does not know (DoRA magnitude, LoRA bias?)")
+                raise ValueError(
+                    f"{label}: {key!r} is a LoRA tensor this reader does not know (DoRA magnitude, LoRA bias?)"
+                )
             if name not in shapes:
                 raise ValueError(f"{label}: {key!r} is saved as {name!r}, which the base does not have")
             if tuple(t.shape) != shapes[name]:
-                raise ValueError(f"{label}: {name!r} has shape {tuple(t.shape)} in the adapter, {shapes[name]} in the base")
+                raise ValueError(
+                    f"{label}: {name!r} has shape {tuple(t.shape)} in the adapter, {shapes[name]} in the base"
+                )
             tensors[name] = t
             continue
         weight = f"{name[: -len(suffix)]}.weight"
@@ -171,7 +191,9 @@ def read_adapter(folder: str | os.PathLike, base: Checkpoint | Mapping[str, Tens
     deltas = {}
     for weight, pair in factors.items():
         if set(pair) != {"a", "b"}:
-            raise ValueError(f"{label}: module {weight!r} has lora_{'AB'[pair.keys() == {'a'}]} without lora_{'BA'[pair.keys() == {'a'}]}")
+            raise ValueError(
+                f"{label}: module {weight!r} has lora_{'AB'[pair.keys() == {'a'}]} without lora_{'BA'[pair.keys() == {'a'}]}"
+            )
         b, a = pair["b"].flatten(1), pair["a"].flatten(1)
         if weight in transposed:
             b, a = a.mT, b.mT
@@ -179,12 +201,16 @@ def read_adapter(folder: str | os.PathLike, base: Checkpoint | Mapping[str, Tens
         if rank != config.get("r", rank):
             raise ValueError(f"{label}: module {weight!r} has rank {rank}, the config says r={config['r']}")
         if weight not in shapes:
-            raise ValueError(f"{label}: the adapter changes {weight!r}, which the base does not have "
-                             f"(adapted from a model with other module names?)")
+            raise ValueError(
+                f"{label}: the adapter changes {weight!r}, which the base does not have "
+                f"(adapted from a model with other module names?)"
+            )
         expected = shapes[weight]
         if (b.shape[0], a.shape[1]) != (expected[0], math.prod(expected[1:])):
-            raise ValueError(f"{label}: {weight!r} gets a delta of shape {(b.shape[0], a.shape[1])} "
-                             f"(lora_B {tuple(pair['b'].shape)}, lora_A {tuple(pair['a'].shape)}), the base has {expected}")
+            raise ValueError(
+                f"{label}: {weight!r} gets a delta of shape {(b.shape[0], a.shape[1])} "
+                f"(lora_B {tuple(pair['b'].shape)}, lora_A {tuple(pair['a'].shape)}), the base has {expected}"
+            )
         deltas[weight] = LowRank(b, a, lora_scale(config, rank), expected)
     if not deltas:
         raise ValueError(f"{label}: no LoRA factors in {weights_path}")
@@ -287,7 +313,8 @@ def _drm(variant: str):
         from .merge.drm import drm_h_lowrank, drm_v_lowrank
 
         basis, merged = (drm_h_lowrank if variant == "h" else drm_v_lowrank)(
-            b, a, density=density, renorm=renorm, rtol=rtol, prune=prune)
+            b, a, density=density, renorm=renorm, rtol=rtol, prune=prune
+        )
         return basis * lam, merged
 
     return fn
@@ -332,7 +359,9 @@ class LowRankMerge:
         return {k: apply_delta(t, self.deltas[k]) if k in self.deltas else self.weights[k] for k, t in base.items()}
 
 
-def factored_keys(method: str, base: Mapping[str, Tensor], adapters: Sequence[Adapter], include=None, exclude=None) -> list[str]:
+def factored_keys(
+    method: str, base: Mapping[str, Tensor], adapters: Sequence[Adapter], include=None, exclude=None
+) -> list[str]:
     """The keys :func:`merge_lowrank` merges on the factored path: selected floating-point
     matrices that some adapter changes by a low-rank delta and none replaces outright, for a
     method in :data:`FACTORED`."""
@@ -340,12 +369,22 @@ def factored_keys(method: str, base: Mapping[str, Tensor], adapters: Sequence[Ad
 
     if method not in FACTORED:
         return []
-    return [k for k in select_keys(base, include, exclude)
-            if base[k].ndim >= 2 and any(k in ad.deltas for ad in adapters) and not any(k in ad.tensors for ad in adapters)]
+    return [
+        k
+        for k in select_keys(base, include, exclude)
+        if base[k].ndim >= 2 and any(k in ad.deltas for ad in adapters) and not any(k in ad.tensors for ad in adapters)
+    ]
 
 
-def merge_factored(method: str, deltas: Mapping[str, Sequence[LowRank | None]], *, dtypes: Mapping[str, torch.dtype] | None = None,
-                   device=None, max_elements: int = 1 << 25, **params) -> dict[str, LowRank]:
+def merge_factored(
+    method: str,
+    deltas: Mapping[str, Sequence[LowRank | None]],
+    *,
+    dtypes: Mapping[str, torch.dtype] | None = None,
+    device=None,
+    max_elements: int = 1 << 25,
+    **params,
+) -> dict[str, LowRank]:
     """The merged task vector of every key of ``deltas`` (key -> each expert's :class:`LowRank`,
     ``None`` where an expert leaves the key alone) by the factored path of ``method``
     (:data:`FACTORED`, hyperparameters ``params`` already resolved), as a :class:`LowRank` of scale
@@ -375,8 +414,18 @@ def merge_factored(method: str, deltas: Mapping[str, Sequence[LowRank | None]], 
     return out
 
 
-def merge_lowrank(method: str, base: Mapping[str, Tensor], adapters: Sequence[Adapter], *, include=None, exclude=None,
-                  excluded_from=None, device=None, max_elements: int = 1 << 25, **hp) -> LowRankMerge:
+def merge_lowrank(
+    method: str,
+    base: Mapping[str, Tensor],
+    adapters: Sequence[Adapter],
+    *,
+    include=None,
+    exclude=None,
+    excluded_from=None,
+    device=None,
+    max_elements: int = 1 << 25,
+    **hp,
+) -> LowRankMerge:
     """:func:`lib.merge.merge` of the experts ``base + adapter`` without densifying where the
     method has a factored path (module docstring); the other keys go through ``merge`` on the
     densified experts (in memory: the command line streams them with :class:`AdapterCheckpoint`).
@@ -388,13 +437,30 @@ def merge_lowrank(method: str, base: Mapping[str, Tensor], adapters: Sequence[Ad
     params = resolve_hparams(get_method(method), hp)
     keys = factored_keys(method, base, adapters, include, exclude)
     fn = FACTORED.get(method)
-    deltas = merge_factored(method, {k: [ad.deltas.get(k) for ad in adapters] for k in keys},
-                            dtypes={k: base[k].dtype for k in keys}, device=device, max_elements=max_elements,
-                            **params) if keys else {}
+    deltas = (
+        merge_factored(
+            method,
+            {k: [ad.deltas.get(k) for ad in adapters] for k in keys},
+            dtypes={k: base[k].dtype for k in keys},
+            device=device,
+            max_elements=max_elements,
+            **params,
+        )
+        if keys
+        else {}
+    )
 
     if fn is None:  # the whole model densified: a prepass (TIES, SNR) may look across keys
-        dense = merge(method, base, [densify(base, ad) for ad in adapters], include=include, exclude=exclude,
-                      excluded_from=excluded_from, device=device, **params)
+        dense = merge(
+            method,
+            base,
+            [densify(base, ad) for ad in adapters],
+            include=include,
+            exclude=exclude,
+            excluded_from=excluded_from,
+            device=device,
+            **params,
+        )
         return LowRankMerge({}, dense)
     # The factored methods merge key by key without a prepass, so the dense merge needs only the
     # keys left: not the factored ones, nor those no adapter changes (each of these methods maps
@@ -404,8 +470,16 @@ def merge_lowrank(method: str, base: Mapping[str, Tensor], adapters: Sequence[Ad
     weights = {k: base[k].clone() for k in base if k in untouched}
     if rest:
         sub = {k: base[k] for k in rest}
-        dense = merge(method, sub, [{k: expert_tensor(base[k], ad, k) for k in rest} for ad in adapters], include=include,
-                      exclude=exclude, excluded_from=excluded_from, device=device, **params)
+        dense = merge(
+            method,
+            sub,
+            [{k: expert_tensor(base[k], ad, k) for k in rest} for ad in adapters],
+            include=include,
+            exclude=exclude,
+            excluded_from=excluded_from,
+            device=device,
+            **params,
+        )
         weights.update(dense)
     return LowRankMerge(deltas, {k: weights[k] for k in base if k not in deltas})
 
@@ -413,9 +487,16 @@ def merge_lowrank(method: str, base: Mapping[str, Tensor], adapters: Sequence[Ad
 # ------------------------------------------------------------------------------ writing
 
 
-def write_adapter(out: str | os.PathLike, deltas: Mapping[str, LowRank], *, like: Adapter | None = None,
-                  tensors: Mapping[str, Tensor] | None = None, base_model_name_or_path: str | None = None,
-                  dtype: torch.dtype = torch.float32, force: bool = False) -> Path:
+def write_adapter(
+    out: str | os.PathLike,
+    deltas: Mapping[str, LowRank],
+    *,
+    like: Adapter | None = None,
+    tensors: Mapping[str, Tensor] | None = None,
+    base_model_name_or_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+) -> Path:
     """Write ``deltas`` (base key -> :class:`LowRank`) as a PEFT LoRA adapter folder, atomically
     (:func:`lib.checkpoint.atomic_output_dir`). Every module gets rank ``r``, the largest rank of
     the deltas (smaller ones padded with zero columns, which change nothing), and
@@ -426,7 +507,9 @@ def write_adapter(out: str | os.PathLike, deltas: Mapping[str, LowRank], *, like
     classifier head) are saved as PEFT saves ``modules_to_save``: under the base's names, their
     modules listed in ``modules_to_save`` (a module with a LoRA delta cannot be one of them)."""
     with atomic_output_dir(out, force=force) as tmp:
-        save_adapter(tmp, deltas, like=like, tensors=tensors, base_model_name_or_path=base_model_name_or_path, dtype=dtype)
+        save_adapter(
+            tmp, deltas, like=like, tensors=tensors, base_model_name_or_path=base_model_name_or_path, dtype=dtype
+        )
     return Path(out)
 
 
@@ -437,9 +520,15 @@ def clashing_module(lowrank_keys, full_keys) -> str | None:
     return next((m for m in sorted({k.rpartition(".")[0] for k in full_keys}) if m in lora_modules), None)
 
 
-def save_adapter(folder: Path, deltas: Mapping[str, LowRank], *, like: Adapter | None = None,
-                 tensors: Mapping[str, Tensor] | None = None, base_model_name_or_path: str | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+def save_adapter(
+    folder: Path,
+    deltas: Mapping[str, LowRank],
+    *,
+    like: Adapter | None = None,
+    tensors: Mapping[str, Tensor] | None = None,
+    base_model_name_or_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
     """:func:`write_adapter`'s files, written into the existing ``folder`` (not atomically)."""
     if not deltas:
         raise ValueError("no low-rank deltas to write: the merge changed no adapted matrix")
@@ -448,9 +537,11 @@ def save_adapter(folder: Path, deltas: Mapping[str, LowRank], *, like: Adapter |
     saved_modules = sorted({k.rpartition(".")[0] for k in tensors})
     clash = clashing_module(deltas, tensors)
     if clash is not None:
-        raise ValueError(f"cannot write {clash!r} as an adapter module: it has a low-rank delta and full tensors "
-                         f"({', '.join(sorted(k for k in tensors if k.rpartition('.')[0] == clash))}); "
-                         "PEFT keeps a module either adapted or saved whole")
+        raise ValueError(
+            f"cannot write {clash!r} as an adapter module: it has a low-rank delta and full tensors "
+            f"({', '.join(sorted(k for k in tensors if k.rpartition('.')[0] == clash))}); "
+            "PEFT keeps a module either adapted or saved whole"
+        )
     rank = max(1, max(d.rank for d in deltas.values()))  # PEFT needs r >= 1; a rank-0 delta is zero columns
     full = {f"{PEFT_PREFIX}{k}" for k in tensors}  # saved in their own dtype, the factors in ``dtype``
     tensors = {f"{PEFT_PREFIX}{k}": t for k, t in tensors.items()}
@@ -470,9 +561,20 @@ def save_adapter(folder: Path, deltas: Mapping[str, LowRank], *, like: Adapter |
             continue
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.reshape(d.shape[0], rank, *[1] * (len(d.shape) - 2))
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.reshape(rank, *d.shape[1:])
-    config = {**like.config, "peft_type": "LORA", "r": rank, "lora_alpha": rank, "use_rslora": False, "use_dora": False,
-              "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": saved_modules or None, "bias": "none",
-              "target_modules": sorted(k.removesuffix(".weight") for k in deltas), "inference_mode": True}
+    config = {
+        **like.config,
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": saved_modules or None,
+        "bias": "none",
+        "target_modules": sorted(k.removesuffix(".weight") for k in deltas),
+        "inference_mode": True,
+    }
     if base_model_name_or_path is not None:
         config["base_model_name_or_path"] = base_model_name_or_path
     save_file({k: (v if k in full else v.to(dtype)).contiguous() for k, v in tensors.items()}, folder / WEIGHTS_NAME)

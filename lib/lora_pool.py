@@ -26,8 +26,16 @@ from . import pool, train
 LORA_KW = {"lora": True}
 
 
-def build_pool(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | None = None, name: str | None = None,
-               expert_kw: Mapping | None = None, progress: bool = False) -> pool.Pool:
+def build_pool(
+    tasks: Sequence[str],
+    *,
+    seed: int,
+    smoke: bool,
+    variant: str | None = None,
+    name: str | None = None,
+    expert_kw: Mapping | None = None,
+    progress: bool = False,
+) -> pool.Pool:
     """:func:`lib.pool.build_pool` of experts trained (or loaded) by
     ``train.fit_expert(task, ..., **expert_kw)``: bodies and heads split the same way, the base is
     the same pre-trained body, and each expert's record names its cache key."""
@@ -39,22 +47,39 @@ def build_pool(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | N
     kind = pool.kind_of(tasks)
     variant = variant or expert_cache.VARIANTS[kind][0]
     name = name or f"{kind}-{'lora' if expert_kw.get('lora') else 'custom'}"
-    experts = {t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=progress, **expert_kw)
-               for t in tasks}
+    experts = {
+        t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=progress, **expert_kw) for t in tasks
+    }
     base, _ = train.split_head(train.base_state_dict(tasks[0], seed=seed, variant=variant, smoke=smoke), kind)
     return pool.Pool(
-        name=name, kind=kind, seed=seed, smoke=smoke, base=base,
+        name=name,
+        kind=kind,
+        seed=seed,
+        smoke=smoke,
+        base=base,
         bodies={t: train.split_head(e.state_dict, kind)[0] for t, e in experts.items()},
         heads={t: e.state_dict for t, e in experts.items()},
-        experts=[{"pool": name, "seed": seed, "task": t, "variant": e.variant, "key": e.key, "from_cache": e.from_cache,
-                  **{k: v for k, v in e.metrics.items() if k != "n"}, "n_eval": e.metrics.get("n"),
-                  "train_s": e.runtime.get("train_s"), "lora": bool(e.config.get("lora"))}
-                 for t, e in experts.items()],
+        experts=[
+            {
+                "pool": name,
+                "seed": seed,
+                "task": t,
+                "variant": e.variant,
+                "key": e.key,
+                "from_cache": e.from_cache,
+                **{k: v for k, v in e.metrics.items() if k != "n"},
+                "n_eval": e.metrics.get("n"),
+                "train_s": e.runtime.get("train_s"),
+                "lora": bool(e.config.get("lora")),
+            }
+            for t, e in experts.items()
+        ],
     )
 
 
-def lora_pool_spec(tasks: Sequence[str], *, seed: int, smoke: bool, name: str = "text-lora",
-                   expert_kw: Mapping | None = None) -> dict:
+def lora_pool_spec(
+    tasks: Sequence[str], *, seed: int, smoke: bool, name: str = "text-lora", expert_kw: Mapping | None = None
+) -> dict:
     """The grid runner's pool of the LoRA experts of ``tasks`` (:func:`lib.runner.pool_spec`)."""
     from . import runner
 
@@ -67,8 +92,17 @@ NOTEBOOK = "07_lora"
 TEXT_TASKS = ["sst2", "cola", "emotion", "trec", "mrpc", "rte", "rotten_tomatoes"]
 #: the methods STAR and DRM are compared with on the LoRA experts: (method, hyperparameters);
 #: task arithmetic also at the STAR paper's alpha = 0.125, DRM-H and DRM-V with and without renormalisation
-REFERENCES = [("average", {}), ("task_arithmetic", {}), ("task_arithmetic", {"lam": 0.125}), ("ties", {}),
-              ("dare", {}), ("drm_h", {}), ("drm_v", {}), ("drm_h", {"renorm": False}), ("drm_v", {"renorm": False})]
+REFERENCES = [
+    ("average", {}),
+    ("task_arithmetic", {}),
+    ("task_arithmetic", {"lam": 0.125}),
+    ("ties", {}),
+    ("dare", {}),
+    ("drm_h", {}),
+    ("drm_v", {}),
+    ("drm_h", {"renorm": False}),
+    ("drm_v", {"renorm": False}),
+]
 FULL = {
     "SEEDS": [0, 1, 2],  # 21 LoRA experts: the seven text tasks x three seeds
     "TASKS": TEXT_TASKS,
@@ -80,8 +114,15 @@ FULL = {
 }
 # SMOKE: one seed, three tasks, pairs only (a size-3 subset doubled the SMOKE grid's time on a loaded
 # machine; its runtime table says what a run took)
-SMOKE = {**FULL, "SEEDS": [0], "TASKS": ["sst2", "cola", "trec"], "SIZES": [2], "ETAS": [20, 40, 100],
-         "NO_RESCALE_ETAS": [20], "RANK_ETAS": [20, 40, 70, 100]}
+SMOKE = {
+    **FULL,
+    "SEEDS": [0],
+    "TASKS": ["sst2", "cola", "trec"],
+    "SIZES": [2],
+    "ETAS": [20, 40, 100],
+    "NO_RESCALE_ETAS": [20],
+    "RANK_ETAS": [20, 40, 70, 100],
+}
 
 
 def grid_values(names: str, *, smoke: bool) -> list:
@@ -117,8 +158,17 @@ def task_vector_ranks(base, bodies, *, rtol: float = 1e-2) -> list[dict]:
             if not bool(tau.any()):
                 continue
             s = torch.linalg.svdvals(tau)
-            energy = (s ** 2) / (s ** 2).sum()
-            rows.append({"expert": expert, "key": k, "order": order, "rows": int(w.shape[0]), "cols": int(w.shape[1]),
-                         "rank": int((s > rtol * s[0]).sum()), "stable_rank": float((s ** 2).sum() / s[0] ** 2),
-                         "top16_energy": float(energy[:16].sum())})
+            energy = (s**2) / (s**2).sum()
+            rows.append(
+                {
+                    "expert": expert,
+                    "key": k,
+                    "order": order,
+                    "rows": int(w.shape[0]),
+                    "cols": int(w.shape[1]),
+                    "rank": int((s > rtol * s[0]).sum()),
+                    "stable_rank": float((s**2).sum() / s[0] ** 2),
+                    "top16_energy": float(energy[:16].sum()),
+                }
+            )
     return rows

@@ -102,24 +102,36 @@ def task_vector(base: Mapping[str, Tensor], expert: Mapping[str, Tensor], *, inc
     out = {}
     for k in keys:
         if k not in expert:
-            raise ValueError(f"the expert is missing {k!r} present in the base; check that both are the same architecture")
+            raise ValueError(
+                f"the expert is missing {k!r} present in the base; check that both are the same architecture"
+            )
         if expert[k].shape != base[k].shape:
-            raise ValueError(f"{k!r} has shape {tuple(expert[k].shape)} in the expert and {tuple(base[k].shape)} in the base; "
-                             "exclude it (e.g. a head with another number of classes) or pass the expert's own base")
+            raise ValueError(
+                f"{k!r} has shape {tuple(expert[k].shape)} in the expert and {tuple(base[k].shape)} in the base; "
+                "exclude it (e.g. a head with another number of classes) or pass the expert's own base"
+            )
         check_finite(expert[k], f"expert: {k!r}")
         dtype = compute_dtype(base[k])
         out[k] = expert[k].detach().cpu().to(dtype) - base[k].detach().cpu().to(dtype)
     if all(not bool(t.any()) for t in out.values()):
-        raise ValueError("the expert equals the base on every selected tensor: its task vector is zero, so no "
-                         "pairwise property is defined; check that the right base and expert were passed")
+        raise ValueError(
+            "the expert equals the base on every selected tensor: its task vector is zero, so no "
+            "pairwise property is defined; check that the right base and expert were passed"
+        )
     return out
 
 
 def _same_keys(a: Mapping[str, Tensor], b: Mapping[str, Tensor], what: str) -> list[str]:
     if list(a) != list(b):
         only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-        detail = f"{only_a[:1]} only in the first, {only_b[:1]} only in the second" if only_a or only_b else "in another order"
-        raise ValueError(f"the two {what} must cover the same tensors: {detail}; build both with the same include/exclude")
+        detail = (
+            f"{only_a[:1]} only in the first, {only_b[:1]} only in the second"
+            if only_a or only_b
+            else "in another order"
+        )
+        raise ValueError(
+            f"the two {what} must cover the same tensors: {detail}; build both with the same include/exclude"
+        )
     return list(a)
 
 
@@ -154,7 +166,9 @@ def cosine(a: Mapping[str, Tensor], b: Mapping[str, Tensor], *, stats: InnerProd
     ``stats``: their :func:`inner_products`, if already computed."""
     dot, norm2_a, norm2_b = _totals(inner_products(a, b) if stats is None else stats)
     if norm2_a == 0 or norm2_b == 0:
-        raise ValueError("one of the two vectors is zero over every tensor: its direction, and so the cosine, is undefined")
+        raise ValueError(
+            "one of the two vectors is zero over every tensor: its direction, and so the cosine, is undefined"
+        )
     return _cosine(dot, norm2_a, norm2_b)
 
 
@@ -220,7 +234,9 @@ def top_subspaces(tv: Mapping[str, Tensor], k: int = DEFAULT_K, *, device=None) 
     """The top-``k`` singular subspaces of every matrix of ``tv`` (conv kernels read as
     ``(out, in*kh*kw)``), in float64, computed on stacks of equal shape on the device."""
     if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
-        raise ValueError(f"k is the number of singular directions compared per matrix and must be a positive integer, got {k!r}")
+        raise ValueError(
+            f"k is the number of singular directions compared per matrix and must be a positive integer, got {k!r}"
+        )
     shapes = {key: tuple(as_matrix(t, key).shape) for key, t in tv.items() if is_matrix(t)}
     dev = get_device(device)
     out = {}
@@ -305,7 +321,9 @@ def loss_gradient(model: nn.Module, inputs, labels: Tensor, *, include=None, exc
     model.to(dev).eval()
     try:
         with torch.enable_grad():
-            loss = nn.functional.cross_entropy(batching.logits_of(model, batching.to_device(inputs, dev)), labels.to(dev))
+            loss = nn.functional.cross_entropy(
+                batching.logits_of(model, batching.to_device(inputs, dev)), labels.to(dev)
+            )
             grads = torch.autograd.grad(loss, [p for _, p in named])
     finally:
         model.to(old_device).train(was_training)
@@ -329,14 +347,26 @@ class Profile:
     gradients: dict[str, StateDict] = field(default_factory=dict)
 
 
-def profile(base: Mapping[str, Tensor], expert: Mapping[str, Tensor], *, k: int = DEFAULT_K,
-            gradients: Mapping[str, Mapping[str, Tensor]] | None = None, include=None, exclude=None,
-            device=None) -> Profile:
+def profile(
+    base: Mapping[str, Tensor],
+    expert: Mapping[str, Tensor],
+    *,
+    k: int = DEFAULT_K,
+    gradients: Mapping[str, Mapping[str, Tensor]] | None = None,
+    include=None,
+    exclude=None,
+    device=None,
+) -> Profile:
     """The :class:`Profile` of ``expert`` fine-tuned from ``base`` over the selected tensors."""
     tv = task_vector(base, expert, include=include, exclude=exclude)
     weights = {key: expert[key] for key in tv}
-    return Profile(tv, top_subspaces(tv, k, device=device), layer_snrs(weights, device=device),
-                   layer_snrs(tv, device=device), {name: dict(g) for name, g in (gradients or {}).items()})
+    return Profile(
+        tv,
+        top_subspaces(tv, k, device=device),
+        layer_snrs(weights, device=device),
+        layer_snrs(tv, device=device),
+        {name: dict(g) for name, g in (gradients or {}).items()},
+    )
 
 
 def layer_table(a: Profile, b: Profile, *, stats: InnerProducts | None = None) -> list[dict]:
@@ -344,9 +374,17 @@ def layer_table(a: Profile, b: Profile, *, stats: InnerProducts | None = None) -
     (matrices only, else NaN) and ``magnitude_ratio`` of the tensor's two updates (NaN where both
     are zero). ``stats``: the task vectors' :func:`inner_products`, if already computed."""
     stats = inner_products(a.task_vector, b.task_vector) if stats is None else stats
-    return [{"key": key, "cosine": _cosine(*s),
-             "subspace_overlap": subspace_overlap(a.subspaces[key], b.subspaces[key]) if key in a.subspaces else math.nan,
-             "magnitude_ratio": _ratio(s[1], s[2])} for key, s in stats.items()]
+    return [
+        {
+            "key": key,
+            "cosine": _cosine(*s),
+            "subspace_overlap": subspace_overlap(a.subspaces[key], b.subspaces[key])
+            if key in a.subspaces
+            else math.nan,
+            "magnitude_ratio": _ratio(s[1], s[2]),
+        }
+        for key, s in stats.items()
+    ]
 
 
 def compare(a: Profile, b: Profile, *, top: float = DEFAULT_TOP) -> tuple[dict[str, float], list[dict]]:
@@ -371,16 +409,28 @@ def compare(a: Profile, b: Profile, *, top: float = DEFAULT_TOP) -> tuple[dict[s
     return out, layers
 
 
-def pairwise_metrics(base: Mapping[str, Tensor], a: Mapping[str, Tensor], b: Mapping[str, Tensor], *,
-                     k: int = DEFAULT_K, top: float = DEFAULT_TOP,
-                     gradients: Mapping[str, tuple[Mapping[str, Tensor], Mapping[str, Tensor]]] | None = None,
-                     include=None, exclude=None, device=None) -> dict[str, float]:
+def pairwise_metrics(
+    base: Mapping[str, Tensor],
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    *,
+    k: int = DEFAULT_K,
+    top: float = DEFAULT_TOP,
+    gradients: Mapping[str, tuple[Mapping[str, Tensor], Mapping[str, Tensor]]] | None = None,
+    include=None,
+    exclude=None,
+    device=None,
+) -> dict[str, float]:
     """Every pairwise property of experts ``a`` and ``b`` fine-tuned from ``base`` (state dicts).
     ``gradients``: ``{name: (gradient of a, gradient of b)}`` from :func:`loss_gradient`.
     To compare many experts, build one :func:`profile` each and call :func:`compare` per pair."""
     grads = gradients or {}
-    pa = profile(base, a, k=k, gradients={n: g[0] for n, g in grads.items()}, include=include, exclude=exclude, device=device)
-    pb = profile(base, b, k=k, gradients={n: g[1] for n, g in grads.items()}, include=include, exclude=exclude, device=device)
+    pa = profile(
+        base, a, k=k, gradients={n: g[0] for n, g in grads.items()}, include=include, exclude=exclude, device=device
+    )
+    pb = profile(
+        base, b, k=k, gradients={n: g[1] for n, g in grads.items()}, include=include, exclude=exclude, device=device
+    )
     return compare(pa, pb, top=top)[0]
 
 
@@ -393,7 +443,9 @@ def _check_design(X, y) -> tuple[np.ndarray, np.ndarray]:
     if X.ndim != 2 or y.shape != (X.shape[0],):
         raise ValueError(f"X must be (pairs, properties) and y (pairs,), got {X.shape} and {y.shape}")
     if X.shape[0] < 4:
-        raise ValueError(f"leave-one-pair-out with an inner choice of the penalty needs at least 4 pairs, got {X.shape[0]}")
+        raise ValueError(
+            f"leave-one-pair-out with an inner choice of the penalty needs at least 4 pairs, got {X.shape[0]}"
+        )
     if not (np.isfinite(X).all() and np.isfinite(y).all()):
         bad = sorted(set(np.argwhere(~np.isfinite(X))[:, 1].tolist()))
         raise ValueError(f"X (columns {bad}) or y holds NaN/Inf; drop the property or the pair before fitting")
@@ -472,14 +524,20 @@ def leave_one_pair_out(X, y, *, alpha: float | None = None, seed: int = 0) -> di
     fold_fits = [_fitted(m) for m in folds]
     constant = np.unique(predicted).size < 2 or np.unique(y).size < 2
     return {
-        "alpha": alpha_all, "coefficients": coef.tolist(), "intercept": intercept,
-        "fold_alphas": [f[0] for f in fold_fits], "fold_coefficients": [f[1].tolist() for f in fold_fits],
-        "predicted": predicted.tolist(), "r2": _r2(y, predicted),
+        "alpha": alpha_all,
+        "coefficients": coef.tolist(),
+        "intercept": intercept,
+        "fold_alphas": [f[0] for f in fold_fits],
+        "fold_coefficients": [f[1].tolist() for f in fold_fits],
+        "predicted": predicted.tolist(),
+        "r2": _r2(y, predicted),
         "spearman": math.nan if constant else float(spearmanr(y, predicted).statistic),
     }
 
 
-def r2_interval(y, predicted, *, n_boot: int = 2000, level: float = INTERVAL_LEVEL, seed: int = 0) -> tuple[float, float]:
+def r2_interval(
+    y, predicted, *, n_boot: int = 2000, level: float = INTERVAL_LEVEL, seed: int = 0
+) -> tuple[float, float]:
     """A bootstrap interval of the leave-one-pair-out R²: pairs resampled with replacement,
     ``level`` central quantiles. With 20 pairs it is wide, and that is the point."""
     y, predicted = np.asarray(y, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
@@ -493,8 +551,16 @@ def r2_interval(y, predicted, *, n_boot: int = 2000, level: float = INTERVAL_LEV
     return float(np.quantile(values, tail)), float(np.quantile(values, 1.0 - tail))
 
 
-def permutation_pvalue(X, y, r2: float, *, n_perm: int = PERMUTATIONS, stop_after: int | None = STOP_AFTER,
-                       alpha: float | None = None, seed: int = 0) -> dict:
+def permutation_pvalue(
+    X,
+    y,
+    r2: float,
+    *,
+    n_perm: int = PERMUTATIONS,
+    stop_after: int | None = STOP_AFTER,
+    alpha: float | None = None,
+    seed: int = 0,
+) -> dict:
     """How often the whole pipeline (:func:`leave_one_pair_out`, penalty choice included) reaches
     an R² of at least ``r2`` when the targets are shuffled across pairs, i.e. when no property
     can predict anything. Returns ``p``, the null R²s and ``permutations`` (how many were run).
@@ -524,8 +590,15 @@ def design(properties: Sequence[Mapping], fit: Mapping) -> tuple[np.ndarray, np.
     return X, np.asarray(fit["measured"], dtype=np.float64)
 
 
-def more_permutations(properties: Sequence[Mapping], fits: Mapping[str, Mapping], *, n_perm: int = PERMUTATIONS,
-                      stop_after: int | None = STOP_AFTER, alpha: float | None = None, seed: int = 0) -> dict[str, dict]:
+def more_permutations(
+    properties: Sequence[Mapping],
+    fits: Mapping[str, Mapping],
+    *,
+    n_perm: int = PERMUTATIONS,
+    stop_after: int | None = STOP_AFTER,
+    alpha: float | None = None,
+    seed: int = 0,
+) -> dict[str, dict]:
     """The :func:`fit_methods` entries ``fits`` with the permutation test rerun at up to ``n_perm``
     shuffles (the same generator, so the first shuffles are those of the shorter run): for
     results written with fewer permutations than p needs. Nothing else of a fit changes."""
@@ -533,8 +606,14 @@ def more_permutations(properties: Sequence[Mapping], fits: Mapping[str, Mapping]
     for method, fit in fits.items():
         X, y = design(properties, fit)
         null = permutation_pvalue(X, y, fit["r2"], n_perm=n_perm, stop_after=stop_after, alpha=alpha, seed=seed)
-        out[method] = {**fit, "permutation_p": null["p"], "null_r2": null["null_r2"], "permutations": null["permutations"],
-                       "permutations_stopped": null["stopped"], "stop_after": stop_after}
+        out[method] = {
+            **fit,
+            "permutation_p": null["p"],
+            "null_r2": null["null_r2"],
+            "permutations": null["permutations"],
+            "permutations_stopped": null["stopped"],
+            "stop_after": stop_after,
+        }
     return out
 
 
@@ -576,21 +655,25 @@ def univariate(X, y, names: Sequence[str]) -> dict[str, float]:
 # the notebook's survey: trained experts, every pair, every method
 
 
-def expert_profile(expert: cache.Expert, *, k: int = DEFAULT_K, examples: int = 32, seed: int = 0, exclude=None,
-                   device=None) -> Profile:
+def expert_profile(
+    expert: cache.Expert, *, k: int = DEFAULT_K, examples: int = 32, seed: int = 0, exclude=None, device=None
+) -> Profile:
     """The :class:`Profile` of a trained expert (:func:`lib.train.fit_expert`) against the model its
     training started from, with two gradient sets on ``examples`` fixed training examples of its
     task: ``base`` (at that starting model) and ``expert`` (at the expert). ``exclude`` should
     name the head (``lib.models.HEAD_PATTERNS``) when experts of different tasks are compared."""
     start = train.initial_model(expert.config, progress=False)
     inputs, labels = task_batch(expert.task, examples, seed=seed)
-    gradients = {name: loss_gradient(model, inputs, labels, exclude=exclude, device=device)
-                 for name, model in (("base", start), ("expert", expert.model()))}
+    gradients = {
+        name: loss_gradient(model, inputs, labels, exclude=exclude, device=device)
+        for name, model in (("base", start), ("expert", expert.model()))
+    }
     return profile(start.state_dict(), expert.state_dict, k=k, gradients=gradients, exclude=exclude, device=device)
 
 
-def measure_pairs(profiles: Mapping[str, Profile], pairs: Sequence[tuple[str, str]], *,
-                  top: float = DEFAULT_TOP) -> tuple[list[dict], list[dict]]:
+def measure_pairs(
+    profiles: Mapping[str, Profile], pairs: Sequence[tuple[str, str]], *, top: float = DEFAULT_TOP
+) -> tuple[list[dict], list[dict]]:
     """``(properties, layers)``: one row of :func:`compare` per pair (with ``pair``, named as
     :func:`lib.pool.subset_name` names the merged subset, ``task_a`` and ``task_b``), and the
     :func:`layer_table` rows of every pair."""
@@ -603,9 +686,17 @@ def measure_pairs(profiles: Mapping[str, Profile], pairs: Sequence[tuple[str, st
     return properties, layers
 
 
-def fit_methods(properties: Sequence[Mapping], scores, features: Sequence[str], *, alpha: float | None = None,
-                n_perm: int = PERMUTATIONS, stop_after: int | None = STOP_AFTER, n_boot: int = 2000,
-                seed: int = 0) -> dict[str, dict]:
+def fit_methods(
+    properties: Sequence[Mapping],
+    scores,
+    features: Sequence[str],
+    *,
+    alpha: float | None = None,
+    n_perm: int = PERMUTATIONS,
+    stop_after: int | None = STOP_AFTER,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict]:
     """Per merge method: :func:`leave_one_pair_out` of the normalized accuracy on ``features``, its
     :func:`r2_interval` and :func:`permutation_pvalue`, and the :func:`univariate` correlations.
     ``scores``: rows (or a DataFrame) with ``subset``, ``method`` and ``normalized``, one per pair
@@ -626,11 +717,20 @@ def fit_methods(properties: Sequence[Mapping], scores, features: Sequence[str], 
         fit = leave_one_pair_out(X, y, alpha=alpha, seed=seed)
         low, high = r2_interval(y, fit["predicted"], n_boot=n_boot, seed=seed)
         null = permutation_pvalue(X, y, fit["r2"], n_perm=n_perm, stop_after=stop_after, alpha=alpha, seed=seed)
-        out[method] = {"features": list(features), "pairs": rows.subset.tolist(), "measured": y.tolist(), **fit,
-                       "r2_interval": [low, high], "interval_level": INTERVAL_LEVEL, "permutation_p": null["p"],
-                       "null_r2": null["null_r2"], "permutations": null["permutations"],
-                       "permutations_stopped": null["stopped"], "stop_after": stop_after,
-                       "univariate": univariate(X, y, features)}
+        out[method] = {
+            "features": list(features),
+            "pairs": rows.subset.tolist(),
+            "measured": y.tolist(),
+            **fit,
+            "r2_interval": [low, high],
+            "interval_level": INTERVAL_LEVEL,
+            "permutation_p": null["p"],
+            "null_r2": null["null_r2"],
+            "permutations": null["permutations"],
+            "permutations_stopped": null["stopped"],
+            "stop_after": stop_after,
+            "univariate": univariate(X, y, features),
+        }
     return out
 
 
@@ -644,15 +744,20 @@ def stable_properties(fit: Mapping) -> dict[str, float]:
     :data:`STABLE_SHARE` of the leave-one-pair-out fits select with the same sign."""
     coef, folds = np.asarray(fit["coefficients"]), np.asarray(fit["fold_coefficients"])
     same_sign = (np.sign(folds) == np.sign(coef)) & (folds != 0)
-    return {f: float(c) for f, c, share in zip(fit["features"], coef, same_sign.mean(axis=0))
-            if c != 0 and share >= STABLE_SHARE}
+    return {
+        f: float(c)
+        for f, c, share in zip(fit["features"], coef, same_sign.mean(axis=0))
+        if c != 0 and share >= STABLE_SHARE
+    }
 
 
 def p_text(fit: Mapping, digits: int = 3) -> str:
     """A fit's permutation p as text: "≤ 0.002" where no shuffle did as well, so that p is the
     smallest the number of shuffles can show (``1 / (permutations + 1)``), not a measurement."""
     n_perm = fit.get("permutations")
-    floor = n_perm is not None and not fit.get("permutations_stopped") and fit["permutation_p"] <= 1 / (n_perm + 1) + 1e-12
+    floor = (
+        n_perm is not None and not fit.get("permutations_stopped") and fit["permutation_p"] <= 1 / (n_perm + 1) + 1e-12
+    )
     return f"{'≤ ' if floor else ''}{fit['permutation_p']:.{digits}f}"
 
 
@@ -662,16 +767,22 @@ def describe_fit(method: str, fit: Mapping, *, level: float = 0.05) -> str:
     carry weight stably."""
     low, high = fit["r2_interval"]
     n, p = len(fit["pairs"]), len(fit["features"])
-    text = (f"{method}: predicting each of {n} pairs from a model fitted on the others gives R² = {fit['r2']:.2f} "
-            f"({fit.get('interval_level', INTERVAL_LEVEL):.0%} bootstrap interval {low:.2f} to {high:.2f}; Spearman {fit['spearman']:.2f}). ")
+    text = (
+        f"{method}: predicting each of {n} pairs from a model fitted on the others gives R² = {fit['r2']:.2f} "
+        f"({fit.get('interval_level', INTERVAL_LEVEL):.0%} bootstrap interval {low:.2f} to {high:.2f}; Spearman {fit['spearman']:.2f}). "
+    )
     if fit["r2"] > 0 and fit["permutation_p"] < level:
         text += f"Shuffled targets rarely do as well (permutation p {'' if p_text(fit).startswith('≤') else '= '}{p_text(fit)}): the properties carry signal. "
     else:
-        text += (f"Shuffled targets do as well {fit['permutation_p']:.0%} of the time: no evidence that these {p} properties "
-                 "predict this method's outcome on these pairs. ")
+        text += (
+            f"Shuffled targets do as well {fit['permutation_p']:.0%} of the time: no evidence that these {p} properties "
+            "predict this method's outcome on these pairs. "
+        )
     stable = stable_properties(fit)
     if stable:
-        parts = ", ".join(f"{f} ({'+' if c > 0 else '-'}{abs(c):.3f})" for f, c in sorted(stable.items(), key=lambda x: -abs(x[1])))
+        parts = ", ".join(
+            f"{f} ({'+' if c > 0 else '-'}{abs(c):.3f})" for f, c in sorted(stable.items(), key=lambda x: -abs(x[1]))
+        )
         text += f"Selected with a consistent sign in at least {STABLE_SHARE:.0%} of the left-out fits: {parts}."
     else:
         text += f"No property is selected with a consistent sign in {STABLE_SHARE:.0%} of the left-out fits."

@@ -90,16 +90,18 @@ def text_classifier(
     return model, tokenizer
 
 
-def with_lora(model: nn.Module, *, r: int, alpha: float, targets, dropout: float = 0.0,
-              head: str = "classifier") -> nn.Module:
+def with_lora(
+    model: nn.Module, *, r: int, alpha: float, targets, dropout: float = 0.0, head: str = "classifier"
+) -> nn.Module:
     """``model`` (a text classifier) as a PEFT model with LoRA adapters of rank ``r`` and scale
     ``alpha / r`` on the modules named ``targets`` (e.g. ``query``, ``value``), ``B`` zero and
     ``A`` drawn from the global random stream (PEFT's default), every other weight frozen except
     the ``head``, trained in full (PEFT's ``modules_to_save``)."""
     import peft
 
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
-                             modules_to_save=[head], bias="none")
+    config = peft.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, modules_to_save=[head], bias="none"
+    )
     return peft.get_peft_model(model, config)
 
 

@@ -20,26 +20,53 @@ from .claims import Claim
 #: notebook 01: Fashion-MNIST + KMNIST ResNet-18 experts over an MNIST base (report section 4.2)
 RESNET_CLAIMS = [
     Claim("Fashion-MNIST expert alone", 0.91, runs=("expert:fashion_mnist",), task="fashion_mnist"),
-    Claim("Fashion-MNIST, snr_lowB at threshold 25 (the crash)", 0.15,
-          runs=("snr_low_b(snr_method=max_median, threshold=25.0)",), task="fashion_mnist",
-          note="report: accuracy falls towards the non-expert level as the threshold grows"),
+    Claim(
+        "Fashion-MNIST, snr_lowB at threshold 25 (the crash)",
+        0.15,
+        runs=("snr_low_b(snr_method=max_median, threshold=25.0)",),
+        task="fashion_mnist",
+        note="report: accuracy falls towards the non-expert level as the threshold grows",
+    ),
     Claim("KMNIST, Standard merge", 0.31, runs=("average()",), task="kmnist"),
-    Claim("KMNIST expert alone", 0.98, runs=("expert:kmnist",), task="kmnist",
-          note="ours: trained on 7,011 of the 60,000 training images"),
+    Claim(
+        "KMNIST expert alone",
+        0.98,
+        runs=("expert:kmnist",),
+        task="kmnist",
+        note="ours: trained on 7,011 of the 60,000 training images",
+    ),
 ]
 
 #: notebook 02: SST-2 + Emotion MiniLM experts (report section 4.1), against our evaluation and its own
 SST2_EMOTION_CLAIMS = [
-    Claim("SST-2 accuracy, SNR Winner top 25% (own heads)", 0.885, runs=("snr_winner(snr_method=seed, top=0.25)",),
-          task="sst2", note="ours: SST-2 head over the merged body, whole validation set"),
-    Claim("SST-2 accuracy, SNR Winner top 25% (report's shared head)", 0.885,
-          runs=("snr_winner(snr_method=seed, top=0.25)",), task=sweep.REPORT_SST2,
-          note="SNR Winner keeps the higher-SNR head whole, the trained SST-2 one, so this equals the own-heads row; only average() mixes it with the random head (figure head_variants)"),
-    Claim("Emotion accuracy, SNR Winner top 70% (own heads, 6 classes)", 0.705,
-          runs=("snr_winner(snr_method=seed, top=0.7)",), task="emotion", note="ours: six classes, whole test set"),
-    Claim("Emotion accuracy, SNR Winner top 70% (report's collapsed labels)", 0.705,
-          runs=("snr_winner(snr_method=seed, top=0.7)",), task=sweep.COLLAPSED_EMOTION,
-          note="sadness vs rest: compare with the majority-class rate"),
+    Claim(
+        "SST-2 accuracy, SNR Winner top 25% (own heads)",
+        0.885,
+        runs=("snr_winner(snr_method=seed, top=0.25)",),
+        task="sst2",
+        note="ours: SST-2 head over the merged body, whole validation set",
+    ),
+    Claim(
+        "SST-2 accuracy, SNR Winner top 25% (report's shared head)",
+        0.885,
+        runs=("snr_winner(snr_method=seed, top=0.25)",),
+        task=sweep.REPORT_SST2,
+        note="SNR Winner keeps the higher-SNR head whole, the trained SST-2 one, so this equals the own-heads row; only average() mixes it with the random head (figure head_variants)",
+    ),
+    Claim(
+        "Emotion accuracy, SNR Winner top 70% (own heads, 6 classes)",
+        0.705,
+        runs=("snr_winner(snr_method=seed, top=0.7)",),
+        task="emotion",
+        note="ours: six classes, whole test set",
+    ),
+    Claim(
+        "Emotion accuracy, SNR Winner top 70% (report's collapsed labels)",
+        0.705,
+        runs=("snr_winner(snr_method=seed, top=0.7)",),
+        task=sweep.COLLAPSED_EMOTION,
+        note="sadness vs rest: compare with the majority-class rate",
+    ),
 ]
 
 #: the report's grid of ``top`` fractions (section 4.1)
@@ -47,11 +74,20 @@ REPORT_TOPS = (0.25, 0.5, 0.7)
 
 #: notebook 03: SST-2 + CoLA MiniLM experts, merged whole (report section 4.1)
 SST2_COLA_CLAIMS = [
-    Claim("SST-2 accuracy, Standard merge", 0.695, runs=("average()",), task="sst2",
-          note="report: first 200 validation sentences"),
-    Claim("CoLA accuracy, SNR Winner (best of top 25/50/70%)", 0.685,
-          runs=tuple(f"snr_winner(snr_method=seed, top={t})" for t in REPORT_TOPS), task="cola",
-          note="report: accuracy on 200 examples; compare with the majority-class accuracy"),
+    Claim(
+        "SST-2 accuracy, Standard merge",
+        0.695,
+        runs=("average()",),
+        task="sst2",
+        note="report: first 200 validation sentences",
+    ),
+    Claim(
+        "CoLA accuracy, SNR Winner (best of top 25/50/70%)",
+        0.685,
+        runs=tuple(f"snr_winner(snr_method=seed, top={t})" for t in REPORT_TOPS),
+        task="cola",
+        note="report: accuracy on 200 examples; compare with the majority-class accuracy",
+    ),
 ]
 
 # --- paper 002, STAR ------------------------------------------------------------------------------
@@ -59,14 +95,19 @@ SST2_COLA_CLAIMS = [
 #: Table 2: normalized accuracy of 8 merged Flan-T5-large LoRA experts, per method
 STAR_TABLE2 = {"star": 95.30, "ties": 93.83, "task_arithmetic": 91.67, "dare": 91.78}
 STAR_TABLE2_SOURCE = "Table 2: 8 Flan-T5-large LoRA experts (STAR 95.30, TIES 93.83, TA 91.67, TA+DARE 91.78)"
-STAR_TABLE1_SOURCE = ("Table 1: 4 Flan-T5-large LoRA experts at a fixed rank: +1.84 (r=2), +0.70 (r=4), +0.10 (r=8), "
-                      "+0.28 (r=12)")
+STAR_TABLE1_SOURCE = (
+    "Table 1: 4 Flan-T5-large LoRA experts at a fixed rank: +1.84 (r=2), +0.70 (r=4), +0.10 (r=8), +0.28 (r=12)"
+)
 #: where our setting is not the paper's
-STAR_NOTES = {"task_arithmetic": "ours: lam=1 (a sum); the paper's TA: alpha=0.125",
-              "dare": "ours: drop 0.9 then sum; the paper's: TA+DARE at alpha=0.125, p=0.7"}
+STAR_NOTES = {
+    "task_arithmetic": "ours: lam=1 (a sum); the paper's TA: alpha=0.125",
+    "dare": "ours: drop 0.9 then sum; the paper's: TA+DARE at alpha=0.125, p=0.7",
+}
 
 
-def star_effects(largest: Mapping[str, int], references: Sequence[str], no_rescale_etas: Iterable[float]) -> list[Claim]:
+def star_effects(
+    largest: Mapping[str, int], references: Sequence[str], no_rescale_etas: Iterable[float]
+) -> list[Claim]:
     """Notebook 04's claims of STAR: it beats each reference at each pool's largest size
     (Table 2 where the paper has the method), beats the pre-trained body, and rescaling helps at
     each ``eta`` of the ablation (Table 1)."""
@@ -74,18 +115,40 @@ def star_effects(largest: Mapping[str, int], references: Sequence[str], no_resca
     paper = {m: STAR_TABLE2["star"] - v for m, v in STAR_TABLE2.items() if m != "star"}
     effects = []
     for name, size in largest.items():
-        effects += [Claim(f"STAR beats {m} ({size} tasks)", paper.get(m),
-                          STAR_TABLE2_SOURCE if m in paper else "not compared in the paper", STAR_NOTES.get(m, ""),
-                          better=star, worse=pool.canonical_run(m).label(), pools=(name,), sizes=(size,),
-                          in_paper=m in paper)
-                    for m in references]
-        effects.append(Claim("STAR beats the pre-trained body (all sizes)", None,
-                             "Figures 1 and 4: STAR stays above the pretrained model up to 20 models", better=star,
-                             worse="base", pools=(name,)))
-    effects += [Claim(f"rescaling helps at eta={e} (all sizes)", None, STAR_TABLE1_SOURCE,
-                      better=pool.canonical_run("star", eta=e).label(),
-                      worse=pool.canonical_run("star", eta=e, rescale=False).label())
-                for e in no_rescale_etas]
+        effects += [
+            Claim(
+                f"STAR beats {m} ({size} tasks)",
+                paper.get(m),
+                STAR_TABLE2_SOURCE if m in paper else "not compared in the paper",
+                STAR_NOTES.get(m, ""),
+                better=star,
+                worse=pool.canonical_run(m).label(),
+                pools=(name,),
+                sizes=(size,),
+                in_paper=m in paper,
+            )
+            for m in references
+        ]
+        effects.append(
+            Claim(
+                "STAR beats the pre-trained body (all sizes)",
+                None,
+                "Figures 1 and 4: STAR stays above the pretrained model up to 20 models",
+                better=star,
+                worse="base",
+                pools=(name,),
+            )
+        )
+    effects += [
+        Claim(
+            f"rescaling helps at eta={e} (all sizes)",
+            None,
+            STAR_TABLE1_SOURCE,
+            better=pool.canonical_run("star", eta=e).label(),
+            worse=pool.canonical_run("star", eta=e, rescale=False).label(),
+        )
+        for e in no_rescale_etas
+    ]
     return effects
 
 
@@ -93,18 +156,29 @@ def star_effects(largest: Mapping[str, int], references: Sequence[str], no_resca
 
 #: Table 1 (without validation): accuracy of merged fully fine-tuned models, from the setting
 #: closest to each of our pools: DeBERTa-Base on six NLU tasks (text), ViT-B/32 on eight image tasks
-DRM_TABLE1 = {"text": {"drm_h": 66.9, "drm_v": 54.1, "average": 57.6, "task_arithmetic": 55.4, "ties": 48.7, "dare": 47.3},
-              "vision": {"drm_h": 77.5, "drm_v": 72.8, "average": 66.1, "task_arithmetic": 60.6, "ties": 72.5, "dare": 71.1}}
+DRM_TABLE1 = {
+    "text": {"drm_h": 66.9, "drm_v": 54.1, "average": 57.6, "task_arithmetic": 55.4, "ties": 48.7, "dare": 47.3},
+    "vision": {"drm_h": 77.5, "drm_v": 72.8, "average": 66.1, "task_arithmetic": 60.6, "ties": 72.5, "dare": 71.1},
+}
 #: Table 3: DRM-H with and without renormalisation, same settings
 DRM_TABLE3 = {"text": (66.9, 58.1), "vision": (77.5, 73.5)}
 DRM_SETTING = {"text": "DeBERTa-Base, 6 tasks", "vision": "ViT-B/32, 8 tasks"}
-DRM_NOTES = {"task_arithmetic": "ours: lam=1 (a sum); the paper's TA without validation: its default coefficient",
-             "dare": "DARE-TIES: ours drops 90% (p=0.9); the paper's default rate is not ours",
-             "star": "STAR is not in the paper", "drm_v": ""}
+DRM_NOTES = {
+    "task_arithmetic": "ours: lam=1 (a sum); the paper's TA without validation: its default coefficient",
+    "dare": "DARE-TIES: ours drops 90% (p=0.9); the paper's default rate is not ours",
+    "star": "STAR is not in the paper",
+    "drm_v": "",
+}
 
 
-def drm_effects(largest: Mapping[str, int], kinds: Mapping[str, str], compare: Sequence[sweep.Run],
-                names: Mapping[str, str], drm: Mapping[str, sweep.Run], no_renorm: Mapping[str, sweep.Run]) -> list[Claim]:
+def drm_effects(
+    largest: Mapping[str, int],
+    kinds: Mapping[str, str],
+    compare: Sequence[sweep.Run],
+    names: Mapping[str, str],
+    drm: Mapping[str, sweep.Run],
+    no_renorm: Mapping[str, sweep.Run],
+) -> list[Claim]:
     """Notebook 05's claims of DRM per pool (``kinds``: pool -> text/vision): DRM-H beats each
     run of ``compare[1:]`` at the pool's largest size (Table 1), beats the pre-trained body, and
     renormalisation helps DRM-H (Table 3) and DRM-V (ours only)."""
@@ -114,18 +188,49 @@ def drm_effects(largest: Mapping[str, int], kinds: Mapping[str, str], compare: S
         table = DRM_TABLE1[kind]
         for run in compare[1:]:
             paper = table["drm_h"] - table[run.method] if run.method in table else None
-            effects.append(Claim(f"DRM-H beats {names[run.label()]} ({size} tasks)", paper,
-                                 f"Table 1 ({DRM_SETTING[kind]})" if paper is not None else "not compared in the paper",
-                                 DRM_NOTES.get(run.method, ""), better=drm["h"].label(), worse=run.label(),
-                                 pools=(name,), sizes=(size,), in_paper=paper is not None))
-        effects.append(Claim("DRM-H beats the pre-trained body (all sizes)", None,
-                             "Figure 2: every merge stays above the pretrained model", better=drm["h"].label(),
-                             worse="base", pools=(name,)))
+            effects.append(
+                Claim(
+                    f"DRM-H beats {names[run.label()]} ({size} tasks)",
+                    paper,
+                    f"Table 1 ({DRM_SETTING[kind]})" if paper is not None else "not compared in the paper",
+                    DRM_NOTES.get(run.method, ""),
+                    better=drm["h"].label(),
+                    worse=run.label(),
+                    pools=(name,),
+                    sizes=(size,),
+                    in_paper=paper is not None,
+                )
+            )
+        effects.append(
+            Claim(
+                "DRM-H beats the pre-trained body (all sizes)",
+                None,
+                "Figure 2: every merge stays above the pretrained model",
+                better=drm["h"].label(),
+                worse="base",
+                pools=(name,),
+            )
+        )
         with_renorm, without = DRM_TABLE3[kind]
-        effects.append(Claim("renormalisation helps DRM-H (all sizes)", with_renorm - without,
-                             f"Table 3 ({DRM_SETTING[kind]})", better=drm["h"].label(), worse=no_renorm["h"].label(),
-                             pools=(name,)))
-        effects.append(Claim("renormalisation helps DRM-V (all sizes)", None,
-                             "not in the paper (section 3 applies it to both variants)", better=drm["v"].label(),
-                             worse=no_renorm["v"].label(), pools=(name,), in_paper=False))
+        effects.append(
+            Claim(
+                "renormalisation helps DRM-H (all sizes)",
+                with_renorm - without,
+                f"Table 3 ({DRM_SETTING[kind]})",
+                better=drm["h"].label(),
+                worse=no_renorm["h"].label(),
+                pools=(name,),
+            )
+        )
+        effects.append(
+            Claim(
+                "renormalisation helps DRM-V (all sizes)",
+                None,
+                "not in the paper (section 3 applies it to both variants)",
+                better=drm["v"].label(),
+                worse=no_renorm["v"].label(),
+                pools=(name,),
+                in_paper=False,
+            )
+        )
     return effects

@@ -70,8 +70,14 @@ def matrix_name(key: str) -> str:
     """A weight matrix's name as the figures write it: ``bert.encoder.layer.3.attention.output.dense.weight``
     -> ``L3.attn_out``, ``embeddings.word_embeddings`` -> ``emb.word_embeddings``, ``layer2.0.conv1``."""
     key = key.removeprefix("bert.").removesuffix(".weight")
-    return (key.replace("encoder.layer.", "L").replace("attention.self.", "").replace("attention.output.dense", "attn_out")
-            .replace("intermediate.dense", "ffn_in").replace("output.dense", "ffn_out").replace("embeddings.", "emb."))
+    return (
+        key.replace("encoder.layer.", "L")
+        .replace("attention.self.", "")
+        .replace("attention.output.dense", "attn_out")
+        .replace("intermediate.dense", "ffn_in")
+        .replace("output.dense", "ffn_out")
+        .replace("embeddings.", "emb.")
+    )
 
 
 def matrix_kind(name: str) -> str:
@@ -120,8 +126,15 @@ def legend_below(ax, ncol: int, **kwargs):
     return ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), borderaxespad=0.0, ncol=ncol, **kwargs)
 
 
-def savefig(fig, name: str | None = None, *, path: str | Path | None = None, smoke: bool | None = None,
-            formats=("png",), close: bool = True) -> list[Path]:
+def savefig(
+    fig,
+    name: str | None = None,
+    *,
+    path: str | Path | None = None,
+    smoke: bool | None = None,
+    formats=("png",),
+    close: bool = True,
+) -> list[Path]:
     """Save ``fig`` as ``figures/<name>.<fmt>`` (``figures/smoke/`` in SMOKE mode), atomically;
     or, with ``path`` instead of ``name``, exactly at ``path`` in the format its suffix names
     (PNG without a suffix) -- e.g. a plot the user asked for on the command line.

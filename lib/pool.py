@@ -111,8 +111,15 @@ def kind_of(tasks: Sequence[str]) -> str:
     return kinds.pop()
 
 
-def build_pool(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | None = None, name: str | None = None,
-               progress: bool = False) -> Pool:
+def build_pool(
+    tasks: Sequence[str],
+    *,
+    seed: int,
+    smoke: bool,
+    variant: str | None = None,
+    name: str | None = None,
+    progress: bool = False,
+) -> Pool:
     """Train (or load from the cache) the experts of ``tasks`` for ``seed`` and ``variant`` (see
     :mod:`lib.train`) and split them into bodies and heads. All tasks must be of one kind; MNIST
     is an expert only in the ``shared_init`` variant (it is the ``mnist_base`` variant's base)."""
@@ -126,12 +133,27 @@ def build_pool(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | N
     experts = {t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=progress) for t in tasks}
     base, _ = train.split_head(train.base_state_dict(tasks[0], seed=seed, variant=variant, smoke=smoke), kind)
     return Pool(
-        name=name, kind=kind, seed=seed, smoke=smoke, base=base,
+        name=name,
+        kind=kind,
+        seed=seed,
+        smoke=smoke,
+        base=base,
         bodies={t: train.split_head(e.state_dict, kind)[0] for t, e in experts.items()},
         heads={t: e.state_dict for t, e in experts.items()},
-        experts=[{"pool": name, "seed": seed, "task": t, "variant": e.variant, "key": e.key, "from_cache": e.from_cache,
-                  **{k: v for k, v in e.metrics.items() if k != "n"}, "n_eval": e.metrics.get("n"),
-                  "train_s": e.runtime.get("train_s")} for t, e in experts.items()],
+        experts=[
+            {
+                "pool": name,
+                "seed": seed,
+                "task": t,
+                "variant": e.variant,
+                "key": e.key,
+                "from_cache": e.from_cache,
+                **{k: v for k, v in e.metrics.items() if k != "n"},
+                "n_eval": e.metrics.get("n"),
+                "train_s": e.runtime.get("train_s"),
+            }
+            for t, e in experts.items()
+        ],
     )
 
 
@@ -155,11 +177,17 @@ def task_subsets(tasks: Sequence[str], size: int, *, max_subsets: int = 10, seed
     return [combos[i] for i in sorted(rng.choice(len(combos), size=max_subsets, replace=False))]
 
 
-def subset_plan(tasks: Sequence[str], sizes: Iterable[int], *, max_subsets: int = 10, seed: int = 0) -> list[tuple[str, ...]]:
+def subset_plan(
+    tasks: Sequence[str], sizes: Iterable[int], *, max_subsets: int = 10, seed: int = 0
+) -> list[tuple[str, ...]]:
     """:func:`task_subsets` for every size in ``sizes`` larger than 1 and at most the pool's size,
     smallest first (sizes the pool cannot fill are skipped, so one grid serves pools of 2 and 7)."""
-    return [s for size in sorted(set(sizes)) if 2 <= size <= len(tasks)
-            for s in task_subsets(tasks, size, max_subsets=max_subsets, seed=seed)]
+    return [
+        s
+        for size in sorted(set(sizes))
+        if 2 <= size <= len(tasks)
+        for s in task_subsets(tasks, size, max_subsets=max_subsets, seed=seed)
+    ]
 
 
 def subset_name(subset: Sequence[str]) -> str:
@@ -191,8 +219,14 @@ class PoolRunner:
     """Merges subsets of one pool and scores them, sharing an evaluation cache per subset across
     calls (a run repeated in two sweeps, or a body that coincides with another, is scored once)."""
 
-    def __init__(self, pool: Pool, evaluate_for: EvaluateFor | None = None, *, progress: bool = True,
-                 merge_fn: Callable[..., StateDict] | None = None):
+    def __init__(
+        self,
+        pool: Pool,
+        evaluate_for: EvaluateFor | None = None,
+        *,
+        progress: bool = True,
+        merge_fn: Callable[..., StateDict] | None = None,
+    ):
         self.pool = pool
         self.evaluate_for = evaluate_for or pool.evaluator
         self.progress = progress
@@ -202,9 +236,17 @@ class PoolRunner:
     def _tag(self, records: list[dict], subset: Sequence[str] | None, run: sweep.Run | None) -> list[dict]:
         size = len(subset) if subset is not None else 0
         hp = {} if run is None else resolve_hparams(get_method(run.method), run.hparams())
-        return [{"pool": self.pool.name, "kind": self.pool.kind, **r,
-                 "subset": subset_name(subset) if subset is not None else None, "size": size, "hparams": hp}
-                for r in records]
+        return [
+            {
+                "pool": self.pool.name,
+                "kind": self.pool.kind,
+                **r,
+                "subset": subset_name(subset) if subset is not None else None,
+                "size": size,
+                "hparams": hp,
+            }
+            for r in records
+        ]
 
     def alone(self) -> list[dict]:
         """Each expert on its own task (``method="expert"``, ``size`` 1) and the base body on every
@@ -212,19 +254,27 @@ class PoolRunner:
         of normalized accuracy."""
         out = []
         for task in self.pool.tasks:
-            recs = sweep.evaluate_models({task: self.pool.bodies[task]}, self.evaluate_for((task,)),
-                                         seed=self.pool.seed, method="expert")
+            recs = sweep.evaluate_models(
+                {task: self.pool.bodies[task]}, self.evaluate_for((task,)), seed=self.pool.seed, method="expert"
+            )
             out += self._tag(recs, (task,), None)
-        recs = sweep.evaluate_models({"base": self.pool.base}, self.evaluate_for(self.pool.tasks),
-                                     seed=self.pool.seed, method="base")
+        recs = sweep.evaluate_models(
+            {"base": self.pool.base}, self.evaluate_for(self.pool.tasks), seed=self.pool.seed, method="base"
+        )
         return out + self._tag(recs, None, None)
 
-    def run(self, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run], *, progress: bool | None = None) -> list[dict]:
+    def run(
+        self, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run], *, progress: bool | None = None
+    ) -> list[dict]:
         """Merge each subset's bodies once per run and score the merged body on the subset's tasks
         (a progress bar over the merges unless ``progress`` or the runner's setting says not)."""
         out = []
-        bar = tqdm(total=len(subsets) * len(runs), desc=f"{self.pool.name} seed {self.pool.seed}",
-                   disable=not (self.progress if progress is None else progress), leave=False)
+        bar = tqdm(
+            total=len(subsets) * len(runs),
+            desc=f"{self.pool.name} seed {self.pool.seed}",
+            disable=not (self.progress if progress is None else progress),
+            leave=False,
+        )
         for subset in subsets:
             name = subset_name(subset)
             if name not in self.caches:
@@ -232,8 +282,17 @@ class PoolRunner:
             cache = self.caches[name]
             experts = [self.pool.bodies[t] for t in subset]
             for run in runs:
-                recs = sweep.run_sweep(self.pool.base, experts, cache.evaluate, [run], seed=self.pool.seed,
-                                       merge_fn=self.merge_fn, cache=cache, share_prepass=False, progress=False)
+                recs = sweep.run_sweep(
+                    self.pool.base,
+                    experts,
+                    cache.evaluate,
+                    [run],
+                    seed=self.pool.seed,
+                    merge_fn=self.merge_fn,
+                    cache=cache,
+                    share_prepass=False,
+                    progress=False,
+                )
                 out += self._tag(recs, subset, run)
                 bar.update()
         bar.close()
@@ -258,12 +317,16 @@ def task_scores(records: Iterable[Mapping], metric: str = "accuracy") -> pd.Data
     missing = out[out.expert.isna()]
     if not missing.empty:
         r = missing.iloc[0]
-        raise ValueError(f"no {metric} of the {r.task!r} expert of pool {r.pool!r}, seed {r.seed}: record the "
-                         "experts alone first (PoolRunner.alone)")
+        raise ValueError(
+            f"no {metric} of the {r.task!r} expert of pool {r.pool!r}, seed {r.seed}: record the "
+            "experts alone first (PoolRunner.alone)"
+        )
     if (out.expert <= 0).any():
         r = out[out.expert <= 0].iloc[0]
-        raise ValueError(f"the {r.task!r} expert scores {r.expert} {metric}: normalized scores are undefined; use a "
-                         "metric every expert scores above 0 on")
+        raise ValueError(
+            f"the {r.task!r} expert scores {r.expert} {metric}: normalized scores are undefined; use a "
+            "metric every expert scores above 0 on"
+        )
     out["normalized"] = out.value / out.expert
     hp = pd.json_normalize(out["hparams"].map(lambda h: h if isinstance(h, Mapping) else {}).tolist())
     hp.columns = [f"hp_{c}" for c in hp.columns]
@@ -289,8 +352,19 @@ def subset_scores(records: Iterable[Mapping], metric: str = "accuracy") -> pd.Da
         tasks = subset_tasks(subset)
         keys = [(pool, seed, task) for task in tasks]
         if all(k in base.index for k in keys):
-            rows.append({"pool": pool, "kind": kind, "seed": seed, "size": size, "subset": subset, "run": "base",
-                         "method": "base", "normalized": float(np.mean([base[k] for k in keys])), "tasks": len(tasks)})
+            rows.append(
+                {
+                    "pool": pool,
+                    "kind": kind,
+                    "seed": seed,
+                    "size": size,
+                    "subset": subset,
+                    "run": "base",
+                    "method": "base",
+                    "normalized": float(np.mean([base[k] for k in keys])),
+                    "tasks": len(tasks),
+                }
+            )
     return pd.concat([out, pd.DataFrame(rows)], ignore_index=True) if rows else out
 
 
@@ -302,8 +376,9 @@ def size_summary(records: Iterable[Mapping], metric: str = "accuracy") -> pd.Dat
     hp_cols = [c for c in s.columns if c.startswith("hp_")]
     by = ["pool", "kind", "size", "run"]
     first_seen = {run: i for i, run in enumerate(s.run.unique())}  # runs in the order the grid made them
-    out = stats.over_seeds(s, by).sort_values(["pool", "size", "run"], kind="stable",
-                                              key=lambda c: c.map(first_seen) if c.name == "run" else c)
+    out = stats.over_seeds(s, by).sort_values(
+        ["pool", "size", "run"], kind="stable", key=lambda c: c.map(first_seen) if c.name == "run" else c
+    )
     out = out.join(s.groupby("run", sort=False)[["method", *hp_cols]].first(), on="run")
     subsets = s.groupby([*by, "seed"], sort=False, dropna=False)["subset"].count().groupby(level=by).mean()
     out["subsets"] = subsets.reindex(pd.MultiIndex.from_frame(out[by])).to_numpy()
@@ -316,14 +391,17 @@ def select(frame: pd.DataFrame, method: str, **hparams) -> pd.DataFrame:
     for k, v in hparams.items():
         col = f"hp_{k}"
         if col not in out.columns:
-            raise ValueError(f"{method!r} records have no hyperparameter {k!r}; they have "
-                             f"{[c[3:] for c in out.columns if c.startswith('hp_') and out[c].notna().any()]}")
+            raise ValueError(
+                f"{method!r} records have no hyperparameter {k!r}; they have "
+                f"{[c[3:] for c in out.columns if c.startswith('hp_') and out[c].notna().any()]}"
+            )
         out = out[out[col] == v]
     return out
 
 
-def best_setting(records: Iterable[Mapping], method: str, param: str, *, metric: str = "accuracy",
-                 **fixed) -> pd.DataFrame:
+def best_setting(
+    records: Iterable[Mapping], method: str, param: str, *, metric: str = "accuracy", **fixed
+) -> pd.DataFrame:
     """For each pool, seed and subset: the value of ``param`` of ``method`` (other hyperparameters
     fixed by ``fixed``) with the highest normalized score (the smallest value on ties), and that score."""
     s = select(subset_scores(records, metric), method, **fixed)
@@ -332,11 +410,19 @@ def best_setting(records: Iterable[Mapping], method: str, param: str, *, metric:
     s = s.sort_values(f"hp_{param}", kind="stable")
     idx = s.groupby(["pool", "seed", "size", "subset"], sort=False)["normalized"].idxmax()
     best = s.loc[idx, ["pool", "kind", "seed", "size", "subset", f"hp_{param}", "normalized"]]
-    return best.rename(columns={f"hp_{param}": "best"}).sort_values(["pool", "size"], kind="stable").reset_index(drop=True)
+    return (
+        best.rename(columns={f"hp_{param}": "best"}).sort_values(["pool", "size"], kind="stable").reset_index(drop=True)
+    )
 
 
-def density_sensitivity(records: Iterable[Mapping], methods: Sequence[Mapping], densities: Sequence[float],
-                        sizes: Mapping[str, Sequence[int]], *, metric: str = "accuracy") -> pd.DataFrame:
+def density_sensitivity(
+    records: Iterable[Mapping],
+    methods: Sequence[Mapping],
+    densities: Sequence[float],
+    sizes: Mapping[str, Sequence[int]],
+    *,
+    metric: str = "accuracy",
+) -> pd.DataFrame:
     """Notebook 05's sensitivity to the density (DRM's Figure 7): per pool, subset size and method
     of ``methods`` (``{"method", "name", "fixed"}``), over ``densities`` at the subset ``sizes``
     (kind -> sizes) the density sweep covers, the density with the best mean over seeds
@@ -345,18 +431,31 @@ def density_sensitivity(records: Iterable[Mapping], methods: Sequence[Mapping], 
     summary = size_summary(records, metric)
     curves = pd.concat([select(summary, m["method"], **m.get("fixed", {})).assign(name=m["name"]) for m in methods])
     curves = curves[curves.hp_density.isin(densities) & curves.apply(lambda r: r["size"] in sizes[r["kind"]], axis=1)]
-    return (curves.groupby(["pool", "size", "name"])
-            .apply(lambda g: pd.Series({"best_density": g.loc[g["mean"].idxmax(), "hp_density"], "best": g["mean"].max(),
-                                        "spread_points": 100 * (g["mean"].max() - g["mean"].min())}),
-                   include_groups=False).reset_index())
+    return (
+        curves.groupby(["pool", "size", "name"])
+        .apply(
+            lambda g: pd.Series(
+                {
+                    "best_density": g.loc[g["mean"].idxmax(), "hp_density"],
+                    "best": g["mean"].max(),
+                    "spread_points": 100 * (g["mean"].max() - g["mean"].min()),
+                }
+            ),
+            include_groups=False,
+        )
+        .reset_index()
+    )
 
 
-def paired_differences(records: Iterable[Mapping], better: str, worse: str, *, metric: str = "accuracy") -> pd.DataFrame:
+def paired_differences(
+    records: Iterable[Mapping], better: str, worse: str, *, metric: str = "accuracy"
+) -> pd.DataFrame:
     """``better - worse`` (run labels, or ``"base"``) in normalized points (x100) on every (pool,
     seed, subset) where both were scored: a comparison on the same experts and tasks."""
     s = subset_scores(records, metric)
-    wide = s[s.run.isin([better, worse])].pivot_table(index=["pool", "kind", "seed", "size", "subset"], columns="run",
-                                                      values="normalized", aggfunc="first")
+    wide = s[s.run.isin([better, worse])].pivot_table(
+        index=["pool", "kind", "seed", "size", "subset"], columns="run", values="normalized", aggfunc="first"
+    )
     missing = {better, worse} - set(wide.columns)
     if missing:
         raise ValueError(f"no scores of {sorted(missing)} in these records; runs present: {sorted(s.run.unique())}")
@@ -391,8 +490,14 @@ def slopes(records: Iterable[Mapping], runs: Sequence[str], *, metric: str = "ac
     s = subset_scores(records, metric)
     rows = []
     for (name, run), g in s[s.run.isin(runs)].groupby(["pool", "run"], sort=False):
-        rows.append({"pool": name, "run": run, "method": g.method.iloc[0],
-                     **trend(g.assign(points=100 * g.normalized), "size", "points")})
+        rows.append(
+            {
+                "pool": name,
+                "run": run,
+                "method": g.method.iloc[0],
+                **trend(g.assign(points=100 * g.normalized), "size", "points"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -402,7 +507,9 @@ EFFECT_LEVEL = stats.LEVEL
 CHANCE_MARGIN = 2.0
 
 
-def chance_normalized(records: Iterable[Mapping], chance: Mapping[str, float], *, metric: str = "accuracy") -> pd.DataFrame:
+def chance_normalized(
+    records: Iterable[Mapping], chance: Mapping[str, float], *, metric: str = "accuracy"
+) -> pd.DataFrame:
     """Per (pool, seed, subset): the normalized score of guessing (``chance``: task -> the
     chance score of ``metric``, :func:`lib.sweep.chance_scores`), averaged over the subset's
     tasks as :func:`subset_scores` averages a merge: the floor below which a merge has learned
@@ -412,8 +519,10 @@ def chance_normalized(records: Iterable[Mapping], chance: Mapping[str, float], *
     experts = t.drop_duplicates(["pool", "seed", "task"]).set_index(["pool", "seed", "task"])["expert"]
     keys = s.drop_duplicates(["pool", "seed", "subset"])[["pool", "seed", "subset"]]
     keys = keys[keys.subset.notna()]
-    keys["chance"] = [float(np.mean([chance[task] / experts[(p, seed, task)] for task in subset_tasks(sub)]))
-                      for p, seed, sub in keys.itertuples(index=False)]
+    keys["chance"] = [
+        float(np.mean([chance[task] / experts[(p, seed, task)] for task in subset_tasks(sub)]))
+        for p, seed, sub in keys.itertuples(index=False)
+    ]
     return keys.reset_index(drop=True)
 
 
@@ -421,8 +530,14 @@ def _seed_means(d: pd.DataFrame, column: str) -> pd.Series:
     return d.groupby("seed")[column].mean()
 
 
-def compare_effects(records: Iterable[Mapping], effects: Iterable[Claim], *, metric: str = "accuracy",
-                    chance: Mapping[str, float] | None = None, level: float = EFFECT_LEVEL) -> pd.DataFrame:
+def compare_effects(
+    records: Iterable[Mapping],
+    effects: Iterable[Claim],
+    *,
+    metric: str = "accuracy",
+    chance: Mapping[str, float] | None = None,
+    level: float = EFFECT_LEVEL,
+) -> pd.DataFrame:
     """One row per effect claim (:class:`lib.claims.Claim`): the paper's size beside ours (``better - worse`` in normalized points,
     the mean over the subsets of each seed, then mean and sample std over seeds), a paired
     Student-t interval at ``level`` over the per-seed means (both runs are scored on the same
@@ -452,7 +567,9 @@ def compare_effects(records: Iterable[Mapping], effects: Iterable[Claim], *, met
             sel = scores[scores.run == run].merge(keys, on=["pool", "seed", "subset"])
             level_of[name] = float(_seed_means(sel, "normalized").mean()) * 100 if len(sel) else math.nan
         if chance_frame is not None and len(d):
-            level_of["chance"] = float(_seed_means(chance_frame.merge(keys, on=["pool", "seed", "subset"]), "chance").mean()) * 100
+            level_of["chance"] = (
+                float(_seed_means(chance_frame.merge(keys, on=["pool", "seed", "subset"]), "chance").mean()) * 100
+            )
         else:
             level_of["chance"] = math.nan
         per_seed = _seed_means(d, "difference")
@@ -464,7 +581,7 @@ def compare_effects(records: Iterable[Mapping], effects: Iterable[Claim], *, met
         else:
             (low, high), over = (math.nan, math.nan), "too few"
         resolved = bool(low > 0 or high < 0)
-        direction = ("not measured" if not len(d) else "same" if mean > 0 else "opposite" if mean < 0 else "none")
+        direction = "not measured" if not len(d) else "same" if mean > 0 else "opposite" if mean < 0 else "none"
         baseline = ""
         if level_of["worse"] <= level_of["chance"] + CHANCE_MARGIN:
             baseline = "at chance"  # the base too: a random initialisation, or heads over a body they do not fit
@@ -478,16 +595,36 @@ def compare_effects(records: Iterable[Mapping], effects: Iterable[Claim], *, met
             agrees = "unresolved"
         else:
             agrees = "yes" if direction == "same" else "no"
-        rows.append({"claim": e.what, "pools": ", ".join(e.pools) if e.pools else "all", "source": e.source,
-                     "paper": e.paper, "ours": mean,
-                     "ours_std": float(per_seed.std(ddof=1)) if per_seed.size >= 2 else math.nan,
-                     "seeds": int(per_seed.size), "subsets": len(d), "won": int((d.difference > 0).sum()),
-                     "wins": float((d.difference > 0).mean()) if len(d) else math.nan,
-                     "level": level, "ci_low": low, "ci_high": high, "interval_over": over, "resolved": resolved,
-                     "direction": direction, "worse_score": level_of["worse"], "base_score": level_of["base"],
-                     "chance_score": level_of["chance"], "baseline": baseline, "agrees": agrees,
-                     "better": e.better, "worse": e.worse, "sizes": list(e.sizes) if e.sizes else None,
-                     "in_paper": e.in_paper, "note": e.note})
+        rows.append(
+            {
+                "claim": e.what,
+                "pools": ", ".join(e.pools) if e.pools else "all",
+                "source": e.source,
+                "paper": e.paper,
+                "ours": mean,
+                "ours_std": float(per_seed.std(ddof=1)) if per_seed.size >= 2 else math.nan,
+                "seeds": int(per_seed.size),
+                "subsets": len(d),
+                "won": int((d.difference > 0).sum()),
+                "wins": float((d.difference > 0).mean()) if len(d) else math.nan,
+                "level": level,
+                "ci_low": low,
+                "ci_high": high,
+                "interval_over": over,
+                "resolved": resolved,
+                "direction": direction,
+                "worse_score": level_of["worse"],
+                "base_score": level_of["base"],
+                "chance_score": level_of["chance"],
+                "baseline": baseline,
+                "agrees": agrees,
+                "better": e.better,
+                "worse": e.worse,
+                "sizes": list(e.sizes) if e.sizes else None,
+                "in_paper": e.in_paper,
+                "note": e.note,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -505,8 +642,19 @@ def stored_effects(rows: Iterable[Mapping]) -> list[Claim]:
         in_paper = r.get("in_paper", not r["source"].lower().startswith("not "))
         pools = None if r["pools"] == "all" else tuple(p.strip() for p in r["pools"].split(","))
         paper = None if r["paper"] is None or (isinstance(r["paper"], float) and math.isnan(r["paper"])) else r["paper"]
-        out.append(Claim(r["claim"], paper, r["source"], r.get("note", ""), better=r["better"], worse=r["worse"],
-                         pools=pools, sizes=tuple(sizes) if sizes else None, in_paper=bool(in_paper)))
+        out.append(
+            Claim(
+                r["claim"],
+                paper,
+                r["source"],
+                r.get("note", ""),
+                better=r["better"],
+                worse=r["worse"],
+                pools=pools,
+                sizes=tuple(sizes) if sizes else None,
+                in_paper=bool(in_paper),
+            )
+        )
     return out
 
 
@@ -515,8 +663,13 @@ def refresh_effects(results: Mapping, *, level: float = EFFECT_LEVEL) -> list[di
     and task table in its ``results``: for results written before the table had intervals,
     baselines and chance levels. Nothing is merged or evaluated."""
     metric = results["config"].get("metric", "accuracy")
-    table = compare_effects(results["records"], stored_effects(results["effects"]), metric=metric,
-                            chance=sweep.chance_scores(results["tasks"], metric), level=level)
+    table = compare_effects(
+        results["records"],
+        stored_effects(results["effects"]),
+        metric=metric,
+        chance=sweep.chance_scores(results["tasks"], metric),
+        level=level,
+    )
     return table.to_dict("records")
 
 
@@ -524,12 +677,16 @@ def refresh_effects(results: Mapping, *, level: float = EFFECT_LEVEL) -> list[di
 
 
 def _matrix_keys(base: StateDict, include=None, exclude=None) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(t.shape) for k, t in base.items()
-            if t.is_floating_point() and t.ndim >= 2 and matches(k, include, exclude)}
+    return {
+        k: tuple(t.shape)
+        for k, t in base.items()
+        if t.is_floating_point() and t.ndim >= 2 and matches(k, include, exclude)
+    }
 
 
-def star_ranks(base: StateDict, bodies: Mapping[str, StateDict], etas: Sequence[float], *, include=None, exclude=None,
-               device=None) -> list[dict]:
+def star_ranks(
+    base: StateDict, bodies: Mapping[str, StateDict], etas: Sequence[float], *, include=None, exclude=None, device=None
+) -> list[dict]:
     """The rank STAR keeps of every weight matrix of every expert's task vector at each ``eta``:
     one row per (expert, matrix) with ``order`` (position in the state dict), ``rows``, ``cols``
     (conv kernels as ``out x in*kh*kw``), ``nonzero`` (the task vector's numerical rank), and
@@ -545,8 +702,17 @@ def star_ranks(base: StateDict, bodies: Mapping[str, StateDict], etas: Sequence[
             sigma = gram_eigh(taus).singular_values.cpu()
             for key, s in zip(keys, sigma):
                 rows, cols = taus.shape[-2:]
-                out.append({"expert": expert, "key": key, "order": order[key], "rows": int(rows), "cols": int(cols),
-                            "nonzero": int((s > 0).sum()), "kept": [int(kept_rank(s, eta)) for eta in etas]})
+                out.append(
+                    {
+                        "expert": expert,
+                        "key": key,
+                        "order": order[key],
+                        "rows": int(rows),
+                        "cols": int(cols),
+                        "nonzero": int((s > 0).sum()),
+                        "kept": [int(kept_rank(s, eta)) for eta in etas],
+                    }
+                )
     return sorted(out, key=lambda r: (list(bodies).index(r["expert"]), r["order"]))
 
 
@@ -557,21 +723,47 @@ def _deltas(base: StateDict, bodies: Mapping[str, StateDict], key: str, variant:
     return d if variant == "h" else d.mT
 
 
-def drm_profile(base: StateDict, bodies: Mapping[str, StateDict], key: str, *, variant: str = "h",
-                density: float = 0.2, rtol: float = 1e-2, device=None) -> dict:
+def drm_profile(
+    base: StateDict,
+    bodies: Mapping[str, StateDict],
+    key: str,
+    *,
+    variant: str = "h",
+    density: float = 0.2,
+    rtol: float = 1e-2,
+    device=None,
+) -> dict:
     """:func:`lib.merge.drm.row_profile` of one matrix as plain lists (for the results file):
     the joint singular values, each task's row norms ``|v_{t,i}|`` before renormalisation, and the
     fraction of each row that pruning at ``density`` keeps with and without renormalisation."""
     p = drm_method.row_profile(_deltas(base, bodies, key, variant, device), density=density, rtol=rtol)
-    return {"key": key, "variant": variant, "density": density, "tasks": list(bodies),
-            "singular_values": p.singular_values.tolist(), "row_norms": p.row_norms.tolist(),
-            "kept_renorm": p.kept[True].tolist(), "kept_plain": p.kept[False].tolist(),
-            "energy_renorm": p.kept_energy[True].tolist(), "energy_plain": p.kept_energy[False].tolist()}
+    return {
+        "key": key,
+        "variant": variant,
+        "density": density,
+        "tasks": list(bodies),
+        "singular_values": p.singular_values.tolist(),
+        "row_norms": p.row_norms.tolist(),
+        "kept_renorm": p.kept[True].tolist(),
+        "kept_plain": p.kept[False].tolist(),
+        "energy_renorm": p.kept_energy[True].tolist(),
+        "energy_plain": p.kept_energy[False].tolist(),
+    }
 
 
-def drm_pruning_summary(base: StateDict, bodies: Mapping[str, StateDict], *, variant: str = "h", density: float = 0.2,
-                        rtol: float = 1e-2, top: int = 10, zeroed_below: float = 0.01, include=None, exclude=None,
-                        device=None) -> list[dict]:
+def drm_pruning_summary(
+    base: StateDict,
+    bodies: Mapping[str, StateDict],
+    *,
+    variant: str = "h",
+    density: float = 0.2,
+    rtol: float = 1e-2,
+    top: int = 10,
+    zeroed_below: float = 0.01,
+    include=None,
+    exclude=None,
+    device=None,
+) -> list[dict]:
     """For every weight matrix and task: how many of the task's ``top`` largest components (by its
     contribution ``sigma_i |v_{t,i}|``) pruning leaves with less than ``zeroed_below`` of their
     entries -- practically zeroed out -- with and without renormalisation, and the share of the
@@ -594,10 +786,18 @@ def census_summary(census: Iterable[Mapping]) -> pd.DataFrame:
     """Per pool: how many matrices :func:`drm_pruning_summary`'s census (rows with ``pool``)
     followed, and the mean over matrices and tasks of its zeroed top components and kept energy,
     with and without renormalisation."""
-    return pd.DataFrame(list(census)).groupby("pool").agg(
-        matrices=("key", "nunique"), zeroed_top_renorm=("zeroed_top_renorm", "mean"),
-        zeroed_top_plain=("zeroed_top_plain", "mean"), energy_renorm=("energy_renorm", "mean"),
-        energy_plain=("energy_plain", "mean")).reset_index()
+    return (
+        pd.DataFrame(list(census))
+        .groupby("pool")
+        .agg(
+            matrices=("key", "nunique"),
+            zeroed_top_renorm=("zeroed_top_renorm", "mean"),
+            zeroed_top_plain=("zeroed_top_plain", "mean"),
+            energy_renorm=("energy_renorm", "mean"),
+            energy_plain=("energy_plain", "mean"),
+        )
+        .reset_index()
+    )
 
 
 # --- time ----------------------------------------------------------------------------------------
@@ -615,7 +815,11 @@ def models_frame(records: Iterable[Mapping]) -> pd.DataFrame:
     keys = df[cols].astype(object).where(df[cols].notna(), "")  # a base has no subset: a key all the same
     tasks = df.task.groupby([keys[c] for c in cols], sort=False).unique()
     first = ~df.duplicated(cols)
-    return df[first].assign(tasks=[list(tasks[tuple(k)]) for k in keys[first].itertuples(index=False)]).reset_index(drop=True)
+    return (
+        df[first]
+        .assign(tasks=[list(tasks[tuple(k)]) for k in keys[first].itertuples(index=False)])
+        .reset_index(drop=True)
+    )
 
 
 def measured_rates(records: Iterable[Mapping], n_eval: Mapping[str, int]) -> dict:
@@ -627,27 +831,47 @@ def measured_rates(records: Iterable[Mapping], n_eval: Mapping[str, int]) -> dic
     merged = m[~m.method.isin(ALONE)]
     if merged.empty:
         raise ValueError("no merged models in these records to time")
-    merge_rate = {f"{k}/{meth}": float(g.merge_s.sum() / g["size"].sum())
-                  for (k, meth), g in merged.groupby(["kind", "method"], sort=False)}
+    merge_rate = {
+        f"{k}/{meth}": float(g.merge_s.sum() / g["size"].sum())
+        for (k, meth), g in merged.groupby(["kind", "method"], sort=False)
+    }
     fresh = merged[~merged.reused.astype(bool)]
-    eval_rate = {kind: float(g.eval_s.sum() / sum(n_eval[t] for ts in g.tasks for t in ts))
-                 for kind, g in fresh.groupby("kind", sort=False)}
-    return {"merge_s_per_expert": merge_rate, "eval_s_per_example": eval_rate,
-            "merges": len(merged), "fresh_evaluations": len(fresh), "reused_evaluations": len(merged) - len(fresh),
-            "merge_s": float(merged.merge_s.sum()), "eval_s": float(fresh.eval_s.sum()),
-            "prepass_s_per_seed": float(merged.prepass_s.sum()) / max(m.seed.nunique(), 1)}
+    eval_rate = {
+        kind: float(g.eval_s.sum() / sum(n_eval[t] for ts in g.tasks for t in ts))
+        for kind, g in fresh.groupby("kind", sort=False)
+    }
+    return {
+        "merge_s_per_expert": merge_rate,
+        "eval_s_per_example": eval_rate,
+        "merges": len(merged),
+        "fresh_evaluations": len(fresh),
+        "reused_evaluations": len(merged) - len(fresh),
+        "merge_s": float(merged.merge_s.sum()),
+        "eval_s": float(fresh.eval_s.sum()),
+        "prepass_s_per_seed": float(merged.prepass_s.sum()) / max(m.seed.nunique(), 1),
+    }
 
 
-def planned(pool: str, kind: str, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run], *,
-            alone: Sequence[str] = ()) -> list[dict]:
+def planned(
+    pool: str, kind: str, subsets: Sequence[Sequence[str]], runs: Sequence[sweep.Run], *, alone: Sequence[str] = ()
+) -> list[dict]:
     """The merges a grid will make, for :func:`estimate_seconds`; ``alone``: the models scored
     as they are on each subset too (a sweep's ``["expert", "expert", "base"]``)."""
-    return [{"pool": pool, "kind": kind, "tasks": list(s), "method": m} for s in subsets
-            for m in [r.method for r in runs] + list(alone)]
+    return [
+        {"pool": pool, "kind": kind, "tasks": list(s), "method": m}
+        for s in subsets
+        for m in [r.method for r in runs] + list(alone)
+    ]
 
 
-def plan_grid(pools: Mapping[str, Sequence[str]], sizes: Mapping[str, Sequence[int]], *, max_subsets: int,
-              seeds: Sequence[int], runs: Sequence[sweep.Run]) -> tuple[list[dict], list[tuple[str, list[str]]]]:
+def plan_grid(
+    pools: Mapping[str, Sequence[str]],
+    sizes: Mapping[str, Sequence[int]],
+    *,
+    max_subsets: int,
+    seeds: Sequence[int],
+    runs: Sequence[sweep.Run],
+) -> tuple[list[dict], list[tuple[str, list[str]]]]:
     """Everything a notebook's grid merges and scores, without running it: ``(plan, alone)`` for
     :func:`estimate_seconds`, with the subsets :func:`subset_plan` draws for each seed and pool
     (``pools``: name -> tasks; ``sizes``: kind -> subset sizes)."""
@@ -660,8 +884,14 @@ def plan_grid(pools: Mapping[str, Sequence[str]], sizes: Mapping[str, Sequence[i
     return plan, alone
 
 
-def estimate_seconds(rates: Mapping, plan: Sequence[Mapping], n_full: Mapping[str, int],
-                     alone: Sequence[tuple[str, Sequence[str]]] = (), *, seeds: int = 1) -> dict:
+def estimate_seconds(
+    rates: Mapping,
+    plan: Sequence[Mapping],
+    n_full: Mapping[str, int],
+    alone: Sequence[tuple[str, Sequence[str]]] = (),
+    *,
+    seeds: int = 1,
+) -> dict:
     """The one runtime estimate of notebooks 01-06: seconds a grid ``plan`` (:func:`planned`)
     costs at the measured ``rates`` (:func:`measured_rates`): merge time per merged expert (a
     method not measured gets the mean of the measured ones of its kind; none for a model scored
@@ -681,6 +911,11 @@ def estimate_seconds(rates: Mapping, plan: Sequence[Mapping], n_full: Mapping[st
         eval_s += eval_rate[kind] * sum(n_full[t] for t in item["tasks"])
     alone_s = sum(2 * eval_rate[kind] * n_full[t] for kind, tasks in alone for t in tasks)
     prepass_s = seeds * rates.get("prepass_s_per_seed", 0.0)
-    return {"merges": sum(i["method"] not in ALONE for i in plan), "task_evaluations": int(sum(len(i["tasks"]) for i in plan)),
-            "merge_s": merge_s, "eval_s": eval_s + alone_s, "prepass_s": prepass_s,
-            "total_s": merge_s + eval_s + alone_s + prepass_s}
+    return {
+        "merges": sum(i["method"] not in ALONE for i in plan),
+        "task_evaluations": int(sum(len(i["tasks"]) for i in plan)),
+        "merge_s": merge_s,
+        "eval_s": eval_s + alone_s,
+        "prepass_s": prepass_s,
+        "total_s": merge_s + eval_s + alone_s + prepass_s,
+    }

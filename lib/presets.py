@@ -63,8 +63,10 @@ def parameters(notebook: str, name: str | None = None) -> dict[str, Any]:
     if name is None:
         return {}
     if notebook not in PRESETS[name]:
-        raise ValueError(f"preset {name!r} is defined for {sorted(PRESETS[name])}, not for {notebook!r}: "
-                         f"unset PRESET to run {notebook} with its own parameters")
+        raise ValueError(
+            f"preset {name!r} is defined for {sorted(PRESETS[name])}, not for {notebook!r}: "
+            f"unset PRESET to run {notebook} with its own parameters"
+        )
     return {key: (list(value) if isinstance(value, list) else value) for key, value in PRESETS[name][notebook].items()}
 
 
@@ -93,13 +95,20 @@ def estimate_seconds(notebook: str, name: str = "lab", published: dict | None = 
         rows = [e for e in published["experts"] if e["task"] == task and e.get("steps")]
         per_step = statistics.median(e["train_s"] / e["steps"] for e in rows)
         recipe = expert_cache.RECIPES[task]
-        recipe_kw = {**{"epochs": recipe.epochs, "batch_size": recipe.batch_size,
-                        "max_train_examples": recipe.max_train_examples}, **expert_kw(task, name)}
+        recipe_kw = {
+            **{
+                "epochs": recipe.epochs,
+                "batch_size": recipe.batch_size,
+                "max_train_examples": recipe.max_train_examples,
+            },
+            **expert_kw(task, name),
+        }
         n_train = min(rows[0]["train_examples"], recipe_kw["max_train_examples"] or math.inf)
         steps = math.ceil(n_train * recipe_kw["epochs"] / recipe_kw["batch_size"])
         out[f"train_{task}_s"] = per_step * steps
-    runs = sweep.snr_runs(params["STRATEGIES"], params["SNR_METHODS"], params["TOPS"]) + \
-        sweep.reference_runs(params["REFERENCES"])
+    runs = sweep.snr_runs(params["STRATEGIES"], params["SNR_METHODS"], params["TOPS"]) + sweep.reference_runs(
+        params["REFERENCES"]
+    )
     wanted = {run.label() for run in runs} | {"base:base"} | {f"expert:{t}" for t in published["config"]["tasks"]}
     seed = published["config"]["seeds"][0]
     seen, sweep_s = set(), 0.0
@@ -109,7 +118,9 @@ def estimate_seconds(notebook: str, name: str = "lab", published: dict | None = 
             sweep_s += rec["prepass_s"] + rec["merge_s"] + rec["eval_s"]
     missing = wanted - seen
     if missing:
-        raise ValueError(f"results/{notebook}.json has no seed-{seed} record of {sorted(missing)}: cannot price the preset")
+        raise ValueError(
+            f"results/{notebook}.json has no seed-{seed} record of {sorted(missing)}: cannot price the preset"
+        )
     out["sweep_s"] = sweep_s
     out["total_s"] = sum(out.values())
     return out

@@ -24,8 +24,15 @@ from . import paths
 RESULTS_MARKERS = ("<!-- results:begin -->", "<!-- results:end -->")
 RUNTIMES_MARKERS = ("<!-- runtimes:begin -->", "<!-- runtimes:end -->")
 #: notebooks whose results the tables read, in README order
-NOTEBOOKS = ("00_marchenko_pastur", "01_resnet_fashion_kmnist", "02_text_sst2_emotion", "03_text_sst2_cola", "04_star",
-             "05_drm", "06_mergeability")
+NOTEBOOKS = (
+    "00_marchenko_pastur",
+    "01_resnet_fashion_kmnist",
+    "02_text_sst2_emotion",
+    "03_text_sst2_cola",
+    "04_star",
+    "05_drm",
+    "06_mergeability",
+)
 #: the notebooks of the report's three experiments (paper 000)
 SWEEP_NOTEBOOKS = ("01_resnet_fashion_kmnist", "02_text_sst2_emotion", "03_text_sst2_cola")
 
@@ -99,41 +106,92 @@ def experts_section(r: Mapping) -> str:
         task, variant = name.split("/")
         metrics = [k for k, v in entry.items() if isinstance(v, dict) and "mean" in v and k != "train_s"]
         target = entry.get("target")
-        rows.append({"task": task, "variant": variant, "seeds": len(entry["seeds"]),
-                     "scores": "; ".join(f"{m} {pm(entry[m]['mean'], entry[m]['std'])}" for m in metrics),
-                     "target": f"{target['metric']} ≥ {target['minimum']}: {'met' if target['met'] else '**not met**'}"
-                     if target else "report only", "published": PUBLISHED_SMALL_BERT.get(task, ""),
-                     "train": clock(entry["train_s"]["mean"])})
-    text = ("**Experts** (`make experts`, `results/experts.json`): each task's own evaluation split, whole; "
-            "mean ± sample std over seeds; train time per expert on the two-core CPU (wall clock, mean). "
-            "Published small BERTs: GLUE test-server scores of BERT-Small / BERT-Medium (4 and 8 layers, "
-            "512 wide; Turc et al. 2019); ours are on the validation sets.\n\n")
-    text += table(rows, {"task": "task", "variant": "start", "seeds": "seeds", "scores": "score", "target": "target",
-                         "published": "published small BERTs", "train": "train time"})
+        rows.append(
+            {
+                "task": task,
+                "variant": variant,
+                "seeds": len(entry["seeds"]),
+                "scores": "; ".join(f"{m} {pm(entry[m]['mean'], entry[m]['std'])}" for m in metrics),
+                "target": f"{target['metric']} ≥ {target['minimum']}: {'met' if target['met'] else '**not met**'}"
+                if target
+                else "report only",
+                "published": PUBLISHED_SMALL_BERT.get(task, ""),
+                "train": clock(entry["train_s"]["mean"]),
+            }
+        )
+    text = (
+        "**Experts** (`make experts`, `results/experts.json`): each task's own evaluation split, whole; "
+        "mean ± sample std over seeds; train time per expert on the two-core CPU (wall clock, mean). "
+        "Published small BERTs: GLUE test-server scores of BERT-Small / BERT-Medium (4 and 8 layers, "
+        "512 wide; Turc et al. 2019); ours are on the validation sets.\n\n"
+    )
+    text += table(
+        rows,
+        {
+            "task": "task",
+            "variant": "start",
+            "seeds": "seeds",
+            "scores": "score",
+            "target": "target",
+            "published": "published small BERTs",
+            "train": "train time",
+        },
+    )
     merge = r.get("mergeability") or []
     if merge:
         df = pd.DataFrame(merge)
         g = df.groupby(["variant", "task"])[["expert", "average", "average_bn_reestimated"]].agg(["mean", "std"])
-        rows = [{"variant": v, "task": t, **{c: pm(g.loc[(v, t), (c, "mean")], g.loc[(v, t), (c, "std")])
-                                             for c in ("expert", "average", "average_bn_reestimated")}}
-                for v, t in g.index]
-        text += ("\n\nHow mergeable the vision experts are by starting point: the average of the Fashion-MNIST and "
-                 "KMNIST bodies, scored under each task's own head (accuracy, mean ± sample std over seeds).\n\n")
-        text += table(rows, {"variant": "start", "task": "task", "expert": "expert alone", "average": "average",
-                             "average_bn_reestimated": "average, BatchNorm re-estimated"})
+        rows = [
+            {
+                "variant": v,
+                "task": t,
+                **{
+                    c: pm(g.loc[(v, t), (c, "mean")], g.loc[(v, t), (c, "std")])
+                    for c in ("expert", "average", "average_bn_reestimated")
+                },
+            }
+            for v, t in g.index
+        ]
+        text += (
+            "\n\nHow mergeable the vision experts are by starting point: the average of the Fashion-MNIST and "
+            "KMNIST bodies, scored under each task's own head (accuracy, mean ± sample std over seeds).\n\n"
+        )
+        text += table(
+            rows,
+            {
+                "variant": "start",
+                "task": "task",
+                "expert": "expert alone",
+                "average": "average",
+                "average_bn_reestimated": "average, BatchNorm re-estimated",
+            },
+        )
     return text
 
 
 def shape_bias_section(r: Mapping) -> str:
     rows = []
     for entry in r["shape_bias"]:
-        rows.append({"shape": "×".join(map(str, entry["shape"])),
-                     **{m: fmt(pd.Series(entry[f"snr_{m}"]).mean(), 3) for m in ("mp", "seed", "max_median")}})
-    return ("**Notebook 00, pure Gaussian noise** (no signal at all; mean over "
-            f"{r['config']['bias_draws']} draws): the SNR each definition reports. Ours (`mp`) is 0 for every "
-            "shape; the report's definitions depend on the shape.\n\n"
-            + table(rows, {"shape": "shape", "mp": "ours (`mp`)", "seed": "report, text (`seed`)",
-                           "max_median": "report, ResNet (`max_median`)"}))
+        rows.append(
+            {
+                "shape": "×".join(map(str, entry["shape"])),
+                **{m: fmt(pd.Series(entry[f"snr_{m}"]).mean(), 3) for m in ("mp", "seed", "max_median")},
+            }
+        )
+    return (
+        "**Notebook 00, pure Gaussian noise** (no signal at all; mean over "
+        f"{r['config']['bias_draws']} draws): the SNR each definition reports. Ours (`mp`) is 0 for every "
+        "shape; the report's definitions depend on the shape.\n\n"
+        + table(
+            rows,
+            {
+                "shape": "shape",
+                "mp": "ours (`mp`)",
+                "seed": "report, text (`seed`)",
+                "max_median": "report, ResNet (`max_median`)",
+            },
+        )
+    )
 
 
 def report_section(results: Mapping[str, Mapping]) -> str:
@@ -144,15 +202,25 @@ def report_section(results: Mapping[str, Mapping]) -> str:
             continue
         r = results[nb]
         for c in r["comparison"]:
-            rows.append({"nb": nb[:2], "what": c["what"], "report": fmt(c["report"]),
-                         "ours": pm(c["ours_mean"], c["ours_std"], c["seeds"]), "run": f"`{c['run']}`",
-                         "note": c.get("note", "")})
+            rows.append(
+                {
+                    "nb": nb[:2],
+                    "what": c["what"],
+                    "report": fmt(c["report"]),
+                    "ours": pm(c["ours_mean"], c["ours_std"], c["seeds"]),
+                    "run": f"`{c['run']}`",
+                    "note": c.get("note", ""),
+                }
+            )
     if not rows:
         return ""
-    text = ("**The report (paper 000, section 4) beside ours.** The report scored 200 examples; ours are whole "
-            "evaluation splits (sizes below), mean ± sample std (seeds).\n\n")
-    text += table(rows, {"nb": "nb", "what": "claim", "report": "report", "ours": "ours", "run": "our run",
-                         "note": "note"})
+    text = (
+        "**The report (paper 000, section 4) beside ours.** The report scored 200 examples; ours are whole "
+        "evaluation splits (sizes below), mean ± sample std (seeds).\n\n"
+    )
+    text += table(
+        rows, {"nb": "nb", "what": "claim", "report": "report", "ours": "ours", "run": "our run", "note": "note"}
+    )
     for nb in SWEEP_NOTEBOOKS:
         if nb in results:
             text += "\n\n" + merges_table(nb, results[nb])
@@ -178,27 +246,58 @@ def merges_table(nb: str, r: Mapping) -> str:
     std = s.pivot_table(index="run", columns="task", values="std", aggfunc="first")[tasks]
     first = s.drop_duplicates("run").set_index("run")
     own = {t: wide.loc[f"expert:{t}", t] for t in tasks}
-    wide["worst"] = pd.concat([pd.Series(sweep.chance_corrected(wide[t], own[t], chance[t]), index=wide.index)
-                               for t in tasks], axis=1).min(axis=1)
+    wide["worst"] = pd.concat(
+        [pd.Series(sweep.chance_corrected(wide[t], own[t], chance[t]), index=wide.index) for t in tasks], axis=1
+    ).min(axis=1)
     merged = wide[first.loc[wide.index, "model"] == "merged"]
     snr_method = first.loc[merged.index, "snr_method"]
     families = [("Standard merge", merged.index == "average()")]
     families += [(f"best SNR merge, `{m}`", (snr_method == m).to_numpy()) for m in r["config"]["snr_methods"]]
     families.append(("best other method", snr_method.isna().to_numpy() & (merged.index != "average()")))
     picked = [(label, merged[mask]["worst"].idxmax()) for label, mask in families if mask.any()]
-    picked += [("expert alone" if run.startswith("expert") else "base", run)
-               for run in [f"expert:{t}" for t in tasks] + ["base:base"] if run in wide.index]
-    rows = [{"merge": label, "run": f"`{run}`", **{t: pm(wide.loc[run, t], std.loc[run, t]) for t in tasks},
-             "worst": fmt(wide.loc[run, "worst"])} for label, run in picked]
-    rows.append({"merge": "chance", "run": "always the most common label", **{t: fmt(chance[t]) for t in tasks},
-                 "worst": fmt(0.0)})
+    picked += [
+        ("expert alone" if run.startswith("expert") else "base", run)
+        for run in [f"expert:{t}" for t in tasks] + ["base:base"]
+        if run in wide.index
+    ]
+    rows = [
+        {
+            "merge": label,
+            "run": f"`{run}`",
+            **{t: pm(wide.loc[run, t], std.loc[run, t]) for t in tasks},
+            "worst": fmt(wide.loc[run, "worst"]),
+        }
+        for label, run in picked
+    ]
+    rows.append(
+        {
+            "merge": "chance",
+            "run": "always the most common label",
+            **{t: fmt(chance[t]) for t in tasks},
+            "worst": fmt(0.0),
+        }
+    )
     seeds = len(r["config"]["seeds"])
-    head = (f"**Notebook {nb}**: the best merge of each family for *both* tasks, picked by its worst task, "
-            "chance-corrected: (score − chance) / (its expert − chance), 0 for guessing and 1 for the expert (an "
-            f"optimistic pick from the grid); mean ± sample std over {seeds} seeds; evaluation sets: "
-            + ", ".join(f"{t} {r['tasks'][t]['split']} ({r['tasks'][t]['n_eval']:,})" for t in tasks) + ".")
-    return head + "\n\n" + table(rows, {"merge": "merge", "run": "run", **{t: f"{t} {metrics[t]}" for t in tasks},
-                                          "worst": "worst task, chance-corrected"})
+    head = (
+        f"**Notebook {nb}**: the best merge of each family for *both* tasks, picked by its worst task, "
+        "chance-corrected: (score − chance) / (its expert − chance), 0 for guessing and 1 for the expert (an "
+        f"optimistic pick from the grid); mean ± sample std over {seeds} seeds; evaluation sets: "
+        + ", ".join(f"{t} {r['tasks'][t]['split']} ({r['tasks'][t]['n_eval']:,})" for t in tasks)
+        + "."
+    )
+    return (
+        head
+        + "\n\n"
+        + table(
+            rows,
+            {
+                "merge": "merge",
+                "run": "run",
+                **{t: f"{t} {metrics[t]}" for t in tasks},
+                "worst": "worst task, chance-corrected",
+            },
+        )
+    )
 
 
 def effects_section(r: Mapping, title: str) -> str:
@@ -210,29 +309,54 @@ def effects_section(r: Mapping, title: str) -> str:
         raise ValueError("these effects have no intervals: measure them again with lib.pool.refresh_effects")
     sources = list(dict.fromkeys(e["source"] for e in effects))
     level = effects[0]["level"]
-    rows = [{"claim": e["claim"], "pool": e.get("pools", ""), "source": f"[{sources.index(e['source']) + 1}]",
-             "paper": fmt(e["paper"], 1), "ours": pm(e["ours"], e["ours_std"], None, 1),
-             "interval": f"[{fmt(e['ci_low'], 1)}, {fmt(e['ci_high'], 1)}]", "wins": f"{e['won']}/{e['subsets']}",
-             "levels": " / ".join(fmt(e[k], 1) for k in ("worse_score", "base_score", "chance_score")),
-             "baseline": f"**{e['baseline']}**" if e["baseline"] else "", "agrees": e["agrees"], "note": e["note"]}
-            for e in effects]
+    rows = [
+        {
+            "claim": e["claim"],
+            "pool": e.get("pools", ""),
+            "source": f"[{sources.index(e['source']) + 1}]",
+            "paper": fmt(e["paper"], 1),
+            "ours": pm(e["ours"], e["ours_std"], None, 1),
+            "interval": f"[{fmt(e['ci_low'], 1)}, {fmt(e['ci_high'], 1)}]",
+            "wins": f"{e['won']}/{e['subsets']}",
+            "levels": " / ".join(fmt(e[k], 1) for k in ("worse_score", "base_score", "chance_score")),
+            "baseline": f"**{e['baseline']}**" if e["baseline"] else "",
+            "agrees": e["agrees"],
+            "note": e["note"],
+        }
+        for e in effects
+    ]
     from .pool import CHANCE_MARGIN
 
     seeds = "/".join(map(str, sorted({e["seeds"] for e in effects})))
     per_size = r["config"]["max_subsets"]
     one = ", so 3/3 at one size is three subsets, one per seed" if per_size == 1 else ""
-    text = (f"**{title}** Effects in points of normalized accuracy (ours: mean ± sample std over {seeds} seeds of the "
-            f"mean over each seed's subsets; the paper's in points of its metric), with a paired Student-t {level:.0%} "
-            f"interval over seeds. `wins`: merged subsets where the claim held, of all measured (at most {per_size} "
-            f"subset{'s' * (per_size > 1)} per size and seed{one}). `worse / base / chance`: the normalized score of "
-            "the baseline, of the pre-trained body under the experts' heads, and of always answering the most common "
-            f"label. A baseline within {CHANCE_MARGIN:g} points of chance, or below the base, is flagged: beating it "
-            "shows that the baseline failed, so it does not count as agreeing with the paper. `agrees`: yes (the "
-            "paper's sign, interval clear of 0, a working baseline), no (the opposite sign, clear of 0), unresolved "
-            "(the interval holds 0), not counted (a flagged baseline), – (a comparison the paper does not make).\n\n")
-    text += table(rows, {"claim": "claim", "pool": "pool", "source": "source", "paper": "paper", "ours": "ours",
-                         "interval": f"{level:.0%} interval", "wins": "wins", "levels": "worse / base / chance",
-                         "baseline": "baseline", "agrees": "agrees", "note": "note"})
+    text = (
+        f"**{title}** Effects in points of normalized accuracy (ours: mean ± sample std over {seeds} seeds of the "
+        f"mean over each seed's subsets; the paper's in points of its metric), with a paired Student-t {level:.0%} "
+        f"interval over seeds. `wins`: merged subsets where the claim held, of all measured (at most {per_size} "
+        f"subset{'s' * (per_size > 1)} per size and seed{one}). `worse / base / chance`: the normalized score of "
+        "the baseline, of the pre-trained body under the experts' heads, and of always answering the most common "
+        f"label. A baseline within {CHANCE_MARGIN:g} points of chance, or below the base, is flagged: beating it "
+        "shows that the baseline failed, so it does not count as agreeing with the paper. `agrees`: yes (the "
+        "paper's sign, interval clear of 0, a working baseline), no (the opposite sign, clear of 0), unresolved "
+        "(the interval holds 0), not counted (a flagged baseline), – (a comparison the paper does not make).\n\n"
+    )
+    text += table(
+        rows,
+        {
+            "claim": "claim",
+            "pool": "pool",
+            "source": "source",
+            "paper": "paper",
+            "ours": "ours",
+            "interval": f"{level:.0%} interval",
+            "wins": "wins",
+            "levels": "worse / base / chance",
+            "baseline": "baseline",
+            "agrees": "agrees",
+            "note": "note",
+        },
+    )
     return text + "\n\nSources: " + "; ".join(f"[{i}] {src}" for i, src in enumerate(sources, 1)) + "."
 
 
@@ -241,13 +365,21 @@ def mergeability_section(r: Mapping) -> str:
 
     rows = []
     for method, f in r["fits"].items():
-        chosen = sorted(((abs(c), name, c) for name, c in zip(f["features"], f["coefficients"]) if c != 0), reverse=True)
+        chosen = sorted(
+            ((abs(c), name, c) for name, c in zip(f["features"], f["coefficients"]) if c != 0), reverse=True
+        )
         n_perm = f.get("permutations", r["config"]["permutations"])
-        rows.append({"method": method, "pairs": len(f["pairs"]), "r2": fmt(f["r2"], 2),
-                     "interval": f"[{fmt(f['r2_interval'][0], 2)}, {fmt(f['r2_interval'][1], 2)}]",
-                     "p": p_text({"permutations": n_perm, **f}),
-                     "perms": f"{n_perm:,}",
-                     "features": ", ".join(f"{n} ({c:+.3f})" for _, n, c in chosen[:3]) or "none"})
+        rows.append(
+            {
+                "method": method,
+                "pairs": len(f["pairs"]),
+                "r2": fmt(f["r2"], 2),
+                "interval": f"[{fmt(f['r2_interval'][0], 2)}, {fmt(f['r2_interval'][1], 2)}]",
+                "p": p_text({"permutations": n_perm, **f}),
+                "perms": f"{n_perm:,}",
+                "features": ", ".join(f"{n} ({c:+.3f})" for _, n, c in chosen[:3]) or "none",
+            }
+        )
     levels = {f.get("interval_level", INTERVAL_LEVEL) for f in r["fits"].values()}
     if len(levels) != 1:
         raise ValueError(f"the fits' bootstrap intervals have different levels {sorted(levels)}: refit them alike")
@@ -259,23 +391,41 @@ def mergeability_section(r: Mapping) -> str:
     flat = flat_properties(r["properties"], features)
     note = ""
     if flat:
-        note = ("\n\nThe same for every pair, so they cannot predict anything here: " + ", ".join(
-            f"`{f}` ({fmt(lo)}–{fmt(hi)} over the {len(r['properties'])} pairs)" for f, (lo, hi) in flat.items())
-            + ".")
+        note = (
+            "\n\nThe same for every pair, so they cannot predict anything here: "
+            + ", ".join(
+                f"`{f}` ({fmt(lo)}–{fmt(hi)} over the {len(r['properties'])} pairs)" for f, (lo, hi) in flat.items()
+            )
+            + "."
+        )
         if set(flat) <= {"snr_rank_corr", "snr_agreement"}:
-            note += (" These are the experts' own per-matrix SNRs, which the SNR merges of notebooks 01–03 route by: "
-                     "each expert's SNRs are those of the pre-trained matrices it started from, so every pair ranks its "
-                     "matrices alike and splits them alike. The task vectors' SNRs (`tv_snr_rank_corr`) are where the "
-                     "fine-tunings differ.")
-    return ("**Notebook 06, predicting mergeability** (one Lasso per method over the text-expert pairs of one seed of "
-            f"experts, seed {seed}; leave-one-pair-out R² with a bootstrap {level} interval over pairs and a "
-            "permutation p-value, the share of shuffled-target refits of the whole pipeline doing as well (up to the "
-            f"permutations shown{stopping}), marked ≤ where none did, as 1 / (permutations + 1) is then the smallest "
-            "p they can show; the largest coefficients of the fit on all pairs, per standard deviation of the "
-            "property).\n\n"
-            + table(rows, {"method": "method", "pairs": "pairs", "r2": "LOO R²", "interval": f"{level} interval",
-                           "p": "permutation p", "perms": "permutations", "features": "largest coefficients"})
-            + note)
+            note += (
+                " These are the experts' own per-matrix SNRs, which the SNR merges of notebooks 01–03 route by: "
+                "each expert's SNRs are those of the pre-trained matrices it started from, so every pair ranks its "
+                "matrices alike and splits them alike. The task vectors' SNRs (`tv_snr_rank_corr`) are where the "
+                "fine-tunings differ."
+            )
+    return (
+        "**Notebook 06, predicting mergeability** (one Lasso per method over the text-expert pairs of one seed of "
+        f"experts, seed {seed}; leave-one-pair-out R² with a bootstrap {level} interval over pairs and a "
+        "permutation p-value, the share of shuffled-target refits of the whole pipeline doing as well (up to the "
+        f"permutations shown{stopping}), marked ≤ where none did, as 1 / (permutations + 1) is then the smallest "
+        "p they can show; the largest coefficients of the fit on all pairs, per standard deviation of the "
+        "property).\n\n"
+        + table(
+            rows,
+            {
+                "method": "method",
+                "pairs": "pairs",
+                "r2": "LOO R²",
+                "interval": f"{level} interval",
+                "p": "permutation p",
+                "perms": "permutations",
+                "features": "largest coefficients",
+            },
+        )
+        + note
+    )
 
 
 SECTIONS: list[tuple[tuple[str, ...], Callable[..., str]]] = [
@@ -314,25 +464,42 @@ def runtimes_markdown(results: Mapping[str, Mapping]) -> str:
     if "experts" in results:
         rs = results["experts"]["experts"]
         seconds = sum(e["runtime"]["train_s"] + e["runtime"]["eval_s"] for e in rs)
-        rows.append({"job": "`make experts`", "what": f"{len(rs)} experts trained and evaluated", "seconds": seconds,
-                     "time": clock(seconds), "note": "sum of the experts' own wall times"})
+        rows.append(
+            {
+                "job": "`make experts`",
+                "what": f"{len(rs)} experts trained and evaluated",
+                "seconds": seconds,
+                "time": clock(seconds),
+                "note": "sum of the experts' own wall times",
+            }
+        )
     for nb in NOTEBOOKS:
         if nb in results:
             r = results[nb]
             seeds = r["config"].get("seeds") or [r["config"].get("seed")]
             trained = sum(not e.get("from_cache", True) for e in r.get("experts", []) if isinstance(e, Mapping))
-            rows.append({"job": f"notebook {nb}",
-                         "what": f"{'SMOKE' if r.get('smoke') else 'full mode'}, seed{'s' * (len(seeds) > 1)} "
-                                 f"{', '.join(map(str, seeds))}",
-                         "seconds": total_seconds(r) or 0.0, "time": clock(total_seconds(r)),
-                         "note": f"{trained} experts trained in the run" if trained else "experts from the cache"
-                         if r.get("experts") else ""})
+            rows.append(
+                {
+                    "job": f"notebook {nb}",
+                    "what": f"{'SMOKE' if r.get('smoke') else 'full mode'}, seed{'s' * (len(seeds) > 1)} "
+                    f"{', '.join(map(str, seeds))}",
+                    "seconds": total_seconds(r) or 0.0,
+                    "time": clock(total_seconds(r)),
+                    "note": f"{trained} experts trained in the run"
+                    if trained
+                    else "experts from the cache"
+                    if r.get("experts")
+                    else "",
+                }
+            )
     if not rows:
         return ""
     total = sum(r["seconds"] for r in rows)
     rows.append({"job": "**total**", "what": "`make reproduce`, what is measured above", "time": clock(total)})
-    text = ("Measured on the project's two-core CPU (no GPU); wall times, so they grow while other work shares "
-            "the machine.\n\n" + table(rows, {"job": "job", "what": "what", "time": "time", "note": "note"}))
+    text = (
+        "Measured on the project's two-core CPU (no GPU); wall times, so they grow while other work shares "
+        "the machine.\n\n" + table(rows, {"job": "job", "what": "what", "time": "time", "note": "note"})
+    )
     plan = cluster_markdown(results)
     return text + ("\n\n" + plan if plan else "")
 
@@ -348,28 +515,42 @@ def cluster_markdown(results: Mapping[str, Mapping]) -> str:
     rows = []
     for row in cluster_plan(ran, total_seconds):
         name = "**all** (`make reproduce`, experts cached)" if row["notebook"] == "all" else row["notebook"]
-        rows.append({"notebook": name, "records": str(row["records"]), "serial": clock(row["serial_s"]),
-                     "longest": clock(row["longest_s"]),
-                     **{f"w{w}": clock(row["wall_s"][w]) for w in PLAN_WORKERS}})
-    columns = {"notebook": "notebook", "records": "models merged or scored", "serial": "serial part",
-               "longest": "longest record", **{f"w{w}": f"{w} worker{'s' * (w > 1)}" for w in PLAN_WORKERS}}
-    return ("**Planning a cluster run** (`lib.runner.cluster_plan`): the expected wall time of each full grid "
-            "when `lib.runner.run_grid` spreads its records over workers as fast as this machine, computed from "
-            "the per-record seconds (merge + evaluation) in each results file. A model an earlier notebook "
-            "computed counts once (the record store shares it); the serial part is a notebook's run time less "
-            "its own records (loading experts, spectra, diagnostics, 06's fits, tables); no plan goes below the "
-            "longest single record. Left out: training missing experts (`make experts`, above; done first, in "
-            "the runner's process) and each worker's start (about 10 s: torch import and loading its pool, "
-            "`benchmarks/grid.py`). Every notebook and `make reproduce` run their grid through `run_grid`; "
-            "`EXECUTOR=processes:N`, `dask:ADDRESS` or `slurm` is what these times plan for.\n\n"
-            + table(rows, columns))
+        rows.append(
+            {
+                "notebook": name,
+                "records": str(row["records"]),
+                "serial": clock(row["serial_s"]),
+                "longest": clock(row["longest_s"]),
+                **{f"w{w}": clock(row["wall_s"][w]) for w in PLAN_WORKERS},
+            }
+        )
+    columns = {
+        "notebook": "notebook",
+        "records": "models merged or scored",
+        "serial": "serial part",
+        "longest": "longest record",
+        **{f"w{w}": f"{w} worker{'s' * (w > 1)}" for w in PLAN_WORKERS},
+    }
+    return (
+        "**Planning a cluster run** (`lib.runner.cluster_plan`): the expected wall time of each full grid "
+        "when `lib.runner.run_grid` spreads its records over workers as fast as this machine, computed from "
+        "the per-record seconds (merge + evaluation) in each results file. A model an earlier notebook "
+        "computed counts once (the record store shares it); the serial part is a notebook's run time less "
+        "its own records (loading experts, spectra, diagnostics, 06's fits, tables); no plan goes below the "
+        "longest single record. Left out: training missing experts (`make experts`, above; done first, in "
+        "the runner's process) and each worker's start (about 10 s: torch import and loading its pool, "
+        "`benchmarks/grid.py`). Every notebook and `make reproduce` run their grid through `run_grid`; "
+        "`EXECUTOR=processes:N`, `dask:ADDRESS` or `slurm` is what these times plan for.\n\n" + table(rows, columns)
+    )
 
 
 def figure_files(figures_dir: Path | None = None) -> list[str]:
     """The published figures, as paths relative to the repository root."""
     folder = Path(figures_dir) if figures_dir is not None else paths.figures_dir(False)
-    return [p.relative_to(paths.ROOT).as_posix() if p.is_relative_to(paths.ROOT) else p.as_posix()
-            for p in sorted(folder.glob("*.png"))]
+    return [
+        p.relative_to(paths.ROOT).as_posix() if p.is_relative_to(paths.ROOT) else p.as_posix()
+        for p in sorted(folder.glob("*.png"))
+    ]
 
 
 def figures_markdown(figures) -> str:

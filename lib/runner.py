@@ -93,8 +93,10 @@ class CachedExperts:
     @staticmethod
     def _configs(spec: Mapping) -> dict[str, dict]:
         kw = expert_kw(spec)
-        out = {t: expert_cache.expert_config(t, seed=spec["seed"], variant=spec["variant"], smoke=spec["smoke"], **kw)
-               for t in spec["tasks"]}
+        out = {
+            t: expert_cache.expert_config(t, seed=spec["seed"], variant=spec["variant"], smoke=spec["smoke"], **kw)
+            for t in spec["tasks"]
+        }
         if spec["variant"] == "mnist_base":  # the base is the MNIST expert
             out.setdefault("mnist (base)", expert_cache.expert_config("mnist", seed=spec["seed"], smoke=spec["smoke"]))
         return out
@@ -106,16 +108,24 @@ class CachedExperts:
     @staticmethod
     def evaluation(spec: Mapping) -> dict:
         kind = pool.kind_of(spec["tasks"])
-        return {"split": {t: data.get_task(t).eval_split for t in spec["tasks"]},
-                "examples": expert_cache.SMOKE_EVAL[kind] if spec["smoke"] else "all",
-                "head": "each task's own expert"}
+        return {
+            "split": {t: data.get_task(t).eval_split for t in spec["tasks"]},
+            "examples": expert_cache.SMOKE_EVAL[kind] if spec["smoke"] else "all",
+            "head": "each task's own expert",
+        }
 
     @staticmethod
     def prepare(spec: Mapping, *, progress: bool = True) -> None:
         for config in CachedExperts._configs(spec).values():
             if not expert_cache.is_cached(config):
-                train.fit_expert(config["task"], seed=spec["seed"], variant=config["variant"], smoke=spec["smoke"],
-                                 progress=progress, **(expert_kw(spec) if config["task"] in spec["tasks"] else {}))
+                train.fit_expert(
+                    config["task"],
+                    seed=spec["seed"],
+                    variant=config["variant"],
+                    smoke=spec["smoke"],
+                    progress=progress,
+                    **(expert_kw(spec) if config["task"] in spec["tasks"] else {}),
+                )
 
     @staticmethod
     def build(spec: Mapping) -> pool.Pool:
@@ -124,11 +134,18 @@ class CachedExperts:
                 raise FileNotFoundError(
                     f"expert {name} (seed {spec['seed']}, {config['variant']}, {'SMOKE' if spec['smoke'] else 'full'}"
                     f" mode) is not in the cache: {expert_cache.expert_path(expert_cache.config_key(config))} is missing; train it "
-                    "with `make experts` (or let run_grid train it before the workers start)")
+                    "with `make experts` (or let run_grid train it before the workers start)"
+                )
         from .lora_pool import build_pool  # lib.pool.build_pool when the spec has no expert_kw
 
-        return build_pool(spec["tasks"], seed=spec["seed"], smoke=spec["smoke"], variant=spec["variant"],
-                          name=spec["name"], expert_kw=expert_kw(spec))
+        return build_pool(
+            spec["tasks"],
+            seed=spec["seed"],
+            smoke=spec["smoke"],
+            variant=spec["variant"],
+            name=spec["name"],
+            expert_kw=expert_kw(spec),
+        )
 
 
 class CachedSweep:
@@ -138,8 +155,11 @@ class CachedSweep:
     setup (``"report_head"``: the first expert whole, the second's body under a fresh, untrained
     head of the first task, scored on the first task and on collapsed Emotion labels)."""
 
-    SETUPS = {"whole": "each task under its merged head", "bodies": "each task's own expert's head",
-              "report_head": "one shared head of the first task; Emotion collapsed to sadness vs rest"}
+    SETUPS = {
+        "whole": "each task under its merged head",
+        "bodies": "each task's own expert's head",
+        "report_head": "one shared head of the first task; Emotion collapsed to sadness vs rest",
+    }
 
     _configs = CachedExperts._configs  # the tasks' experts and, for mnist_base, the MNIST expert as base
     experts = CachedExperts.experts
@@ -149,8 +169,11 @@ class CachedSweep:
         if spec["setup"] not in CachedSweep.SETUPS:
             raise ValueError(f"unknown sweep setup {spec['setup']!r}; expected one of {sorted(CachedSweep.SETUPS)}")
         kind = pool.kind_of(spec["tasks"])
-        return {"split": {t: data.get_task(t).eval_split for t in spec["tasks"]},
-                "examples": expert_cache.SMOKE_EVAL[kind] if spec["smoke"] else "all", "head": CachedSweep.SETUPS[spec["setup"]]}
+        return {
+            "split": {t: data.get_task(t).eval_split for t in spec["tasks"]},
+            "examples": expert_cache.SMOKE_EVAL[kind] if spec["smoke"] else "all",
+            "head": CachedSweep.SETUPS[spec["setup"]],
+        }
 
     prepare = CachedExperts.prepare
 
@@ -159,13 +182,19 @@ class CachedSweep:
         seed, smoke, variant, tasks = spec["seed"], spec["smoke"], spec["variant"], spec["tasks"]
         for task, config in CachedExperts._configs(spec).items():
             if not expert_cache.is_cached(config):
-                raise FileNotFoundError(f"expert {task} (seed {seed}, {variant}, {'SMOKE' if smoke else 'full'} mode) is "
-                                        f"not in the cache: {expert_cache.expert_path(expert_cache.config_key(config))} is missing; "
-                                        "train it with `make experts` (or let run_grid train it first)")
-        trained = {t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=False, **expert_kw(spec))
-                   for t in tasks}
-        info = [{"seed": seed, "task": t, "key": e.key, "from_cache": e.from_cache, **e.metrics, **e.runtime}
-                for t, e in trained.items()]
+                raise FileNotFoundError(
+                    f"expert {task} (seed {seed}, {variant}, {'SMOKE' if smoke else 'full'} mode) is "
+                    f"not in the cache: {expert_cache.expert_path(expert_cache.config_key(config))} is missing; "
+                    "train it with `make experts` (or let run_grid train it first)"
+                )
+        trained = {
+            t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=False, **expert_kw(spec))
+            for t in tasks
+        }
+        info = [
+            {"seed": seed, "task": t, "key": e.key, "from_cache": e.from_cache, **e.metrics, **e.runtime}
+            for t, e in trained.items()
+        ]
         if spec["setup"] != "bodies":
             base = train.base_state_dict(spec["base_task"], seed=seed, variant=variant, smoke=smoke)
         if spec["setup"] == "whole":
@@ -177,12 +206,14 @@ class CachedSweep:
             models, base, evaluate = p.bodies, p.base, p.evaluator(tasks)
         else:  # the report's: the second expert's body under a fresh head of the first task
             first, second = tasks
-            models = {first: trained[first].state_dict,
-                      second: train.fresh_head(trained[second].state_dict, first,
-                                               seed=expert_cache.derive_seed(seed, "report head"))}
+            models = {
+                first: trained[first].state_dict,
+                second: train.fresh_head(
+                    trained[second].state_dict, first, seed=expert_cache.derive_seed(seed, "report head")
+                ),
+            }
             evaluate = sweep.evaluate_report_head(smoke=smoke)
-        return sweep.SweepSetup(name=spec["name"], seed=seed, base=base, models=models, evaluate=evaluate,
-                                experts=info)
+        return sweep.SweepSetup(name=spec["name"], seed=seed, base=base, models=models, evaluate=evaluate, experts=info)
 
 
 def expert_kw(spec: Mapping) -> dict:
@@ -203,8 +234,17 @@ def resolve_source(name: str):
 # --- configurations -----------------------------------------------------------------------------
 
 
-def pool_spec(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | None = None, name: str | None = None,
-              source: str = DEFAULT_SOURCE, expert_kw: Mapping[str, Any] | None = None, **fields) -> dict:
+def pool_spec(
+    tasks: Sequence[str],
+    *,
+    seed: int,
+    smoke: bool,
+    variant: str | None = None,
+    name: str | None = None,
+    source: str = DEFAULT_SOURCE,
+    expert_kw: Mapping[str, Any] | None = None,
+    **fields,
+) -> dict:
     """The pool part of every configuration of a grid: name, tasks, seed, SMOKE flag, variant,
     source, and the source's expert identities and evaluation (``fields``: more for a custom
     source, e.g. a folder). ``expert_kw``: extra :func:`lib.train.fit_expert` keywords of the
@@ -220,23 +260,43 @@ def pool_spec(tasks: Sequence[str], *, seed: int, smoke: bool, variant: str | No
         name = name or (kind if kind == "text" else f"{kind}/{variant}")
     elif name is None:
         raise ValueError(f"a pool from source {source!r} needs a name")
-    spec = {"name": name, "tasks": tasks, "seed": int(seed), "smoke": bool(smoke), "variant": variant,
-            "source": source, **({"expert_kw": dict(expert_kw)} if expert_kw else {}), **fields}
+    spec = {
+        "name": name,
+        "tasks": tasks,
+        "seed": int(seed),
+        "smoke": bool(smoke),
+        "variant": variant,
+        "source": source,
+        **({"expert_kw": dict(expert_kw)} if expert_kw else {}),
+        **fields,
+    }
     src = resolve_source(source)
     spec["experts"] = src.experts(spec)
     spec["evaluation"] = src.evaluation(spec)
     return spec
 
 
-def merge_config(spec: Mapping, subset: Sequence[str], method: str, hparams: Mapping[str, Any] | None = None, *,
-                 merge_kwargs: Mapping[str, Any] | None = None) -> dict:
+def merge_config(
+    spec: Mapping,
+    subset: Sequence[str],
+    method: str,
+    hparams: Mapping[str, Any] | None = None,
+    *,
+    merge_kwargs: Mapping[str, Any] | None = None,
+) -> dict:
     """One merge of ``subset`` of the pool ``spec`` by ``method`` (hyperparameters resolved)."""
     unknown = [t for t in subset if t not in spec["tasks"]]
     if unknown:
         raise ValueError(f"{unknown} are not experts of pool {spec['name']!r} ({', '.join(spec['tasks'])})")
-    return {"record": "merge", "pool": dict(spec), "subset": list(subset), "method": method,
-            "hparams": resolve_hparams(get_method(method), dict(hparams or {})), "version": method_version(method),
-            "merge_kwargs": dict(merge_kwargs or {})}
+    return {
+        "record": "merge",
+        "pool": dict(spec),
+        "subset": list(subset),
+        "method": method,
+        "hparams": resolve_hparams(get_method(method), dict(hparams or {})),
+        "version": method_version(method),
+        "merge_kwargs": dict(merge_kwargs or {}),
+    }
 
 
 def alone_config(spec: Mapping) -> dict:
@@ -245,38 +305,73 @@ def alone_config(spec: Mapping) -> dict:
     return {"record": "alone", "pool": dict(spec), "method": "alone", "version": method_version("alone")}
 
 
-def pool_grid(spec: Mapping, subsets: Iterable[Sequence[str]], runs: Iterable[sweep.Run], *, alone: bool = True,
-              merge_kwargs: Mapping[str, Any] | None = None) -> list[dict]:
+def pool_grid(
+    spec: Mapping,
+    subsets: Iterable[Sequence[str]],
+    runs: Iterable[sweep.Run],
+    *,
+    alone: bool = True,
+    merge_kwargs: Mapping[str, Any] | None = None,
+) -> list[dict]:
     """The experts and base alone (unless ``alone=False``), then every subset by every run: the
     records of one pool and seed in the order a notebook's loop makes them."""
     runs = list(runs)
     out = [alone_config(spec)] if alone else []
-    return out + [merge_config(spec, s, r.method, r.hparams(), merge_kwargs=merge_kwargs) for s in subsets for r in runs]
+    return out + [
+        merge_config(spec, s, r.method, r.hparams(), merge_kwargs=merge_kwargs) for s in subsets for r in runs
+    ]
 
 
-def sweep_spec(tasks: Sequence[str], *, seed: int, smoke: bool, setup: str = "whole", base_task: str | None = None,
-               variant: str | None = None, name: str | None = None) -> dict:
+def sweep_spec(
+    tasks: Sequence[str],
+    *,
+    seed: int,
+    smoke: bool,
+    setup: str = "whole",
+    base_task: str | None = None,
+    variant: str | None = None,
+    name: str | None = None,
+) -> dict:
     """The setup part of a sweep's configurations (notebooks 01-03, :class:`CachedSweep`): the
     models of ``tasks`` merged together over ``base_task``'s base (default: the first task)."""
     kind = pool.kind_of(tasks)
     variant = variant or expert_cache.VARIANTS[kind][0]
     name = name or f"{'+'.join(tasks)}/{variant}/{setup}"
-    return pool_spec(tasks, seed=seed, smoke=smoke, variant=variant, name=name, source="lib.runner:CachedSweep",
-                     setup=setup, base_task=base_task or tasks[0])
+    return pool_spec(
+        tasks,
+        seed=seed,
+        smoke=smoke,
+        variant=variant,
+        name=name,
+        source="lib.runner:CachedSweep",
+        setup=setup,
+        base_task=base_task or tasks[0],
+    )
 
 
 def sweep_config(spec: Mapping, run: sweep.Run, *, merge_kwargs: Mapping[str, Any] | None = None) -> dict:
     """One merge of every model of the sweep setup ``spec`` by ``run`` (its label kept as the
     sweep spells it; its hyperparameters resolved, so a changed default is another key)."""
-    return {"record": "sweep", "pool": dict(spec), "run": {"method": run.method, "snr_method": run.snr_method,
-                                                           "top": run.top, "threshold": run.threshold,
-                                                           "extra": dict(run.extra)},
-            "method": run.method, "hparams": resolve_hparams(get_method(run.method), run.hparams()),
-            "version": method_version(run.method), "merge_kwargs": dict(merge_kwargs or {})}
+    return {
+        "record": "sweep",
+        "pool": dict(spec),
+        "run": {
+            "method": run.method,
+            "snr_method": run.snr_method,
+            "top": run.top,
+            "threshold": run.threshold,
+            "extra": dict(run.extra),
+        },
+        "method": run.method,
+        "hparams": resolve_hparams(get_method(run.method), run.hparams()),
+        "version": method_version(run.method),
+        "merge_kwargs": dict(merge_kwargs or {}),
+    }
 
 
-def sweep_grid(spec: Mapping, runs: Iterable[sweep.Run], *, alone: bool = True,
-               merge_kwargs: Mapping[str, Any] | None = None) -> list[dict]:
+def sweep_grid(
+    spec: Mapping, runs: Iterable[sweep.Run], *, alone: bool = True, merge_kwargs: Mapping[str, Any] | None = None
+) -> list[dict]:
     """The base and experts alone (unless ``alone=False``), then every run: the records
     :func:`lib.sweep.sweep_seed` makes for one seed."""
     out = [alone_config(spec)] if alone else []
@@ -320,8 +415,10 @@ def _pool_for(spec: Mapping, *, prepare: bool) -> pool.Pool:
         identities = {e["task"]: e["key"] for e in p.experts if "key" in e}
         wrong = [t for t, k in identities.items() if t in spec["experts"] and spec["experts"][t] != k]
         if wrong:
-            raise RuntimeError(f"pool {spec['name']!r} seed {spec['seed']}: the cached expert of {wrong[0]} has key "
-                               f"{identities[wrong[0]]}, the grid expects {spec['experts'][wrong[0]]}")
+            raise RuntimeError(
+                f"pool {spec['name']!r} seed {spec['seed']}: the cached expert of {wrong[0]} has key "
+                f"{identities[wrong[0]]}, the grid expects {spec['experts'][wrong[0]]}"
+            )
         _pools[key] = p
         while len(_pools) > POOLS_PER_WORKER:
             _pools.popitem(last=False)
@@ -407,8 +504,14 @@ def _window(executor: Executor, todo: int) -> int:
     return max(todo, 1)
 
 
-def run_grid(configs: Iterable[Mapping], *, store: RecordStore | None = None, executor: str | Executor | None = None,
-             progress: bool = True, desc: str = "records") -> list[dict]:
+def run_grid(
+    configs: Iterable[Mapping],
+    *,
+    store: RecordStore | None = None,
+    executor: str | Executor | None = None,
+    progress: bool = True,
+    desc: str = "records",
+) -> list[dict]:
     """Compute every configuration the store lacks, storing each record as it completes, and
     return the records of the whole grid (:func:`assemble`).
 
@@ -432,16 +535,33 @@ def run_grid(configs: Iterable[Mapping], *, store: RecordStore | None = None, ex
         if not inline:  # the serial part: experts are trained here, before any worker needs them
             for spec in {config_key(c["pool"]): c["pool"] for c in todo}.values():
                 resolve_source(spec["source"]).prepare(spec)
-        _drive(ex, todo, store, total=len(done) + len(todo), initial=len(done), progress=progress, desc=desc,
-               prepare=inline)
+        _drive(
+            ex,
+            todo,
+            store,
+            total=len(done) + len(todo),
+            initial=len(done),
+            progress=progress,
+            desc=desc,
+            prepare=inline,
+        )
     finally:
         if owned:
             ex.shutdown(wait=True, cancel_futures=True)
     return assemble(configs, store)
 
 
-def _drive(ex: Executor, todo: list[dict], store: RecordStore, *, total: int, initial: int, progress: bool, desc: str,
-           prepare: bool) -> None:
+def _drive(
+    ex: Executor,
+    todo: list[dict],
+    store: RecordStore,
+    *,
+    total: int,
+    initial: int,
+    progress: bool,
+    desc: str,
+    prepare: bool,
+) -> None:
     bar = tqdm(total=total, initial=initial, desc=desc, unit="record", smoothing=0, disable=not progress)
     queue = iter(todo)
     window = _window(ex, len(todo))
@@ -481,8 +601,10 @@ def _drive(ex: Executor, todo: list[dict], store: RecordStore, *, total: int, in
             future.cancel()
     if failure is not None:
         config, err = failure
-        raise GridError(f"record {describe(config)} (key {config_key(config)}) failed: {type(err).__name__}: {err}; "
-                        f"every record finished before it is in {store.path}") from err
+        raise GridError(
+            f"record {describe(config)} (key {config_key(config)}) failed: {type(err).__name__}: {err}; "
+            f"every record finished before it is in {store.path}"
+        ) from err
 
 
 def assemble(configs: Iterable[Mapping], store: RecordStore | None = None) -> list[dict]:
@@ -527,7 +649,9 @@ def record_seconds(records: Iterable[Mapping], namespace: str = "") -> dict[tupl
     return seen
 
 
-def expected_wall_seconds(times: Iterable[float], serial_s: float, workers: Sequence[int] = PLAN_WORKERS) -> dict[str, Any]:
+def expected_wall_seconds(
+    times: Iterable[float], serial_s: float, workers: Sequence[int] = PLAN_WORKERS
+) -> dict[str, Any]:
     """What records taking ``times`` seconds each in one process, plus ``serial_s`` of work that
     does not spread (loading experts, spectra and diagnostics, fits, tables), should take on
     ``W`` workers: ``serial + max(longest record, sum / W)``. It leaves out each worker's start
@@ -536,8 +660,13 @@ def expected_wall_seconds(times: Iterable[float], serial_s: float, workers: Sequ
     times = [float(t) for t in times]
     parallel = sum(times)
     longest = max(times, default=0.0)
-    return {"records": len(times), "parallel_s": parallel, "serial_s": float(serial_s), "longest_s": longest,
-            "wall_s": {int(w): float(serial_s) + max(longest, parallel / w) for w in workers}}
+    return {
+        "records": len(times),
+        "parallel_s": parallel,
+        "serial_s": float(serial_s),
+        "longest_s": longest,
+        "wall_s": {int(w): float(serial_s) + max(longest, parallel / w) for w in workers},
+    }
 
 
 def cluster_plan(results: Mapping[str, Mapping], total_seconds, workers: Sequence[int] = PLAN_WORKERS) -> list[dict]:

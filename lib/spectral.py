@@ -232,8 +232,9 @@ def detection_strength(n: int, m: int) -> float:
     return math.sqrt((b + math.sqrt(b * b - 4.0 * q)) / 2.0)
 
 
-def planted_spikes(rows: int, cols: int, strengths: Sequence[float], *, sigma: float = 1.0,
-                   generator: torch.Generator | None = None) -> Tensor:
+def planted_spikes(
+    rows: int, cols: int, strengths: Sequence[float], *, sigma: float = 1.0, generator: torch.Generator | None = None
+) -> Tensor:
     """Gaussian noise of standard deviation ``sigma`` plus one rank-one signal per strength:
     ``sigma * X + sum_i t_i * sigma * sqrt(N) * u_i v_iᵀ`` with orthonormal ``u``'s and ``v``'s
     (``N = max(rows, cols)``), float32. Strength ``t`` puts an eigenvalue at
@@ -328,8 +329,14 @@ def _power_of_two_scales(largest: Sequence[float]) -> Tensor | None:
     return torch.where(risky, torch.exp2(-exponent), torch.ones_like(exponent))
 
 
-def _gram_spectra(mats: Sequence[Tensor], *, names: Sequence[str] | None = None, device=None,
-                  entry_var: bool = True, float64: bool = False) -> list[_GramSpectrum]:
+def _gram_spectra(
+    mats: Sequence[Tensor],
+    *,
+    names: Sequence[str] | None = None,
+    device=None,
+    entry_var: bool = True,
+    float64: bool = False,
+) -> list[_GramSpectrum]:
     """Eigenvalues of ``WᵀW / N`` (the smaller Gram matrix) for every matrix, one batched
     eigensolver call per stack of equal shape on the device. The Gram products are taken matrix
     by matrix into the stack (the same values as one batched product, bit for bit), so the weights
@@ -369,11 +376,14 @@ def _gram_spectra(mats: Sequence[Tensor], *, names: Sequence[str] | None = None,
         # a bulk of round-off that the median fit would call noise (the cut lib.linalg uses)
         eigs = _eigvalsh(gram)
         eigs = zero_round_off_eigenvalues(eigs, eigs[..., -1:], dtype).to(device="cpu", dtype=torch.float64)
-        var = (torch.stack(variances).to(device="cpu", dtype=torch.float64) if entry_var
-               else torch.full((len(chunk),), math.nan, dtype=torch.float64))
+        var = (
+            torch.stack(variances).to(device="cpu", dtype=torch.float64)
+            if entry_var
+            else torch.full((len(chunk),), math.nan, dtype=torch.float64)
+        )
         if scales is not None:  # back to the matrices' own scale, in float64
             eigs = eigs / scales.view(-1, 1) ** 2
-            var = var / scales ** 2
+            var = var / scales**2
         for j, i in enumerate(chunk):
             out[i] = _GramSpectrum(eigs[j], rows, cols, float(var[j]))
     return out  # type: ignore[return-value]
@@ -413,7 +423,9 @@ def _check_sigma2(sigma2) -> str | float:
     except (TypeError, ValueError):
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"sigma2 must be a positive finite number (a known noise level) or one of {SIGMA2_ESTIMATORS}, got {sigma2!r}")
+        raise ValueError(
+            f"sigma2 must be a positive finite number (a known noise level) or one of {SIGMA2_ESTIMATORS}, got {sigma2!r}"
+        )
     return value
 
 
@@ -423,7 +435,9 @@ def _noise_level(gs: _GramSpectrum, sigma2) -> float:
         return _bulk_median_sigma2(gs.eigenvalues, gs.n, gs.m)
     if sigma2 == "var":
         if math.isnan(gs.entry_var):
-            raise ValueError("sigma2='var' needs the entries of W, not only its eigenvalues: call spectrum(W, sigma2='var')")
+            raise ValueError(
+                "sigma2='var' needs the entries of W, not only its eigenvalues: call spectrum(W, sigma2='var')"
+            )
         return gs.entry_var
     return sigma2
 
@@ -573,7 +587,9 @@ def scan(model_or_state_dict, *, include=None, exclude=None, method: str = "mp",
     fn = _snr_fn(method)
     sd = to_state_dict(model_or_state_dict)
     names = [k for k, v in sd.items() if is_matrix(v) and matches(k, include, exclude)]
-    spectra = _gram_spectra([sd[k] for k in names], names=names, device=device, entry_var=_reads_entry_var(method=method))
+    spectra = _gram_spectra(
+        [sd[k] for k in names], names=names, device=device, entry_var=_reads_entry_var(method=method)
+    )
     rows = []
     for name, gs in zip(names, spectra):
         sp = _read_mp(gs)
@@ -593,7 +609,20 @@ def scan(model_or_state_dict, *, include=None, exclude=None, method: str = "mp",
                 "snr": sp.snr if method == "mp" else fn(gs),
             }
         )
-    columns = ["name", "rows", "cols", "q", "sigma2", "lambda_plus", "threshold", "lambda_max", "n_signal", "signal_fraction", "snr_mp", "snr"]
+    columns = [
+        "name",
+        "rows",
+        "cols",
+        "q",
+        "sigma2",
+        "lambda_plus",
+        "threshold",
+        "lambda_max",
+        "n_signal",
+        "signal_fraction",
+        "snr_mp",
+        "snr",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -601,8 +630,16 @@ def scan(model_or_state_dict, *, include=None, exclude=None, method: str = "mp",
 # WeightWatcher-style per-layer metrics
 # ---------------------------------------------------------------------------------------------
 
-METRIC_COLUMNS = ["alpha", "alpha_weighted", "xmin", "stable_rank", "log_spectral_norm", "log_norm", "entropy",
-                  "rank_loss"]
+METRIC_COLUMNS = [
+    "alpha",
+    "alpha_weighted",
+    "xmin",
+    "stable_rank",
+    "log_spectral_norm",
+    "log_norm",
+    "entropy",
+    "rank_loss",
+]
 
 
 #: eigenvalues at or below this are left out of the power-law fit (WeightWatcher's ``EVALS_THRESH``)
@@ -639,13 +676,13 @@ def power_law_fit(eigenvalues, *, threshold: float = POWER_LAW_THRESHOLD) -> tup
         alpha = 1.0 + n / (suffix[:-1] - n * logs[:-1])
     distance = np.ones(m - 1)
     for lo in range(0, m - 1, _KS_BLOCK):
-        c = candidates[lo:lo + _KS_BLOCK]
+        c = candidates[lo : lo + _KS_BLOCK]
         rank = np.arange(m)[None, :] - c[:, None]  # 0-based position inside the tail
         in_tail = rank >= 0
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             model = 1.0 - np.where(in_tail, x[None, :] / x[c, None], 1.0) ** (1.0 - alpha[c, None])
             gap = np.where(in_tail, np.abs(model - rank / n[c, None]), 0.0)
-        distance[lo:lo + len(c)] = np.where(alpha[c] > 1.0, gap.max(axis=1), 1.0)
+        distance[lo : lo + len(c)] = np.where(alpha[c] > 1.0, gap.max(axis=1), 1.0)
     best = int(np.argmin(distance))
     return float(alpha[best]), float(x[best]), float(distance[best])
 
@@ -719,7 +756,8 @@ def layer_metrics(model_or_state_dict, *, include=None, exclude=None, device=Non
     sd = to_state_dict(model_or_state_dict)
     names = [k for k, v in sd.items() if is_matrix(v) and matches(k, include, exclude)]
     spectra = _gram_spectra([sd[k] for k in names], names=names, device=device, entry_var=False, float64=True)
-    rows = [{"name": name, "rows": gs.rows, "cols": gs.cols, **metrics_from_eigenvalues(gs.eigenvalues, (gs.rows, gs.cols))}
-            for name, gs in zip(names, spectra)]
+    rows = [
+        {"name": name, "rows": gs.rows, "cols": gs.cols, **metrics_from_eigenvalues(gs.eigenvalues, (gs.rows, gs.cols))}
+        for name, gs in zip(names, spectra)
+    ]
     return pd.DataFrame(rows, columns=["name", "rows", "cols", *METRIC_COLUMNS])
-

@@ -31,8 +31,7 @@ def as_matrix(t: Tensor, name: str = "tensor") -> Tensor:
     """The 2-D view of a weight: conv kernels become ``(out, in*kh*kw)``."""
     if t.ndim < 2:
         raise ValueError(
-            f"{name} has shape {tuple(t.shape)}: a 1-D tensor is not a matrix (biases and norm "
-            "scales have no spectrum)"
+            f"{name} has shape {tuple(t.shape)}: a 1-D tensor is not a matrix (biases and norm scales have no spectrum)"
         )
     if t.numel() == 0:
         raise ValueError(f"{name} has shape {tuple(t.shape)}: an empty matrix has no spectrum")

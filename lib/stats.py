@@ -19,8 +19,9 @@ import pandas as pd
 LEVEL = 0.95
 
 
-def over_seeds(frame: pd.DataFrame, by: Sequence[str], value: str = "normalized", *, seed: str = "seed",
-               sort: bool = False) -> pd.DataFrame:
+def over_seeds(
+    frame: pd.DataFrame, by: Sequence[str], value: str = "normalized", *, seed: str = "seed", sort: bool = False
+) -> pd.DataFrame:
     """Per group of ``by``: the mean of ``value`` within each seed, then ``mean``, ``std``
     (sample, ``ddof=1``; NaN for one seed) and ``n`` (seeds with a value) over the seeds. Groups
     keep the order they first appear in (``sort``: ordered by ``by``); NaN keys are groups of

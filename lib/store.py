@@ -99,8 +99,9 @@ def canonical(config: Mapping[str, Any]) -> str:
     try:
         return json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"a record configuration must be plain JSON (dicts, lists, str, finite numbers, "
-                         f"bool, None): {err}") from None
+        raise ValueError(
+            f"a record configuration must be plain JSON (dicts, lists, str, finite numbers, bool, None): {err}"
+        ) from None
 
 
 def config_key(config: Mapping[str, Any]) -> str:
@@ -187,8 +188,16 @@ class RecordStore:
             self.conn.execute(
                 "insert or ignore into records (key, method, version, config, payload, checksum, seconds, written_at)"
                 " values (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, str(config.get("method", "")), str(config.get("version", "")), text, body, _checksum(body),
-                 None if seconds is None or not math.isfinite(seconds) else float(seconds), time.time()),
+                (
+                    key,
+                    str(config.get("method", "")),
+                    str(config.get("version", "")),
+                    text,
+                    body,
+                    _checksum(body),
+                    None if seconds is None or not math.isfinite(seconds) else float(seconds),
+                    time.time(),
+                ),
             )
         stored = self.conn.execute("select config from records where key = ?", (key,)).fetchone()
         if stored[0] != text:
@@ -209,14 +218,17 @@ class RecordStore:
         if stored_config != text:
             raise ForeignRecord(self._foreign_message(key, stored_config, text))
         if not isinstance(body, str) or _checksum(body) != checksum:
-            raise CorruptRecord(f"record {key} in {self.path} fails its checksum: its payload changed after it "
-                                f"was written; delete the row (delete from records where key = '{key}') to "
-                                "compute it again")
+            raise CorruptRecord(
+                f"record {key} in {self.path} fails its checksum: its payload changed after it "
+                f"was written; delete the row (delete from records where key = '{key}') to "
+                "compute it again"
+            )
         try:
             payload = json.loads(body)
         except json.JSONDecodeError as err:
-            raise CorruptRecord(f"record {key} in {self.path} is not JSON ({err}); delete the row to compute it "
-                                "again") from None
+            raise CorruptRecord(
+                f"record {key} in {self.path} is not JSON ({err}); delete the row to compute it again"
+            ) from None
         if not isinstance(payload, list):
             raise CorruptRecord(f"record {key} in {self.path} holds {type(payload).__name__}, not a list of records")
         return payload
@@ -251,7 +263,9 @@ class RecordStore:
             return sum(self.conn.execute("delete from records where key = ?", (k,)).rowcount for k in keys)
 
     def _foreign_message(self, key: str, stored: str, wanted: str) -> str:
-        return (f"record {key} in {self.path} holds another configuration than the one asked for "
-                f"(stored {stored[:200]}{'...' if len(stored) > 200 else ''}; asked {wanted[:200]}"
-                f"{'...' if len(wanted) > 200 else ''}); delete the row (delete from records where key = '{key}')"
-                " to compute it again")
+        return (
+            f"record {key} in {self.path} holds another configuration than the one asked for "
+            f"(stored {stored[:200]}{'...' if len(stored) > 200 else ''}; asked {wanted[:200]}"
+            f"{'...' if len(wanted) > 200 else ''}); delete the row (delete from records where key = '{key}')"
+            " to compute it again"
+        )

@@ -77,8 +77,9 @@ class Run:
         return f"{self.method}({', '.join(coords)})"
 
 
-def snr_runs(strategies: Iterable[str] = SNR_STRATEGIES, snr_methods: Iterable[str] = ("mp",),
-             tops: Iterable[float] = TOPS) -> list[Run]:
+def snr_runs(
+    strategies: Iterable[str] = SNR_STRATEGIES, snr_methods: Iterable[str] = ("mp",), tops: Iterable[float] = TOPS
+) -> list[Run]:
     """Every strategy x SNR definition x ``top`` fraction, grouped by (SNR definition, strategy)
     so that runs sharing an SNR prepass are consecutive."""
     tops = [_check_fraction(t) for t in tops]
@@ -144,15 +145,32 @@ def _records(scores, *, seed, method, model, run: Run | None, prepass_s=0.0, mer
     if run is not None:
         coords = {"run": run.label(), "snr_method": run.snr_method, "top": run.top, "threshold": run.threshold}
     return [
-        {"seed": seed, "method": method, "model": model, **coords, "task": task, "metric": metric, "value": value,
-         "prepass_s": prepass_s, "merge_s": merge_s, "eval_s": eval_s, "reused": reused}
+        {
+            "seed": seed,
+            "method": method,
+            "model": model,
+            **coords,
+            "task": task,
+            "metric": metric,
+            "value": value,
+            "prepass_s": prepass_s,
+            "merge_s": merge_s,
+            "eval_s": eval_s,
+            "reused": reused,
+        }
         for task, metrics in scores.items()
         for metric, value in metrics.items()
     ]
 
 
-def evaluate_models(models: Mapping[str, StateDict], evaluate: Evaluate, *, seed: int, method: str = "expert",
-                    cache: CachedEvaluate | None = None) -> list[dict]:
+def evaluate_models(
+    models: Mapping[str, StateDict],
+    evaluate: Evaluate,
+    *,
+    seed: int,
+    method: str = "expert",
+    cache: CachedEvaluate | None = None,
+) -> list[dict]:
     """Records for models evaluated as they are (each expert alone, the base), tagged with
     ``method`` and the model's name in ``model``."""
     cache = cache if cache is not None else CachedEvaluate(evaluate)
@@ -160,8 +178,9 @@ def evaluate_models(models: Mapping[str, StateDict], evaluate: Evaluate, *, seed
     for name, sd in models.items():
         t0 = time.perf_counter()
         scores = cache(sd)
-        out += _records(scores, seed=seed, method=method, model=name, run=None, eval_s=time.perf_counter() - t0,
-                        reused=cache.reused)
+        out += _records(
+            scores, seed=seed, method=method, model=name, run=None, eval_s=time.perf_counter() - t0, reused=cache.reused
+        )
     return out
 
 
@@ -178,8 +197,9 @@ class SnrPrepass:
     of each SNR run derived from them: the same ``context`` the merge's own prepass would build
     (tested equal), without recomputing every spectrum for every ``top``."""
 
-    def __init__(self, base: StateDict | None, experts: Sequence[StateDict], *, include=None, exclude=None,
-                 device=None):
+    def __init__(
+        self, base: StateDict | None, experts: Sequence[StateDict], *, include=None, exclude=None, device=None
+    ):
         self.experts, self.device = list(experts), device
         ref = base if base is not None else self.experts[0]
         self.keys = select_keys(ref, include, exclude)
@@ -201,10 +221,20 @@ class SnrPrepass:
         return decide_layers(scores, keys, top=hp["top"], threshold=hp["threshold"], score=hp["score"])
 
 
-def run_sweep(base: StateDict | None, experts: Sequence[StateDict], evaluate: Evaluate, runs: Sequence[Run], *,
-              seed: int, merge_fn: Callable[..., StateDict] | None = None, cache: CachedEvaluate | None = None,
-              share_prepass: bool = True, prepass: SnrPrepass | None = None, progress: bool = True,
-              **merge_kwargs) -> list[dict]:
+def run_sweep(
+    base: StateDict | None,
+    experts: Sequence[StateDict],
+    evaluate: Evaluate,
+    runs: Sequence[Run],
+    *,
+    seed: int,
+    merge_fn: Callable[..., StateDict] | None = None,
+    cache: CachedEvaluate | None = None,
+    share_prepass: bool = True,
+    prepass: SnrPrepass | None = None,
+    progress: bool = True,
+    **merge_kwargs,
+) -> list[dict]:
     """Merge ``experts`` once per run and evaluate each merged model.
 
     ``merge_kwargs`` (``include``, ``exclude``, ``excluded_from``, ``device``) go to every merge
@@ -218,8 +248,13 @@ def run_sweep(base: StateDict | None, experts: Sequence[StateDict], evaluate: Ev
     merge_fn = merge if merge_fn is None else merge_fn
     cache = cache if cache is not None else CachedEvaluate(evaluate)
     if prepass is None and share_prepass:
-        prepass = SnrPrepass(base, experts, include=merge_kwargs.get("include"), exclude=merge_kwargs.get("exclude"),
-                             device=merge_kwargs.get("device"))
+        prepass = SnrPrepass(
+            base,
+            experts,
+            include=merge_kwargs.get("include"),
+            exclude=merge_kwargs.get("exclude"),
+            device=merge_kwargs.get("device"),
+        )
     out = []
     bar = tqdm(runs, desc=f"seed {seed}: merge + evaluate", disable=not progress, leave=False)
     for run in bar:
@@ -235,21 +270,39 @@ def run_sweep(base: StateDict | None, experts: Sequence[StateDict], evaluate: Ev
         t2 = time.perf_counter()
         scores = cache(merged)
         t3 = time.perf_counter()
-        out += _records(scores, seed=seed, method=run.method, model="merged", run=run, prepass_s=t1 - t0,
-                        merge_s=t2 - t1, eval_s=t3 - t2, reused=cache.reused)
+        out += _records(
+            scores,
+            seed=seed,
+            method=run.method,
+            model="merged",
+            run=run,
+            prepass_s=t1 - t0,
+            merge_s=t2 - t1,
+            eval_s=t3 - t2,
+            reused=cache.reused,
+        )
     return out
 
 
-def sweep_seed(base: StateDict | None, experts: Mapping[str, StateDict], evaluate: Evaluate, runs: Sequence[Run], *,
-               seed: int, progress: bool = True, **merge_kwargs) -> list[dict]:
+def sweep_seed(
+    base: StateDict | None,
+    experts: Mapping[str, StateDict],
+    evaluate: Evaluate,
+    runs: Sequence[Run],
+    *,
+    seed: int,
+    progress: bool = True,
+    **merge_kwargs,
+) -> list[dict]:
     """Everything one seed contributes: the base alone (``method="base"``) when there is one, each
     expert alone (``method="expert"``, ``model`` = its name), then every run, all sharing one
     evaluation cache (a merge that reproduces an expert or the base is not evaluated again)."""
     cache = CachedEvaluate(evaluate)
     out = [] if base is None else evaluate_models({"base": base}, evaluate, seed=seed, method="base", cache=cache)
     out += evaluate_models(experts, evaluate, seed=seed, cache=cache)
-    out += run_sweep(base, list(experts.values()), evaluate, runs, seed=seed, cache=cache, progress=progress,
-                     **merge_kwargs)
+    out += run_sweep(
+        base, list(experts.values()), evaluate, runs, seed=seed, cache=cache, progress=progress, **merge_kwargs
+    )
     return out
 
 
@@ -280,8 +333,11 @@ class SweepRunner:
     def alone(self) -> list[dict]:
         """The base (``method="base"``, when there is one) and each expert on its own."""
         s = self.pool
-        out = [] if s.base is None else evaluate_models({"base": s.base}, s.evaluate, seed=s.seed, method="base",
-                                                        cache=self.cache)
+        out = (
+            []
+            if s.base is None
+            else evaluate_models({"base": s.base}, s.evaluate, seed=s.seed, method="base", cache=self.cache)
+        )
         return out + evaluate_models(s.models, s.evaluate, seed=s.seed, cache=self.cache)
 
     def run(self, run: Run, **merge_kwargs) -> list[dict]:
@@ -289,14 +345,42 @@ class SweepRunner:
         s = self.pool
         key = repr(sorted((k, merge_kwargs.get(k)) for k in ("include", "exclude", "device")))
         if key not in self.prepasses:
-            self.prepasses[key] = SnrPrepass(s.base, list(s.models.values()), include=merge_kwargs.get("include"),
-                                             exclude=merge_kwargs.get("exclude"), device=merge_kwargs.get("device"))
-        return run_sweep(s.base, list(s.models.values()), s.evaluate, [run], seed=s.seed, cache=self.cache,
-                         prepass=self.prepasses[key], progress=False, **merge_kwargs)
+            self.prepasses[key] = SnrPrepass(
+                s.base,
+                list(s.models.values()),
+                include=merge_kwargs.get("include"),
+                exclude=merge_kwargs.get("exclude"),
+                device=merge_kwargs.get("device"),
+            )
+        return run_sweep(
+            s.base,
+            list(s.models.values()),
+            s.evaluate,
+            [run],
+            seed=s.seed,
+            cache=self.cache,
+            prepass=self.prepasses[key],
+            progress=False,
+            **merge_kwargs,
+        )
 
 
-RECORD_COLUMNS = ["seed", "method", "model", "run", "snr_method", "top", "threshold", "task", "metric", "value",
-                  "prepass_s", "merge_s", "eval_s", "reused"]
+RECORD_COLUMNS = [
+    "seed",
+    "method",
+    "model",
+    "run",
+    "snr_method",
+    "top",
+    "threshold",
+    "task",
+    "metric",
+    "value",
+    "prepass_s",
+    "merge_s",
+    "eval_s",
+    "reused",
+]
 #: ``run`` (the merge with all its hyperparameters, or the name of a model evaluated alone)
 #: identifies a model; the other columns are kept so that the summary can be plotted directly
 GROUP_COLUMNS = ["run", "method", "model", "snr_method", "top", "threshold", "task", "metric"]
@@ -307,7 +391,9 @@ def records_frame(records: Iterable[Mapping]) -> pd.DataFrame:
     df = pd.DataFrame(list(records), columns=RECORD_COLUMNS)
     missing = df[["method", "task", "metric", "value"]].isna().any()
     if missing.any():
-        raise ValueError(f"records without {list(missing[missing].index)}: every record needs method, task, metric and value")
+        raise ValueError(
+            f"records without {list(missing[missing].index)}: every record needs method, task, metric and value"
+        )
     return df
 
 
@@ -355,8 +441,9 @@ def versions(packages: Iterable[str] = ("numpy", "scipy", "pandas", "scikit-lear
 # --- the experts' spectra, for the per-layer SNR and ESD figures ------------------------------
 
 
-def layer_snr_records(experts: Mapping[str, StateDict], snr_methods: Sequence[str], *, seed: int, include=None,
-                      exclude=None) -> list[dict]:
+def layer_snr_records(
+    experts: Mapping[str, StateDict], snr_methods: Sequence[str], *, seed: int, include=None, exclude=None
+) -> list[dict]:
     """One row per (expert, weight matrix, SNR definition): ``seed``, ``expert``, ``key``,
     ``rows``, ``cols``, ``q``, ``snr_method``, ``snr`` and our fit's ``n_signal``."""
     # scan() reports our MP fit ("snr_mp") beside the definition it is asked for, so the
@@ -368,10 +455,21 @@ def layer_snr_records(experts: Mapping[str, StateDict], snr_methods: Sequence[st
             df = scan(sd, include=include, exclude=exclude, method=method)
             columns = {"mp": "snr_mp"} if i == 0 and "mp" in snr_methods else {}
             columns[method] = "snr"
-            out += [{"seed": seed, "expert": name, "key": r["name"], "rows": int(r["rows"]), "cols": int(r["cols"]),
-                     "q": float(r["q"]), "snr_method": snr_method, "snr": float(r[column]),
-                     "n_signal": int(r["n_signal"])}
-                    for snr_method, column in columns.items() for r in df.to_dict("records")]
+            out += [
+                {
+                    "seed": seed,
+                    "expert": name,
+                    "key": r["name"],
+                    "rows": int(r["rows"]),
+                    "cols": int(r["cols"]),
+                    "q": float(r["q"]),
+                    "snr_method": snr_method,
+                    "snr": float(r[column]),
+                    "n_signal": int(r["n_signal"]),
+                }
+                for snr_method, column in columns.items()
+                for r in df.to_dict("records")
+            ]
     return out
 
 
@@ -389,8 +487,10 @@ def telling_layers(layers: Iterable[Mapping], expert: str, *, ours: str = "mp", 
     wide = df.pivot_table(index="key", columns="snr_method", values="snr", sort=False)
     missing = {ours, theirs} - set(wide.columns)
     if missing or wide.empty:
-        raise ValueError(f"no per-layer SNR of {expert!r} under {sorted(missing) or [ours, theirs]}; "
-                         "compute them with layer_snr_records first")
+        raise ValueError(
+            f"no per-layer SNR of {expert!r} under {sorted(missing) or [ours, theirs]}; "
+            "compute them with layer_snr_records first"
+        )
     rank_gap = (wide[ours].rank(ascending=False) - wide[theirs].rank(ascending=False)).abs()
     picks = [
         (wide[ours].idxmax(), f"highest SNR ({ours})"),
@@ -411,10 +511,21 @@ def esd_records(sd: StateDict, picks: Iterable[tuple[str, str]], *, expert: str)
     out = []
     for key, why in picks:
         sp = spectrum(sd[key])
-        out.append({"expert": expert, "key": key, "why": why, "shape": list(sp.shape),
-                    "eigenvalues": sp.eigenvalues.tolist(), "q": sp.q, "sigma2": sp.sigma2,
-                    "lambda_plus": sp.lambda_plus, "threshold": sp.threshold, "n_signal": sp.n_signal,
-                    "snr": sp.snr})
+        out.append(
+            {
+                "expert": expert,
+                "key": key,
+                "why": why,
+                "shape": list(sp.shape),
+                "eigenvalues": sp.eigenvalues.tolist(),
+                "q": sp.q,
+                "sigma2": sp.sigma2,
+                "lambda_plus": sp.lambda_plus,
+                "threshold": sp.threshold,
+                "n_signal": sp.n_signal,
+                "snr": sp.snr,
+            }
+        )
     return out
 
 
@@ -430,13 +541,34 @@ def compare_with_report(records: Iterable[Mapping], claims: Iterable[Claim]) -> 
     for c in claims:
         sel = summary[summary.run.isin(c.runs) & (summary.task == c.task) & (summary.metric == c.metric)]
         if sel.empty:
-            rows.append({"what": c.what, "report": c.paper, "ours_mean": np.nan, "ours_std": np.nan, "seeds": 0,
-                         "difference": np.nan, "run": "not measured in this run", "metric": c.metric, "note": c.note})
+            rows.append(
+                {
+                    "what": c.what,
+                    "report": c.paper,
+                    "ours_mean": np.nan,
+                    "ours_std": np.nan,
+                    "seeds": 0,
+                    "difference": np.nan,
+                    "run": "not measured in this run",
+                    "metric": c.metric,
+                    "note": c.note,
+                }
+            )
             continue
         best = sel.loc[sel["mean"].idxmax()]
-        rows.append({"what": c.what, "report": c.paper, "ours_mean": float(best["mean"]), "ours_std": float(best["std"]),
-                     "seeds": int(best["n"]), "difference": float(best["mean"]) - c.paper, "run": best["run"],
-                     "metric": c.metric, "note": c.note})
+        rows.append(
+            {
+                "what": c.what,
+                "report": c.paper,
+                "ours_mean": float(best["mean"]),
+                "ours_std": float(best["std"]),
+                "seeds": int(best["n"]),
+                "difference": float(best["mean"]) - c.paper,
+                "run": best["run"],
+                "metric": c.metric,
+                "note": c.note,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -453,8 +585,13 @@ def task_table(tasks: Iterable[str], *, smoke: bool) -> dict[str, dict]:
         idx = scoring.eval_indices(task, spec.eval_split, smoke=smoke)
         labels = data.labels_of(task, spec.eval_split)[idx]
         metrics = ["accuracy"] + ([spec.metric] if spec.metric != "accuracy" else [])
-        out[task] = {"title": spec.title, "split": spec.eval_split, "n_eval": len(idx), "metrics": metrics,
-                     "majority": float(np.bincount(labels).max() / len(labels))}
+        out[task] = {
+            "title": spec.title,
+            "split": spec.eval_split,
+            "n_eval": len(idx),
+            "metrics": metrics,
+            "majority": float(np.bincount(labels).max() / len(labels)),
+        }
     return out
 
 
@@ -472,7 +609,9 @@ def chance_score(metric: str, majority: float, num_labels: int) -> float:
         return 0.0
     if metric == "macro_f1":
         return float(2 * majority / (1 + majority) / num_labels)
-    raise ValueError(f"no chance level for {metric!r}: it depends on which label is positive; use accuracy, mcc or macro_f1")
+    raise ValueError(
+        f"no chance level for {metric!r}: it depends on which label is positive; use accuracy, mcc or macro_f1"
+    )
 
 
 def chance_scores(tasks: Mapping[str, Mapping], metric: str | Mapping[str, str] = "accuracy") -> dict[str, float]:
@@ -530,14 +669,17 @@ def evaluate_report_head(*, smoke: bool) -> Evaluate:
         model = scoring.as_model(sd, "sst2")  # a two-class MiniLM holding ``sd``
         sst2 = scoring.evaluate(model, "sst2", smoke=smoke)
         logits, _ = scoring.predict(model, "emotion", smoke=smoke)
-        return {REPORT_SST2: {"accuracy": sst2["accuracy"]},
-                COLLAPSED_EMOTION: {"accuracy": float((logits.argmax(1) == collapsed).mean())}}
+        return {
+            REPORT_SST2: {"accuracy": sst2["accuracy"]},
+            COLLAPSED_EMOTION: {"accuracy": float((logits.argmax(1) == collapsed).mean())},
+        }
 
     return evaluate
 
 
-def spectra(experts: Mapping[str, StateDict], snr_methods: Sequence[str], *, seed: int, include=None,
-            exclude=None) -> tuple[list[dict], list[dict]]:
+def spectra(
+    experts: Mapping[str, StateDict], snr_methods: Sequence[str], *, seed: int, include=None, exclude=None
+) -> tuple[list[dict], list[dict]]:
     """``(layers, esd)`` for the figures: every matrix's SNR under each definition, and the
     spectra of each expert's :func:`telling_layers` (ours = ``snr_methods[0]`` against the
     report's = ``snr_methods[1]``)."""
@@ -578,18 +720,23 @@ def verdict(records: Iterable[Mapping], task: str, metric: str, *, reference: st
     df = records_frame(records)
     df = df[(df.task == task) & (df.metric == metric)]
     # paired over seeds: both merges are of the same seed's experts
-    paired = (df[df.run == snr_rows.index[0]].groupby("seed").value.mean()
-              - df[df.run == reference].groupby("seed").value.mean()).dropna()
+    paired = (
+        df[df.run == snr_rows.index[0]].groupby("seed").value.mean()
+        - df[df.run == reference].groupby("seed").value.mean()
+    ).dropna()
     if paired.size < 2:
         spread = "one seed, so no interval: read it as anecdotal"
     else:
         low, high = stats.t_interval(paired)
         clear = low > 0 or high < 0
-        spread = (f"paired {stats.LEVEL:.0%} t-interval over {paired.size} seeds [{low:+.3f}, {high:+.3f}]"
-                  + ("" if clear else f": it holds 0, not distinguishable with {paired.size} seeds"))
-    text = (f"{task} {metric}: the best SNR merge on the grid (an optimistic pick), {snr_rows.index[0]}, scores "
-            f"{best['mean']:.3f} ± {_std(best)}; {reference} scores {ref['mean']:.3f} ± {_std(ref)}; "
-            f"difference {diff:+.3f}, {spread}.")
+        spread = f"paired {stats.LEVEL:.0%} t-interval over {paired.size} seeds [{low:+.3f}, {high:+.3f}]" + (
+            "" if clear else f": it holds 0, not distinguishable with {paired.size} seeds"
+        )
+    text = (
+        f"{task} {metric}: the best SNR merge on the grid (an optimistic pick), {snr_rows.index[0]}, scores "
+        f"{best['mean']:.3f} ± {_std(best)}; {reference} scores {ref['mean']:.3f} ± {_std(ref)}; "
+        f"difference {diff:+.3f}, {spread}."
+    )
     own = f"expert:{task}"
     if own in board.index:
         text += f" The {task} expert alone scores {board.loc[own, 'mean']:.3f} ± {_std(board.loc[own])}."
@@ -616,7 +763,7 @@ def shape_bias(layers: Iterable[Mapping]) -> pd.DataFrame:
         for m in wide.columns:
             row[f"rho({m}, aspect)"] = float(spearmanr(wide[m], aspect).statistic)
         for i, a in enumerate(wide.columns):
-            for b in wide.columns[i + 1:]:
+            for b in wide.columns[i + 1 :]:
                 row[f"rho({a}, {b})"] = float(spearmanr(wide[a], wide[b]).statistic)
         out.append(row)
     return pd.DataFrame(out)

@@ -83,8 +83,12 @@ def versions() -> dict:
     import lib
 
     return {
-        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "transformers": transformers.__version__, "lib": lib.__version__, "device": str(get_device()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "transformers": transformers.__version__,
+        "lib": lib.__version__,
+        "device": str(get_device()),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -132,8 +136,9 @@ def initial_model(config: Mapping, *, data_dir=None, progress: bool = True) -> n
     return models.init_head(model, init["head_seed"])
 
 
-def base_state_dict(task: str, *, seed: int, variant: str | None = None, smoke: bool | None = None,
-                    model_name: str | None = None) -> StateDict:
+def base_state_dict(
+    task: str, *, seed: int, variant: str | None = None, smoke: bool | None = None, model_name: str | None = None
+) -> StateDict:
     """The explicit base of a merge of ``task``'s experts (every expert of the same kind, seed
     and variant shares it): for text, the pre-trained MiniLM body with the seed's head (the
     common starting point of the binary experts' heads); for ``shared_init``, the shared random
@@ -155,8 +160,9 @@ def _train_batches(config: Mapping, recipe: Recipe, data_dir=None) -> tuple[Iter
     spec = data.get_task(config["task"])
     rng = np.random.default_rng(derive_seed(config["seed"], spec.name, "batches"))
     if spec.kind == "text":
-        enc = encode(spec.name, "train", max_length=recipe.max_length, model_name=model_name_of(config),
-                     data_dir=data_dir)
+        enc = encode(
+            spec.name, "train", max_length=recipe.max_length, model_name=model_name_of(config), data_dir=data_dir
+        )
         subset = data.fixed_subset(len(enc.labels), recipe.max_train_examples)
         lengths = enc.lengths[subset]
 
@@ -195,8 +201,9 @@ def warmup_cosine(step: int, total: int, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def train(model: nn.Module, batches, *, steps: int, recipe: Recipe, device=None, progress: bool = True,
-          desc: str = "train") -> list[float]:
+def train(
+    model: nn.Module, batches, *, steps: int, recipe: Recipe, device=None, progress: bool = True, desc: str = "train"
+) -> list[float]:
     """Minimise cross-entropy over ``batches`` for ``steps`` AdamW steps (warm-up + cosine,
     gradients clipped at norm 1). Returns the loss of every step. Works for any classifier whose
     forward takes a tensor or a dict of tensors (see :func:`logits_of`)."""
@@ -243,8 +250,9 @@ def fit_expert(
     (True, or settings of :data:`lib.cache.LORA`) trains a LoRA adapter of the body and a full head instead
     of fine-tuning every weight: the expert's ``state_dict`` holds the merged weights (base + B A,
     the trained head), :meth:`Expert.adapter` the factors."""
-    config = expert_config(task, seed=seed, variant=variant, smoke=smoke, model_name=model_name,
-                           data_dir=data_dir, lora=lora, **overrides)
+    config = expert_config(
+        task, seed=seed, variant=variant, smoke=smoke, model_name=model_name, data_dir=data_dir, lora=lora, **overrides
+    )
     cached = load_expert(config)
     if cached is not None:
         return cached
@@ -272,14 +280,24 @@ def fit_expert(
     eval_s = time.perf_counter() - start
     examples_seen = min(steps * recipe.batch_size, round(recipe.epochs * n_train))
     expert = Expert(
-        key, config, to_state_dict(model.cpu()), metrics,
-        {"train_s": round(train_s, 2), "eval_s": round(eval_s, 2), "train_examples": n_train, "steps": steps,
-         # CPU seconds of all threads: unlike the wall time, hardly affected by other work on the machine
-         "train_cpu_s": round(train_cpu_s, 2), "load_average": _load_average(),
-         "train_examples_per_s": round(examples_seen / train_s, 1),
-         "eval_examples_per_s": round(metrics["n"] / eval_s, 1)},
-        versions(), expert_path(key), history={"loss_first10": float(np.mean(losses[:10])),
-                                               "loss_last10": float(np.mean(losses[-10:]))},
+        key,
+        config,
+        to_state_dict(model.cpu()),
+        metrics,
+        {
+            "train_s": round(train_s, 2),
+            "eval_s": round(eval_s, 2),
+            "train_examples": n_train,
+            "steps": steps,
+            # CPU seconds of all threads: unlike the wall time, hardly affected by other work on the machine
+            "train_cpu_s": round(train_cpu_s, 2),
+            "load_average": _load_average(),
+            "train_examples_per_s": round(examples_seen / train_s, 1),
+            "eval_examples_per_s": round(metrics["n"] / eval_s, 1),
+        },
+        versions(),
+        expert_path(key),
+        history={"loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:]))},
     )
     expert.path = save_expert(expert, adapted)
     return expert
@@ -306,8 +324,17 @@ def with_head(body: Mapping, head_from: Mapping | Expert, kind: str) -> StateDic
     return {**merged_body, **head}
 
 
-def fresh_head(body: Mapping, task: str, *, seed: int, probe_examples: int = 0, smoke: bool | None = None,
-               probe_steps: int = 300, data_dir=None, device=None) -> StateDict:
+def fresh_head(
+    body: Mapping,
+    task: str,
+    *,
+    seed: int,
+    probe_examples: int = 0,
+    smoke: bool | None = None,
+    probe_steps: int = 300,
+    data_dir=None,
+    device=None,
+) -> StateDict:
     """The report's re-initialised-head variant: ``body`` with a head redrawn from ``seed``.
 
     With ``probe_examples > 0`` the new head is then fitted as a linear probe on the frozen body:
@@ -326,8 +353,9 @@ def fresh_head(body: Mapping, task: str, *, seed: int, probe_examples: int = 0, 
         raise ValueError(f"the body does not fit a {spec.title} model: {not_head[0]!r} is missing or unexpected")
     models.init_head(model, seed)
     if probe_examples > 0:
-        features, labels = _head_inputs(model, task, probe_examples if not smoke else min(probe_examples, 64),
-                                        data_dir=data_dir, device=device)
+        features, labels = _head_inputs(
+            model, task, probe_examples if not smoke else min(probe_examples, 64), data_dir=data_dir, device=device
+        )
         head = models.head_of(model)
         features, labels = features.to(head.weight.device), labels.to(head.weight.device)
         with _seeded(derive_seed(seed, task, "probe")), torch.enable_grad():
@@ -369,8 +397,9 @@ def _head_inputs(model: nn.Module, task: str, n: int, *, data_dir=None, device=N
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: nn.Module, task: str, *, batches: int = 20, batch_size: int = 256, seed: int = 0,
-                         data_dir=None, device=None) -> nn.Module:
+def reestimate_batchnorm(
+    model: nn.Module, task: str, *, batches: int = 20, batch_size: int = 256, seed: int = 0, data_dir=None, device=None
+) -> nn.Module:
     """Recompute every BatchNorm's running mean and variance from ``batches`` training batches of
     ``task`` (a cumulative average, not the momentum average of training). Merging averages the
     running statistics along with the weights, but the merged weights produce different

@@ -50,8 +50,9 @@ def make_base(seed: int = 0) -> StateDict:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def make_experts(base: StateDict, n: int, *, seed: int = 1, rank: int = 2, scale: float = 0.1,
-                 noise: float = 0.01) -> list[StateDict]:
+def make_experts(
+    base: StateDict, n: int, *, seed: int = 1, rank: int = 2, scale: float = 0.1, noise: float = 0.01
+) -> list[StateDict]:
     """``n`` experts fine-tuned from ``base``: low-rank-plus-noise deltas (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
     experts = []

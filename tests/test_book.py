@@ -23,11 +23,14 @@ def load(name: str):
 
 
 check = load("check")
-needs_chromium = pytest.mark.skipif(check.chromium_missing() is not None,
-                                    reason=f"book-check needs a browser: {check.chromium_missing()}")
+needs_chromium = pytest.mark.skipif(
+    check.chromium_missing() is not None, reason=f"book-check needs a browser: {check.chromium_missing()}"
+)
 
 # a 1x1 PNG
-PIXEL = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+PIXEL = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
 
 
 def page(body: str) -> str:
@@ -40,10 +43,15 @@ def good_site(tmp_path):
     (site / "chapters").mkdir(parents=True)
     (site / "_images").mkdir()
     (site / "_images" / "dot.png").write_bytes(PIXEL)
-    (site / "index.html").write_text(page("<h1 id='top'>Book</h1><a href='chapters/one.html#idea'>one</a>"
-                                          "<a href='#top'>top</a><a href='https://example.org/'>outside</a>"))
-    (site / "chapters" / "one.html").write_text(page("<h2 id='idea'>Idea</h2><img src='../_images/dot.png'>"
-                                                     "<a href='../index.html'>home</a>"))
+    (site / "index.html").write_text(
+        page(
+            "<h1 id='top'>Book</h1><a href='chapters/one.html#idea'>one</a>"
+            "<a href='#top'>top</a><a href='https://example.org/'>outside</a>"
+        )
+    )
+    (site / "chapters" / "one.html").write_text(
+        page("<h2 id='idea'>Idea</h2><img src='../_images/dot.png'><a href='../index.html'>home</a>")
+    )
     (site / "search.html").write_text(page("<p>search</p>"))
     return site
 
@@ -61,11 +69,14 @@ def test_a_sound_site_passes_with_a_screenshot_per_chapter(good_site, tmp_path):
 
 @needs_chromium
 def test_each_kind_of_breakage_is_reported(good_site, tmp_path):
-    (good_site / "chapters" / "two.html").write_text(page(
-        "<img src='../_images/missing.png'>"
-        "<a href='three.html'>gone</a><a href='../index.html#nowhere'>bad anchor</a>"
-        "<script>console.error('boom')</script><script>undefinedFunction()</script>"
-        "<script src='https://cdn.example.org/x.js'></script>"))
+    (good_site / "chapters" / "two.html").write_text(
+        page(
+            "<img src='../_images/missing.png'>"
+            "<a href='three.html'>gone</a><a href='../index.html#nowhere'>bad anchor</a>"
+            "<script>console.error('boom')</script><script>undefinedFunction()</script>"
+            "<script src='https://cdn.example.org/x.js'></script>"
+        )
+    )
     reports = {r.page: r for r in check.check_site(good_site, None, timeout_ms=10_000)}
     problems = "\n".join(reports["chapters/two.html"].problems)
     assert "image did not load" in problems and "missing.png" in problems
@@ -102,6 +113,7 @@ def test_staging_without_execution(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ lab
+
 
 def test_presets_are_a_no_op_without_PRESET(monkeypatch):
     from lib import presets

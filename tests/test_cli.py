@@ -33,8 +33,14 @@ N_EXPERTS = 2
 
 def tiny_bert(seed: int):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=60, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=60,
+        max_position_embeddings=32,
+    )
     return transformers.BertModel(config)
 
 
@@ -101,8 +107,9 @@ def test_streamed_merge_equals_in_memory_merge(method, models, tmp_path):
     base = state_dict(models["base"])
     experts = [state_dict(p) for p in models["experts"]]
     expected = merge(method, base, experts)
-    out = merge_checkpoints(method, models["base"], models["experts"], tmp_path / "out",
-                            max_shard_bytes=30_000, progress=False).out
+    out = merge_checkpoints(
+        method, models["base"], models["experts"], tmp_path / "out", max_shard_bytes=30_000, progress=False
+    ).out
     got = state_dict(out)
     assert list(got) == list(expected)
     assert len(list(out.glob("model-*.safetensors"))) > 1
@@ -140,8 +147,17 @@ def test_merge_in_tiny_row_blocks_is_bit_identical(method, hp, select, models, t
     base = state_dict(models["base"])
     experts = [state_dict(p) for p in models["experts"]]
     expected = merge(method, base, experts, **select, **hp)
-    out = merge_checkpoints(method, models["base"], models["experts"], tmp_path / "out", parameters=hp,
-                            block_bytes=600, max_shard_bytes=30_000, progress=False, **select).out
+    out = merge_checkpoints(
+        method,
+        models["base"],
+        models["experts"],
+        tmp_path / "out",
+        parameters=hp,
+        block_bytes=600,
+        max_shard_bytes=30_000,
+        progress=False,
+        **select,
+    ).out
     got = state_dict(out)
     for k in expected:
         assert torch.equal(got[k], expected[k]), f"{method}: {k}"
@@ -187,12 +203,31 @@ def test_reader_and_writer_work_on_blocks_of_rows(models, tmp_path):
 
 def test_output_is_a_loadable_model(models, tmp_path, capsys):
     out = tmp_path / "merged"
-    rc, stdout, _ = run_cli(capsys, "merge", "--method", "ties", "--base", models["base"], "--experts",
-                            *models["experts"], "--out", out, "--set", "density=0.5", "--max-shard-size", "20KB",
-                            "--quiet")
+    rc, stdout, _ = run_cli(
+        capsys,
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        models["base"],
+        "--experts",
+        *models["experts"],
+        "--out",
+        out,
+        "--set",
+        "density=0.5",
+        "--max-shard-size",
+        "20KB",
+        "--quiet",
+    )
     assert rc == 0 and "merged 2 expert(s) with ties" in stdout
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json",
-                 "merge_config.yaml"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors.index.json",
+        "merge_config.yaml",
+    ):
         assert (out / name).is_file(), name
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {p.name for p in out.glob("model-*.safetensors")}
@@ -207,13 +242,22 @@ def test_output_is_a_loadable_model(models, tmp_path, capsys):
 
 def test_half_precision_and_integer_tensors_keep_their_dtype(tmp_path):
     g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(6, 4, generator=g).to(torch.bfloat16), "h": torch.randn(5, generator=g).half(),
-            "steps": torch.tensor(7), "flags": torch.tensor([True, False])}
+    base = {
+        "w": torch.randn(6, 4, generator=g).to(torch.bfloat16),
+        "h": torch.randn(5, generator=g).half(),
+        "steps": torch.tensor(7),
+        "flags": torch.tensor([True, False]),
+    }
     expert = {**base, "w": base["w"] + 0.1, "h": base["h"] - 0.1, "steps": torch.tensor(9)}
     save_file(base, tmp_path / "base.safetensors")
     save_file(expert, tmp_path / "expert.safetensors")
-    out = merge_checkpoints("task_arithmetic", tmp_path / "base.safetensors", [tmp_path / "expert.safetensors"],
-                            tmp_path / "out", progress=False).out
+    out = merge_checkpoints(
+        "task_arithmetic",
+        tmp_path / "base.safetensors",
+        [tmp_path / "expert.safetensors"],
+        tmp_path / "out",
+        progress=False,
+    ).out
     got = state_dict(out)
     expected = merge("task_arithmetic", base, [expert])
     for k in base:
@@ -224,14 +268,34 @@ def test_half_precision_and_integer_tensors_keep_their_dtype(tmp_path):
 
 def test_config_file_gives_the_same_model_as_flags(models, tmp_path, capsys):
     experts = models["experts"]
-    flags = ["merge", "--method", "average", "--base", models["base"], "--experts", *experts,
-             "--set", "weights=[0.7, 0.3]", "--out", tmp_path / "from_flags", "--quiet"]
-    config = {"merge_method": "average", "base_model": str(models["base"]),
-              "models": [{"model": str(experts[0]), "parameters": {"weight": 0.7}},
-                         {"model": str(experts[1]), "parameters": {"weight": 0.3}}]}
+    flags = [
+        "merge",
+        "--method",
+        "average",
+        "--base",
+        models["base"],
+        "--experts",
+        *experts,
+        "--set",
+        "weights=[0.7, 0.3]",
+        "--out",
+        tmp_path / "from_flags",
+        "--quiet",
+    ]
+    config = {
+        "merge_method": "average",
+        "base_model": str(models["base"]),
+        "models": [
+            {"model": str(experts[0]), "parameters": {"weight": 0.7}},
+            {"model": str(experts[1]), "parameters": {"weight": 0.3}},
+        ],
+    }
     (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
     assert run_cli(capsys, *flags)[0] == 0
-    assert run_cli(capsys, "merge", "--config", tmp_path / "merge.yaml", "--out", tmp_path / "from_config", "--quiet")[0] == 0
+    assert (
+        run_cli(capsys, "merge", "--config", tmp_path / "merge.yaml", "--out", tmp_path / "from_config", "--quiet")[0]
+        == 0
+    )
     a, b = state_dict(tmp_path / "from_flags"), state_dict(tmp_path / "from_config")
     assert all(torch.equal(a[k], b[k]) for k in a)
     even = merge("average", None, [state_dict(p) for p in experts])
@@ -251,8 +315,20 @@ def test_config_file_is_read_in_mergekit_shape(tmp_path):
 
 @pytest.mark.parametrize(
     "text, value",
-    [("0.3", 0.3), ("3", 3), ("1e-3", 1e-3), ("true", True), ("False", False), ("None", None), ("null", None),
-     ("[0.7, 0.3]", [0.7, 0.3]), ("0.5,0.5", [0.5, 0.5]), ("[]", []), ("model", "model"), ("[a, 2]", ["a", 2])],
+    [
+        ("0.3", 0.3),
+        ("3", 3),
+        ("1e-3", 1e-3),
+        ("true", True),
+        ("False", False),
+        ("None", None),
+        ("null", None),
+        ("[0.7, 0.3]", [0.7, 0.3]),
+        ("0.5,0.5", [0.5, 0.5]),
+        ("[]", []),
+        ("model", "model"),
+        ("[a, 2]", ["a", 2]),
+    ],
 )
 def test_set_values_are_parsed(text, value):
     assert parse_value(text) == value and type(parse_value(text)) is type(value)
@@ -295,8 +371,9 @@ def test_interrupted_merge_leaves_no_output(models, tmp_path, capsys, monkeypatc
             raise KeyboardInterrupt
 
     monkeypatch.setattr(ShardedWriter, "write", interrupt_after_three)
-    rc, _, err = run_cli(capsys, "merge", "--method", "average", "--experts", *models["experts"],
-                         "--out", tmp_path / "out", "--quiet")
+    rc, _, err = run_cli(
+        capsys, "merge", "--method", "average", "--experts", *models["experts"], "--out", tmp_path / "out", "--quiet"
+    )
     assert rc == 130 and "interrupted" in error_line(err)
     assert list(tmp_path.iterdir()) == []
 
@@ -355,8 +432,20 @@ def corrupt(models, tmp_path, how: str) -> Path:
 def test_bad_checkpoint_gives_one_line_and_no_output(how, expected, models, tmp_path, capsys):
     bad = tmp_path / "absent.safetensors" if how == "absent" else corrupt(models, tmp_path, how)
     out = tmp_path / "out"
-    rc, _, err = run_cli(capsys, "merge", "--method", "task_arithmetic", "--base", models["base"],
-                         "--experts", models["experts"][0], bad, "--out", out, "--quiet")
+    rc, _, err = run_cli(
+        capsys,
+        "merge",
+        "--method",
+        "task_arithmetic",
+        "--base",
+        models["base"],
+        "--experts",
+        models["experts"][0],
+        bad,
+        "--out",
+        out,
+        "--quiet",
+    )
     line = error_line(err)
     assert rc == 1
     for fragment in expected:
@@ -376,8 +465,18 @@ def test_bad_checkpoint_gives_one_line_and_no_output(how, expected, models, tmp_
     ],
 )
 def test_bad_method_or_hyperparameter_lists_valid_ones(extra, expected, models, tmp_path, capsys):
-    rc, _, err = run_cli(capsys, "merge", "--base", models["base"], "--experts", *models["experts"],
-                         "--out", tmp_path / "out", "--quiet", *extra)
+    rc, _, err = run_cli(
+        capsys,
+        "merge",
+        "--base",
+        models["base"],
+        "--experts",
+        *models["experts"],
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+        *extra,
+    )
     line = error_line(err)
     assert rc == 1
     for fragment in expected:
@@ -386,9 +485,23 @@ def test_bad_method_or_hyperparameter_lists_valid_ones(extra, expected, models, 
 
 
 def test_command_line_exits_non_zero_without_traceback(models, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lib", "merge", "--method", "nonsense", "--experts",
-                           str(models["experts"][0]), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lib",
+            "merge",
+            "--method",
+            "nonsense",
+            "--experts",
+            str(models["experts"][0]),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown merge method" in proc.stderr
 
@@ -397,17 +510,48 @@ def test_command_line_process_writes_everything_before_its_fast_exit(models, tmp
     """``python -m lib merge`` and ``scan`` end with os._exit (no interpreter teardown): the
     model folder, the CSV, the plot and the final message must all be complete by then."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "lib", "merge", "--method", "ties", "--base", str(models["base"]),
-                           "--experts", *map(str, models["experts"]), "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lib",
+            "merge",
+            "--method",
+            "ties",
+            "--base",
+            str(models["base"]),
+            "--experts",
+            *map(str, models["experts"]),
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"-> {out}" in proc.stdout
     expected = merge("ties", state_dict(models["base"]), [state_dict(p) for p in models["experts"]])
     got = state_dict(out)
     assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
     assert (out / MERGE_RECORD).read_text().startswith("merge_method: ties")
-    proc = subprocess.run([sys.executable, "-m", "lib", "scan", str(out), "--out", str(tmp_path / "scan.csv"),
-                           "--plot", str(tmp_path / "scan.png")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lib",
+            "scan",
+            str(out),
+            "--out",
+            str(tmp_path / "scan.csv"),
+            "--plot",
+            str(tmp_path / "scan.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     table = pd.read_csv(tmp_path / "scan.csv")
     assert len(table) > 0 and (tmp_path / "scan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -436,8 +580,13 @@ def test_scan_writes_one_row_per_matrix_and_a_plot(models, tmp_path, capsys):
     assert sorted(table["name"]) == sorted(expected["name"])
     merged = table.merge(expected, on="name", suffixes=("", "_ref"))
     for col in ("rows", "cols", "n_signal", "sigma2", "snr"):
-        torch.testing.assert_close(torch.tensor(merged[col].to_numpy(float)), torch.tensor(merged[f"{col}_ref"].to_numpy(float)),
-                                   rtol=1e-6, atol=1e-9, msg=col)
+        torch.testing.assert_close(
+            torch.tensor(merged[col].to_numpy(float)),
+            torch.tensor(merged[f"{col}_ref"].to_numpy(float)),
+            rtol=1e-6,
+            atol=1e-9,
+            msg=col,
+        )
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rc, _, err = run_cli(capsys, "scan", models["experts"][0], "--out", out, "--quiet")
     assert rc == 1 and "--force" in error_line(err)
@@ -452,7 +601,9 @@ def test_scan_writes_one_row_per_matrix_and_a_plot(models, tmp_path, capsys):
     ],
 )
 def test_bad_scan_input_gives_one_line(argv, expected, models, tmp_path, capsys):
-    argv = [str(models["experts"][0]) if a == "EXPERT" else str(tmp_path / a) if a == "missing_folder" else a for a in argv]
+    argv = [
+        str(models["experts"][0]) if a == "EXPERT" else str(tmp_path / a) if a == "missing_folder" else a for a in argv
+    ]
     rc, _, err = run_cli(capsys, "scan", *argv, "--out", tmp_path / "scan.csv", "--quiet")
     line = error_line(err)
     assert rc == 1 and all(f in line for f in expected), line
@@ -490,13 +641,20 @@ def test_streamed_merge_does_not_depend_on_the_key_order(method, tmp_path):
     streamed merge the in-memory result."""
     base = {k: v.contiguous() for k, v in tiny_bert(0).state_dict().items()}
     g = torch.Generator().manual_seed(3)
-    experts = [{k: w + 0.01 * torch.randn(w.shape, generator=g) if w.is_floating_point() else w for k, w in base.items()}
-               for _ in range(2)]
+    experts = [
+        {k: w + 0.01 * torch.randn(w.shape, generator=g) if w.is_floating_point() else w for k, w in base.items()}
+        for _ in range(2)
+    ]
     save_file(base, tmp_path / "base.safetensors")
     for i, e in enumerate(experts):
         save_file(e, tmp_path / f"e{i}.safetensors")
-    out = merge_checkpoints(method, tmp_path / "base.safetensors", [tmp_path / "e0.safetensors", tmp_path / "e1.safetensors"],
-                            tmp_path / "out", progress=False).out
+    out = merge_checkpoints(
+        method,
+        tmp_path / "base.safetensors",
+        [tmp_path / "e0.safetensors", tmp_path / "e1.safetensors"],
+        tmp_path / "out",
+        progress=False,
+    ).out
     got, expected = state_dict(out), merge(method, base, experts)  # module order
     assert list(expected) != sorted(expected)
     for k in expected:
@@ -517,7 +675,9 @@ def test_elementwise_merges_run_on_one_thread_and_the_count_is_restored(models, 
         cli.merge_threads(get_method("star"), params("star"), 0)
     seen = []
     real = cli._merge_checkpoints
-    monkeypatch.setattr(cli, "_merge_checkpoints", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    monkeypatch.setattr(
+        cli, "_merge_checkpoints", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1]
+    )
     before = torch.get_num_threads()
     merge_checkpoints("average", models["base"], models["experts"], tmp_path / "out", progress=False, threads=2)
     merge_checkpoints("task_arithmetic", models["base"], models["experts"], tmp_path / "out2", progress=False)

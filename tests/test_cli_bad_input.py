@@ -47,8 +47,19 @@ def checksums(*paths: Path, skip: Path | None = None) -> dict[str, str]:
 
 
 def merge_argv(models, out, *extra):
-    return ["merge", "--method", "task_arithmetic", "--base", models["base"], "--experts", *models["experts"],
-            "--out", out, "--quiet", *extra]
+    return [
+        "merge",
+        "--method",
+        "task_arithmetic",
+        "--base",
+        models["base"],
+        "--experts",
+        *models["experts"],
+        "--out",
+        out,
+        "--quiet",
+        *extra,
+    ]
 
 
 def assert_fails(capsys, argv, *fragments) -> str:
@@ -71,8 +82,19 @@ def test_out_holding_the_inputs_is_refused_and_nothing_is_deleted(models, tmp_pa
     shutil.copy(models["experts"][1], d / "e1.safetensors")
     (d / "notes.txt").write_text("unrelated")
     before = checksums(d)
-    argv = ["merge", "--method", "average", "--base", d / "base", "--experts", d / "e0", d / "e1.safetensors",
-            "--out", d, "--quiet"]
+    argv = [
+        "merge",
+        "--method",
+        "average",
+        "--base",
+        d / "base",
+        "--experts",
+        d / "e0",
+        d / "e1.safetensors",
+        "--out",
+        d,
+        "--quiet",
+    ]
     for flags in ([], ["--force"], ["--force-any"]):
         assert_fails(capsys, [*argv, *flags], f"--out {d} contains the input")
     assert checksums(d) == before
@@ -83,8 +105,18 @@ def test_expert_file_inside_out_is_refused(models, tmp_path, capsys):
     out.mkdir()
     shutil.copy(models["experts"][1], out / "e.safetensors")
     before = checksums(out)
-    argv = ["merge", "--method", "average", "--experts", models["experts"][0], out / "e.safetensors",
-            "--out", out, "--quiet", "--force-any"]
+    argv = [
+        "merge",
+        "--method",
+        "average",
+        "--experts",
+        models["experts"][0],
+        out / "e.safetensors",
+        "--out",
+        out,
+        "--quiet",
+        "--force-any",
+    ]
     assert_fails(capsys, argv, "contains the input", "e.safetensors")
     assert checksums(out) == before
 
@@ -103,16 +135,31 @@ def test_out_inside_an_input_folder_or_equal_to_it_is_refused(models, tmp_path, 
 
 @pytest.mark.parametrize("value", ["abc", "[a,b]", "[0.5]", "[1,nan]", "[-1, 2]"])
 def test_bad_weights_are_one_line(value, models, tmp_path, capsys):
-    argv = ["merge", "--method", "average", "--experts", *models["experts"], "--out", tmp_path / "out", "--quiet",
-            "--set", f"weights={value}"]
+    argv = [
+        "merge",
+        "--method",
+        "average",
+        "--experts",
+        *models["experts"],
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+        "--set",
+        f"weights={value}",
+    ]
     assert_fails(capsys, argv, "weights")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flag", ["--include", "--exclude"])
 def test_bad_regular_expression_is_one_line(flag, models, tmp_path, capsys):
-    assert_fails(capsys, merge_argv(models, tmp_path / "out", flag, "(encoder"), flag, "'(encoder'",
-                 "not a valid regular expression")
+    assert_fails(
+        capsys,
+        merge_argv(models, tmp_path / "out", flag, "(encoder"),
+        flag,
+        "'(encoder'",
+        "not a valid regular expression",
+    )
     assert_fails(capsys, ["scan", models["experts"][0], "--out", tmp_path / "s.csv", flag, "[a-", "--quiet"], flag)
     assert list(tmp_path.iterdir()) == []
 
@@ -132,8 +179,11 @@ def test_cuda_without_a_gpu_is_one_line(models, tmp_path, capsys):
 
 
 def test_empty_matrix_is_the_intended_error(tmp_path, capsys):
-    for call in (lambda: spectral.spectrum(torch.zeros(0, 16)), lambda: spectral.snr(torch.zeros(16, 0)),
-                 lambda: spectral.scan({"w": torch.zeros(0, 16)})):
+    for call in (
+        lambda: spectral.spectrum(torch.zeros(0, 16)),
+        lambda: spectral.snr(torch.zeros(16, 0)),
+        lambda: spectral.scan({"w": torch.zeros(0, 16)}),
+    ):
         with pytest.raises(ValueError, match="empty matrix has no spectrum"):
             call()
     save_file({"w": torch.zeros(0, 16), "v": torch.randn(8, 8)}, tmp_path / "m.safetensors")
@@ -178,12 +228,18 @@ def sentence_transformer(models, tmp_path_factory):
     a README card, and an onnx/ export of the base that no module uses."""
     root = tmp_path_factory.mktemp("st") / "base"
     shutil.copytree(models["base"], root)
-    (root / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (root / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
+    )
     (root / "1_Pooling").mkdir()
-    (root / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                                 "pooling_mode_mean_tokens": True}))
+    (root / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True})
+    )
     (root / "README.md").write_text("---\nlicense: apache-2.0\n---\n# the base model\n")
     (root / "onnx").mkdir()
     (root / "onnx" / "model.onnx").write_bytes(b"base weights in another format")
@@ -191,10 +247,24 @@ def sentence_transformer(models, tmp_path_factory):
 
 
 def test_sentence_transformers_modules_are_copied_and_the_card_describes_the_merge(
-        sentence_transformer, models, tmp_path, capsys):
+    sentence_transformer, models, tmp_path, capsys
+):
     out = tmp_path / "merged"
-    rc, stdout, err = run_cli(capsys, "merge", "--method", "ties", "--base", sentence_transformer, "--experts",
-                              *models["experts"], "--out", out, "--set", "density=0.5", "--quiet")
+    rc, stdout, err = run_cli(
+        capsys,
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        sentence_transformer,
+        "--experts",
+        *models["experts"],
+        "--out",
+        out,
+        "--set",
+        "density=0.5",
+        "--quiet",
+    )
     assert rc == 0, err
     for entry in json.loads((out / "modules.json").read_text()):
         assert (out / entry["path"]).is_dir(), entry  # every module the pipeline loads is there
@@ -203,8 +273,13 @@ def test_sentence_transformers_modules_are_copied_and_the_card_describes_the_mer
     assert not (out / "onnx").exists() and "onnx/ left out" in stdout
     card = (out / "README.md").read_text()
     assert "the base model" not in card
-    for fragment in ("A merge of 2 model(s) with `ties`", "density=0.5", str(models["experts"][0].resolve()),
-                     "merge_config.yaml", "`onnx/`"):
+    for fragment in (
+        "A merge of 2 model(s) with `ties`",
+        "density=0.5",
+        str(models["experts"][0].resolve()),
+        "merge_config.yaml",
+        "`onnx/`",
+    ):
         assert fragment in card, fragment
     assert yaml.safe_load(card.split("---")[1])["tags"][:2] == ["merge", "spectral-merge"]
     assert transformers.AutoModel.from_pretrained(out) is not None
@@ -227,9 +302,20 @@ def test_experts_without_the_position_ids_buffer_merge(models, tmp_path, capsys)
     experts = [{k: v for k, v in fine_tuned(state_dict(models["base"]), s).items()} for s in (1, 2)]
     for i, e in enumerate(experts):
         save_file(e, tmp_path / f"e{i}.safetensors")
-    rc, _, err = run_cli(capsys, "merge", "--method", "task_arithmetic", "--base", tmp_path / "base.safetensors",
-                         "--experts", tmp_path / "e0.safetensors", tmp_path / "e1.safetensors", "--out", tmp_path / "out",
-                         "--quiet")
+    rc, _, err = run_cli(
+        capsys,
+        "merge",
+        "--method",
+        "task_arithmetic",
+        "--base",
+        tmp_path / "base.safetensors",
+        "--experts",
+        tmp_path / "e0.safetensors",
+        tmp_path / "e1.safetensors",
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+    )
     assert rc == 0, err
     got = state_dict(tmp_path / "out")
     assert torch.equal(got["embeddings.position_ids"], base["embeddings.position_ids"])
@@ -239,8 +325,21 @@ def test_experts_without_the_position_ids_buffer_merge(models, tmp_path, capsys)
     # a floating-point tensor missing is still an architecture mismatch
     del experts[1]["pooler.dense.bias"]
     save_file(experts[1], tmp_path / "e1.safetensors")
-    assert_fails(capsys, ["merge", "--method", "average", "--experts", tmp_path / "e0.safetensors",
-                          tmp_path / "e1.safetensors", "--out", tmp_path / "out2", "--quiet"], "'pooler.dense.bias'")
+    assert_fails(
+        capsys,
+        [
+            "merge",
+            "--method",
+            "average",
+            "--experts",
+            tmp_path / "e0.safetensors",
+            tmp_path / "e1.safetensors",
+            "--out",
+            tmp_path / "out2",
+            "--quiet",
+        ],
+        "'pooler.dense.bias'",
+    )
 
 
 def test_scan_orders_a_resnet_from_input_to_output(tmp_path, capsys):
@@ -264,20 +363,31 @@ def test_yaml_errors_name_the_file_and_the_shape(models, tmp_path, capsys):
     bad.write_text("merge_method: ties\nmodels: [a, b\n")
     assert_fails(capsys, ["merge", "--config", bad, "--out", tmp_path / "o"], str(bad), "line", "not valid YAML")
     bad.write_text("merge_method: ties\nmodels: [a, b]\nparameters: [density, 0.3]\n")
-    assert_fails(capsys, ["merge", "--config", bad, "--out", tmp_path / "o"], "'parameters' must be a mapping",
-                 "{density: 0.3}")
+    assert_fails(
+        capsys, ["merge", "--config", bad, "--out", tmp_path / "o"], "'parameters' must be a mapping", "{density: 0.3}"
+    )
     bad.write_text("merge_method: ties\nmodels: [{model: a, parameters: [1]}]\n")
     assert_fails(capsys, ["merge", "--config", bad, "--out", tmp_path / "o"], "parameters of model 'a'")
 
 
 def test_mergekit_per_model_weights(models, tmp_path, capsys):
     experts = [str(p) for p in models["experts"]]
-    config = {"merge_method": "ties", "base_model": str(models["base"]),
-              "models": [{"model": experts[0], "parameters": {"weight": 0.7}},
-                         {"model": experts[1], "parameters": {"weight": 0.3}}]}
+    config = {
+        "merge_method": "ties",
+        "base_model": str(models["base"]),
+        "models": [
+            {"model": experts[0], "parameters": {"weight": 0.7}},
+            {"model": experts[1], "parameters": {"weight": 0.3}},
+        ],
+    }
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(config))
-    line = assert_fails(capsys, ["merge", "--config", tmp_path / "m.yaml", "--out", tmp_path / "o"],
-                        "'ties' takes no per-model weights", "average", "task_arithmetic")
+    line = assert_fails(
+        capsys,
+        ["merge", "--config", tmp_path / "m.yaml", "--out", tmp_path / "o"],
+        "'ties' takes no per-model weights",
+        "average",
+        "task_arithmetic",
+    )
     assert "weights'" not in line.split("methods that do")[0]  # no hyperparameter the user never wrote
     config["merge_method"] = "task_arithmetic"
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(config))
@@ -305,9 +415,26 @@ def test_expert_labels_are_the_same_in_every_message(models, tmp_path, capsys):
     sd = load_file(models["experts"][1])
     sd["encoder.layer.1.output.dense.weight"][3, 5] = float("nan")
     save_file(sd, tmp_path / "nan.safetensors")
-    lines = [assert_fails(capsys, ["merge", "--method", method, "--base", models["base"], "--experts",
-                                   models["experts"][0], tmp_path / "nan.safetensors", "--out", tmp_path / "o", "--quiet"],
-                          "NaN/Inf") for method in ("average", "ties")]
+    lines = [
+        assert_fails(
+            capsys,
+            [
+                "merge",
+                "--method",
+                method,
+                "--base",
+                models["base"],
+                "--experts",
+                models["experts"][0],
+                tmp_path / "nan.safetensors",
+                "--out",
+                tmp_path / "o",
+                "--quiet",
+            ],
+            "NaN/Inf",
+        )
+        for method in ("average", "ties")
+    ]
     label = f"expert 1 ({tmp_path / 'nan.safetensors'})"
     assert all(label in line for line in lines), lines
 
@@ -386,23 +513,49 @@ def assert_clean_outcome(rc, err, out: Path, existed: bool, before: dict, root: 
     assert [p for p in root.rglob(".*") if ".partial" in p.name or p.name.endswith((".tmp", ".old"))] == []
 
 
-SET_VALUES = ["density=0.5", "density=3", "density=abc", "lam=0.3", "lam=nan", "weights=[0.5,0.5]", "weights=abc",
-              "weights=[a,b]", "weights=[1]", "p=0.9", "p=1", "eta=40", "top=0.5", "seed=1", "seed=x", "scope=model",
-              "scope=nope", "nonsense=1", "=1", "density", "rtol=0"]
+SET_VALUES = [
+    "density=0.5",
+    "density=3",
+    "density=abc",
+    "lam=0.3",
+    "lam=nan",
+    "weights=[0.5,0.5]",
+    "weights=abc",
+    "weights=[a,b]",
+    "weights=[1]",
+    "p=0.9",
+    "p=1",
+    "eta=40",
+    "top=0.5",
+    "seed=1",
+    "seed=x",
+    "scope=model",
+    "scope=nope",
+    "nonsense=1",
+    "=1",
+    "density",
+    "rtol=0",
+]
 PATTERNS = ["encoder", "layer\\.0", "(", "[a-", "nosuchkey", ".*", "*", "weight$"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(method=st.sampled_from(sorted(METHODS) * 2 + ["nonsense"]),
-       with_base=st.sampled_from([True, True, True, False]),
-       experts=st.one_of(st.just(["expert_a", "expert_b.safetensors"]),
-                         st.lists(st.sampled_from(["expert_a", "expert_b.safetensors", "missing", "base"]), max_size=3)),
-       sets=st.lists(st.sampled_from(SET_VALUES), max_size=2),
-       include=st.lists(st.sampled_from(PATTERNS), max_size=1),
-       exclude=st.lists(st.sampled_from(PATTERNS), max_size=1),
-       device=st.sampled_from([None, None, "cpu", "foo", "cuda:7"]),
-       out=st.sampled_from(["new", "new", "new", "previous", "foreign", "base", "base/inner", "expert_b.safetensors", "."]),
-       force=st.sampled_from([[], [], ["--force"], ["--force-any"]]))
+@given(
+    method=st.sampled_from(sorted(METHODS) * 2 + ["nonsense"]),
+    with_base=st.sampled_from([True, True, True, False]),
+    experts=st.one_of(
+        st.just(["expert_a", "expert_b.safetensors"]),
+        st.lists(st.sampled_from(["expert_a", "expert_b.safetensors", "missing", "base"]), max_size=3),
+    ),
+    sets=st.lists(st.sampled_from(SET_VALUES), max_size=2),
+    include=st.lists(st.sampled_from(PATTERNS), max_size=1),
+    exclude=st.lists(st.sampled_from(PATTERNS), max_size=1),
+    device=st.sampled_from([None, None, "cpu", "foo", "cuda:7"]),
+    out=st.sampled_from(
+        ["new", "new", "new", "previous", "foreign", "base", "base/inner", "expert_b.safetensors", "."]
+    ),
+    force=st.sampled_from([[], [], ["--force"], ["--force-any"]]),
+)
 def test_fuzz_merge_arguments(fuzz_models, method, with_base, experts, sets, include, exclude, device, out, force):
     root = fuzz_models
     inputs = [root / "base", root / "expert_a", root / "expert_b.safetensors"]
@@ -470,15 +623,30 @@ def test_fuzz_corrupted_safetensors_headers(fuzz_models, data):
         text = good[8:header_end] + b" " * data.draw(st.integers(0, 64))
         blob = bytearray(len(text).to_bytes(8, "little") + text + good[header_end:])
     else:
-        blob[:8] = data.draw(st.sampled_from([0, 1, 2**63, 2**64 - 1, header_end + 10**6, len(good)])).to_bytes(8, "little")
+        blob[:8] = data.draw(st.sampled_from([0, 1, 2**63, 2**64 - 1, header_end + 10**6, len(good)])).to_bytes(
+            8, "little"
+        )
     with tempfile.TemporaryDirectory(dir=root) as work:
         work = Path(work)
         bad = work / "bad.safetensors"
         bad.write_bytes(bytes(blob))
         inputs = [root / "base", root / "expert_a", bad]
         before = checksums(*inputs)
-        rc, _, err = run_quietly(["merge", "--method", "average", "--base", root / "base", "--experts",
-                                  root / "expert_a", bad, "--out", work / "merged", "--quiet"])
+        rc, _, err = run_quietly(
+            [
+                "merge",
+                "--method",
+                "average",
+                "--base",
+                root / "base",
+                "--experts",
+                root / "expert_a",
+                bad,
+                "--out",
+                work / "merged",
+                "--quiet",
+            ]
+        )
         event(f"{how}: {'merged' if rc == 0 else 'refused'}")
         if rc == 0:  # a harmless change (whitespace, an equal rewrite): the output is complete
             assert (work / "merged" / cli.MERGE_RECORD).is_file()

@@ -172,24 +172,29 @@ def test_text_falls_back_to_the_hub(empty_dir, monkeypatch):
     import datasets
 
     calls = []
-    features = datasets.Features({
-        "sentence": datasets.Value("string"),
-        "label": datasets.ClassLabel(names=["negative", "positive"]),
-        "idx": datasets.Value("int32"),
-    })
+    features = datasets.Features(
+        {
+            "sentence": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["negative", "positive"]),
+            "idx": datasets.Value("int32"),
+        }
+    )
 
     def fake_load_dataset(path, name=None, split=None):
         calls.append((path, name, split))
-        return datasets.Dataset.from_dict({"sentence": ["good .", "bad ."], "label": [1, 0], "idx": [0, 1]},
-                                          features=features)
+        return datasets.Dataset.from_dict(
+            {"sentence": ["good .", "bad ."], "label": [1, 0], "idx": [0, 1]}, features=features
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     ds = data.load_text("sst2", "validation", data_dir=empty_dir)
     assert calls == [("nyu-mll/glue", "sst2", "validation")]
     assert ds.column_names == ["sentence", "label"]  # GLUE's idx dropped, as in the local copies
     assert "public hub" in ds.info.description
-    assert data.find_source("sst2", "validation", empty_dir).fingerprint(data.TASKS["sst2"], "validation") == \
-        "hub:nyu-mll/glue (sst2)"
+    assert (
+        data.find_source("sst2", "validation", empty_dir).fingerprint(data.TASKS["sst2"], "validation")
+        == "hub:nyu-mll/glue (sst2)"
+    )
 
 
 def test_hub_with_other_label_ids_is_refused(empty_dir, monkeypatch):
@@ -198,8 +203,10 @@ def test_hub_with_other_label_ids_is_refused(empty_dir, monkeypatch):
     def fake_load_dataset(path, name=None, split=None):
         return datasets.Dataset.from_dict(
             {"text": ["x"], "label": [0]},
-            features=datasets.Features({"text": datasets.Value("string"),
-                                        "label": datasets.ClassLabel(names=["pos", "neg"])}))
+            features=datasets.Features(
+                {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["pos", "neg"])}
+            ),
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     with pytest.raises(FileNotFoundError, match="would not mean the same thing"):

@@ -44,8 +44,18 @@ def kept_mask(magnitudes, density, kept):
     return magnitudes >= threshold
 
 
-def official_drm_h(deltas, density=0.2, *, rtol=1e-2, renorm=True, prune="joint", zero_round_off=True,
-                   kept="ceil", zero_mass="zero", full_density="drm"):
+def official_drm_h(
+    deltas,
+    density=0.2,
+    *,
+    rtol=1e-2,
+    renorm=True,
+    prune="joint",
+    zero_round_off=True,
+    kept="ceil",
+    zero_mass="zero",
+    full_density="drm",
+):
     """The official ``right_drm`` for one matrix's deltas ``(N, m, n)``, in float64, with the
     conventions as switches (module docstring). Returns the merged delta ``(m, n)`` before lam."""
     x = deltas.double()
@@ -93,8 +103,9 @@ def fast_and_reference(variant):
 
 @pytest.mark.parametrize("prune", ["joint", "per_task"])
 @pytest.mark.parametrize("variant", ["h", "v"])
-@pytest.mark.parametrize("n_tasks,m,n", [pytest.param(3, 768, 768, id="3x768x768"),
-                                         pytest.param(2, 768, 3072, id="2x768x3072")])
+@pytest.mark.parametrize(
+    "n_tasks,m,n", [pytest.param(3, 768, 768, id="3x768x768"), pytest.param(2, 768, 3072, id="2x768x3072")]
+)
 def test_fast_path_matches_the_official_algorithm_on_bert_shapes(n_tasks, m, n, variant, prune):
     deltas = low_rank_plus_noise(n_tasks, m, n, spike=10.0, seed=11)
     fast, reference = fast_and_reference(variant)
@@ -104,14 +115,24 @@ def test_fast_path_matches_the_official_algorithm_on_bert_shapes(n_tasks, m, n, 
 
 
 @pytest.mark.parametrize("variant", ["h", "v"])
-@pytest.mark.parametrize("hp", [dict(density=1.0), dict(density=0.5, rtol=0.0), dict(density=0.1, renorm=False),
-                                dict(density=0.3, prune="per_task", rtol=0.05)])
+@pytest.mark.parametrize(
+    "hp",
+    [
+        dict(density=1.0),
+        dict(density=0.5, rtol=0.0),
+        dict(density=0.1, renorm=False),
+        dict(density=0.3, prune="per_task", rtol=0.05),
+    ],
+)
 def test_options_match_the_official_algorithm(variant, hp):
     deltas = low_rank_plus_noise(3, 96, 64, rank=6, spike=5.0, seed=12, dtype=torch.float64)
     fast, reference = fast_and_reference(variant)
     hp = dict(hp)
     density = hp.pop("density")
-    assert relative_error(fast(deltas[None], density=density, **hp)[0], reference(deltas, density, **hp, **OURS)) <= TOLERANCE
+    assert (
+        relative_error(fast(deltas[None], density=density, **hp)[0], reference(deltas, density, **hp, **OURS))
+        <= TOLERANCE
+    )
 
 
 @pytest.mark.parametrize("prune", ["joint", "per_task"])
@@ -140,12 +161,14 @@ def orthogonal_tasks(n_tasks, m, n, rank, *, seed):
     for t in range(n_tasks):
         v = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))[0]
         strengths = 0.5 + 10 * torch.rand(rank, generator=g, dtype=torch.float64)
-        deltas.append((columns[:, t * rank:(t + 1) * rank] * strengths) @ v.T)
+        deltas.append((columns[:, t * rank : (t + 1) * rank] * strengths) @ v.T)
     return torch.stack(deltas)
 
 
 def random_orthogonal(size, seed):
-    return torch.linalg.qr(torch.randn(size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0]
+    return torch.linalg.qr(torch.randn(size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[
+        0
+    ]
 
 
 def rotation_error(variant, deltas, q, **hp):
@@ -199,7 +222,9 @@ def test_orthogonal_tasks_at_full_density_and_rank_add_up():
 
 def test_joint_pruning_keeps_ceil_of_all_entries_and_per_task_of_each_block():
     g = torch.Generator().manual_seed(19)
-    coordinates = torch.randn(3, 7, 11, generator=g, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.2]).reshape(3, 1, 1)
+    coordinates = torch.randn(3, 7, 11, generator=g, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.2]).reshape(
+        3, 1, 1
+    )
     scale = coordinates.norm(dim=-1, keepdim=True)
     joint = prune_in_joint_basis(coordinates, scale, 0.2, "joint")
     per_task = prune_in_joint_basis(coordinates, scale, 0.2, "per_task")

@@ -19,8 +19,15 @@ spec = importlib.util.spec_from_file_location("book_solutions", BOOK / "solution
 solutions = sys.modules["book_solutions"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(solutions)
 
-NEEDED = {"00": "00_marchenko_pastur", "01": "01_resnet_fashion_kmnist", "02": "02_text_sst2_emotion",
-          "03": "03_text_sst2_cola", "04": "04_star", "05": "05_drm", "06": "06_mergeability"}
+NEEDED = {
+    "00": "00_marchenko_pastur",
+    "01": "01_resnet_fashion_kmnist",
+    "02": "02_text_sst2_emotion",
+    "03": "03_text_sst2_cola",
+    "04": "04_star",
+    "05": "05_drm",
+    "06": "06_mergeability",
+}
 
 
 def needs_results(exercise: str):

@@ -32,7 +32,9 @@ def _texts(fig):
 
 
 def small_texts(fig) -> list[str]:
-    return [f"{t.get_text()!r} at {t.get_fontsize():.1f} pt" for t in _texts(fig) if t.get_fontsize() < MIN_POINTS - 1e-6]
+    return [
+        f"{t.get_text()!r} at {t.get_fontsize():.1f} pt" for t in _texts(fig) if t.get_fontsize() < MIN_POINTS - 1e-6
+    ]
 
 
 def _legends(fig):
@@ -87,15 +89,20 @@ def legends_on_data(fig) -> list[str]:
         box = _inner(leg.get_window_extent(renderer))
         for ax in fig.axes:
             if ax.get_window_extent(renderer).overlaps(box):
-                out += [f"legend ({', '.join(t.get_text() for t in leg.get_texts())[:60]}) over {h}"
-                        for h in _data_hits(ax, box, renderer)]
+                out += [
+                    f"legend ({', '.join(t.get_text() for t in leg.get_texts())[:60]}) over {h}"
+                    for h in _data_hits(ax, box, renderer)
+                ]
     return out
 
 
 def _overlapping(texts, renderer) -> list[str]:
     # a slanted label's box is not the text's outline (neighbours' boxes overlap where the text does not)
-    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts
-             if t.get_visible() and t.get_text().strip() and t.get_rotation() % 90 == 0]
+    boxes = [
+        (t.get_text(), t.get_window_extent(renderer))
+        for t in texts
+        if t.get_visible() and t.get_text().strip() and t.get_rotation() % 90 == 0
+    ]
     out = []
     for (a, ba), (b, bb) in itertools.combinations(boxes, 2):
         overlap = Bbox.intersection(ba, bb)
@@ -120,8 +127,11 @@ def overlapping_labels(fig) -> list[str]:
 def problems(fig) -> list[str]:
     fig.tight_layout()
     fig.canvas.draw()
-    return ([f"text under {MIN_POINTS:g} pt: {p}" for p in small_texts(fig)] + legends_on_data(fig)
-            + [f"labels overlap: {p}" for p in overlapping_labels(fig)])
+    return (
+        [f"text under {MIN_POINTS:g} pt: {p}" for p in small_texts(fig)]
+        + legends_on_data(fig)
+        + [f"labels overlap: {p}" for p in overlapping_labels(fig)]
+    )
 
 
 def published_figures():

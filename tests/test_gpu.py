@@ -47,8 +47,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU (make gpu-check on a GPU machine; GPU_TEST_DEVICE=cpu rehearses)"),
+    pytest.mark.skipif(
+        DEVICE.startswith("cuda") and not torch.cuda.is_available(),
+        reason="needs a CUDA GPU (make gpu-check on a GPU machine; GPU_TEST_DEVICE=cpu rehearses)",
+    ),
 ]
 
 ALL = sorted(METHODS)
@@ -113,8 +115,12 @@ def bert_layer():
     base["embeddings.position_ids"] = torch.arange(POSITIONS).unsqueeze(0)
     experts = []
     for i in range(N_EXPERTS):
-        experts.append({k: (w + low_rank_plus_noise(w.shape, g, spike=5.0 * (i + 1)) if w.is_floating_point() else w.clone())
-                        for k, w in base.items()})
+        experts.append(
+            {
+                k: (w + low_rank_plus_noise(w.shape, g, spike=5.0 * (i + 1)) if w.is_floating_point() else w.clone())
+                for k, w in base.items()
+            }
+        )
     return base, experts
 
 
@@ -127,7 +133,9 @@ def assert_same_merge(actual, expected, base, tolerance: float, what: str) -> No
             assert torch.equal(got, want), f"{what}: integer buffer {k} differs"
             continue
         err = relative_error(got - base[k].to(got.dtype), want - base[k].to(want.dtype))
-        assert err <= tolerance, f"{what}: {k} differs from the CPU result by {err:.1e} (relative), tolerance {tolerance:.0e}"
+        assert err <= tolerance, (
+            f"{what}: {k} differs from the CPU result by {err:.1e} (relative), tolerance {tolerance:.0e}"
+        )
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -179,14 +187,21 @@ def test_scan_on_device_equals_cpu_on_bert_base():
     assert list(on_device["name"]) == list(on_cpu["name"])
     assert (on_device["n_signal"] == on_cpu["n_signal"]).all(), "a spike was found on one device only"
     for column in ["sigma2", "lambda_plus", "threshold", "lambda_max", "signal_fraction", "snr_mp", "snr"]:
-        torch.testing.assert_close(torch.tensor(on_device[column].to_numpy()), torch.tensor(on_cpu[column].to_numpy()),
-                                   rtol=1e-4, atol=0.0, msg=lambda m: f"scan column {column}: {m}")
+        torch.testing.assert_close(
+            torch.tensor(on_device[column].to_numpy()),
+            torch.tensor(on_cpu[column].to_numpy()),
+            rtol=1e-4,
+            atol=0.0,
+            msg=lambda m: f"scan column {column}: {m}",
+        )
     cpu_spectra = spectral.spectra(list(weights.values()), device="cpu")
     device_spectra = spectral.spectra(list(weights.values()), device=DEVICE)
     for name, ours, ref in zip(weights, device_spectra, cpu_spectra):
         k = len(ref.eigenvalues)
         err = float((ours.eigenvalues - ref.eigenvalues).abs().max()) / ref.lambda_max
-        assert err <= 10 * k**0.5 * torch.finfo(torch.float32).eps, f"{name}: eigenvalues differ by {err:.1e} of lambda_max"
+        assert err <= 10 * k**0.5 * torch.finfo(torch.float32).eps, (
+            f"{name}: eigenvalues differ by {err:.1e} of lambda_max"
+        )
 
 
 @pytest.mark.parametrize("shape", list(BERT_MATRIX_SHAPES), ids=[f"{r}x{c}" for r, c in BERT_MATRIX_SHAPES])
@@ -269,10 +284,31 @@ def test_streaming_cli_merge_on_device(name, bert_layer, tmp_path):
         save_file({k: v.contiguous() for k, v in sd.items()}, path)
         paths.append(str(path))
     out = tmp_path / "merged"
-    proc = subprocess.run([sys.executable, "-m", "lib", "merge", "--method", name, "--base", paths[0],
-                           "--experts", *paths[1:], "--out", str(out), "--device", DEVICE, "--quiet",
-                           "--block-size", "1MiB"],  # the 3072-row matrices (9 MiB) stream in row blocks
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lib",
+            "merge",
+            "--method",
+            name,
+            "--base",
+            paths[0],
+            "--experts",
+            *paths[1:],
+            "--out",
+            str(out),
+            "--device",
+            DEVICE,
+            "--quiet",
+            "--block-size",
+            "1MiB",
+        ],  # the 3072-row matrices (9 MiB) stream in row blocks
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"python -m lib merge --device {DEVICE} failed:\n{proc.stdout}\n{proc.stderr}"
     streamed = {}
     for shard in sorted(out.glob("*.safetensors")):

@@ -42,16 +42,24 @@ def test_from_results_renders_only_the_notebooks_own_configuration(results_dir, 
     with pytest.raises(grids.ConfigMismatch, match="computed with SMOKE=0"):
         grids.load_results("nb", CONFIG, smoke=True)
     # a derived field (run labels spelled by today's code) is a note, not a refusal
-    assert grids.load_results("nb", {**CONFIG, "runs": ["average(weights=None, new=1)"]}, smoke=False,
-                              derived=["runs"])["value"] == 1
-    assert ('earlier version of the methods; it is shown as published. runs: 1 of 1 differ, e.g. "average(weights=None)" '
-            '(file) is "average(weights=None, new=1)" today') in capsys.readouterr().out
+    assert (
+        grids.load_results("nb", {**CONFIG, "runs": ["average(weights=None, new=1)"]}, smoke=False, derived=["runs"])[
+            "value"
+        ]
+        == 1
+    )
+    assert (
+        'earlier version of the methods; it is shown as published. runs: 1 of 1 differ, e.g. "average(weights=None)" '
+        '(file) is "average(weights=None, new=1)" today'
+    ) in capsys.readouterr().out
 
 
 def test_a_published_file_is_not_overwritten_by_another_configuration(results_dir, monkeypatch):
     grids.publish("nb", {"smoke": False, "config": CONFIG, "value": 1}, smoke=False)
     grids.publish("nb", {"smoke": False, "config": CONFIG, "value": 2}, smoke=False)  # same configuration: replaced
-    with pytest.raises(grids.ConfigMismatch, match=r"not overwriting the published .*sizes: file \[2, 3\], notebook \[2\]"):
+    with pytest.raises(
+        grids.ConfigMismatch, match=r"not overwriting the published .*sizes: file \[2, 3\], notebook \[2\]"
+    ):
         grids.publish("nb", {"smoke": False, "config": {**CONFIG, "sizes": [2]}, "value": 3}, smoke=False)
     assert paths.read_json(results_dir / "nb.json")["value"] == 2
     grids.publish("nb", {"smoke": True, "config": {**CONFIG, "sizes": [2]}}, smoke=True)  # SMOKE files are scratch
@@ -63,18 +71,29 @@ def test_a_published_file_is_not_overwritten_by_another_configuration(results_di
 def test_label_in_finds_the_label_published_records_carry():
     # 05's published DRM records predate DRM's `prune` hyperparameter: their labels do not name it
     old = {"density": 0.2, "lam": 1.0, "rtol": 0.01}
-    records = [{"method": "drm_h", "model": "merged", "run": f"drm_h(density=0.2, lam=1.0, renorm={r}, rtol=0.01)",
-                "hparams": {**old, "renorm": r}} for r in (True, False)]
+    records = [
+        {
+            "method": "drm_h",
+            "model": "merged",
+            "run": f"drm_h(density=0.2, lam=1.0, renorm={r}, rtol=0.01)",
+            "hparams": {**old, "renorm": r},
+        }
+        for r in (True, False)
+    ]
     assert grids.label_in(records, pool.canonical_run("drm_h")) == records[0]["run"]
     assert grids.label_in(records, pool.canonical_run("drm_h", renorm=False)) == records[1]["run"]
-    assert grids.label_in(records, pool.canonical_run("drm_h", density=0.5)) == pool.canonical_run("drm_h", density=0.5).label()
+    assert (
+        grids.label_in(records, pool.canonical_run("drm_h", density=0.5))
+        == pool.canonical_run("drm_h", density=0.5).label()
+    )
     assert grids.label_in(records, pool.canonical_run("ties")) == pool.canonical_run("ties").label()
 
 
 def notebook_grid(folder, seeds=(0,)):
     """A grid built as notebooks 04-05 build theirs: pool specs, a subset plan, runs and an extra sweep."""
-    specs = [runner.pool_spec(TASKS, seed=s, smoke=True, name="synthetic", source=SOURCE, folder=str(folder))
-             for s in seeds]
+    specs = [
+        runner.pool_spec(TASKS, seed=s, smoke=True, name="synthetic", source=SOURCE, folder=str(folder)) for s in seeds
+    ]
     out = []
     for spec in specs:
         subsets = pool.subset_plan(spec["tasks"], [2, 3], max_subsets=3, seed=spec["seed"])
@@ -99,8 +118,11 @@ def test_a_notebook_grid_killed_after_k_records_resumes_with_exactly_the_missing
     runner.release()
 
     path, k = tmp_path / "records.sqlite", 3
-    env = {**os.environ, "GRID_TEST_DELAY": "0.4",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "GRID_TEST_DELAY": "0.4",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
     kill_after_records([sys.executable, "-c", KILLED_NOTEBOOK_GRID, str(experts), str(path)], env=env, path=path, k=k)
     store = RecordStore(path)
     stored = len(store)
@@ -137,30 +159,43 @@ class SyntheticSweep:
     @staticmethod
     def build(spec):
         base, models = sweep_models(spec["seed"])
-        return sweep.SweepSetup(name=spec["name"], seed=spec["seed"], base=base, models=models,
-                                evaluate=sweep_evaluate(models),
-                                experts=[{"task": t, "key": f"synthetic-sweep:{spec['seed']}:{t}"} for t in models])
+        return sweep.SweepSetup(
+            name=spec["name"],
+            seed=spec["seed"],
+            base=base,
+            models=models,
+            evaluate=sweep_evaluate(models),
+            experts=[{"task": t, "key": f"synthetic-sweep:{spec['seed']}:{t}"} for t in models],
+        )
 
 
 def sweep_models(seed):
     g = torch.Generator().manual_seed(seed)
     base = {f"layer{i}.weight": torch.randn(12, 8, generator=g) for i in range(3)}
-    models = {t: {k: v + (0.5 + i) * torch.randn(v.shape, generator=g) for k, v in base.items()}
-              for i, t in enumerate(["x", "y"])}
+    models = {
+        t: {k: v + (0.5 + i) * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        for i, t in enumerate(["x", "y"])
+    }
     return base, models
 
 
 def sweep_evaluate(models):
     def evaluate(sd):
-        return {t: {"accuracy": float(torch.exp(-sum(((sd[k] - m[k]) ** 2).sum() for k in m) / 10))}
-                for t, m in models.items()}
+        return {
+            t: {"accuracy": float(torch.exp(-sum(((sd[k] - m[k]) ** 2).sum() for k in m) / 10))}
+            for t, m in models.items()
+        }
+
     return evaluate
 
 
 def test_a_sweep_through_run_grid_equals_sweep_seed(tmp_path):
     spec = runner.pool_spec(["x", "y"], seed=3, smoke=True, name="sweep", source=f"{__name__}:SyntheticSweep")
-    runs = (sweep.snr_runs(["snr_winner", "snr_low_a"], ["mp"], [0.0, 0.5, 1.0])
-            + sweep.threshold_runs(["snr_winner"], "mp", [1.0]) + sweep.reference_runs(["average", "ties"]))
+    runs = (
+        sweep.snr_runs(["snr_winner", "snr_low_a"], ["mp"], [0.0, 0.5, 1.0])
+        + sweep.threshold_runs(["snr_winner"], "mp", [1.0])
+        + sweep.reference_runs(["average", "ties"])
+    )
     configs = runner.sweep_grid(spec, runs, merge_kwargs={"exclude": "layer2"})
     records = runner.run_grid(configs, store=RecordStore(tmp_path / "records.sqlite"), progress=False)
     base, models = sweep_models(3)
@@ -174,8 +209,12 @@ def test_the_papers_effects_are_their_tables_differences():
     from lib import papers
 
     star = papers.star_effects({"text": 3}, ["ties", "drm_h"], [20])
-    assert [e.what for e in star] == ["STAR beats ties (3 tasks)", "STAR beats drm_h (3 tasks)",
-                                       "STAR beats the pre-trained body (all sizes)", "rescaling helps at eta=20 (all sizes)"]
+    assert [e.what for e in star] == [
+        "STAR beats ties (3 tasks)",
+        "STAR beats drm_h (3 tasks)",
+        "STAR beats the pre-trained body (all sizes)",
+        "rescaling helps at eta=20 (all sizes)",
+    ]
     assert star[0].paper == papers.STAR_TABLE2["star"] - papers.STAR_TABLE2["ties"] and star[0].in_paper
     assert star[1].paper is None and not star[1].in_paper and star[2].worse == "base"
     assert star[3].worse == pool.canonical_run("star", eta=20, rescale=False).label()

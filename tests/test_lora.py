@@ -47,8 +47,14 @@ def synthetic_base(seed: int = 0) -> dict:
     """A float64 base with every kind of tensor: an embedding, a conv kernel, matrices large
     enough for rank 64, a bias and an integer buffer."""
     g = torch.Generator().manual_seed(seed)
-    shapes = {"embed.weight": (40, 24), "conv.weight": (6, 3, 3, 3), "fc1.weight": (96, 80), "fc1.bias": (96,),
-              "fc2.weight": (80, 96), "classifier.weight": (3, 80)}
+    shapes = {
+        "embed.weight": (40, 24),
+        "conv.weight": (6, 3, 3, 3),
+        "fc1.weight": (96, 80),
+        "fc1.bias": (96,),
+        "fc2.weight": (80, 96),
+        "classifier.weight": (3, 80),
+    }
     base = {k: torch.randn(s, generator=g, dtype=torch.float64) / math.sqrt(s[-1]) for k, s in shapes.items()}
     base["bn.num_batches_tracked"] = torch.tensor(7)
     return base
@@ -104,13 +110,22 @@ def test_every_method_on_factored_inputs_equals_it_on_densified_ones(method, n_e
     assert sorted(got.deltas) == (sorted(matrices) if method in FACTORED else []), "factored path where it exists"
 
 
-@pytest.mark.parametrize("method,hp", [
-    ("star", dict(eta=90)), ("star", dict(eta=100, rescale=False)), ("star", dict(eta=10)),
-    ("star", dict(lam=0.125)), ("star", dict(eta=20, rescale=False, lam=-1.5)),
-    ("drm_h", dict(rtol=0.0)), ("drm_h", dict(prune="per_task", renorm=False, density=0.5)),
-    ("drm_v", dict(density=1.0, lam=0.7)), ("drm_v", dict(prune="per_task")),
-    ("task_arithmetic", dict(lam=0.5, weights=[1.0, -2.0, 0.5])), ("average", dict(weights=[3.0, 1.0, 0.0])),
-])
+@pytest.mark.parametrize(
+    "method,hp",
+    [
+        ("star", dict(eta=90)),
+        ("star", dict(eta=100, rescale=False)),
+        ("star", dict(eta=10)),
+        ("star", dict(lam=0.125)),
+        ("star", dict(eta=20, rescale=False, lam=-1.5)),
+        ("drm_h", dict(rtol=0.0)),
+        ("drm_h", dict(prune="per_task", renorm=False, density=0.5)),
+        ("drm_v", dict(density=1.0, lam=0.7)),
+        ("drm_v", dict(prune="per_task")),
+        ("task_arithmetic", dict(lam=0.5, weights=[1.0, -2.0, 0.5])),
+        ("average", dict(weights=[3.0, 1.0, 0.0])),
+    ],
+)
 def test_factored_paths_with_other_hyperparameters(method, hp):
     base = synthetic_base(1)
     assert_merges_agree(method, base, [random_adapter(base, r, s) for r, s in [(3, 1), (16, 2), (7, 3)]], **hp)
@@ -121,8 +136,11 @@ def test_mixed_ranks_missing_modules_and_full_tensors():
     full replacement weight (modules_to_save: that key goes through the dense merge), and a key
     excluded by name."""
     base = synthetic_base(2)
-    adapters = [random_adapter(base, 4, 1, skip=("fc2.weight",)), random_adapter(base, 12, 2, full=("classifier.weight",)),
-                random_adapter(base, 1, 3, skip=("embed.weight", "conv.weight"))]
+    adapters = [
+        random_adapter(base, 4, 1, skip=("fc2.weight",)),
+        random_adapter(base, 12, 2, full=("classifier.weight",)),
+        random_adapter(base, 1, 3, skip=("embed.weight", "conv.weight")),
+    ]
     for method in FACTORED:
         got = assert_merges_agree(method, base, adapters)
         assert "classifier.weight" not in got.deltas and "fc2.weight" in got.deltas
@@ -175,8 +193,14 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_bert(seed: int):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=60, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=60,
+        max_position_embeddings=32,
+    )
     return transformers.BertModel(config).eval()
 
 
@@ -195,7 +219,9 @@ def peft_setup(tmp_path_factory):
     folders = []
     for i, (r, alpha, rslora) in enumerate([(4, 8, False), (4, 16, False), (8, 8, True)]):
         torch.manual_seed(10 + i)
-        config = peft.LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=TARGETS, init_lora_weights=False)
+        config = peft.LoraConfig(
+            r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=TARGETS, init_lora_weights=False
+        )
         model = peft.get_peft_model(tiny_bert(0), config)
         model.save_pretrained(root / f"adapter{i}")
         folders.append(root / f"adapter{i}")
@@ -226,17 +252,32 @@ def test_read_adapter_gives_peft_deltas(peft_setup):
         assert "embeddings.word_embeddings.weight" in adapter.embeddings
         for k, d in adapter.deltas.items():
             assert rel(d.dense(torch.float64), reference[k].double()) < 1e-6, k
-    assert read_adapter(peft_setup["adapters"][2], ckpt).deltas["pooler.dense.weight"].scale == pytest.approx(8 / math.sqrt(8))
+    assert read_adapter(peft_setup["adapters"][2], ckpt).deltas["pooler.dense.weight"].scale == pytest.approx(
+        8 / math.sqrt(8)
+    )
 
 
 def test_read_adapter_names_the_first_mismatch(peft_setup, tmp_path):
     peft = peft_setup["peft"]
-    other = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                           intermediate_size=48, vocab_size=60, max_position_embeddings=32))
+    other = transformers.BertModel(
+        transformers.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=48,
+            vocab_size=60,
+            max_position_embeddings=32,
+        )
+    )
     base = Checkpoint(peft_setup["base"])
-    model = peft.get_peft_model(other, peft.LoraConfig(r=2, target_modules=["intermediate.dense"], init_lora_weights=False))
+    model = peft.get_peft_model(
+        other, peft.LoraConfig(r=2, target_modules=["intermediate.dense"], init_lora_weights=False)
+    )
     model.save_pretrained(tmp_path / "wrong")
-    with pytest.raises(ValueError, match=r"'encoder\.layer\.0\.intermediate\.dense\.weight' gets a delta of shape \(48, 32\).*the base has \(64, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'encoder\.layer\.0\.intermediate\.dense\.weight' gets a delta of shape \(48, 32\).*the base has \(64, 32\)",
+    ):
         read_adapter(tmp_path / "wrong", base)
     with pytest.raises(ValueError, match="no adapter_config.json"):
         read_adapter(tmp_path, base)
@@ -309,7 +350,9 @@ def test_dare_linear_svd_at_full_rank_is_dare_sum_given_the_same_masks(peft_setu
         return tensor * next(masks) / density
 
     monkeypatch.setattr(merge_utils, "random_pruning", our_random_pruning)
-    assert_peft_equal(ours, base, peft_merge(peft_setup, "dare_linear_svd", [1.0, 1.0, 1.0], density=1 - p, svd_rank=32))
+    assert_peft_equal(
+        ours, base, peft_merge(peft_setup, "dare_linear_svd", [1.0, 1.0, 1.0], density=1 - p, svd_rank=32)
+    )
 
 
 def test_peft_linear_is_not_a_sum_of_deltas(peft_setup):
@@ -324,8 +367,10 @@ def test_peft_linear_is_not_a_sum_of_deltas(peft_setup):
     assert rel(layer.get_delta_weight("merged").double(), ours.dense(torch.float64)) > 0.1
 
 
-@pytest.mark.parametrize("method,hp", [("star", {}), ("drm_h", {}), ("drm_v", {"density": 0.5}), ("task_arithmetic", {"lam": 0.5}),
-                                       ("average", {})])
+@pytest.mark.parametrize(
+    "method,hp",
+    [("star", {}), ("drm_h", {}), ("drm_v", {"density": 0.5}), ("task_arithmetic", {"lam": 0.5}), ("average", {})],
+)
 def test_written_adapter_loads_in_peft_with_the_full_models_logits(peft_setup, tmp_path, method, hp):
     base, adapters = adapters_and_base(peft_setup)
     result = merge_lowrank(method, base, adapters, **hp)

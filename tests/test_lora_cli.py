@@ -23,15 +23,27 @@ TARGETS = ["query", "value"]
 
 def tiny_classifier(seed: int = 0, hidden: int = 32):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, vocab_size=60, max_position_embeddings=32, num_labels=3)
+    config = transformers.BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=60,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     return transformers.BertForSequenceClassification(config).eval()
 
 
 def save_adapter_of(base_model, folder, seed: int, *, rank: int = 4, targets=TARGETS, head: bool = True):
     torch.manual_seed(seed)
-    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False,
-                             modules_to_save=["classifier"] if head else None)
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=targets,
+        init_lora_weights=False,
+        modules_to_save=["classifier"] if head else None,
+    )
     model = peft.get_peft_model(base_model, config)
     if head:  # a trained head: not the base's copy
         with torch.no_grad():
@@ -77,8 +89,9 @@ def test_adapter_merge_on_the_factored_path_equals_merge_lowrank(method, lora, t
     adapters = [read_adapter(p, base) for p in lora["adapters"]]
     expected = merge_lowrank(method, base, adapters).state_dict(base)
     # a tiny block size cuts the factored matrices and the copied ones into rows
-    out = merge_checkpoints(method, lora["base"], lora["adapters"], tmp_path / "out", block_bytes=1000,
-                            progress=False).out
+    out = merge_checkpoints(
+        method, lora["base"], lora["adapters"], tmp_path / "out", block_bytes=1000, progress=False
+    ).out
     assert_states_close(state(out), expected)
     assert (out / MERGE_RECORD).is_file() and (out / "config.json").is_file()
 
@@ -103,13 +116,16 @@ def test_adapters_and_full_models_merge_together(lora, tmp_path):
     model.load_state_dict(dense)
     model.save_pretrained(full)
     expected = merge("task_arithmetic", base, [dense, densify(base, read_adapter(lora["adapters"][1], base))])
-    out = merge_checkpoints("task_arithmetic", lora["base"], [full, lora["adapters"][1]], tmp_path / "out",
-                            progress=False).out
+    out = merge_checkpoints(
+        "task_arithmetic", lora["base"], [full, lora["adapters"][1]], tmp_path / "out", progress=False
+    ).out
     assert_states_close(state(out), expected)
 
 
-@pytest.mark.parametrize("method, hp", [("star", {"eta": 40}), ("task_arithmetic", {"lam": 0.5}),
-                                        ("drm_h", {"density": 0.3}), ("average", {})])
+@pytest.mark.parametrize(
+    "method, hp",
+    [("star", {"eta": 40}), ("task_arithmetic", {"lam": 0.5}), ("drm_h", {"density": 0.3}), ("average", {})],
+)
 def test_adapter_output_loads_in_peft_with_the_full_models_logits(method, hp, lora, tmp_path, capsys):
     sets = [f"--set={k}={v}" for k, v in hp.items()]
     common = ["merge", "--method", method, "--base", lora["base"], "--experts", *lora["adapters"], "--quiet", *sets]
@@ -124,8 +140,22 @@ def test_adapter_output_loads_in_peft_with_the_full_models_logits(method, hp, lo
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
     assert (tmp_path / "adapter" / MERGE_RECORD).is_file()
     # the record repeats the merge, output format included
-    assert main([str(a) for a in ["merge", "--config", tmp_path / "adapter" / MERGE_RECORD, "--out", tmp_path / "again",
-                                  "--quiet"]]) == 0
+    assert (
+        main(
+            [
+                str(a)
+                for a in [
+                    "merge",
+                    "--config",
+                    tmp_path / "adapter" / MERGE_RECORD,
+                    "--out",
+                    tmp_path / "again",
+                    "--quiet",
+                ]
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "again" / "adapter_config.json").is_file()
 
 
@@ -144,8 +174,19 @@ def error_of(capsys, *argv) -> str:
 
 def test_an_adapter_of_another_base_names_the_first_mismatch(lora, tmp_path, capsys):
     save_adapter_of(tiny_classifier(hidden=16), tmp_path / "other", 0, head=False)
-    line = error_of(capsys, "merge", "--method", "star", "--base", lora["base"], "--experts", lora["adapters"][0],
-                    tmp_path / "other", "--out", tmp_path / "out")
+    line = error_of(
+        capsys,
+        "merge",
+        "--method",
+        "star",
+        "--base",
+        lora["base"],
+        "--experts",
+        lora["adapters"][0],
+        tmp_path / "other",
+        "--out",
+        tmp_path / "out",
+    )
     assert "expert 1" in line and "bert.encoder.layer.0.attention.self.query.weight" in line and "shape" in line
     assert not (tmp_path / "out").exists()
 
@@ -153,21 +194,70 @@ def test_an_adapter_of_another_base_names_the_first_mismatch(lora, tmp_path, cap
 def test_adapters_need_a_base_and_a_base_is_no_adapter(lora, tmp_path, capsys):
     line = error_of(capsys, "merge", "--method", "average", "--experts", *lora["adapters"], "--out", tmp_path / "out")
     assert "expert 0" in line and "PEFT adapter" in line and "--base" in line
-    line = error_of(capsys, "merge", "--method", "star", "--base", lora["adapters"][0], "--experts", lora["adapters"][1],
-                    "--out", tmp_path / "out")
+    line = error_of(
+        capsys,
+        "merge",
+        "--method",
+        "star",
+        "--base",
+        lora["adapters"][0],
+        "--experts",
+        lora["adapters"][1],
+        "--out",
+        tmp_path / "out",
+    )
     assert "--base" in line and "is a PEFT adapter" in line
     assert not (tmp_path / "out").exists()
 
 
 def test_adapter_output_only_where_the_merge_stays_low_rank(lora, tmp_path, capsys):
-    line = error_of(capsys, "merge", "--method", "ties", "--base", lora["base"], "--experts", *lora["adapters"],
-                    "--out", tmp_path / "out", "--out-format", "adapter")
+    line = error_of(
+        capsys,
+        "merge",
+        "--method",
+        "ties",
+        "--base",
+        lora["base"],
+        "--experts",
+        *lora["adapters"],
+        "--out",
+        tmp_path / "out",
+        "--out-format",
+        "adapter",
+    )
     assert "'ties'" in line and "low-rank" in line and "--out-format model" in line
-    line = error_of(capsys, "merge", "--method", "star", "--base", lora["base"], "--experts", lora["adapters"][0],
-                    lora["base"], "--out", tmp_path / "out", "--out-format", "adapter")
+    line = error_of(
+        capsys,
+        "merge",
+        "--method",
+        "star",
+        "--base",
+        lora["base"],
+        "--experts",
+        lora["adapters"][0],
+        lora["base"],
+        "--out",
+        tmp_path / "out",
+        "--out-format",
+        "adapter",
+    )
     assert "expert 1" in line and "full model" in line
-    line = error_of(capsys, "merge", "--method", "star", "--base", lora["base"], "--experts", *lora["adapters"],
-                    "--exclude", "query|value", "--out", tmp_path / "out", "--out-format", "adapter")
+    line = error_of(
+        capsys,
+        "merge",
+        "--method",
+        "star",
+        "--base",
+        lora["base"],
+        "--experts",
+        *lora["adapters"],
+        "--exclude",
+        "query|value",
+        "--out",
+        tmp_path / "out",
+        "--out-format",
+        "adapter",
+    )
     assert "no low-rank delta" in line
     assert not (tmp_path / "out").exists()
 
@@ -176,6 +266,7 @@ def test_a_broken_adapter_is_one_line(lora, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{not json")
-    line = error_of(capsys, "merge", "--method", "star", "--base", lora["base"], "--experts", broken,
-                    "--out", tmp_path / "out")
+    line = error_of(
+        capsys, "merge", "--method", "star", "--base", lora["base"], "--experts", broken, "--out", tmp_path / "out"
+    )
     assert "expert 0" in line and "adapter_model.safetensors" in line

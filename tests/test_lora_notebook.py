@@ -31,8 +31,11 @@ def test_runs_hold_stars_sweep_and_every_reference_once():
 
 def test_task_vector_ranks_read_lora_deltas_as_rank_r():
     g = torch.Generator().manual_seed(0)
-    base = {"q.weight": torch.randn(40, 32, generator=g), "k.weight": torch.randn(40, 32, generator=g),
-            "bias": torch.randn(40, generator=g)}
+    base = {
+        "q.weight": torch.randn(40, 32, generator=g),
+        "k.weight": torch.randn(40, 32, generator=g),
+        "bias": torch.randn(40, generator=g),
+    }
     lowrank = {**base, "q.weight": base["q.weight"] + torch.randn(40, 4, generator=g) @ torch.randn(4, 32, generator=g)}
     dense = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     rows = lora_pool.task_vector_ranks(base, {"lora": lowrank, "full": dense})
@@ -54,11 +57,32 @@ def test_figures_draw_from_a_results_dict(tmp_path, monkeypatch):
     from lib.figures import f07_lora
 
     monkeypatch.setattr(f07_lora, "savefig", lambda fig, name, smoke=False: [tmp_path / f"{name}.png"])
-    results = {"config": {"default_eta": 40}, "pools": {"text-lora": {"tasks": ["a", "b"]}},
-               "star_ranks": {"text-lora": {"seed": 0, "etas": [20, 40], "rows": [
-                   {"expert": e, "key": f"encoder.layer.0.attention.self.{m}.weight", "order": i, "nonzero": 16,
-                    "kept": [1, 3]} for e in "ab" for i, m in enumerate(["query", "value"])]}},
-               "low_rank": {"LoRA": [{"top16_energy": 1.0, "stable_rank": 2.0}],
-                            "full fine-tune": [{"top16_energy": 0.3, "stable_rank": 40.0}]}}
+    results = {
+        "config": {"default_eta": 40},
+        "pools": {"text-lora": {"tasks": ["a", "b"]}},
+        "star_ranks": {
+            "text-lora": {
+                "seed": 0,
+                "etas": [20, 40],
+                "rows": [
+                    {
+                        "expert": e,
+                        "key": f"encoder.layer.0.attention.self.{m}.weight",
+                        "order": i,
+                        "nonzero": 16,
+                        "kept": [1, 3],
+                    }
+                    for e in "ab"
+                    for i, m in enumerate(["query", "value"])
+                ],
+            }
+        },
+        "low_rank": {
+            "LoRA": [{"top16_energy": 1.0, "stable_rank": 2.0}],
+            "full fine-tune": [{"top16_energy": 0.3, "stable_rank": 40.0}],
+        },
+    }
     assert [p.stem for p in f07_lora.draw_ranks(results) + f07_lora.draw_low_rank(results)] == [
-        "07_lora_ranks", "07_lora_low_rank"]
+        "07_lora_ranks",
+        "07_lora_low_rank",
+    ]

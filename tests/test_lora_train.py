@@ -41,8 +41,9 @@ def test_lora_config_leaves_full_fine_tunes_alone():
 
 
 def test_smoke_lora_expert_is_its_base_plus_its_adapter():
-    expert = train.fit_expert("sst2", seed=0, smoke=True, progress=False, lora={"r": 4},
-                              max_train_examples=16, batch_size=8)
+    expert = train.fit_expert(
+        "sst2", seed=0, smoke=True, progress=False, lora={"r": 4}, max_train_examples=16, batch_size=8
+    )
     assert expert.is_lora and (expert.path / expert_cache.ADAPTER_DIR / "adapter_config.json").is_file()
     assert expert.metrics["n"] == expert_cache.SMOKE_EVAL["text"]
     base = train.base_state_dict("sst2", seed=0)
@@ -58,8 +59,9 @@ def test_smoke_lora_expert_is_its_base_plus_its_adapter():
     changed = {k for k in base if not torch.equal(base[k], expert.state_dict[k])}
     assert changed == set(adapter.deltas) | set(adapter.tensors)
     # the second call loads it
-    again = train.fit_expert("sst2", seed=0, smoke=True, progress=False, lora={"r": 4},
-                             max_train_examples=16, batch_size=8)
+    again = train.fit_expert(
+        "sst2", seed=0, smoke=True, progress=False, lora={"r": 4}, max_train_examples=16, batch_size=8
+    )
     assert again.from_cache and again.key == expert.key
     assert torch.equal(again.adapter().deltas[next(iter(adapter.deltas))].b, next(iter(adapter.deltas.values())).b)
 

@@ -113,6 +113,7 @@ def test_exclude_takes_tensors_from_the_chosen_source(name, excluded_from, tiny_
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_is_computed_in_float32(name, dtype, tiny_base, tiny_experts):
     """Merging half-precision checkpoints equals merging the same values in float32, then casting."""
+
     def cast(sd, to):
         return {k: v.to(to) if is_float(v) else v for k, v in sd.items()}
 
@@ -179,9 +180,13 @@ def test_tensor_scope_ties_is_not_elementwise():
 @pytest.mark.parametrize("name", ALL)
 def test_given_context_is_used(name, tiny_base, tiny_experts):
     keys = select_keys(tiny_base)
-    items = run_items({k: to_compute(tiny_base[k]) for k in keys}, [{k: to_compute(e[k]) for k in keys} for e in tiny_experts], keys)
+    items = run_items(
+        {k: to_compute(tiny_base[k]) for k in keys}, [{k: to_compute(e[k]) for k in keys} for e in tiny_experts], keys
+    )
     context = run_prepass(name, items)
-    assert_same_state_dict(merge(name, tiny_base, tiny_experts, context=context), merge(name, tiny_base, tiny_experts), atol=0, rtol=0)
+    assert_same_state_dict(
+        merge(name, tiny_base, tiny_experts, context=context), merge(name, tiny_base, tiny_experts), atol=0, rtol=0
+    )
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -28,8 +28,11 @@ def test_registry_entry_has_family_reference_and_version(name):
 def test_defaults_are_declared_once(name):
     """The registered function declares no default of its own: the registry's are the only ones."""
     impl = METHODS[name].impl
-    own = [p.name for p in inspect.signature(impl).parameters.values()
-           if p.default is not inspect.Parameter.empty and p.name in METHODS[name].defaults]
+    own = [
+        p.name
+        for p in inspect.signature(impl).parameters.values()
+        if p.default is not inspect.Parameter.empty and p.name in METHODS[name].defaults
+    ]
     assert own == []
 
 
@@ -43,7 +46,13 @@ def test_shared_names_mean_the_same_everywhere():
 
 def test_canonical_params_fill_defaults_and_resolve_old_names():
     assert canonical_params("dare", p=0.9) == canonical_params("dare", keep=0.1) == canonical_params("dare")
-    assert canonical_params("dare", p=0.75, then="ties") == {"keep": 0.25, "seed": 0, "then": "ties", "lam": 1.0, "density": 0.2}
+    assert canonical_params("dare", p=0.75, then="ties") == {
+        "keep": 0.25,
+        "seed": 0,
+        "then": "ties",
+        "lam": 1.0,
+        "density": 0.2,
+    }
     assert canonical_params("ties") == {"density": 0.2, "lam": 1.0, "scope": "model"}
     with pytest.raises(ValueError, match="both 'p' and 'keep'"):
         canonical_params("dare", p=0.9, keep=0.1)
@@ -115,8 +124,10 @@ def test_model_wide_threshold_equals_radix_select_whole_in_blocks_and_after_a_mi
     import lib.merge.ties as ties
 
     g = torch.Generator().manual_seed(1)
-    items = [[torch.randn(shape, generator=g) * (1 + 9 * torch.rand(shape, generator=g)) for _ in range(3)]
-             for shape in [(300, 257), (70000,), (5,), (768, 96)]]
+    items = [
+        [torch.randn(shape, generator=g) * (1 + 9 * torch.rand(shape, generator=g)) for _ in range(3)]
+        for shape in [(300, 257), (70000,), (5,), (768, 96)]
+    ]
     blocks = [list(parts) for tensors in items for parts in zip(*[t.split(max(1, t.shape[0] // 3)) for t in tensors])]
     total = sum(t.numel() for t in next(zip(*items)))
     for density in (0.0, 1e-5, 0.2, 0.99, 1.0):

@@ -65,7 +65,10 @@ def test_ties_density_one_without_sign_conflicts_is_the_mean_task_vector(tiny_ba
     g = torch.Generator().manual_seed(3)
     signs = {k: torch.randn(v.shape, generator=g).sign() for k, v in tiny_base.items() if is_float(v)}
     experts = [
-        {k: (v + signs[k] * (0.01 + torch.rand(v.shape, generator=g)) if is_float(v) else v) for k, v in tiny_base.items()}
+        {
+            k: (v + signs[k] * (0.01 + torch.rand(v.shape, generator=g)) if is_float(v) else v)
+            for k, v in tiny_base.items()
+        }
         for _ in range(3)
     ]
     merged = merge("ties", tiny_base, experts, density=1.0)
@@ -102,7 +105,9 @@ def test_ties_in_place_equals_the_step_by_step_merge(thresholds):
 
 
 def test_kept_count_is_robust_to_float_rounding():
-    assert kept_count(10, 0.2) == 2 and kept_count(10, 0.21) == 3 and kept_count(7, 0.0) == 0 and kept_count(7, 1.0) == 7
+    assert (
+        kept_count(10, 0.2) == 2 and kept_count(10, 0.21) == 3 and kept_count(7, 0.0) == 0 and kept_count(7, 1.0) == 7
+    )
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -110,7 +115,9 @@ def test_radix_select_equals_sorting(seed):
     """The streaming k-th largest magnitude equals sorting everything, also with ties, zeros and
     subnormal values and at the extreme ranks."""
     g = torch.Generator().manual_seed(seed)
-    tensors = [torch.randn(n, generator=g) * 10.0 ** float(torch.randint(-40, 3, (1,), generator=g)) for n in (50, 7, 130)]
+    tensors = [
+        torch.randn(n, generator=g) * 10.0 ** float(torch.randint(-40, 3, (1,), generator=g)) for n in (50, 7, 130)
+    ]
     tensors[1][:4] = 0.0
     tensors[2][:20] = tensors[0][:20]  # exact duplicates across tensors
     everything = torch.cat(tensors).abs().sort(descending=True).values
@@ -194,15 +201,24 @@ def test_dare_mask_depends_on_key_expert_and_seed_only(tiny_base, tiny_experts):
     assert torch.equal(first["fc1.weight"], only_fc1["fc1.weight"])
     other_seed = merge("dare", tiny_base, tiny_experts, seed=2)
     assert not torch.equal(first["fc1.weight"], other_seed["fc1.weight"])
-    assert keep_mask(torch.Size([1000]), 0.9, key="k", expert=0, seed=0).float().mean().item() == pytest.approx(0.1, abs=0.04)
+    assert keep_mask(torch.Size([1000]), 0.9, key="k", expert=0, seed=0).float().mean().item() == pytest.approx(
+        0.1, abs=0.04
+    )
 
 
 def dropped_experts(base, experts, p, seed):
     """The experts whose task vectors are DARE's dropped-and-rescaled ones (the same masks)."""
     from lib.merge.dare import drop_and_rescale
 
-    return [{k: (base[k] + drop_and_rescale(e[k] - base[k], p, key=k, expert=i, seed=seed) if is_float(base[k]) else e[k])
-             for k in base} for i, e in enumerate(experts)]
+    return [
+        {
+            k: (
+                base[k] + drop_and_rescale(e[k] - base[k], p, key=k, expert=i, seed=seed) if is_float(base[k]) else e[k]
+            )
+            for k in base
+        }
+        for i, e in enumerate(experts)
+    ]
 
 
 def test_dare_lam_scales_the_merged_task_vector(tiny_base, tiny_experts):
@@ -211,7 +227,9 @@ def test_dare_lam_scales_the_merged_task_vector(tiny_base, tiny_experts):
         full = merge("dare", tiny_base, tiny_experts, then=then)
         scaled = merge("dare", tiny_base, tiny_experts, then=then, lam=0.125)
         for k in float_keys(tiny_base):
-            torch.testing.assert_close(scaled[k] - tiny_base[k], 0.125 * (full[k] - tiny_base[k]), msg=lambda m: f"{then} {k}: {m}")
+            torch.testing.assert_close(
+                scaled[k] - tiny_base[k], 0.125 * (full[k] - tiny_base[k]), msg=lambda m: f"{then} {k}: {m}"
+            )
 
 
 def test_dare_variants_are_ties_steps_on_the_dropped_task_vectors(tiny_base, tiny_experts):
@@ -219,8 +237,10 @@ def test_dare_variants_are_ties_steps_on_the_dropped_task_vectors(tiny_base, tin
     'trim_ties' (MergeLM): all of TIES, its model-wide trim included, on the dropped experts."""
     p, seed = 0.5, 3
     dropped = dropped_experts(tiny_base, tiny_experts, p, seed)
-    merged = {then: merge("dare", tiny_base, tiny_experts, p=p, seed=seed, then=then, density=0.3)
-              for then in ("sum", "ties", "ties_sum", "trim_ties")}
+    merged = {
+        then: merge("dare", tiny_base, tiny_experts, p=p, seed=seed, then=then, density=0.3)
+        for then in ("sum", "ties", "ties_sum", "trim_ties")
+    }
     ties = merge("ties", tiny_base, dropped, density=0.3)
     for k in float_keys(tiny_base):
         taus = taus_of(tiny_base, dropped, k)
@@ -284,8 +304,18 @@ def test_ties_tensor_scope_and_dare_ties_match_peft(tiny_base, tiny_experts):
 
 
 def test_assign_layers_routes_biases_and_norms():
-    keys = ["pre.scale", "embed.weight", "conv.weight", "conv.bias", "bn.weight", "bn.running_var",
-            "attn.bias", "attn.in_proj_weight", "attn.out.weight", "norm.bias"]
+    keys = [
+        "pre.scale",
+        "embed.weight",
+        "conv.weight",
+        "conv.bias",
+        "bn.weight",
+        "bn.running_var",
+        "attn.bias",
+        "attn.in_proj_weight",
+        "attn.out.weight",
+        "norm.bias",
+    ]
     layers = assign_layers(keys, [k for k in keys if k.endswith("weight") and not k.startswith("bn")])
     assert layers == {
         "pre.scale": "embed.weight",  # nothing before it: the first layer
@@ -350,8 +380,13 @@ def context_with(base, high_layers, scores_per_layer):
     return decisions.__class__(decisions.scores, {k: k in high_layers for k in MATRICES}, decisions.layer_of)
 
 
-SNRS = {"embed.weight": [1.0, 2.0, 3.0], "conv.weight": [5.0, 1.0, 2.0], "fc1.weight": [0.0, 0.0, 0.0],
-        "fc2.weight": [1.0, 7.0, 2.0], "classifier.weight": [4.0, 4.0, 1.0]}
+SNRS = {
+    "embed.weight": [1.0, 2.0, 3.0],
+    "conv.weight": [5.0, 1.0, 2.0],
+    "fc1.weight": [0.0, 0.0, 0.0],
+    "fc2.weight": [1.0, 7.0, 2.0],
+    "classifier.weight": [4.0, 4.0, 1.0],
+}
 HIGH = {"conv.weight", "fc2.weight"}
 
 
@@ -384,8 +419,11 @@ def test_table_1_rules_with_injected_snrs(name, high_rule, low_rule, tiny_base, 
             "expert0": lambda: tiny_experts[0][k],
             "expert1": lambda: tiny_experts[1][k],
             "winner": lambda: tiny_experts[int(s.argmax())][k],
-            "alpha": lambda: torch.einsum("n,n...->...", (s / s.sum() if s.sum() > 0 else torch.full_like(s, 1 / 3)).float(),
-                                          stacked(tiny_experts, k)),
+            "alpha": lambda: torch.einsum(
+                "n,n...->...",
+                (s / s.sum() if s.sum() > 0 else torch.full_like(s, 1 / 3)).float(),
+                stacked(tiny_experts, k),
+            ),
         }[rule]()
 
     for k in select_keys(tiny_base):
@@ -399,8 +437,10 @@ def test_snr_low_expert_index_generalises_low_a(tiny_base, tiny_experts):
     context = context_with(tiny_base, HIGH, SNRS)
     low_c = merge("snr_low_expert", tiny_base, tiny_experts, context=context, index=2)
     assert torch.equal(low_c["fc1.weight"], tiny_experts[2]["fc1.weight"])
-    assert torch.equal(merge("snr_low_expert", tiny_base, tiny_experts, context=context)["fc1.weight"],
-                       merge("snr_low_a", tiny_base, tiny_experts, context=context)["fc1.weight"])
+    assert torch.equal(
+        merge("snr_low_expert", tiny_base, tiny_experts, context=context)["fc1.weight"],
+        merge("snr_low_a", tiny_base, tiny_experts, context=context)["fc1.weight"],
+    )
 
 
 # ----------------------------------------------------------------------------- SNR strategies: with lib.spectral
@@ -436,8 +476,10 @@ def planted(base, spiky, strength=8.0, seed=5):
 def test_snr_winner_top_one_takes_each_matrix_from_the_expert_with_higher_snr(tiny_base):
     from lib.spectral import snr
 
-    experts = [planted(tiny_base, {"fc1.weight", "conv.weight"}, seed=5),
-               planted(tiny_base, {"fc2.weight", "embed.weight", "classifier.weight"}, seed=6)]
+    experts = [
+        planted(tiny_base, {"fc1.weight", "conv.weight"}, seed=5),
+        planted(tiny_base, {"fc2.weight", "embed.weight", "classifier.weight"}, seed=6),
+    ]
     merged = merge("snr_winner", tiny_base, experts, top=1.0)
     for k in MATRICES:
         snrs = [snr(e[k]) for e in experts]

@@ -14,7 +14,13 @@ from torch import nn
 from lib import mergeability as mg
 from lib.spectral import planted_spikes
 
-SHAPES = {"enc.0.weight": (12, 8), "enc.0.bias": (12,), "conv.weight": (6, 2, 3, 3), "out.weight": (5, 16), "norm.weight": (16,)}
+SHAPES = {
+    "enc.0.weight": (12, 8),
+    "enc.0.bias": (12,),
+    "conv.weight": (6, 2, 3, 3),
+    "out.weight": (5, 16),
+    "norm.weight": (16,),
+}
 
 
 def random_tv(seed: int, shapes=SHAPES, spikes: bool = True) -> dict[str, torch.Tensor]:
@@ -95,8 +101,7 @@ def halves(shapes, first: bool, seed: int):
 def test_orthogonal_task_vectors(base):
     ta, tb = halves(SHAPES, True, 4), halves(SHAPES, False, 5)
     pa, pb = (mg.profile(base, add(base, t)) for t in (ta, tb))
-    m = {"cosine": mg.cosine(pa.task_vector, pb.task_vector),
-         **{r["key"]: r for r in mg.layer_table(pa, pb)}}
+    m = {"cosine": mg.cosine(pa.task_vector, pb.task_vector), **{r["key"]: r for r in mg.layer_table(pa, pb)}}
     assert m["cosine"] == pytest.approx(0.0, abs=1e-12)
     for key in SHAPES:
         assert m[key]["cosine"] == pytest.approx(0.0, abs=1e-12)
@@ -193,8 +198,18 @@ def test_pairwise_metrics_on_a_model_with_conv_batchnorm_and_integer_buffers(tin
     a, b = make_experts(tiny_base, 2)
     grads = {"base": ({"fc1.weight": torch.ones(16, 8)}, {"fc1.weight": -torch.ones(16, 8)})}
     m = mg.pairwise_metrics(tiny_base, a, b, gradients=grads, exclude="classifier")
-    assert set(m) == {"cosine", "layer_cosine", "subspace_overlap", "magnitude_ratio", "sign_conflict", "snr_rank_corr",
-                      "snr_agreement", "tv_snr_rank_corr", "gradient_cosine_base", "gradient_l2_base"}
+    assert set(m) == {
+        "cosine",
+        "layer_cosine",
+        "subspace_overlap",
+        "magnitude_ratio",
+        "sign_conflict",
+        "snr_rank_corr",
+        "snr_agreement",
+        "tv_snr_rank_corr",
+        "gradient_cosine_base",
+        "gradient_l2_base",
+    }
     assert m["gradient_cosine_base"] == pytest.approx(-1.0)
     assert m["gradient_l2_base"] == pytest.approx(2 * math.sqrt(16 * 8))
     assert -1 <= m["cosine"] <= 1 and 0 <= m["subspace_overlap"] <= 1 and 0 < m["magnitude_ratio"] <= 1
@@ -282,7 +297,9 @@ def test_inner_product_properties_equal_direct_computation():
     flat_a, flat_b = (torch.cat([t.double().reshape(-1) for t in v.values()]) for v in (a, b))
     assert mg.distance(a, b) == pytest.approx(float((flat_a - flat_b).norm()), rel=1e-10)
     assert mg.cosine(a, b) == pytest.approx(float(flat_a @ flat_b / (flat_a.norm() * flat_b.norm())), rel=1e-10)
-    assert mg.magnitude_ratio(a, b) == pytest.approx(float(min(flat_a.norm(), flat_b.norm()) / max(flat_a.norm(), flat_b.norm())))
+    assert mg.magnitude_ratio(a, b) == pytest.approx(
+        float(min(flat_a.norm(), flat_b.norm()) / max(flat_a.norm(), flat_b.norm()))
+    )
     assert mg.distance(a, a) == 0.0
 
 
@@ -318,15 +335,20 @@ def test_more_permutations_extends_the_same_shuffles_and_keeps_the_fit():
     exceed = sum(v >= fits["ties"]["r2"] for v in more["null_r2"])
     assert more["permutations"] == 12 and more["permutation_p"] == pytest.approx((exceed + 1) / 13)
     assert {k: v for k, v in more.items() if k not in ("null_r2", "permutation_p", "permutations")} == {
-        k: v for k, v in fits["ties"].items() if k not in ("null_r2", "permutation_p", "permutations")}
+        k: v for k, v in fits["ties"].items() if k not in ("null_r2", "permutation_p", "permutations")
+    }
     X2, y2 = mg.design(properties, fits["ties"])
     assert np.array_equal(X2, X) and np.array_equal(y2, y)
 
 
 def test_flat_properties_are_the_ones_equal_for_every_pair():
-    properties = [{"pair": f"p{i}", "agreement": 1.0, "corr": 0.998 + 0.001 * (i % 2), "cosine": 0.1 * i} for i in range(5)]
+    properties = [
+        {"pair": f"p{i}", "agreement": 1.0, "corr": 0.998 + 0.001 * (i % 2), "cosine": 0.1 * i} for i in range(5)
+    ]
     assert mg.flat_properties(properties, ["agreement", "corr", "cosine"]) == {
-        "agreement": (1.0, 1.0), "corr": pytest.approx((0.998, 0.999))}
+        "agreement": (1.0, 1.0),
+        "corr": pytest.approx((0.998, 0.999)),
+    }
 
 
 def test_the_permutation_test_stops_once_enough_shuffles_do_as_well():

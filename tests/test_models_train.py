@@ -178,11 +178,15 @@ def test_training_is_deterministic_given_the_seed(cache, monkeypatch):
 
 @needs_shared
 def test_fine_tuned_expert_is_keyed_by_its_base_and_starts_from_it():
-    base_config = expert_cache.expert_config("mnist", seed=0, smoke=True, **{k: TINY[k] for k in ("max_train_examples",)})
+    base_config = expert_cache.expert_config(
+        "mnist", seed=0, smoke=True, **{k: TINY[k] for k in ("max_train_examples",)}
+    )
     config = expert_cache.expert_config("kmnist", seed=0, variant="mnist_base", smoke=True)
     assert config["init"]["base"] == expert_cache.config_key(expert_cache.expert_config("mnist", seed=0, smoke=True))
     assert expert_cache.config_key(base_config) != config["init"]["base"]  # another MNIST recipe is another base
-    assert expert_cache.expert_config("mnist", seed=0, variant="mnist_base") == expert_cache.expert_config("mnist", seed=0)
+    assert expert_cache.expert_config("mnist", seed=0, variant="mnist_base") == expert_cache.expert_config(
+        "mnist", seed=0
+    )
     with pytest.raises(ValueError, match="variants"):
         expert_cache.expert_config("sst2", seed=0, variant="mnist_base")
 

@@ -35,8 +35,10 @@ def distance(a, b) -> float:
 
 def fake_pool(tasks=("a", "b", "c"), *, seed=0, name="fake") -> pool.Pool:
     base = body(0)
-    bodies = {t: {k: v + 0.3 * body(10 * seed + i + 1)[k] if v.is_floating_point() else v for k, v in base.items()}
-              for i, t in enumerate(tasks)}
+    bodies = {
+        t: {k: v + 0.3 * body(10 * seed + i + 1)[k] if v.is_floating_point() else v for k, v in base.items()}
+        for i, t in enumerate(tasks)
+    }
     return pool.Pool(name=name, kind="text", seed=seed, smoke=True, base=base, bodies=bodies, heads=bodies)
 
 
@@ -50,20 +52,27 @@ class FakeEvaluateFor:
     def __call__(self, subset):
         def evaluate(sd):
             self.calls += 1
-            return {t: {"accuracy": 0.5 + 0.5 * math.exp(-distance(sd, self.pool.bodies[t])), "f1": 0.3}
-                    for t in subset}
+            return {
+                t: {"accuracy": 0.5 + 0.5 * math.exp(-distance(sd, self.pool.bodies[t])), "f1": 0.3} for t in subset
+            }
 
         return evaluate
 
 
 def run_fake(seeds=(0, 1), runs=None, sizes=(2, 3), max_subsets=2, name="fake"):
-    runs = runs or [pool.canonical_run("average"), pool.canonical_run("star", eta=40),
-                    pool.canonical_run("star", eta=100, rescale=True), pool.canonical_run("star", eta=100, rescale=False)]
+    runs = runs or [
+        pool.canonical_run("average"),
+        pool.canonical_run("star", eta=40),
+        pool.canonical_run("star", eta=100, rescale=True),
+        pool.canonical_run("star", eta=100, rescale=False),
+    ]
     records = []
     for seed in seeds:
         p = fake_pool(seed=seed, name=name)
         runner = pool.PoolRunner(p, FakeEvaluateFor(p), progress=False)
-        records += runner.alone() + runner.run(pool.subset_plan(p.tasks, sizes, max_subsets=max_subsets, seed=seed), runs)
+        records += runner.alone() + runner.run(
+            pool.subset_plan(p.tasks, sizes, max_subsets=max_subsets, seed=seed), runs
+        )
     return records
 
 
@@ -84,8 +93,9 @@ def test_task_subsets_draw_distinct_combinations_deterministically():
     assert pool.task_subsets(tasks, 7, max_subsets=10) == [tuple(tasks)]
 
 
-@pytest.mark.parametrize("size, max_subsets, message", [(1, 10, "between 2 and the 3"), (4, 10, "between 2 and the 3"),
-                                                        (2, 0, "at least 1")])
+@pytest.mark.parametrize(
+    "size, max_subsets, message", [(1, 10, "between 2 and the 3"), (4, 10, "between 2 and the 3"), (2, 0, "at least 1")]
+)
 def test_task_subsets_refuse_impossible_requests(size, max_subsets, message):
     with pytest.raises(ValueError, match=message):
         pool.task_subsets("abc", size, max_subsets=max_subsets)
@@ -139,7 +149,9 @@ def test_normalized_scores_divide_by_the_expert_of_the_same_seed_and_task():
     t = pool.task_scores(records)
     assert set(t.method) == {"average", "star", "base"}
     assert np.allclose(t.normalized, t.value / t.expert)
-    experts = {(r["seed"], r["task"]): r["value"] for r in records if r["method"] == "expert" and r["metric"] == "accuracy"}
+    experts = {
+        (r["seed"], r["task"]): r["value"] for r in records if r["method"] == "expert" and r["metric"] == "accuracy"
+    }
     row = t[(t.method == "average") & (t.seed == 1) & (t.task == "b")].iloc[0]
     assert row.expert == experts[(1, "b")] == pytest.approx(1.0)
     assert (t.normalized[t.method != "base"] < 1).all() and "hp_eta" in t.columns
@@ -199,9 +211,11 @@ def test_paired_differences_and_effects_compare_on_the_same_subsets():
     records = run_fake(seeds=(0, 1, 2))
     d = pool.paired_differences(records, "star(eta=40, rescale=True, lam=1.0)", "base")
     assert len(d) == 3 * 3 and (d.difference > 0).all(), "every merge here lies nearer the experts than the base"
-    effects = [Claim("merging beats the base", 5.0, "fake", better="star(eta=40, rescale=True, lam=1.0)", worse="base"),
-               Claim("the base beats merging", None, "fake", better="base", worse="average(weights=None)", sizes=(3,)),
-               Claim("one seed only", None, "fake", better="average(weights=None)", worse="base", pools=("other",))]
+    effects = [
+        Claim("merging beats the base", 5.0, "fake", better="star(eta=40, rescale=True, lam=1.0)", worse="base"),
+        Claim("the base beats merging", None, "fake", better="base", worse="average(weights=None)", sizes=(3,)),
+        Claim("one seed only", None, "fake", better="average(weights=None)", worse="base", pools=("other",)),
+    ]
     table = pool.compare_effects(records, effects).set_index("claim")
     assert table.loc["merging beats the base", "direction"] == "same"
     assert table.loc["merging beats the base", "resolved"] and table.loc["merging beats the base", "seeds"] == 3
@@ -226,15 +240,26 @@ def test_a_win_over_a_baseline_at_chance_is_not_agreement():
     worse = "average(weights=None)"
     s = pool.subset_scores(records)
     average = s[s.run == worse].normalized.mean()
-    effects = [Claim("STAR beats average", 1.0, "fake", better="star(eta=40, rescale=True, lam=1.0)", worse=worse),
-               Claim("ours only", None, "not in the paper", better="star(eta=40, rescale=True, lam=1.0)", worse=worse, in_paper=False)]
+    effects = [
+        Claim("STAR beats average", 1.0, "fake", better="star(eta=40, rescale=True, lam=1.0)", worse=worse),
+        Claim(
+            "ours only",
+            None,
+            "not in the paper",
+            better="star(eta=40, rescale=True, lam=1.0)",
+            worse=worse,
+            in_paper=False,
+        ),
+    ]
     # guessing scores what the average scores: the average has learned nothing
     experts = pool.task_scores(records).drop_duplicates("task").set_index("task").expert
     at_chance = {t: average * experts[t] for t in experts.index}
     table = pool.compare_effects(records, effects, chance=at_chance).set_index("claim")
     row = table.loc["STAR beats average"]
     assert row.baseline == "at chance" and row.agrees == "not counted"
-    assert row.chance_score == pytest.approx(100 * average, abs=1.0) and row.worse_score == pytest.approx(100 * average, abs=1.0)
+    assert row.chance_score == pytest.approx(100 * average, abs=1.0) and row.worse_score == pytest.approx(
+        100 * average, abs=1.0
+    )
     assert table.loc["ours only", "agrees"] == "–"
     far_below = {t: 0.01 for t in experts.index}
     assert pool.compare_effects(records, effects[:1], chance=far_below).iloc[0].baseline == ""
@@ -242,9 +267,21 @@ def test_a_win_over_a_baseline_at_chance_is_not_agreement():
 
 def test_stored_effects_measure_the_same_table_again():
     records = run_fake(seeds=(0, 1, 2))
-    effects = [Claim("merging beats the base (3 tasks)", 5.0, "fake", better="star(eta=40, rescale=True, lam=1.0)", worse="base",
-                           pools=("fake",), sizes=(3,), note="a note"),
-               Claim("ours only", None, "not compared in the paper", better="average(weights=None)", worse="base", in_paper=False)]
+    effects = [
+        Claim(
+            "merging beats the base (3 tasks)",
+            5.0,
+            "fake",
+            better="star(eta=40, rescale=True, lam=1.0)",
+            worse="base",
+            pools=("fake",),
+            sizes=(3,),
+            note="a note",
+        ),
+        Claim(
+            "ours only", None, "not compared in the paper", better="average(weights=None)", worse="base", in_paper=False
+        ),
+    ]
     table = pool.compare_effects(records, effects)
     again = pool.compare_effects(records, pool.stored_effects(table.to_dict("records")))
     pd.testing.assert_frame_equal(table, again)
@@ -280,14 +317,36 @@ def test_measured_rates_and_estimate_scale_with_examples_and_experts():
 def test_the_estimate_prices_a_sweep_grid_from_its_records_too():
     # lib.sweep's records: no pool, kind, size or subset; every model scored on every task
     def rec(method, model, run, **times):
-        return [{"seed": 0, "method": method, "model": model, "run": run, "task": t, "metric": "accuracy", "value": 0.5,
-                 "prepass_s": 0.0, "merge_s": 0.0, "eval_s": 3.0, "reused": False, **times} for t in ("sst2", "cola")]
-    records = rec("base", "base", "base:base") + rec("expert", "sst2", "expert:sst2") + rec("expert", "cola", "expert:cola")
-    records += rec("average", "merged", "average()", merge_s=2.0, prepass_s=1.0) + rec("ties", "merged", "ties()", merge_s=4.0)
+        return [
+            {
+                "seed": 0,
+                "method": method,
+                "model": model,
+                "run": run,
+                "task": t,
+                "metric": "accuracy",
+                "value": 0.5,
+                "prepass_s": 0.0,
+                "merge_s": 0.0,
+                "eval_s": 3.0,
+                "reused": False,
+                **times,
+            }
+            for t in ("sst2", "cola")
+        ]
+
+    records = (
+        rec("base", "base", "base:base") + rec("expert", "sst2", "expert:sst2") + rec("expert", "cola", "expert:cola")
+    )
+    records += rec("average", "merged", "average()", merge_s=2.0, prepass_s=1.0) + rec(
+        "ties", "merged", "ties()", merge_s=4.0
+    )
     rates = pool.measured_rates(records, {"sst2": 10, "cola": 20})
     assert rates["merge_s_per_expert"] == {"text/average": 1.0, "text/ties": 2.0} and rates["prepass_s_per_seed"] == 1.0
     assert rates["eval_s_per_example"]["text"] == pytest.approx(2 * 3.0 / (2 * 30))
-    plan = pool.planned("", "text", [("sst2", "cola")], [pool.canonical_run("average")] * 3, alone=["expert", "expert", "base"])
+    plan = pool.planned(
+        "", "text", [("sst2", "cola")], [pool.canonical_run("average")] * 3, alone=["expert", "expert", "base"]
+    )
     est = pool.estimate_seconds(rates, plan, {"sst2": 100, "cola": 200})
     assert est["merges"] == 3 and est["merge_s"] == pytest.approx(3 * 1.0 * 2)  # the experts and the base merge nothing
     assert est["eval_s"] == pytest.approx(6 * 0.1 * 300) and est["total_s"] == pytest.approx(6 + 180 + 1.0)
@@ -295,11 +354,18 @@ def test_the_estimate_prices_a_sweep_grid_from_its_records_too():
 
 def test_plan_grid_draws_the_subsets_the_run_will_merge():
     pools = {"text": ["sst2", "cola", "trec"], "vision/mnist_base": ["fashion_mnist", "kmnist"]}
-    plan, alone = pool.plan_grid(pools, {"text": [2, 3], "vision": [2, 3]}, max_subsets=1, seeds=[0, 1],
-                                 runs=[pool.canonical_run("star"), pool.canonical_run("ties")])
+    plan, alone = pool.plan_grid(
+        pools,
+        {"text": [2, 3], "vision": [2, 3]},
+        max_subsets=1,
+        seeds=[0, 1],
+        runs=[pool.canonical_run("star"), pool.canonical_run("ties")],
+    )
     text = [i for i in plan if i["pool"] == "text"]
     assert len(text) == 2 * 2 * 2 and len(plan) == len(text) + 2 * 2
-    assert [i["tasks"] for i in text[:4:2]] == [list(s) for s in pool.subset_plan(pools["text"], [2, 3], max_subsets=1, seed=0)]
+    assert [i["tasks"] for i in text[:4:2]] == [
+        list(s) for s in pool.subset_plan(pools["text"], [2, 3], max_subsets=1, seed=0)
+    ]
     assert alone == [("text", pools["text"]), ("vision", pools["vision/mnist_base"])] * 2
 
 
@@ -350,8 +416,10 @@ def split_v_reference(deltas, density):
     rank = int((s > 1e-2 * s[0]).sum())
     blocks = vh[:rank].reshape(rank, n_tasks, n).transpose(0, 1)  # (N, r, n): rows v_{t,i}
     norms = torch.linalg.vector_norm(blocks, dim=-1, keepdim=True)
-    kept = {renorm: (trim_topk(blocks / norms if renorm else blocks, density, batch_dims=1) != 0).double().mean(-1)
-            for renorm in (True, False)}
+    kept = {
+        renorm: (trim_topk(blocks / norms if renorm else blocks, density, batch_dims=1) != 0).double().mean(-1)
+        for renorm in (True, False)
+    }
     return s[:rank], norms[..., 0], kept
 
 
@@ -359,19 +427,26 @@ def test_drm_row_profile_matches_the_split_of_a_full_svd():
     g = torch.Generator().manual_seed(3)
     n_tasks, m, n = 3, 12, 10
     shared = torch.randn(m, 2, generator=g)
-    deltas = torch.stack([shared @ torch.randn(2, n, generator=g) * (t + 1) + 0.3 * torch.randn(m, n, generator=g)
-                          for t in range(n_tasks)])
+    deltas = torch.stack(
+        [
+            shared @ torch.randn(2, n, generator=g) * (t + 1) + 0.3 * torch.randn(m, n, generator=g)
+            for t in range(n_tasks)
+        ]
+    )
     p = drm.row_profile(deltas, density=0.3, prune="per_task")  # the reference below trims task by task
     sigma, norms, kept = split_v_reference(deltas, 0.3)
     assert torch.allclose(p.singular_values, sigma, rtol=1e-8)
     assert torch.allclose(p.row_norms, norms, rtol=1e-6)
     assert torch.allclose(p.row_norms.square().sum(0), torch.ones(len(sigma), dtype=torch.float64), rtol=1e-8), (
-        "each component's squared row norms are the tasks' shares of it and sum to 1")
+        "each component's squared row norms are the tasks' shares of it and sum to 1"
+    )
     for renorm in (True, False):
         assert torch.allclose(p.kept[renorm], kept[renorm])
     # renormalised, every task keeps its share of entries: ceil(0.3 * r * n) of r * n
     total = len(sigma) * n
-    assert torch.allclose(p.kept[True].mean(-1), torch.full((n_tasks,), math.ceil(0.3 * total) / total, dtype=torch.float64))
+    assert torch.allclose(
+        p.kept[True].mean(-1), torch.full((n_tasks,), math.ceil(0.3 * total) / total, dtype=torch.float64)
+    )
     full = drm.row_profile(deltas, density=1.0, prune="per_task")
     assert torch.allclose(full.kept_energy[False], torch.ones(n_tasks, dtype=torch.float64))
 
@@ -390,7 +465,8 @@ def test_drm_profile_without_renormalisation_zeroes_a_task_s_weak_rows():
     prof = pool.drm_profile(base, bodies, "w", density=0.2)
     kept_plain, kept_renorm = np.array(prof["kept_plain"]), np.array(prof["kept_renorm"])
     assert kept_plain[1, 0] < 0.05 and kept_renorm[1, 0] > 0.1, (
-        "task 1's row of the top component is pruned away without renormalisation but not with it")
+        "task 1's row of the top component is pruned away without renormalisation but not with it"
+    )
     summary = pd.DataFrame(pool.drm_pruning_summary(base, bodies, density=0.2, top=2))
     t1 = summary.set_index("task").loc["t1"]
     assert t1.zeroed_top_plain >= 1 and t1.zeroed_top_renorm == 0
@@ -413,10 +489,16 @@ def figures_dir(tmp_path, monkeypatch):
 def fake_results(notebook: str, runs, config: dict) -> dict:
     records = run_fake(runs=runs, name="one") + run_fake(runs=runs, name="two", sizes=(2,))
     p = fake_pool()
-    return {"notebook": notebook, "pools": {n: {"kind": "text", "tasks": list(p.tasks)} for n in ("one", "two")},
-            "records": records, "config": config,
-            "star_ranks": {"one": {"seed": 0, "etas": [10, 40, 100], "rows": pool.star_ranks(p.base, p.bodies, [10, 40, 100])}},
-            "drm_rows": {n: pool.drm_profile(p.base, p.bodies, "layer.0.weight") for n in ("one", "two")}}
+    return {
+        "notebook": notebook,
+        "pools": {n: {"kind": "text", "tasks": list(p.tasks)} for n in ("one", "two")},
+        "records": records,
+        "config": config,
+        "star_ranks": {
+            "one": {"seed": 0, "etas": [10, 40, 100], "rows": pool.star_ranks(p.base, p.bodies, [10, 40, 100])}
+        },
+        "drm_rows": {n: pool.drm_profile(p.base, p.bodies, "layer.0.weight") for n in ("one", "two")},
+    }
 
 
 def test_star_figures_are_written_from_results(figures_dir):
@@ -426,8 +508,9 @@ def test_star_figures_are_written_from_results(figures_dir):
     runs += [pool.canonical_run("average"), pool.canonical_run("ties")]
     compare = [{"run": r.label(), "name": pool.short_name(r)} for r in runs[2:3] + runs[-2:]]
     written = f04_star.draw(fake_results("04_star", runs, {"default_eta": 40, "compare": compare}), smoke=True)
-    assert sorted(p.name for p in written) == [f"04_star_{n}.png" for n in
-                                               ("best_eta", "eta_sweep", "methods", "ranks_one", "rescale")]
+    assert sorted(p.name for p in written) == [
+        f"04_star_{n}.png" for n in ("best_eta", "eta_sweep", "methods", "ranks_one", "rescale")
+    ]
     assert all(p.parent == figures_dir and p.stat().st_size > 1000 for p in written)
 
 
@@ -437,9 +520,15 @@ def test_drm_figures_are_written_from_results(figures_dir):
     runs = [pool.canonical_run(m, renorm=r) for m in ("drm_h", "drm_v") for r in (True, False)]
     runs += [pool.canonical_run(m, density=d) for m in ("drm_h", "ties") for d in (0.1, 1.0)]
     runs += [pool.canonical_run("average")]
-    config = {"default_density": 0.2, "density_sizes": {"text": [2]}, "compare": [{"run": r.label(), "name": pool.short_name(r)} for r in runs[::2]],
-              "density_methods": [{"method": "drm_h", "name": "DRM-H", "fixed": {"renorm": True}},
-                                  {"method": "ties", "name": "TIES"}]}
+    config = {
+        "default_density": 0.2,
+        "density_sizes": {"text": [2]},
+        "compare": [{"run": r.label(), "name": pool.short_name(r)} for r in runs[::2]],
+        "density_methods": [
+            {"method": "drm_h", "name": "DRM-H", "fixed": {"renorm": True}},
+            {"method": "ties", "name": "TIES"},
+        ],
+    }
     written = f05_drm.draw(fake_results("05_drm", runs, config), smoke=True)
     assert sorted(p.name for p in written) == [f"05_drm_{n}.png" for n in ("density", "methods", "renorm", "rows")]
     assert all(p.stat().st_size > 1000 for p in written)

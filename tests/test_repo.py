@@ -36,10 +36,17 @@ def test_every_notebook_has_a_figure_function(nb):
 
 
 def test_paths_follow_environment(tmp_path):
-    env = {**os.environ, "SPECTRAL_MERGE_CACHE": str(tmp_path / "c"), "SPECTRAL_MERGE_RESULTS": str(tmp_path / "r"),
-           "SPECTRAL_MERGE_FIGURES": str(tmp_path / "f"), "SMOKE": "1"}
+    env = {
+        **os.environ,
+        "SPECTRAL_MERGE_CACHE": str(tmp_path / "c"),
+        "SPECTRAL_MERGE_RESULTS": str(tmp_path / "r"),
+        "SPECTRAL_MERGE_FIGURES": str(tmp_path / "f"),
+        "SMOKE": "1",
+    }
     code = "from lib import paths; print(paths.CACHE, paths.results_dir(), paths.figures_dir(), sep='\\n')"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == [str(tmp_path / "c"), str(tmp_path / "r" / "smoke"), str(tmp_path / "f" / "smoke")]
 
 

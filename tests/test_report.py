@@ -23,21 +23,33 @@ after
 
 
 def experts_results():
-    rows = [{"task": "cola", "variant": "pretrained", "seed": s, "runtime": {"train_s": 300.0 + 60 * s, "eval_s": 4.0},
-             "metrics": {"accuracy": 0.7, "mcc": mcc, "n": 1043}} for s, mcc in ((0, 0.22), (1, 0.25))]
+    rows = [
+        {
+            "task": "cola",
+            "variant": "pretrained",
+            "seed": s,
+            "runtime": {"train_s": 300.0 + 60 * s, "eval_s": 4.0},
+            "metrics": {"accuracy": 0.7, "mcc": mcc, "n": 1043},
+        }
+        for s, mcc in ((0, 0.22), (1, 0.25))
+    ]
     return {"experts": rows, "summary": summary_of(rows), "mergeability": []}
 
 
 def test_render_replaces_only_the_marked_blocks():
     out = report.render(README, {"experts": experts_results()})
-    assert out.startswith("# title\ntext before\n<!-- results:begin -->\n") and out.endswith("middle\n" + out.split("middle\n")[1])
+    assert out.startswith("# title\ntext before\n<!-- results:begin -->\n") and out.endswith(
+        "middle\n" + out.split("middle\n")[1]
+    )
     assert "old table" not in out and out.rstrip().endswith("after")
     assert report.render(out, {"experts": experts_results()}) == out, "rendering twice changes nothing"
 
 
 def test_figures_are_linked_per_notebook():
     text = report.figures_markdown(["figures/04_star_methods.png", "figures/04_star_eta_sweep.png", "figures/x.png"])
-    assert text.endswith("* `04_star`: [methods](figures/04_star_methods.png), [eta_sweep](figures/04_star_eta_sweep.png)")
+    assert text.endswith(
+        "* `04_star`: [methods](figures/04_star_methods.png), [eta_sweep](figures/04_star_eta_sweep.png)"
+    )
     assert report.figures_markdown([]) == ""
 
 
@@ -60,8 +72,12 @@ def test_missing_results_are_listed_not_invented():
 
 
 def test_runtimes_sum_the_experts_and_read_each_notebook_total():
-    nb = {"config": {"seeds": [0, 1, 2]}, "smoke": False, "runtimes": {"total_s": 3 * 3600 + 5 * 60},
-          "experts": [{"from_cache": True}]}
+    nb = {
+        "config": {"seeds": [0, 1, 2]},
+        "smoke": False,
+        "runtimes": {"total_s": 3 * 3600 + 5 * 60},
+        "experts": [{"from_cache": True}],
+    }
     text = report.runtimes_markdown({"experts": experts_results(), "04_star": nb})
     assert "| `make experts` | 2 experts trained and evaluated | 11 min |" in text
     assert "| notebook 04_star | full mode, seeds 0, 1, 2 | 3 h 05 min | experts from the cache |" in text
@@ -80,31 +96,54 @@ def test_pm_leaves_out_the_std_of_one_seed():
 def test_readme_tables_match_the_committed_results():
     readme = (paths.ROOT / "README.md").read_text()
     assert report.render(readme, report.load(), report.figure_files()) == readme, (
-        "README.md's tables are not what results/*.json give: run `python -m lib report` and commit README.md")
+        "README.md's tables are not what results/*.json give: run `python -m lib report` and commit README.md"
+    )
 
 
 def sweep_records(rows):
     """lib.sweep records of one seed: (run, method, model, snr_method, top, {task: value})."""
     metric = {"sst2": "accuracy", "cola": "mcc"}
-    return [{"seed": seed, "run": run, "method": method, "model": model, "snr_method": snr, "top": top, "threshold": None,
-             "task": task, "metric": metric[task], "value": value + 0.01 * seed, "reused": False}
-            for seed in (0, 1) for run, method, model, snr, top, values in rows for task, value in values.items()]
+    return [
+        {
+            "seed": seed,
+            "run": run,
+            "method": method,
+            "model": model,
+            "snr_method": snr,
+            "top": top,
+            "threshold": None,
+            "task": task,
+            "metric": metric[task],
+            "value": value + 0.01 * seed,
+            "reused": False,
+        }
+        for seed in (0, 1)
+        for run, method, model, snr, top, values in rows
+        for task, value in values.items()
+    ]
 
 
 def test_merges_table_picks_the_run_that_serves_both_tasks():
-    rows = [("expert:sst2", "expert", "sst2", None, None, {"sst2": 0.9, "cola": 0.0}),
-            ("expert:cola", "expert", "cola", None, None, {"sst2": 0.5, "cola": 0.3}),
-            ("base:base", "base", "base", None, None, {"sst2": 0.5, "cola": 0.0}),
-            ("average()", "average", "merged", None, None, {"sst2": 0.8, "cola": 0.15}),
-            # a copy of the SST-2 expert wins SST-2 outright but serves CoLA not at all
-            ("snr_winner(snr_method=mp, top=0.0)", "snr_winner", "merged", "mp", 0.0, {"sst2": 0.9, "cola": 0.0}),
-            # close to a copy of the CoLA expert: SST-2 at 0.555 of 0.905 looks like 61 %, but guessing gets 0.5
-            ("snr_low_b(snr_method=mp, top=0.1)", "snr_low_b", "merged", "mp", 0.1, {"sst2": 0.55, "cola": 0.3}),
-            ("snr_winner(snr_method=mp, top=0.5)", "snr_winner", "merged", "mp", 0.5, {"sst2": 0.7, "cola": 0.15}),
-            ("ties()", "ties", "merged", None, None, {"sst2": 0.85, "cola": 0.1})]
-    r = {"config": {"tasks": ["sst2", "cola"], "seeds": [0, 1], "snr_methods": ["mp"]}, "records": sweep_records(rows),
-         "tasks": {"sst2": {"split": "validation", "n_eval": 872, "majority": 0.5},
-                   "cola": {"split": "validation", "n_eval": 1043, "majority": 0.69}}}
+    rows = [
+        ("expert:sst2", "expert", "sst2", None, None, {"sst2": 0.9, "cola": 0.0}),
+        ("expert:cola", "expert", "cola", None, None, {"sst2": 0.5, "cola": 0.3}),
+        ("base:base", "base", "base", None, None, {"sst2": 0.5, "cola": 0.0}),
+        ("average()", "average", "merged", None, None, {"sst2": 0.8, "cola": 0.15}),
+        # a copy of the SST-2 expert wins SST-2 outright but serves CoLA not at all
+        ("snr_winner(snr_method=mp, top=0.0)", "snr_winner", "merged", "mp", 0.0, {"sst2": 0.9, "cola": 0.0}),
+        # close to a copy of the CoLA expert: SST-2 at 0.555 of 0.905 looks like 61 %, but guessing gets 0.5
+        ("snr_low_b(snr_method=mp, top=0.1)", "snr_low_b", "merged", "mp", 0.1, {"sst2": 0.55, "cola": 0.3}),
+        ("snr_winner(snr_method=mp, top=0.5)", "snr_winner", "merged", "mp", 0.5, {"sst2": 0.7, "cola": 0.15}),
+        ("ties()", "ties", "merged", None, None, {"sst2": 0.85, "cola": 0.1}),
+    ]
+    r = {
+        "config": {"tasks": ["sst2", "cola"], "seeds": [0, 1], "snr_methods": ["mp"]},
+        "records": sweep_records(rows),
+        "tasks": {
+            "sst2": {"split": "validation", "n_eval": 872, "majority": 0.5},
+            "cola": {"split": "validation", "n_eval": 1043, "majority": 0.69},
+        },
+    }
     lines = report.merges_table("03", r).splitlines()
     best_mp = next(line for line in lines if line.startswith("| best SNR merge, `mp`"))
     # chance-corrected: min((0.705 - 0.5) / (0.905 - 0.5), 0.155 / 0.305); the CoLA copy scores 0.136 on SST-2

@@ -39,8 +39,10 @@ class SyntheticPool(pool.Pool):
                 with open(log, "a") as fh:
                     fh.write(f"{'+'.join(subset)} {sweep.fingerprint(body)}\n")
             time.sleep(delay)
-            return {t: {"accuracy": float(torch.exp(-sum(((body[k] - self.bodies[t][k]) ** 2).sum() for k in body)))}
-                    for t in subset}
+            return {
+                t: {"accuracy": float(torch.exp(-sum(((body[k] - self.bodies[t][k]) ** 2).sum() for k in body)))}
+                for t in subset
+            }
 
         return evaluate
 
@@ -71,9 +73,16 @@ class SyntheticExperts:
                 raise FileNotFoundError(f"expert {name} of pool {spec['name']} seed {spec['seed']} is missing: {path}")
         sds = {name: load_file(path) for name, path in files.items()}
         bodies = {t: sds[t] for t in spec["tasks"]}
-        return SyntheticPool(name=spec["name"], kind="synthetic", seed=spec["seed"], smoke=spec["smoke"],
-                             base=sds["base"], bodies=bodies, heads=bodies,
-                             experts=[{"task": t, "key": f"synthetic:{spec['seed']}:{t}"} for t in spec["tasks"]])
+        return SyntheticPool(
+            name=spec["name"],
+            kind="synthetic",
+            seed=spec["seed"],
+            smoke=spec["smoke"],
+            base=sds["base"],
+            bodies=bodies,
+            heads=bodies,
+            experts=[{"task": t, "key": f"synthetic:{spec['seed']}:{t}"} for t in spec["tasks"]],
+        )
 
 
 def write_experts(folder: Path, seed: int) -> Path:
@@ -84,7 +93,9 @@ def write_experts(folder: Path, seed: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(base, folder / "base.safetensors")
     for t in TASKS:
-        save_file({k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()}, folder / f"{t}.safetensors")
+        save_file(
+            {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()}, folder / f"{t}.safetensors"
+        )
     return folder
 
 
@@ -182,7 +193,9 @@ def test_a_corrupt_stored_record_stops_the_grid_before_any_work(experts, tmp_pat
 def test_a_cached_expert_missing_is_an_error_naming_it(tmp_path):
     spec = runner.pool_spec(["fashion_mnist", "kmnist"], seed=0, smoke=True, variant="mnist_base")
     assert set(spec["experts"]) == {"fashion_mnist", "kmnist", "mnist (base)"}
-    with pytest.raises(FileNotFoundError, match=r"expert fashion_mnist \(seed 0, mnist_base, SMOKE mode\).*make experts"):
+    with pytest.raises(
+        FileNotFoundError, match=r"expert fashion_mnist \(seed 0, mnist_base, SMOKE mode\).*make experts"
+    ):
         runner.CachedExperts.build(spec)
 
 
@@ -194,7 +207,6 @@ from test_runner import grid
 runner.run_grid(grid(sys.argv[1], subsets={subsets!r}, alone=False), store=RecordStore(sys.argv[2]), progress=False)
 """
 SUBSETS = (("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c"))
-
 
 
 def kill_after_records(argv: list[str], *, env: dict, path: Path, k: int, timeout: float = 60) -> None:
@@ -223,10 +235,15 @@ def test_a_killed_grid_resumes_and_computes_exactly_the_missing_records(experts,
     runner.release()
 
     path, k = tmp_path / "records.sqlite", 3
-    env = {**os.environ, "GRID_TEST_DELAY": "0.4", "GRID_TEST_LOG": str(tmp_path / "killed.log"),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    kill_after_records([sys.executable, "-c", KILLED_RUN.format(subsets=SUBSETS), str(experts), str(path)],
-                       env=env, path=path, k=k)
+    env = {
+        **os.environ,
+        "GRID_TEST_DELAY": "0.4",
+        "GRID_TEST_LOG": str(tmp_path / "killed.log"),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    kill_after_records(
+        [sys.executable, "-c", KILLED_RUN.format(subsets=SUBSETS), str(experts), str(path)], env=env, path=path, k=k
+    )
     store = RecordStore(path)
     stored = len(store)
     assert k <= stored < len(configs)
@@ -252,8 +269,9 @@ def inline_records(experts, tmp_path):
 def test_processes_give_the_inline_records(experts, inline_records, tmp_path):
     with executors.make_executor("processes:2") as ex:
         assert ex.threads == executors.threads_per_worker(2)
-        got = runner.run_grid(grid(experts), store=RecordStore(tmp_path / "processes.sqlite"), executor=ex,
-                              progress=False)
+        got = runner.run_grid(
+            grid(experts), store=RecordStore(tmp_path / "processes.sqlite"), executor=ex, progress=False
+        )
     assert runner.comparable(got) == inline_records[0]
 
 
@@ -272,15 +290,20 @@ def test_submitit_s_local_executor_gives_the_inline_records(experts, inline_reco
     # submitit starts a fresh interpreter per record: it must find this module (the pool source)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     small = grid(experts)[:3]
-    got = runner.run_grid(small, store=RecordStore(tmp_path / "submitit.sqlite"), executor="submitit:local",
-                          progress=False)
+    got = runner.run_grid(
+        small, store=RecordStore(tmp_path / "submitit.sqlite"), executor="submitit:local", progress=False
+    )
     assert runner.comparable(got) == runner.comparable(runner.assemble(small, inline_records[1]))
     assert (tmp_path / "cache" / "submitit").is_dir()  # its job files live in the cache
 
 
 def test_unknown_executors_and_missing_packages_are_one_line_errors(monkeypatch):
-    for spec, message in [("threads:2", "unknown executor 'threads:2'"), ("processes:0", "N >= 1"),
-                          ("processes", "N >= 1"), ("slurm:partition", "KEY=VALUE")]:
+    for spec, message in [
+        ("threads:2", "unknown executor 'threads:2'"),
+        ("processes:0", "N >= 1"),
+        ("processes", "N >= 1"),
+        ("slurm:partition", "KEY=VALUE"),
+    ]:
         with pytest.raises(ValueError, match=message):
             executors.make_executor(spec)
     monkeypatch.setitem(sys.modules, "submitit", None)  # import fails as if not installed
@@ -295,28 +318,56 @@ def test_unknown_executors_and_missing_packages_are_one_line_errors(monkeypatch)
 
 
 def test_expected_wall_time_spreads_the_records_and_keeps_the_serial_part():
-    records = [  # two models of two tasks each (their timing fields repeat per row), one of one task
-        {"pool": "p", "seed": 0, "run": "a", "model": "merged", "task": t, "prepass_s": 1.0, "merge_s": 2.0,
-         "eval_s": 7.0} for t in "xy"
-    ] + [{"pool": "p", "seed": 0, "run": "b", "model": "merged", "task": t, "prepass_s": 0.0, "merge_s": 1.0,
-          "eval_s": 29.0} for t in "xy"] + [{"pool": "p", "seed": 1, "run": "a", "model": "merged", "task": "x",
-                                             "merge_s": 5.0, "eval_s": 5.0}]
+    records = (
+        [  # two models of two tasks each (their timing fields repeat per row), one of one task
+            {
+                "pool": "p",
+                "seed": 0,
+                "run": "a",
+                "model": "merged",
+                "task": t,
+                "prepass_s": 1.0,
+                "merge_s": 2.0,
+                "eval_s": 7.0,
+            }
+            for t in "xy"
+        ]
+        + [
+            {
+                "pool": "p",
+                "seed": 0,
+                "run": "b",
+                "model": "merged",
+                "task": t,
+                "prepass_s": 0.0,
+                "merge_s": 1.0,
+                "eval_s": 29.0,
+            }
+            for t in "xy"
+        ]
+        + [{"pool": "p", "seed": 1, "run": "a", "model": "merged", "task": "x", "merge_s": 5.0, "eval_s": 5.0}]
+    )
     times = runner.record_seconds(records)
     assert sorted(times.values()) == [10.0, 10.0, 30.0]
     plan = runner.expected_wall_seconds(times.values(), serial_s=50.0, workers=(1, 2, 16))
     assert plan["records"] == 3 and plan["parallel_s"] == 50.0
     assert plan["wall_s"] == {1: 100.0, 2: 80.0, 16: 80.0}  # never below the longest record (30 s)
     # a second notebook reusing one of these models counts it once, where it was first computed
-    results = {"first": {"records": records, "total": 100.0},
-               "second": {"records": records[:2] + [{**records[0], "run": "c", "eval_s": 17.0}], "total": 40.0}}
+    results = {
+        "first": {"records": records, "total": 100.0},
+        "second": {"records": records[:2] + [{**records[0], "run": "c", "eval_s": 17.0}], "total": 40.0},
+    }
     rows = runner.cluster_plan(results, lambda r: r["total"], workers=(1, 4))
     assert [r["records"] for r in rows] == [3, 1, 4]
     assert rows[1]["serial_s"] == 20.0 and rows[2]["serial_s"] == 70.0
     assert rows[2]["wall_s"] == {1: 140.0, 4: 100.0}
     # records without a pool (notebooks 01-03) never match another notebook's
     bare = [{k: v for k, v in r.items() if k != "pool"} for r in records]
-    rows = runner.cluster_plan({"a": {"records": bare, "total": 60.0}, "b": {"records": bare, "total": 60.0}},
-                               lambda r: r["total"], workers=(1,))
+    rows = runner.cluster_plan(
+        {"a": {"records": bare, "total": 60.0}, "b": {"records": bare, "total": 60.0}},
+        lambda r: r["total"],
+        workers=(1,),
+    )
     assert [r["records"] for r in rows] == [3, 3, 6]
 
 
@@ -328,21 +379,34 @@ def test_a_spec_without_expert_kw_keeps_the_record_keys_stored_before_it(experts
     entry) are found by today's grid, and a grid asking for other experts finds none of them."""
     log = tmp_path / "evaluations.log"
     monkeypatch.setenv("GRID_TEST_LOG", str(log))
-    old_spec = {"name": "synthetic", "tasks": TASKS, "seed": 0, "smoke": True, "variant": None, "source": SOURCE,
-                "folder": str(experts), "experts": {t: f"synthetic:0:{t}" for t in TASKS},
-                "evaluation": {"score": "exp(-|body - expert|^2)"}}
+    old_spec = {
+        "name": "synthetic",
+        "tasks": TASKS,
+        "seed": 0,
+        "smoke": True,
+        "variant": None,
+        "source": SOURCE,
+        "folder": str(experts),
+        "experts": {t: f"synthetic:0:{t}" for t in TASKS},
+        "evaluation": {"score": "exp(-|body - expert|^2)"},
+    }
     old = [runner.merge_config(old_spec, s, r.method, r.hparams()) for s in (("a", "b"), ("a", "c")) for r in RUNS]
     store = RecordStore(tmp_path / "records.sqlite")
     runner.run_grid(old, store=store, progress=False)
     assert len(logged(log)) == 4
     today = grid(experts, alone=False)
     assert "expert_kw" not in today[0]["pool"]
-    assert runner.pool_spec(TASKS, seed=0, smoke=True, name="synthetic", source=SOURCE, folder=str(experts),
-                            expert_kw={})["experts"] == old_spec["experts"]
+    assert (
+        runner.pool_spec(TASKS, seed=0, smoke=True, name="synthetic", source=SOURCE, folder=str(experts), expert_kw={})[
+            "experts"
+        ]
+        == old_spec["experts"]
+    )
     done, todo = runner.plan(today, store)
     assert (len(done), len(todo)) == (4, 0)
-    spec = runner.pool_spec(TASKS, seed=0, smoke=True, name="synthetic", source=SOURCE, folder=str(experts),
-                            expert_kw={"lora": True})
+    spec = runner.pool_spec(
+        TASKS, seed=0, smoke=True, name="synthetic", source=SOURCE, folder=str(experts), expert_kw={"lora": True}
+    )
     assert spec["expert_kw"] == {"lora": True}
     other = runner.pool_grid(spec, (("a", "b"), ("a", "c")), RUNS, alone=False)
     done, todo = runner.plan(other, store)
@@ -359,8 +423,12 @@ def test_cached_experts_with_expert_kw_are_lora_experts_under_their_own_keys():
     full = runner.pool_spec(tasks, seed=0, smoke=True)
     lora = lora_pool_spec(tasks, seed=0, smoke=True)
     assert "expert_kw" not in full and lora["expert_kw"] == {"lora": True} and lora["name"] == "text-lora"
-    assert full["experts"] == {t: expert_cache.config_key(expert_cache.expert_config(t, seed=0, smoke=True)) for t in tasks}
-    assert lora["experts"] == {t: expert_cache.config_key(expert_cache.expert_config(t, seed=0, smoke=True, lora=True)) for t in tasks}
+    assert full["experts"] == {
+        t: expert_cache.config_key(expert_cache.expert_config(t, seed=0, smoke=True)) for t in tasks
+    }
+    assert lora["experts"] == {
+        t: expert_cache.config_key(expert_cache.expert_config(t, seed=0, smoke=True, lora=True)) for t in tasks
+    }
     assert all(lora["experts"][t] != full["experts"][t] for t in tasks)
     assert all(c["lora"] for c in runner.CachedExperts._configs(lora).values())
     assert not any("lora" in c for c in runner.CachedExperts._configs(full).values())

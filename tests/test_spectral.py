@@ -316,7 +316,9 @@ def test_snr_batch_equals_snr_one_by_one(method):
 
 
 def test_scan_rows_filters_and_errors():
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16), torch.nn.BatchNorm1d(16))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16), torch.nn.BatchNorm1d(16)
+    )
     table = scan(model)
     assert table["name"].tolist() == ["0.weight", "2.weight"]  # biases and norm vectors skipped
     assert table[["rows", "cols"]].values.tolist() == [[128, 64], [16, 128]]

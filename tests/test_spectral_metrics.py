@@ -78,8 +78,11 @@ def test_power_law_fit_is_weightwatchers_fit(size):
     # what WeightWatcher 0.7.7's analyze() fits by default (pl_package="ww"), small tails included
     ww_powerlaw = pytest.importorskip("weightwatcher.WW_powerlaw")
     rng = np.random.default_rng(size)
-    spectra = [rng.pareto(2.0, size) + 1.0, rng.lognormal(0.0, 1.0, size),
-               np.r_[0.5 * rng.random(size // 2), (1.0 - rng.random(size - size // 2)) ** (-1.0 / 2.5)]]
+    spectra = [
+        rng.pareto(2.0, size) + 1.0,
+        rng.lognormal(0.0, 1.0, size),
+        np.r_[0.5 * rng.random(size // 2), (1.0 - rng.random(size - size // 2)) ** (-1.0 / 2.5)],
+    ]
     for x in spectra:
         fit = ww_powerlaw.WWFit(x[x > spectral.POWER_LAW_THRESHOLD])
         alpha, xmin, distance = spectral.power_law_fit(x)

@@ -147,7 +147,8 @@ def test_star_exactly_low_rank_deltas(eta, rescale):
 def test_star_state_dict_matches_reference(tiny_base, tiny_experts):
     merged = merge("star", tiny_base, tiny_experts, eta=60)
     expected = state_dict_reference(
-        tiny_base, tiny_experts,
+        tiny_base,
+        tiny_experts,
         merge_matrix=lambda d: torch.stack([star_reference(t, 60) for t in d]).mean(0),
         merge_other=lambda d: d.mean(0),
     )
@@ -160,8 +161,9 @@ def test_star_lam_scales_the_merged_task_vector_of_every_tensor(lam, tiny_base, 
     one = merge("star", tiny_base, tiny_experts, eta=60)
     scaled = merge("star", tiny_base, tiny_experts, eta=60, lam=lam)
     for k in (k for k in one if one[k].is_floating_point()):  # integer buffers are the base's
-        torch.testing.assert_close(scaled[k] - tiny_base[k], lam * (one[k] - tiny_base[k]), atol=1e-6, rtol=1e-5,
-                                   msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(
+            scaled[k] - tiny_base[k], lam * (one[k] - tiny_base[k]), atol=1e-6, rtol=1e-5, msg=lambda m: f"{k}: {m}"
+        )
     assert any(not torch.allclose(scaled[k], one[k]) for k in one)
 
 
@@ -174,8 +176,14 @@ def test_star_eta_100_without_rescale_is_task_arithmetic(tiny_base, tiny_experts
 
 @pytest.mark.parametrize(
     "singular_values,eta,rank",
-    [([4.0, 3.0, 2.0, 1.0], 40, 1), ([4.0, 3.0, 2.0, 1.0], 41, 2), ([4.0, 3.0, 2.0, 1.0], 70, 2),
-     ([4.0, 3.0, 2.0, 1.0], 100, 4), ([4.0, 3.0, 0.0, 0.0], 100, 2), ([0.0, 0.0], 40, 0)],
+    [
+        ([4.0, 3.0, 2.0, 1.0], 40, 1),
+        ([4.0, 3.0, 2.0, 1.0], 41, 2),
+        ([4.0, 3.0, 2.0, 1.0], 70, 2),
+        ([4.0, 3.0, 2.0, 1.0], 100, 4),
+        ([4.0, 3.0, 0.0, 0.0], 100, 2),
+        ([0.0, 0.0], 40, 0),
+    ],
 )
 def test_kept_rank_is_the_smallest_rank_reaching_eta(singular_values, eta, rank):
     assert int(kept_rank(torch.tensor(singular_values, dtype=torch.float64), eta)) == rank
@@ -214,8 +222,16 @@ def test_drm_fast_path_matches_full_svd_reference(variant, n_tasks, m, n):
 
 
 @pytest.mark.parametrize("variant", ["h", "v"])
-@pytest.mark.parametrize("hp", [dict(renorm=False), dict(density=0.5, rtol=0.05), dict(density=1.0, rtol=0.0),
-                                dict(prune="per_task"), dict(prune="per_task", renorm=False, density=0.3)])
+@pytest.mark.parametrize(
+    "hp",
+    [
+        dict(renorm=False),
+        dict(density=0.5, rtol=0.05),
+        dict(density=1.0, rtol=0.0),
+        dict(prune="per_task"),
+        dict(prune="per_task", renorm=False, density=0.3),
+    ],
+)
 def test_drm_options_match_reference(variant, hp):
     deltas = low_rank_plus_noise(3, 48, 32, rank=4, spike=5.0, seed=5)
     fast, reference = (drm_h_deltas, drm_h_reference) if variant == "h" else (drm_v_deltas, drm_v_reference)
@@ -237,7 +253,8 @@ def test_drm_with_an_unchanged_expert_matches_reference(variant):
 def test_drm_state_dict_matches_reference(name, reference, tiny_base, tiny_experts):
     merged = merge(name, tiny_base, tiny_experts, lam=0.7, density=0.3)
     expected = state_dict_reference(
-        tiny_base, tiny_experts,
+        tiny_base,
+        tiny_experts,
         merge_matrix=lambda d: reference(d, density=0.3, lam=0.7),
         merge_other=lambda d: 0.7 * d.mean(0),
     )
@@ -320,7 +337,9 @@ def test_map_matrix_stacks_reads_conv_kernels_as_matrices_and_restores_shapes():
         seen.append(tuple(batch.shape))
         return batch[:, 0]
 
-    out = map_matrix_stacks({k: v.shape[1:] for k, v in stacks.items()}, stacks.__getitem__, first_task, max_elements=1000)
+    out = map_matrix_stacks(
+        {k: v.shape[1:] for k, v in stacks.items()}, stacks.__getitem__, first_task, max_elements=1000
+    )
     assert sorted(seen) == [(1, 3, 5, 4), (1, 3, 6, 18)]
     for k, v in stacks.items():
         assert torch.equal(out[k], v[0])

@@ -13,8 +13,13 @@ from lib import stats
 
 
 def test_over_seeds_averages_within_a_seed_first_then_takes_the_sample_std_over_seeds():
-    frame = pd.DataFrame({"run": ["a"] * 5 + ["b"] * 2, "seed": [0, 0, 1, 2, 2, 0, 1],
-                          "normalized": [0.2, 0.4, 0.5, 0.6, 1.0, 0.1, np.nan]})
+    frame = pd.DataFrame(
+        {
+            "run": ["a"] * 5 + ["b"] * 2,
+            "seed": [0, 0, 1, 2, 2, 0, 1],
+            "normalized": [0.2, 0.4, 0.5, 0.6, 1.0, 0.1, np.nan],
+        }
+    )
     s = stats.over_seeds(frame, ["run"]).set_index("run")
     per_seed = [0.3, 0.5, 0.8]
     assert s.loc["a", "mean"] == pytest.approx(np.mean(per_seed))
@@ -25,7 +30,9 @@ def test_over_seeds_averages_within_a_seed_first_then_takes_the_sample_std_over_
 
 
 def test_over_seeds_keeps_nan_keys_and_first_seen_order_unless_sorted():
-    frame = pd.DataFrame({"run": ["z", "a", "z"], "top": [np.nan, 0.5, np.nan], "seed": [0, 0, 1], "value": [1.0, 2.0, 3.0]})
+    frame = pd.DataFrame(
+        {"run": ["z", "a", "z"], "top": [np.nan, 0.5, np.nan], "seed": [0, 0, 1], "value": [1.0, 2.0, 3.0]}
+    )
     s = stats.over_seeds(frame, ["run", "top"], "value")
     assert list(s.run) == ["z", "a"] and math.isnan(s.top.iloc[0]) and s["mean"].iloc[0] == 2.0
     assert list(stats.over_seeds(frame, ["run", "top"], "value", sort=True).run) == ["a", "z"]

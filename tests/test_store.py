@@ -13,10 +13,18 @@ from lib import store as store_module
 from lib.merge import METHODS
 from lib.store import CorruptRecord, ForeignRecord, RecordStore, config_key, method_version
 
-CONFIG = {"record": "merge", "pool": {"name": "p", "seed": 0, "tasks": ["a", "b"]}, "subset": ["a", "b"],
-          "method": "ties", "hparams": {"density": 0.2, "lam": 1.0, "scope": "model"}, "version": method_version("ties")}
-PAYLOAD = [{"task": "a", "metric": "accuracy", "value": 0.875, "merge_s": 0.1},
-           {"task": "b", "metric": "mcc", "value": float("nan"), "merge_s": 0.1}]
+CONFIG = {
+    "record": "merge",
+    "pool": {"name": "p", "seed": 0, "tasks": ["a", "b"]},
+    "subset": ["a", "b"],
+    "method": "ties",
+    "hparams": {"density": 0.2, "lam": 1.0, "scope": "model"},
+    "version": method_version("ties"),
+}
+PAYLOAD = [
+    {"task": "a", "metric": "accuracy", "value": 0.875, "merge_s": 0.1},
+    {"task": "b", "metric": "mcc", "value": float("nan"), "merge_s": 0.1},
+]
 
 
 @pytest.fixture
@@ -57,8 +65,10 @@ def test_the_first_row_of_a_key_wins(store):
 def test_a_foreign_row_is_an_error_naming_its_key(store):
     key = store.put(CONFIG, PAYLOAD)
     with sqlite3.connect(store.path) as conn:
-        conn.execute("update records set config = ? where key = ?",
-                     (store_module.canonical({**CONFIG, "method": "average"}), key))
+        conn.execute(
+            "update records set config = ? where key = ?",
+            (store_module.canonical({**CONFIG, "method": "average"}), key),
+        )
     with pytest.raises(ForeignRecord, match=key):
         store.get(CONFIG)
     with pytest.raises(ForeignRecord, match=key):
@@ -105,8 +115,10 @@ def test_a_write_that_fails_leaves_no_row(store):
         store.put({**CONFIG, "method": "average"}, [{"value": object()}])
     conn = store.conn
     with pytest.raises(sqlite3.IntegrityError), conn:  # a transaction that fails half-way is rolled back
-        conn.execute("insert into records (key, method, version, config, payload, checksum, written_at)"
-                     " values ('k', 'm', 'v', '{}', '[]', 'c', 0)")
+        conn.execute(
+            "insert into records (key, method, version, config, payload, checksum, written_at)"
+            " values ('k', 'm', 'v', '{}', '[]', 'c', 0)"
+        )
         conn.execute("insert into records (key) values ('k2')")  # not null constraints fail
     assert store.keys() == {config_key(CONFIG)}
 

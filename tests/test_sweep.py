@@ -60,10 +60,18 @@ def test_top_outside_unit_interval_is_refused():
 
 def test_run_hparams_leave_unset_coordinates_to_the_method():
     assert sweep.Run("average").hparams() == {}
-    assert sweep.Run("snr_max", snr_method="max_median", threshold=5.0).hparams() == {"snr_method": "max_median", "threshold": 5.0}
+    assert sweep.Run("snr_max", snr_method="max_median", threshold=5.0).hparams() == {
+        "snr_method": "max_median",
+        "threshold": 5.0,
+    }
     assert sweep.Run("ties", extra={"density": 0.2}).label() == "ties(density=0.2)"
     th = sweep.threshold_runs(["snr_low_a", "snr_low_b"], "max_median", [3, 25])
-    assert [(r.method, r.threshold) for r in th] == [("snr_low_a", 3.0), ("snr_low_a", 25.0), ("snr_low_b", 3.0), ("snr_low_b", 25.0)]
+    assert [(r.method, r.threshold) for r in th] == [
+        ("snr_low_a", 3.0),
+        ("snr_low_a", 25.0),
+        ("snr_low_b", 3.0),
+        ("snr_low_b", 25.0),
+    ]
 
 
 def test_fingerprint_sees_every_change_and_nothing_else():
@@ -109,16 +117,28 @@ def test_run_sweep_passes_merge_options_and_reports_the_failing_run():
 
     runs = sweep.snr_runs(["snr_max"], ["mp"], [0.0, 0.5])
     with pytest.raises(RuntimeError, match=r"snr_max\(snr_method=mp, top=0.5\) failed \(seed 3\): boom"):
-        sweep.run_sweep(tiny(0), [tiny(1)], CountingEvaluate(), runs, seed=3, merge_fn=recording_merge,
-                        share_prepass=False, progress=False, exclude="classifier")
+        sweep.run_sweep(
+            tiny(0),
+            [tiny(1)],
+            CountingEvaluate(),
+            runs,
+            seed=3,
+            merge_fn=recording_merge,
+            share_prepass=False,
+            progress=False,
+            exclude="classifier",
+        )
     assert seen[0] == {"exclude": "classifier", "snr_method": "mp", "top": 0.0}
 
 
 def test_run_sweep_with_the_real_average_merge():
     experts = [tiny(1), tiny(2)]
     recs = sweep.run_sweep(None, experts, CountingEvaluate(), sweep.reference_runs(["average"]), seed=0, progress=False)
-    expected = sum(float((experts[0][k].double() + experts[1][k].double()).sum()) / 2
-                   for k in experts[0] if experts[0][k].is_floating_point())
+    expected = sum(
+        float((experts[0][k].double() + experts[1][k].double()).sum()) / 2
+        for k in experts[0]
+        if experts[0][k].is_floating_point()
+    )
     got = [r["value"] for r in recs if r["task"] == "a"]
     assert got == [pytest.approx(expected, rel=1e-6)]
     assert recs[0]["top"] is None and recs[0]["model"] == "merged"
@@ -135,8 +155,17 @@ def test_experts_alone_share_the_cache_with_merges():
     cache = sweep.CachedEvaluate(evaluate)
     alone = sweep.evaluate_models(experts, evaluate, seed=0, cache=cache)
     # a merge that returns expert 0 unchanged is recognised as the expert evaluated above
-    merged = sweep.run_sweep(None, list(experts.values()), evaluate, [sweep.Run("x")], seed=0,
-                             merge_fn=lambda m, b, e, **kw: e[0], cache=cache, share_prepass=False, progress=False)
+    merged = sweep.run_sweep(
+        None,
+        list(experts.values()),
+        evaluate,
+        [sweep.Run("x")],
+        seed=0,
+        merge_fn=lambda m, b, e, **kw: e[0],
+        cache=cache,
+        share_prepass=False,
+        progress=False,
+    )
     assert evaluate.calls == 2
     assert {r["run"] for r in alone} == {"expert:a", "expert:b"}
     assert all(r["reused"] for r in merged)
@@ -146,8 +175,15 @@ def test_summarize_gives_mean_and_sample_std_over_seeds():
     runs = sweep.snr_runs(["snr_winner"], ["mp"], [0.0, 0.5]) + sweep.reference_runs(["average"])
     recs = []
     for seed in range(3):
-        recs += sweep.run_sweep(tiny(0), [tiny(10 + seed), tiny(20 + seed)], CountingEvaluate(), runs, seed=seed,
-                                merge_fn=fake_merge, progress=False)
+        recs += sweep.run_sweep(
+            tiny(0),
+            [tiny(10 + seed), tiny(20 + seed)],
+            CountingEvaluate(),
+            runs,
+            seed=seed,
+            merge_fn=fake_merge,
+            progress=False,
+        )
     s = sweep.summarize(recs)
     assert len(s) == 3 * 3, "three models x three (task, metric) pairs"
     assert (s["n"] == 3).all()
@@ -184,21 +220,39 @@ def test_versions_name_the_device_and_libraries():
 
 
 def fake_results(notebook: str) -> dict:
-    runs = (sweep.snr_runs(["snr_winner", "snr_low_b"], ["mp", "seed"], [0.0, 0.5, 1.0])
-            + sweep.threshold_runs(["snr_low_a"], "max_median", [3, 25]) + sweep.reference_runs(["average"]))
+    runs = (
+        sweep.snr_runs(["snr_winner", "snr_low_b"], ["mp", "seed"], [0.0, 0.5, 1.0])
+        + sweep.threshold_runs(["snr_low_a"], "max_median", [3, 25])
+        + sweep.reference_runs(["average"])
+    )
     records = []
     for seed in range(2):
         experts = {"a": tiny(10 + seed), "b": tiny(20 + seed)}
-        records += sweep.run_sweep(tiny(0), list(experts.values()), CountingEvaluate(), runs, seed=seed,
-                                   merge_fn=fake_merge, progress=False)
+        records += sweep.run_sweep(
+            tiny(0), list(experts.values()), CountingEvaluate(), runs, seed=seed, merge_fn=fake_merge, progress=False
+        )
         records += sweep.evaluate_models(experts, CountingEvaluate(), seed=seed)
-    layers = [{"seed": 0, "expert": e, "key": f"l{i}.weight", "rows": 4 * (1 + i % 2), "cols": 4, "snr_method": m,
-               "snr": float(1 + i + (e == "b")) if i else math.inf} for e in "ab" for m in ("mp", "seed") for i in range(5)]
+    layers = [
+        {
+            "seed": 0,
+            "expert": e,
+            "key": f"l{i}.weight",
+            "rows": 4 * (1 + i % 2),
+            "cols": 4,
+            "snr_method": m,
+            "snr": float(1 + i + (e == "b")) if i else math.inf,
+        }
+        for e in "ab"
+        for m in ("mp", "seed")
+        for i in range(5)
+    ]
     return {
         "notebook": notebook,
         "config": {"snr_methods": ["mp", "seed"]},
-        "tasks": {"a": {"metrics": ["accuracy"], "n_eval": 10, "majority": 0.6},
-                  "b": {"metrics": ["accuracy", "mcc"], "n_eval": 12}},
+        "tasks": {
+            "a": {"metrics": ["accuracy"], "n_eval": 10, "majority": 0.6},
+            "b": {"metrics": ["accuracy", "mcc"], "n_eval": 12},
+        },
         "records": records,
         "layers": layers,
         "head_variants": {
@@ -221,11 +275,16 @@ def test_sweep_figures_are_written_from_results(figures_dir):
 
     results = fake_results("99_fake")
     written = []
-    for fn in (snr_sweep.draw_top_sweep, snr_sweep.draw_threshold_sweep, snr_sweep.draw_layer_snr,
-               snr_sweep.draw_head_variants):
+    for fn in (
+        snr_sweep.draw_top_sweep,
+        snr_sweep.draw_threshold_sweep,
+        snr_sweep.draw_layer_snr,
+        snr_sweep.draw_head_variants,
+    ):
         written += fn(results, smoke=True)
     assert sorted(p.name for p in written) == sorted(
-        f"99_fake_{n}.png" for n in ("top_sweep", "threshold_sweep", "layer_snr", "head_variants"))
+        f"99_fake_{n}.png" for n in ("top_sweep", "threshold_sweep", "layer_snr", "head_variants")
+    )
     assert all(p.parent == figures_dir and p.stat().st_size > 1000 for p in written)
 
 
@@ -259,15 +318,27 @@ class FingerprintEvaluate:
 
 def test_shared_snr_prepass_builds_the_models_the_merge_would(tiny_base, make_experts):
     experts = make_experts(tiny_base, 2)
-    runs = (sweep.snr_runs(["snr_winner", "snr_base_reset", "snr_low_b", "snr_weighted"], ["mp", "seed"],
-                           [0.0, 0.3, 0.7, 1.0])
-            + sweep.threshold_runs(["snr_max"], "max_median", [3.0, 25.0])
-            + [sweep.Run("snr_winner", snr_method="mp", top=0.5, extra={"score": "mean"})]
-            + sweep.reference_runs(["average", "task_arithmetic"]))
+    runs = (
+        sweep.snr_runs(
+            ["snr_winner", "snr_base_reset", "snr_low_b", "snr_weighted"], ["mp", "seed"], [0.0, 0.3, 0.7, 1.0]
+        )
+        + sweep.threshold_runs(["snr_max"], "max_median", [3.0, 25.0])
+        + [sweep.Run("snr_winner", snr_method="mp", top=0.5, extra={"score": "mean"})]
+        + sweep.reference_runs(["average", "task_arithmetic"])
+    )
     shared, plain = FingerprintEvaluate(), FingerprintEvaluate()
     for evaluate, share in ((shared, True), (plain, False)):
-        sweep.run_sweep(tiny_base, experts, evaluate, runs, seed=0, share_prepass=share,
-                        cache=sweep.CachedEvaluate(evaluate), progress=False, exclude="classifier")
+        sweep.run_sweep(
+            tiny_base,
+            experts,
+            evaluate,
+            runs,
+            seed=0,
+            share_prepass=share,
+            cache=sweep.CachedEvaluate(evaluate),
+            progress=False,
+            exclude="classifier",
+        )
     # the caches differ in nothing, so both evaluated the same distinct models in the same order
     assert shared.seen == plain.seen and len(shared.seen) > 10
 
@@ -275,7 +346,9 @@ def test_shared_snr_prepass_builds_the_models_the_merge_would(tiny_base, make_ex
 def test_snr_prepass_computes_each_definition_once(tiny_base, make_experts, monkeypatch):
     calls = []
     real = sweep.expert_snrs
-    monkeypatch.setattr(sweep, "expert_snrs", lambda items, snr_method: calls.append(snr_method) or real(items, snr_method=snr_method))
+    monkeypatch.setattr(
+        sweep, "expert_snrs", lambda items, snr_method: calls.append(snr_method) or real(items, snr_method=snr_method)
+    )
     pre = sweep.SnrPrepass(tiny_base, make_experts(tiny_base, 2))
     for run in sweep.snr_runs(["snr_winner", "snr_max"], ["mp", "seed"], [0.2, 0.8]):
         assert pre.context(run) is not None
@@ -339,11 +412,21 @@ def test_compare_with_report_puts_numbers_side_by_side():
     runs = sweep.snr_runs(["snr_winner"], ["mp"], [0.5, 1.0])
     recs = []
     for seed in range(2):
-        recs += sweep.run_sweep(tiny(0), [tiny(10 + seed)], CountingEvaluate(), runs, seed=seed, merge_fn=fake_merge,
-                                share_prepass=False, progress=False)
+        recs += sweep.run_sweep(
+            tiny(0),
+            [tiny(10 + seed)],
+            CountingEvaluate(),
+            runs,
+            seed=seed,
+            merge_fn=fake_merge,
+            share_prepass=False,
+            progress=False,
+        )
     best = "snr_winner(snr_method=mp, top=1.0)"  # fake_merge adds top to every weight: task a grows with it
-    claims = [Claim("a, best top", 0.5, runs=("snr_winner(snr_method=mp, top=0.5)", best), task="a"),
-              Claim("not in this grid", 0.1, runs=("average()",), task="a")]
+    claims = [
+        Claim("a, best top", 0.5, runs=("snr_winner(snr_method=mp, top=0.5)", best), task="a"),
+        Claim("not in this grid", 0.1, runs=("average()",), task="a"),
+    ]
     table = sweep.compare_with_report(recs, claims)
     values = [r["value"] for r in recs if r["task"] == "a" and r["run"] == best]
     assert table.loc[0, "run"] == best
@@ -368,9 +451,19 @@ def test_leaderboard_keeps_each_strategy_at_its_best_setting():
 def test_shape_bias_sees_a_definition_that_tracks_the_aspect_ratio():
     rng = np.random.default_rng(0)
     shapes = [(64, c) for c in (8, 16, 24, 32, 48, 64)]
-    layers = [{"seed": 0, "expert": "a", "key": f"l{i}", "rows": r, "cols": c, "snr_method": m,
-               "snr": (c / r if m == "seed" else float(rng.uniform()))}
-              for i, (r, c) in enumerate(shapes) for m in ("mp", "seed")]
+    layers = [
+        {
+            "seed": 0,
+            "expert": "a",
+            "key": f"l{i}",
+            "rows": r,
+            "cols": c,
+            "snr_method": m,
+            "snr": (c / r if m == "seed" else float(rng.uniform())),
+        }
+        for i, (r, c) in enumerate(shapes)
+        for m in ("mp", "seed")
+    ]
     (row,) = sweep.shape_bias(layers).to_dict("records")
     assert row["rho(seed, aspect)"] == pytest.approx(1.0)
     assert abs(row["rho(mp, aspect)"]) < 1.0 and row["layers"] == 6

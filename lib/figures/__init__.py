@@ -53,7 +53,9 @@ def draw_all(*, run_missing: bool = False, smoke: bool = False, only: list[str] 
         path = results_path(nb, smoke)
         if not path.exists():
             if not run_missing:
-                print(f"[figures] {nb}: no {path.relative_to(paths.ROOT) if path.is_relative_to(paths.ROOT) else path}; skipped (use --run-missing)")
+                print(
+                    f"[figures] {nb}: no {path.relative_to(paths.ROOT) if path.is_relative_to(paths.ROOT) else path}; skipped (use --run-missing)"
+                )
                 continue
             run_notebook(nb, smoke=smoke)
         files = draw(paths.read_json(path), smoke=smoke)

@@ -37,10 +37,18 @@ def draw_tracy_widom(results: dict, *, smoke: bool = False) -> list[Path]:
     top = np.asarray(tw["top"])
     fig, ax = plt.subplots(figsize=(8.4, 3.6))
     ax.hist(top, bins=40, color=color("noise"), label=f"largest eigenvalue,\n{len(top)} noise draws")
-    ax.axvline(tw["lambda_plus"], color=color("mp"), linestyle="--",
-               label=rf"$\lambda_+$ = {tw['lambda_plus']:.3f}" + f"\n(exceeded in {100 * tw['frac_above_edge']:.0f}% of draws)")
-    ax.axvline(tw["threshold"], color=color("signal"),
-               label=f"detection threshold = {tw['threshold']:.3f}\n(exceeded in {100 * tw['frac_above_threshold']:.1f}%)")
+    ax.axvline(
+        tw["lambda_plus"],
+        color=color("mp"),
+        linestyle="--",
+        label=rf"$\lambda_+$ = {tw['lambda_plus']:.3f}"
+        + f"\n(exceeded in {100 * tw['frac_above_edge']:.0f}% of draws)",
+    )
+    ax.axvline(
+        tw["threshold"],
+        color=color("signal"),
+        label=f"detection threshold = {tw['threshold']:.3f}\n(exceeded in {100 * tw['frac_above_threshold']:.1f}%)",
+    )
     ax.set_title(f"Tracy–Widom fluctuations of the bulk edge, {tw['rows']}x{tw['cols']}")
     ax.set_xlabel(r"largest eigenvalue ($\sigma^2 = 1$)")
     ax.set_ylabel("draws")
@@ -63,25 +71,56 @@ def draw_spike(results: dict, *, smoke: bool = False) -> list[Path]:
     ax.plot(t, sp["bbp"], color=color("mp"), label="BBP prediction")
     ax.plot(t[~found], top[~found], "o", color=color("noise"), label="top eigenvalue: bulk")
     ax.plot(t[found], top[found], "o", color=color("signal"), label="top eigenvalue: signal")
-    ax.plot(t, sp["lambda_plus"] * sigma2, color=color("mp"), linestyle="--", linewidth=1,
-            label=r"$\lambda_+$ at the fitted $\sigma^2$")
-    ax.plot(t, sp["threshold"] * sigma2, color=color("signal"), linestyle=":", linewidth=1.2,
-            label="detection threshold at the fitted $\\sigma^2$")
-    ax.axvline(sp["bbp_transition"], color="#999999", linewidth=0.8,
-               label=f"BBP transition $t = q^{{1/4}}$ = {sp['bbp_transition']:.3f}")
-    ax.axvline(sp["detection_strength"], color=color("signal"), linewidth=0.8, linestyle="-.",
-               label=f"predicted detection at $\\sigma^2 = 1$: t = {sp['detection_strength']:.3f}")
+    ax.plot(
+        t,
+        sp["lambda_plus"] * sigma2,
+        color=color("mp"),
+        linestyle="--",
+        linewidth=1,
+        label=r"$\lambda_+$ at the fitted $\sigma^2$",
+    )
+    ax.plot(
+        t,
+        sp["threshold"] * sigma2,
+        color=color("signal"),
+        linestyle=":",
+        linewidth=1.2,
+        label="detection threshold at the fitted $\\sigma^2$",
+    )
+    ax.axvline(
+        sp["bbp_transition"],
+        color="#999999",
+        linewidth=0.8,
+        label=f"BBP transition $t = q^{{1/4}}$ = {sp['bbp_transition']:.3f}",
+    )
+    ax.axvline(
+        sp["detection_strength"],
+        color=color("signal"),
+        linewidth=0.8,
+        linestyle="-.",
+        label=f"predicted detection at $\\sigma^2 = 1$: t = {sp['detection_strength']:.3f}",
+    )
     if first is not None:
-        ax.annotate(f"first detected: t = {t[first]:.3f},\n" + rf"$\lambda$ = {top[first]:.3f} > {sp['threshold'] * sigma2[first]:.3f}",
-                    (t[first], top[first]), xytext=(t[0], 0.55 * top.max() + 0.45 * top.min()), fontsize=8,
-                    arrowprops={"arrowstyle": "->", "color": "#555555", "linewidth": 0.8})
+        ax.annotate(
+            f"first detected: t = {t[first]:.3f},\n"
+            + rf"$\lambda$ = {top[first]:.3f} > {sp['threshold'] * sigma2[first]:.3f}",
+            (t[first], top[first]),
+            xytext=(t[0], 0.55 * top.max() + 0.45 * top.min()),
+            fontsize=8,
+            arrowprops={"arrowstyle": "->", "color": "#555555", "linewidth": 0.8},
+        )
     ax.set_xlabel(r"signal strength $t$ (singular value / $\sigma\sqrt{N}$)")
     ax.set_ylabel(r"largest eigenvalue (in units of the true $\sigma^2 = 1$)")
     ax.set_title(f"One planted spike in {sp['rows']}x{sp['cols']} noise")
     legend_below(ax, ncol=2)
     ax2.plot(t, sp["snr"], "o-", color=color("mp"), label="our SNR (mp)")
-    ax2.axvline(sp["detection_strength"], color=color("signal"), linewidth=0.8, linestyle="-.",
-                label="predicted detection at $\\sigma^2 = 1$")
+    ax2.axvline(
+        sp["detection_strength"],
+        color=color("signal"),
+        linewidth=0.8,
+        linestyle="-.",
+        label="predicted detection at $\\sigma^2 = 1$",
+    )
     if first is not None:
         ax2.axvline(t[first], color=color("signal"), linewidth=0.8, label=f"first detected, t = {t[first]:.3f}")
     ax2.set_xlabel(r"signal strength $t$")
@@ -106,8 +145,14 @@ def draw_shape_bias(results: dict, *, smoke: bool = False) -> list[Path]:
     fig, ax = plt.subplots(figsize=(9.5, 3.8))
     for i, (method, label) in enumerate(methods):
         values, xs = means[method], x + (i - 1) * width
-        ax.bar(xs[values > 0], values[values > 0], width, color=color(method if method != "max_median" else "base"),
-               label=label, bottom=0)
+        ax.bar(
+            xs[values > 0],
+            values[values > 0],
+            width,
+            color=color(method if method != "max_median" else "base"),
+            label=label,
+            bottom=0,
+        )
         for xz in xs[values == 0]:
             ax.text(xz, floor * 1.5, "0", ha="center", va="bottom", fontsize=8, color=color(method))
     ax.set_yscale("log")
@@ -120,9 +165,15 @@ def draw_shape_bias(results: dict, *, smoke: bool = False) -> list[Path]:
 
 
 def _short(name: str) -> str:
-    return (name.replace("encoder.layer.", "L").replace(".weight", "").replace("attention.self.", "")
-            .replace("attention.output.dense", "attn_out").replace("intermediate.dense", "ffn_in")
-            .replace("output.dense", "ffn_out").replace("embeddings.", "emb."))
+    return (
+        name.replace("encoder.layer.", "L")
+        .replace(".weight", "")
+        .replace("attention.self.", "")
+        .replace("attention.output.dense", "attn_out")
+        .replace("intermediate.dense", "ffn_in")
+        .replace("output.dense", "ffn_out")
+        .replace("embeddings.", "emb.")
+    )
 
 
 def draw_minilm_scan(results: dict, *, smoke: bool = False) -> list[Path]:
@@ -153,11 +204,27 @@ def draw_minilm_esd(results: dict, *, smoke: bool = False) -> list[Path]:
         eig = np.asarray(item["eigenvalues"])
         right = max(2.0 * item["threshold"], float(np.quantile(eig, 0.95)))
         shown = eig[eig <= right]
-        ax.hist(shown, bins=60, density=True, color=color("noise"), label=f"eigenvalues ({len(eig) - len(shown)} beyond the axis)")
+        ax.hist(
+            shown,
+            bins=60,
+            density=True,
+            color=color("noise"),
+            label=f"eigenvalues ({len(eig) - len(shown)} beyond the axis)",
+        )
         xs = np.linspace(0.0, right, 500)
-        ax.plot(xs, mp_pdf(xs, item["q"], item["sigma2"]) * len(eig) / max(len(shown), 1), color=color("mp"), label="fitted MP")
-        ax.axvline(item["threshold"], color=color("signal"), linestyle="--", linewidth=1,
-                   label=f"threshold: {item['n_signal']} of {len(eig)} above")
+        ax.plot(
+            xs,
+            mp_pdf(xs, item["q"], item["sigma2"]) * len(eig) / max(len(shown), 1),
+            color=color("mp"),
+            label="fitted MP",
+        )
+        ax.axvline(
+            item["threshold"],
+            color=color("signal"),
+            linestyle="--",
+            linewidth=1,
+            label=f"threshold: {item['n_signal']} of {len(eig)} above",
+        )
         ax.set_title(f"{_short(esd['name'])}, {title}")
         ax.set_xlabel("eigenvalue")
         legend_below(ax, ncol=1)

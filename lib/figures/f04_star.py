@@ -56,9 +56,18 @@ def draw_eta_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
     colors = size_colors(s["size"])
     for name, ax in axes.items():
         p = s[s.pool == name]
-        for (size, rescale), g in stats.over_seeds(p, ["size", "hp_rescale", "hp_eta"], sort=True).groupby(["size", "hp_rescale"]):
-            band(ax, g.hp_eta, g["mean"], g["std"], c=colors[size], linestyle="-" if rescale else "--",
-                 label=f"{size} tasks" if rescale else None)
+        for (size, rescale), g in stats.over_seeds(p, ["size", "hp_rescale", "hp_eta"], sort=True).groupby(
+            ["size", "hp_rescale"]
+        ):
+            band(
+                ax,
+                g.hp_eta,
+                g["mean"],
+                g["std"],
+                c=colors[size],
+                linestyle="-" if rescale else "--",
+                label=f"{size} tasks" if rescale else None,
+            )
         ax.axvline(results["config"]["default_eta"], color="#999999", linewidth=0.8, linestyle=":")
         ax.set_xlabel("eta (% of the nuclear norm kept; dotted: the default)")
         ax.set_ylabel("normalized accuracy")
@@ -74,14 +83,18 @@ def draw_best_eta(results: dict, *, smoke: bool = False) -> list[Path]:
     rng = np.random.default_rng(0)
     for name, ax in axes.items():
         b = best[best.pool == name]
-        ax.scatter(b["size"] + rng.uniform(-0.12, 0.12, len(b)), b.best, s=12, color=color("star"), alpha=0.4,
-                   linewidth=0)
+        ax.scatter(
+            b["size"] + rng.uniform(-0.12, 0.12, len(b)), b.best, s=12, color=color("star"), alpha=0.4, linewidth=0
+        )
         g = b.groupby("size")["best"].agg(["mean", "std"]).reset_index()
         ax.errorbar(g["size"], g["mean"], yerr=g["std"].fillna(0), color=color("star"), marker="o", capsize=3)
         t = pool.trend(b, "size", "best")
         rho = f"{t['spearman']:+.2f}" if np.isfinite(t["spearman"]) else "n/a (one best eta)"
-        trend = (f"slope {t['slope']:+.1f} eta per task, Spearman {rho}" if np.isfinite(t["slope"])
-                 else "one subset size: no trend")
+        trend = (
+            f"slope {t['slope']:+.1f} eta per task, Spearman {rho}"
+            if np.isfinite(t["slope"])
+            else "one subset size: no trend"
+        )
         ax.set_title(f"{ax.get_title()}\n{trend}", fontsize=9)
         ax.set_xticks(sorted(b["size"].unique()))
         ax.set_xlim(b["size"].min() - 0.5, b["size"].max() + 0.5)
@@ -122,8 +135,15 @@ def draw_methods(results: dict, *, name: str, smoke: bool = False) -> list[Path]
             c = color(r.method.iloc[0])
             ax.scatter(r["size"], r.normalized, s=8, color=c, alpha=0.25, linewidth=0)
             g = stats.over_seeds(r, ["size"], sort=True)
-            band(ax, g["size"], g["mean"], g["std"], c=c, label=spec["name"],
-                 linestyle=":" if spec["run"] == "base" else "-")
+            band(
+                ax,
+                g["size"],
+                g["mean"],
+                g["std"],
+                c=c,
+                label=spec["name"],
+                linestyle=":" if spec["run"] == "base" else "-",
+            )
         ax.axhline(1.0, color="#000000", linewidth=0.8, linestyle="-.")
         ax.set_xticks(sorted(p["size"].unique()))
         ax.set_xlabel("number of merged tasks")
@@ -152,13 +172,24 @@ def draw_ranks(results: dict, *, smoke: bool = False) -> list[Path]:
         experts = list(dict.fromkeys(df.expert))
         grid = grid[experts]
         labels = df.drop_duplicates("order").set_index("order").key.map(short_key).reindex(grid.index)
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(5.0 + 1.1 * len(experts), 1.8 + 0.26 * len(grid)),
-                                      gridspec_kw={"width_ratios": [len(experts) + 2, 4]})
+        fig, (ax, ax2) = plt.subplots(
+            1,
+            2,
+            figsize=(5.0 + 1.1 * len(experts), 1.8 + 0.26 * len(grid)),
+            gridspec_kw={"width_ratios": [len(experts) + 2, 4]},
+        )
         values = grid.to_numpy(float)
         im = ax.imshow(np.maximum(values, 1), aspect="auto", cmap="magma_r", norm=LogNorm(1, max(2, values.max())))
         for (i, j), v in np.ndenumerate(values):
-            ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=8,
-                    color="white" if v > np.sqrt(max(2, values.max())) else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(v)}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if v > np.sqrt(max(2, values.max())) else "black",
+            )
         ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right", rotation_mode="anchor")
         ax.set_yticks(range(len(grid)), labels, fontsize=8)
         ax.grid(False)
@@ -177,6 +208,10 @@ def draw_ranks(results: dict, *, smoke: bool = False) -> list[Path]:
 
 
 def draw(results: dict, *, smoke: bool = False) -> list[Path]:
-    return (draw_eta_sweep(results, smoke=smoke) + draw_best_eta(results, smoke=smoke)
-            + draw_rescale(results, smoke=smoke) + draw_methods(results, name=f"{NOTEBOOK}_methods", smoke=smoke)
-            + draw_ranks(results, smoke=smoke))
+    return (
+        draw_eta_sweep(results, smoke=smoke)
+        + draw_best_eta(results, smoke=smoke)
+        + draw_rescale(results, smoke=smoke)
+        + draw_methods(results, name=f"{NOTEBOOK}_methods", smoke=smoke)
+        + draw_ranks(results, smoke=smoke)
+    )

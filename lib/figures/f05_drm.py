@@ -39,10 +39,19 @@ def draw_renorm(results: dict, *, smoke: bool = False) -> list[Path]:
                 continue
             g = stats.over_seeds(r, ["size"], sort=True)
             c = color(method)
-            ax.errorbar(g["size"] + offsets[(method, renorm)], g["mean"], yerr=g["std"].fillna(0), color=c,
-                        marker="o" if method == "drm_h" else "s", markersize=6, capsize=3,
-                        markerfacecolor=c if renorm else "white", linestyle="-" if renorm else "--", linewidth=1.2,
-                        label=f"{'DRM-H' if method == 'drm_h' else 'DRM-V'}, {'renorm' if renorm else 'no renorm'}")
+            ax.errorbar(
+                g["size"] + offsets[(method, renorm)],
+                g["mean"],
+                yerr=g["std"].fillna(0),
+                color=c,
+                marker="o" if method == "drm_h" else "s",
+                markersize=6,
+                capsize=3,
+                markerfacecolor=c if renorm else "white",
+                linestyle="-" if renorm else "--",
+                linewidth=1.2,
+                label=f"{'DRM-H' if method == 'drm_h' else 'DRM-V'}, {'renorm' if renorm else 'no renorm'}",
+            )
         sizes = sorted(s[s.pool == name]["size"].unique())
         ax.set_xticks(sizes)
         ax.set_xlim(min(sizes) - 0.6, max(sizes) + 0.6)
@@ -71,8 +80,16 @@ def draw_density(results: dict, *, smoke: bool = False) -> list[Path]:
         for spec in results["config"]["density_methods"]:
             r = pool.select(p, spec["method"], **spec.get("fixed", {}))
             for i, (size, g) in enumerate(stats.over_seeds(r, ["size", "hp_density"], sort=True).groupby("size")):
-                band(ax, g.hp_density, g["mean"], g["std"], c=color(spec["method"]), marker=markers[i % len(markers)],
-                     linestyle=spec.get("linestyle", "-"), label=f"{spec['name']}, {size} tasks")
+                band(
+                    ax,
+                    g.hp_density,
+                    g["mean"],
+                    g["std"],
+                    c=color(spec["method"]),
+                    marker=markers[i % len(markers)],
+                    linestyle=spec.get("linestyle", "-"),
+                    label=f"{spec['name']}, {size} tasks",
+                )
         default = results["config"]["default_density"]
         ax.axvline(default, color="#999999", linewidth=0.8, linestyle=":", label=f"default density {default:g}")
         ax.set_xscale("log")
@@ -123,10 +140,16 @@ def draw_rows(results: dict, *, smoke: bool = False) -> list[Path]:
             ax.set_ylim(-0.03, 1.03)
             ax.set_ylabel(f"share of row kept ({label})")
         bottom.set_xlabel("component i (by joint singular value)")
-        legend_below(bottom, ncol=3, handles=top.get_legend_handles_labels()[0], labels=top.get_legend_handles_labels()[1])
+        legend_below(
+            bottom, ncol=3, handles=top.get_legend_handles_labels()[0], labels=top.get_legend_handles_labels()[1]
+        )
     return savefig(fig, f"{NOTEBOOK}_rows", smoke=smoke)
 
 
 def draw(results: dict, *, smoke: bool = False) -> list[Path]:
-    return (draw_methods(results, name=f"{NOTEBOOK}_methods", smoke=smoke) + draw_renorm(results, smoke=smoke)
-            + draw_density(results, smoke=smoke) + draw_rows(results, smoke=smoke))
+    return (
+        draw_methods(results, name=f"{NOTEBOOK}_methods", smoke=smoke)
+        + draw_renorm(results, smoke=smoke)
+        + draw_density(results, smoke=smoke)
+        + draw_rows(results, smoke=smoke)
+    )

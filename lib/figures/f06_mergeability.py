@@ -31,8 +31,10 @@ def fit_title(method: str, fit: dict) -> str:
     low, high = fit["r2_interval"]
     level = fit.get("interval_level", 0.9)
     p = p_text(fit)
-    return (f"{method}: LOO R² = {fit['r2']:.2f}, {level:.0%} interval [{low:.2f}, {high:.2f}]\n"
-            f"permutation p {'' if p.startswith('≤') else '= '}{p}, {len(fit['pairs'])} pairs")
+    return (
+        f"{method}: LOO R² = {fit['r2']:.2f}, {level:.0%} interval [{low:.2f}, {high:.2f}]\n"
+        f"permutation p {'' if p.startswith('≤') else '= '}{p}, {len(fit['pairs'])} pairs"
+    )
 
 
 def method_panels(n: int, width: float, height: float, *, extra_width: float = 0.0, per_row: int = 3, **kw):
@@ -64,16 +66,26 @@ def draw_coefficients(results: dict, *, smoke: bool = False) -> list[Path]:
             ax.plot(fold, y + j, ".", color="black", markersize=2.5, alpha=0.6)
         selected = (folds != 0).mean(axis=0)
         for yi, share in zip(y, selected):
-            ax.annotate(f"{100 * share:.0f}%", (1.01, yi), xycoords=("axes fraction", "data"), fontsize=8,
-                        ha="left", va="center", color="#555555", annotation_clip=False)
+            ax.annotate(
+                f"{100 * share:.0f}%",
+                (1.01, yi),
+                xycoords=("axes fraction", "data"),
+                fontsize=8,
+                ha="left",
+                va="center",
+                color="#555555",
+                annotation_clip=False,
+            )
         ax.axvline(0, color="black", linewidth=0.8)
         ax.xaxis.set_major_locator(MaxNLocator(4, symmetric=True))
         ax.set_title(fit_title(method, fit), fontsize=9)
         ax.set_xlabel("coefficient per SD of the property")
     axes[0][0].set_yticks(y, features)  # shared by every panel
     axes[0][0].invert_yaxis()
-    fig.suptitle("Lasso coefficients (bars: all pairs; dots: each leave-one-pair-out fit; %: share of fits selecting it)",
-                 fontsize=9)
+    fig.suptitle(
+        "Lasso coefficients (bars: all pairs; dots: each leave-one-pair-out fit; %: share of fits selecting it)",
+        fontsize=9,
+    )
     return savefig(fig, f"{NOTEBOOK}_coefficients", smoke=smoke)
 
 
@@ -89,8 +101,16 @@ def draw_predicted(results: dict, *, smoke: bool = False) -> list[Path]:
         # 21 names on one panel cannot be read: the pairs predicted worst get a marker each, named below the panel
         worst = np.argsort(-np.abs(measured - predicted))[:LABELLED]
         for marker, i in zip("^sD", worst):
-            ax.scatter(measured[i], predicted[i], s=70, marker=marker, facecolor="none", edgecolor="black", zorder=4,
-                       label=f"{fit['pairs'][i]} (off by {predicted[i] - measured[i]:+.2f})")
+            ax.scatter(
+                measured[i],
+                predicted[i],
+                s=70,
+                marker=marker,
+                facecolor="none",
+                edgecolor="black",
+                zorder=4,
+                label=f"{fit['pairs'][i]} (off by {predicted[i] - measured[i]:+.2f})",
+            )
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), borderaxespad=0.0, title="worst predicted")
         lo = min(measured.min(), predicted.min())
         hi = max(measured.max(), predicted.max())
@@ -102,8 +122,11 @@ def draw_predicted(results: dict, *, smoke: bool = False) -> list[Path]:
         ax.set_aspect("equal", adjustable="datalim")
     for row in axes:
         row[0].set_ylabel("predicted (pair left out)")
-    fig.suptitle("each pair predicted by the model fitted without it; solid: perfect prediction, dotted: the mean of "
-                 "the pairs (no property used)", fontsize=10)
+    fig.suptitle(
+        "each pair predicted by the model fitted without it; solid: perfect prediction, dotted: the mean of "
+        "the pairs (no property used)",
+        fontsize=10,
+    )
     return savefig(fig, f"{NOTEBOOK}_predicted", smoke=smoke)
 
 
@@ -115,10 +138,13 @@ def draw_layers(results: dict, *, smoke: bool = False) -> list[Path]:
     df = df[df.subspace_overlap.notna()]  # matrices only: 1-D tensors have no subspace
     keys = list(dict.fromkeys(df.key))
     pairs = list(dict.fromkeys(df.pair))
-    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.17 * len(keys) + 3.5), 2 * (0.17 * len(pairs) + 2.4)),
-                             squeeze=False)
-    panels = (("cosine", "task-vector cosine", "cosine of the two task vectors, per weight matrix"),
-              ("subspace_overlap", "top-k subspace overlap", "overlap of their top-k singular subspaces, per weight matrix"))
+    fig, axes = plt.subplots(
+        2, 1, figsize=(max(7.0, 0.17 * len(keys) + 3.5), 2 * (0.17 * len(pairs) + 2.4)), squeeze=False
+    )
+    panels = (
+        ("cosine", "task-vector cosine", "cosine of the two task vectors, per weight matrix"),
+        ("subspace_overlap", "top-k subspace overlap", "overlap of their top-k singular subspaces, per weight matrix"),
+    )
     for (column, label, title), ax in zip(panels, axes[:, 0]):
         grid = df.pivot_table(index="pair", columns="key", values=column, sort=False).reindex(index=pairs, columns=keys)
         values = grid.to_numpy(float)
@@ -156,4 +182,6 @@ def draw_univariate(results: dict, *, smoke: bool = False) -> list[Path]:
 
 
 def draw(results: dict, *, smoke: bool = False) -> list[Path]:
-    return [p for fn in (draw_coefficients, draw_predicted, draw_univariate, draw_layers) for p in fn(results, smoke=smoke)]
+    return [
+        p for fn in (draw_coefficients, draw_predicted, draw_univariate, draw_layers) for p in fn(results, smoke=smoke)
+    ]

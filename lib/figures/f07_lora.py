@@ -34,9 +34,18 @@ def draw_eta_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
     colors = size_colors(s["size"])
     for name, ax in axes.items():
         p = s[s.pool == name]
-        for (size, rescale), g in stats.over_seeds(p, ["size", "hp_rescale", "hp_eta"], sort=True).groupby(["size", "hp_rescale"]):
-            band(ax, g.hp_eta, g["mean"], g["std"], c=colors[size], linestyle="-" if rescale else "--",
-                 label=f"{size} tasks" if rescale else None)
+        for (size, rescale), g in stats.over_seeds(p, ["size", "hp_rescale", "hp_eta"], sort=True).groupby(
+            ["size", "hp_rescale"]
+        ):
+            band(
+                ax,
+                g.hp_eta,
+                g["mean"],
+                g["std"],
+                c=colors[size],
+                linestyle="-" if rescale else "--",
+                label=f"{size} tasks" if rescale else None,
+            )
         ax.axvline(results["config"]["default_eta"], color="#999999", linewidth=0.8, linestyle=":")
         ax.set_xlabel("eta (% of the nuclear norm kept; dotted: the default)")
         ax.set_ylabel("normalized accuracy")
@@ -108,6 +117,10 @@ def draw_low_rank(results: dict, *, smoke: bool = False) -> list[Path]:
 
 
 def draw(results: dict, *, smoke: bool = False) -> list[Path]:
-    return (draw_eta_sweep(results, smoke=smoke) + draw_rescale(results, smoke=smoke)
-            + draw_methods(results, name=f"{NOTEBOOK}_methods", smoke=smoke) + draw_ranks(results, smoke=smoke)
-            + draw_low_rank(results, smoke=smoke))
+    return (
+        draw_eta_sweep(results, smoke=smoke)
+        + draw_rescale(results, smoke=smoke)
+        + draw_methods(results, name=f"{NOTEBOOK}_methods", smoke=smoke)
+        + draw_ranks(results, smoke=smoke)
+        + draw_low_rank(results, smoke=smoke)
+    )

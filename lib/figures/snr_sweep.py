@@ -72,7 +72,9 @@ def _reference_lines(ax, results: dict, summary: pd.DataFrame, task: str, metric
     for _, row in sel[sel.model != "merged"].iterrows():
         if row["method"] == "expert":  # the task's own expert, against the other expert(s)
             own = row["model"] == task
-            style = dict(linestyle="-." if own else ":", linewidth=1.0, label="own expert alone" if own else "other expert alone")
+            style = dict(
+                linestyle="-." if own else ":", linewidth=1.0, label="own expert alone" if own else "other expert alone"
+            )
         else:
             style = dict(linestyle=":", linewidth=1.4, label=f"{row['model']} alone")
         ax.axhline(row["mean"], color=color(row["method"]), **style)
@@ -93,10 +95,15 @@ def _mark_coincident(axes) -> None:
     earlier one in every panel (task arithmetic at chance, on the majority-class line) is labelled
     so too. Lines whose label starts with "_" are ignored."""
     panels = [ax for ax in np.ravel(axes) if ax.get_visible()]
-    labels = list(dict.fromkeys(line.get_label() for ax in panels for line in ax.get_lines()
-                                if not line.get_label().startswith("_")))
+    labels = list(
+        dict.fromkeys(
+            line.get_label() for ax in panels for line in ax.get_lines() if not line.get_label().startswith("_")
+        )
+    )
+
     def lines_of(ax):
         return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+
     same = {}
     for i, late in enumerate(labels):
         for early in labels[:i]:
@@ -144,14 +151,22 @@ def draw_top_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
     snr_methods = [m for m in results["config"]["snr_methods"] if m in set(swept.snr_method)]
     rows = panels(results)
     # panels of a row share their y axis, so the two SNR definitions compare at a glance
-    fig, axes = plt.subplots(len(rows), len(snr_methods), figsize=(5.2 * len(snr_methods), 2.9 * len(rows)),
-                             squeeze=False, sharex=True, sharey="row")
+    fig, axes = plt.subplots(
+        len(rows),
+        len(snr_methods),
+        figsize=(5.2 * len(snr_methods), 2.9 * len(rows)),
+        squeeze=False,
+        sharex=True,
+        sharey="row",
+    )
     for (task, metric), axrow in zip(rows, axes):
         for snr_method, ax in zip(snr_methods, axrow):
             sel = swept[(swept.task == task) & (swept.metric == metric) & (swept.snr_method == snr_method)]
             for method, g in sel.groupby("method", sort=False):
                 g = g.sort_values("top")
-                _band(ax, 100 * g.top.to_numpy(), g["mean"].to_numpy(), g["std"].to_numpy(), label=method, c=color(method))
+                _band(
+                    ax, 100 * g.top.to_numpy(), g["mean"].to_numpy(), g["std"].to_numpy(), label=method, c=color(method)
+                )
             _reference_lines(ax, results, summary, task, metric)
             ax.set_title(f"{task}: SNR {SNR_NAMES.get(snr_method, snr_method)}", fontsize=9)
             ax.set_ylabel(metric_label(results, task, metric))
@@ -201,7 +216,9 @@ def draw_layer_snr(results: dict, *, smoke: bool = False) -> list[Path]:
     # one seed is enough to show the profile; the first is drawn
     layers = layers[layers.seed == layers.seed.min()] if "seed" in layers else layers
     n_keys = layers.key.nunique()
-    fig, axes = plt.subplots(2, len(snr_methods), figsize=(max(6.5, 0.17 * n_keys) * len(snr_methods), 8.0), squeeze=False)
+    fig, axes = plt.subplots(
+        2, len(snr_methods), figsize=(max(6.5, 0.17 * n_keys) * len(snr_methods), 8.0), squeeze=False
+    )
     experts = list(dict.fromkeys(layers.expert))
     markers = ("o", "s", "^", "D")
     for j, snr_method in enumerate(snr_methods):
@@ -209,15 +226,27 @@ def draw_layer_snr(results: dict, *, smoke: bool = False) -> list[Path]:
         for i, expert in enumerate(experts):
             g = sel[sel.expert == expert]
             c = plt.get_cmap("tab10")(i)
-            axes[0][j].plot(np.arange(len(g)), g.snr.to_numpy(), marker=markers[i % 4], markersize=3, linewidth=0.8,
-                            color=c, label=f"{expert} expert")
-            axes[1][j].scatter(g.aspect, g.snr, s=14, marker=markers[i % 4], color=c, alpha=0.7, label=f"{expert} expert")
+            axes[0][j].plot(
+                np.arange(len(g)),
+                g.snr.to_numpy(),
+                marker=markers[i % 4],
+                markersize=3,
+                linewidth=0.8,
+                color=c,
+                label=f"{expert} expert",
+            )
+            axes[1][j].scatter(
+                g.aspect, g.snr, s=14, marker=markers[i % 4], color=c, alpha=0.7, label=f"{expert} expert"
+            )
         names = [matrix_name(k) for k in dict.fromkeys(sel.key)]
         axes[0][j].set_xticks(np.arange(len(names)), names, rotation=90, fontsize=8)
         axes[0][j].set_xlim(-0.7, len(names) - 0.3)
         n_inf = int(sel.infinite.sum())
-        axes[0][j].set_title(f"SNR {SNR_NAMES.get(snr_method, snr_method)}, per weight matrix"
-                             + (f"\n{n_inf} infinite (no noise bulk), drawn at the top" if n_inf else ""), fontsize=9)
+        axes[0][j].set_title(
+            f"SNR {SNR_NAMES.get(snr_method, snr_method)}, per weight matrix"
+            + (f"\n{n_inf} infinite (no noise bulk), drawn at the top" if n_inf else ""),
+            fontsize=9,
+        )
         axes[1][j].set_xlabel("aspect ratio min(rows, cols) / max(rows, cols)")
         for ax in axes[:, j]:
             ax.set_ylabel("SNR (symmetric log scale)")
@@ -262,16 +291,23 @@ def _esd_panel(ax, item) -> None:
     x = np.geomspace(lo, edge, 400)
     # the histogram is normalised over all positive eigenvalues; the MP law describes the bulk only
     bulk_share = float(np.mean(positive <= threshold)) if len(positive) else 1.0
-    ax.plot(np.log10(x), mp_pdf(x, item["q"], item["sigma2"]) * x * np.log(10) * bulk_share, color=color("mp"),
-            label="fitted MP density")
+    ax.plot(
+        np.log10(x),
+        mp_pdf(x, item["q"], item["sigma2"]) * x * np.log(10) * bulk_share,
+        color=color("mp"),
+        label="fitted MP density",
+    )
     ax.axvline(np.log10(edge), color=color("mp"), linestyle=":", linewidth=1, label=r"bulk edge $\lambda_+$")
     ax.axvline(np.log10(threshold), color=color("signal"), linestyle="--", linewidth=1, label="detection threshold")
     spikes = logs[positive > threshold]
     ax.plot(spikes, np.zeros(len(spikes)), "|", color=color("signal"), markersize=12, label="signal eigenvalues")
     zeros = len(eig) - len(positive)
     note = f"; {zeros} zero eigenvalues not shown" if zeros else ""
-    ax.set_title(f"{item['expert']}: {matrix_name(item['key'])} {tuple(item['shape'])}\n{item['why']}\n"
-                 f"{int(item['n_signal'])} of {len(eig)} eigenvalues are signal{note}", fontsize=9)
+    ax.set_title(
+        f"{item['expert']}: {matrix_name(item['key'])} {tuple(item['shape'])}\n{item['why']}\n"
+        f"{int(item['n_signal'])} of {len(eig)} eigenvalues are signal{note}",
+        fontsize=9,
+    )
     ax.set_xlabel("log10 eigenvalue of the Gram matrix / N")
 
 
@@ -279,7 +315,9 @@ def _run_name(run: str) -> str:
     """``snr_winner(snr_method=seed, top=0.25)`` -> ``snr_winner\nseed, top 25%``: a tick label."""
     method, _, args = run.partition("(")
     parts = dict(a.split("=", 1) for a in args.rstrip(")").split(", ") if "=" in a)
-    detail = ", ".join(x for x in (parts.get("snr_method"), f"top {float(parts['top']):.0%}" if "top" in parts else None) if x)
+    detail = ", ".join(
+        x for x in (parts.get("snr_method"), f"top {float(parts['top']):.0%}" if "top" in parts else None) if x
+    )
     return method + (f"\n{detail}" if detail else "")
 
 
@@ -296,8 +334,10 @@ def draw_head_variants(results: dict, *, smoke: bool = False) -> list[Path]:
         summaries[variant] = s
     # the same merge sits at the same place, and a (task, metric) keeps its colour, in every panel
     runs = sorted(set().union(*(s.run for s in summaries.values())))
-    bar_colors = {bar: plt.get_cmap("tab10")(i)
-                  for i, bar in enumerate(dict.fromkeys(b for s in summaries.values() for b in s.bar))}
+    bar_colors = {
+        bar: plt.get_cmap("tab10")(i)
+        for i, bar in enumerate(dict.fromkeys(b for s in summaries.values() for b in s.bar))
+    }
     fig, axes = plt.subplots(1, len(variants), figsize=(4.8 * len(variants), 3.8), squeeze=False, sharey=True)
     for (variant, spec), ax in zip(variants.items(), axes[0]):
         s = summaries[variant]
@@ -305,8 +345,15 @@ def draw_head_variants(results: dict, *, smoke: bool = False) -> list[Path]:
         width = 0.8 / len(bars)
         for i, bar in enumerate(bars):
             g = s[s.bar == bar].set_index("run").reindex(runs)
-            ax.bar(np.arange(len(runs)) + i * width, g["mean"], width, yerr=g["std"].fillna(0), label=bar,
-                   color=bar_colors[bar], alpha=0.85)
+            ax.bar(
+                np.arange(len(runs)) + i * width,
+                g["mean"],
+                width,
+                yerr=g["std"].fillna(0),
+                label=bar,
+                color=bar_colors[bar],
+                alpha=0.85,
+            )
         for label, value in spec.get("majority", {}).items():
             ax.axhline(value, color="black", linestyle=":", linewidth=1, label=f"majority class: {label}")
         ax.set_xticks(np.arange(len(runs)) + 0.4 - width / 2, [_run_name(r) for r in runs], fontsize=8)

@@ -98,9 +98,22 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, family: str, description: str, reference: str, per: str = "tensor", version: int = 1,
-             needs_base: bool = True, prepass=None, check=None, elementwise: bool | Callable[..., bool] = False,
-             prepass_elementwise: bool = False, aliases: Mapping[str, tuple[str, Callable]] | None = None, **defaults):
+def register(
+    name: str,
+    *,
+    family: str,
+    description: str,
+    reference: str,
+    per: str = "tensor",
+    version: int = 1,
+    needs_base: bool = True,
+    prepass=None,
+    check=None,
+    elementwise: bool | Callable[..., bool] = False,
+    prepass_elementwise: bool = False,
+    aliases: Mapping[str, tuple[str, Callable]] | None = None,
+    **defaults,
+):
     """Decorator adding a method to :data:`METHODS` (module docstring).
 
     ``family``: ``"average"``, ``"task_arithmetic"``, ``"spectral"`` or ``"snr"``.
@@ -119,14 +132,31 @@ def register(name: str, *, family: str, description: str, reference: str, per: s
     several blocks of rows under its key.
     """
     if per not in ("tensor", "stack"):
-        raise ValueError(f"per must be 'tensor' (fn of one key's tensors) or 'stack' (fn of same-shape matrix stacks), got {per!r}")
+        raise ValueError(
+            f"per must be 'tensor' (fn of one key's tensors) or 'stack' (fn of same-shape matrix stacks), got {per!r}"
+        )
 
     def deco(impl):
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
         fn = (_per_stack if per == "stack" else _per_tensor)(impl, prepass)
-        METHODS[name] = Method(name, fn, dict(defaults), description, needs_base, prepass, check, elementwise,
-                               prepass_elementwise, family, reference, version, dict(aliases or {}), impl, per)
+        METHODS[name] = Method(
+            name,
+            fn,
+            dict(defaults),
+            description,
+            needs_base,
+            prepass,
+            check,
+            elementwise,
+            prepass_elementwise,
+            family,
+            reference,
+            version,
+            dict(aliases or {}),
+            impl,
+            per,
+        )
         return impl
 
     return deco
@@ -187,8 +217,9 @@ def _per_stack(impl, prepass):
             return stack(experts, key) - base[key]
 
         matrices = {k: t.shape for k, t in base.items() if is_matrix(t)}
-        merged = map_matrix_stacks(matrices, taus, lambda deltas: impl(deltas, **hp),
-                                   max_elements=BATCH_ELEMENTS // len(experts))
+        merged = map_matrix_stacks(
+            matrices, taus, lambda deltas: impl(deltas, **hp), max_elements=BATCH_ELEMENTS // len(experts)
+        )
         return {k: base[k] + lam * (merged[k] if k in merged else taus(k).mean(0)) for k in base}
 
     return fn
@@ -214,8 +245,10 @@ def resolve_hparams(method: Method, hp: dict[str, Any]) -> dict[str, Any]:
     for old, (new, convert) in method.aliases.items():
         if old in hp:
             if new in hp:
-                raise ValueError(f"{method.name!r} got both {old!r} and {new!r}; {old!r} is the old name of {new!r} "
-                                 f"({VOCABULARY.get(new, new)}): pass one")
+                raise ValueError(
+                    f"{method.name!r} got both {old!r} and {new!r}; {old!r} is the old name of {new!r} "
+                    f"({VOCABULARY.get(new, new)}): pass one"
+                )
             hp[new] = convert(hp.pop(old))
     unknown = sorted(set(hp) - set(method.defaults))
     if unknown:

@@ -118,13 +118,16 @@ def model_thresholds(recipe: Recipe, items, *, method: str) -> list[float] | Non
         return None
     drop = None
     if recipe.keep is not None:
+
         def drop(key, expert, tau):
             return drop_and_rescale(tau, 1.0 - recipe.keep, key=key, expert=expert, seed=recipe.seed)
+
     return kth_largest_magnitude(TaskVectorItems(items, drop, method=method), lambda n: kept_count(n, recipe.density))
 
 
-def declare(name: str, recipe: Callable[..., Recipe], *, check: Callable[..., None], prepass: bool = False,
-            **registration) -> None:
+def declare(
+    name: str, recipe: Callable[..., Recipe], *, check: Callable[..., None], prepass: bool = False, **registration
+) -> None:
     """Register ``name`` as the core with ``recipe(**hp)``: its per-tensor function, its prepass
     (when ``prepass``: some hyperparameters trim against model-wide thresholds), its
     ``elementwise`` flag (:class:`Recipe`), and its registry entry (:func:`lib.merge.register`)."""
@@ -138,8 +141,14 @@ def declare(name: str, recipe: Callable[..., Recipe], *, check: Callable[..., No
         return model_thresholds(recipe(**hp), items, method=label)
 
     fn.__name__ = fn.__qualname__ = name
-    register(name, family="task_arithmetic", check=check, prepass=thresholds if prepass else None,
-             elementwise=lambda **hp: recipe(**hp).elementwise, **registration)(fn)
+    register(
+        name,
+        family="task_arithmetic",
+        check=check,
+        prepass=thresholds if prepass else None,
+        elementwise=lambda **hp: recipe(**hp).elementwise,
+        **registration,
+    )(fn)
 
 
 # ----------------------------------------------------------------------------------- the methods
@@ -154,7 +163,9 @@ def _check_ties(density, lam, scope):
     check_range("density", density, 0.0, 1.0)
     check_finite_number("lam", lam)
     if scope not in ("model", "tensor"):
-        raise ValueError(f"scope must be 'model' (one magnitude threshold per expert over all tensors) or 'tensor', got {scope!r}")
+        raise ValueError(
+            f"scope must be 'model' (one magnitude threshold per expert over all tensors) or 'tensor', got {scope!r}"
+        )
 
 
 def _check_dare(keep, seed, then, lam, density):
@@ -165,7 +176,8 @@ def _check_dare(keep, seed, then, lam, density):
         raise ValueError(
             f"then must be 'sum' (add the rescaled task vectors), 'ties' (elect sign, disjoint mean; PEFT's dare_ties), "
             f"'ties_sum' (elect sign, sum the agreeing entries; mergekit's dare_ties) or 'trim_ties' (TIES' magnitude "
-            f"trim at density, elect sign, disjoint mean; MergeLM's), got {then!r}")
+            f"trim at density, elect sign, disjoint mean; MergeLM's), got {then!r}"
+        )
     check_finite_number("lam", lam)
     check_range("density", density, 0.0, 1.0)
 
@@ -186,21 +198,46 @@ def _dare(keep, seed, then, lam, density):
     return Recipe(keep=keep, seed=seed, density=density if trim else None, consensus=consensus, lam=lam)
 
 
-declare("task_arithmetic", lambda lam, weights: Recipe(lam=lam, weights=None if weights is None else tuple(weights)),
-        check=_check_task_arithmetic, version=1, description="base + lam * sum of (weighted) task vectors (Ilharco et al. 2023)",
-        reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089; "
-                  "https://github.com/mlfoundations/task_vectors",
-        lam=1.0, weights=None)
-declare("ties", lambda density, lam, scope: Recipe(density=density, scope=scope, consensus="mean", lam=lam),
-        check=_check_ties, prepass=True, prepass_elementwise=True, version=1,
-        description="TIES: trim each task vector to its top-density magnitudes, elect signs by mass, disjoint mean (Yadav et al. 2023)",
-        reference="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023, arXiv:2306.01708; "
-                  "https://github.com/prateeky2806/ties-merging",
-        density=0.2, lam=1.0, scope="model")
-declare("dare", _dare, check=_check_dare, prepass=True, prepass_label="dare with then='trim_ties'", version=1,
-        aliases={"p": ("keep", _keep_from_p)},
-        description="DARE: keep task-vector entries with probability keep, rescale by 1/keep, then sum or TIES "
-                    "(PEFT's, mergekit's or MergeLM's DARE-TIES), times lam",
-        reference="Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, "
-                  "ICML 2024, arXiv:2311.03099; https://github.com/yule-BUAA/MergeLM",
-        keep=0.1, seed=0, then="sum", lam=1.0, density=0.2)
+declare(
+    "task_arithmetic",
+    lambda lam, weights: Recipe(lam=lam, weights=None if weights is None else tuple(weights)),
+    check=_check_task_arithmetic,
+    version=1,
+    description="base + lam * sum of (weighted) task vectors (Ilharco et al. 2023)",
+    reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, arXiv:2212.04089; "
+    "https://github.com/mlfoundations/task_vectors",
+    lam=1.0,
+    weights=None,
+)
+declare(
+    "ties",
+    lambda density, lam, scope: Recipe(density=density, scope=scope, consensus="mean", lam=lam),
+    check=_check_ties,
+    prepass=True,
+    prepass_elementwise=True,
+    version=1,
+    description="TIES: trim each task vector to its top-density magnitudes, elect signs by mass, disjoint mean (Yadav et al. 2023)",
+    reference="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023, arXiv:2306.01708; "
+    "https://github.com/prateeky2806/ties-merging",
+    density=0.2,
+    lam=1.0,
+    scope="model",
+)
+declare(
+    "dare",
+    _dare,
+    check=_check_dare,
+    prepass=True,
+    prepass_label="dare with then='trim_ties'",
+    version=1,
+    aliases={"p": ("keep", _keep_from_p)},
+    description="DARE: keep task-vector entries with probability keep, rescale by 1/keep, then sum or TIES "
+    "(PEFT's, mergekit's or MergeLM's DARE-TIES), times lam",
+    reference="Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, "
+    "ICML 2024, arXiv:2311.03099; https://github.com/yule-BUAA/MergeLM",
+    keep=0.1,
+    seed=0,
+    then="sum",
+    lam=1.0,
+    density=0.2,
+)

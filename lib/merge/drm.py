@@ -136,8 +136,15 @@ def merge_in_joint_basis(projections: Tensor, scale: Tensor, density: float, pru
     return disjoint_mean(kept, elect_sign(kept))
 
 
-def drm_h_deltas(deltas: Tensor, *, density: float = 0.2, renorm: bool = True, rtol: float = 1e-2,
-                 prune: str = "joint", dtype: torch.dtype = PRECISION) -> Tensor:
+def drm_h_deltas(
+    deltas: Tensor,
+    *,
+    density: float = 0.2,
+    renorm: bool = True,
+    rtol: float = 1e-2,
+    prune: str = "joint",
+    dtype: torch.dtype = PRECISION,
+) -> Tensor:
     """The merged delta (before ``lam``) of DRM-H for each matrix of ``deltas (B, N, m, n)``:
     returns ``(B, m, n)`` in ``deltas``' dtype, computed in ``dtype``."""
     batch, n_tasks, m, n = deltas.shape
@@ -189,8 +196,16 @@ def drm_v_deltas(deltas: Tensor, **hp) -> Tensor:
     return drm_h_deltas(deltas.mT, **hp).mT
 
 
-def drm_h_lowrank(b: Tensor, a: Tensor, *, density: float = 0.2, renorm: bool = True, rtol: float = 1e-2,
-                  prune: str = "joint", dtype: torch.dtype = PRECISION) -> tuple[Tensor, Tensor]:
+def drm_h_lowrank(
+    b: Tensor,
+    a: Tensor,
+    *,
+    density: float = 0.2,
+    renorm: bool = True,
+    rtol: float = 1e-2,
+    prune: str = "joint",
+    dtype: torch.dtype = PRECISION,
+) -> tuple[Tensor, Tensor]:
     """:func:`drm_h_deltas` (before ``lam``) of low-rank deltas ``b_t @ a_t`` (``b (K, N, m, r)``,
     ``a (K, N, r, n)``, scales folded into ``b``) without forming them: the merged deltas as factors
     ``(K, m, R)`` (the joint basis) and ``(K, R, n)`` (the merged coordinates), in ``dtype``, ``R``
@@ -225,22 +240,41 @@ def _check(density, lam, renorm, rtol, prune):
         raise ValueError(f"renorm must be True or False (renormalise the split singular vectors), got {renorm!r}")
     check_range("rtol", rtol, 0.0, 1.0, high_open=True)
     if prune not in PRUNE:
-        raise ValueError(f"prune must be 'joint' (rank the entries of all tasks together, the paper's choice) "
-                         f"or 'per_task', got {prune!r}")
+        raise ValueError(
+            f"prune must be 'joint' (rank the entries of all tasks together, the paper's choice) "
+            f"or 'per_task', got {prune!r}"
+        )
 
 
-_HP = dict(family="spectral", per="stack", check=_check, version=1,
-           reference="Chaichana et al., Decom-Renorm-Merge: Model Merging on the Right Space Improves Multitasking, 2025 "
-                     "(paper 004); https://github.com/yophis/decom-renorm-merge",
-           density=0.2, lam=1.0, renorm=True, rtol=1e-2, prune="joint")
+_HP = dict(
+    family="spectral",
+    per="stack",
+    check=_check,
+    version=1,
+    reference="Chaichana et al., Decom-Renorm-Merge: Model Merging on the Right Space Improves Multitasking, 2025 "
+    "(paper 004); https://github.com/yophis/decom-renorm-merge",
+    density=0.2,
+    lam=1.0,
+    renorm=True,
+    rtol=1e-2,
+    prune="joint",
+)
 
 
-@register("drm_h", description="DRM-H: joint SVD of the horizontally stacked deltas, renormalise, TIES in the shared column basis (Chaichana et al. 2025)", **_HP)
+@register(
+    "drm_h",
+    description="DRM-H: joint SVD of the horizontally stacked deltas, renormalise, TIES in the shared column basis (Chaichana et al. 2025)",
+    **_HP,
+)
 def drm_h(deltas, *, density, renorm, rtol, prune):
     return drm_h_deltas(deltas, density=density, renorm=renorm, rtol=rtol, prune=prune)
 
 
-@register("drm_v", description="DRM-V: joint SVD of the vertically stacked deltas, renormalise, TIES in the shared row basis (Chaichana et al. 2025)", **_HP)
+@register(
+    "drm_v",
+    description="DRM-V: joint SVD of the vertically stacked deltas, renormalise, TIES in the shared row basis (Chaichana et al. 2025)",
+    **_HP,
+)
 def drm_v(deltas, *, density, renorm, rtol, prune):
     return drm_v_deltas(deltas, density=density, renorm=renorm, rtol=rtol, prune=prune)
 
@@ -264,15 +298,21 @@ class RowProfile:
     kept_energy: dict[bool, Tensor]
 
 
-def row_profile(deltas: Tensor, *, density: float = 0.2, rtol: float = 1e-2, prune: str = "joint",
-                dtype: torch.dtype = PRECISION) -> RowProfile:
+def row_profile(
+    deltas: Tensor, *, density: float = 0.2, rtol: float = 1e-2, prune: str = "joint", dtype: torch.dtype = PRECISION
+) -> RowProfile:
     """The :class:`RowProfile` of one matrix's deltas ``(N, m, n)`` under DRM-H (for DRM-V pass
     ``deltas.mT``), computed by the same steps as :func:`drm_h_deltas`; on the CPU."""
     n_tasks, m, n = deltas.shape
     joint = deltas.transpose(0, 1).reshape(1, m, n_tasks * n)
     u, sigma = left_singular(joint, dtype=dtype, rtol=rtol)
-    coordinates = task_coordinates(u[0], sigma[0], joint[0].to(device=u.device, dtype=dtype), n_tasks,
-                                   round_off=direction_rtol(deltas.dtype, dtype))
+    coordinates = task_coordinates(
+        u[0],
+        sigma[0],
+        joint[0].to(device=u.device, dtype=dtype),
+        n_tasks,
+        round_off=direction_rtol(deltas.dtype, dtype),
+    )
     sigma = sigma[0, : coordinates.shape[1]]
     total = coordinates.square().sum((1, 2))
     kept, energy = {}, {}

@@ -83,7 +83,9 @@ class LayerDecisions:
         try:
             layer = self.layer_of[key]
         except KeyError:
-            raise KeyError(f"{key!r} was not in the prepass of this SNR merge; run the prepass over every selected key") from None
+            raise KeyError(
+                f"{key!r} was not in the prepass of this SNR merge; run the prepass over every selected key"
+            ) from None
         return self.high[layer], self.scores[layer]
 
 
@@ -104,8 +106,14 @@ def assign_layers(keys: Sequence[str], matrix_keys: Sequence[str]) -> dict[str, 
     return layer_of
 
 
-def decide_layers(scores: Mapping[str, Tensor], keys: Sequence[str], *, top: float = 0.25,
-                  threshold: float | None = None, score: str = "max") -> LayerDecisions:
+def decide_layers(
+    scores: Mapping[str, Tensor],
+    keys: Sequence[str],
+    *,
+    top: float = 0.25,
+    threshold: float | None = None,
+    score: str = "max",
+) -> LayerDecisions:
     """High/low decision of every layer from the per-expert SNRs ``scores`` (layer key -> (N,)).
 
     ``threshold`` set: high when the layer's score is above it; otherwise the ``ceil(top * L)``
@@ -115,7 +123,9 @@ def decide_layers(scores: Mapping[str, Tensor], keys: Sequence[str], *, top: flo
     per_expert = {k: torch.as_tensor(v, dtype=torch.float64).reshape(-1).cpu() for k, v in scores.items()}
     undefined = [k for k, v in per_expert.items() if torch.isnan(v).any()]
     if undefined:
-        raise ValueError(f"SNR of {undefined[0]!r} is NaN ({per_expert[undefined[0]].tolist()}); exclude that layer or use another snr_method")
+        raise ValueError(
+            f"SNR of {undefined[0]!r} is NaN ({per_expert[undefined[0]].tolist()}); exclude that layer or use another snr_method"
+        )
     combined = {k: float(v.max() if score == "max" else v.mean()) for k, v in per_expert.items()}
     if threshold is not None:
         high = {k: combined[k] > threshold for k in layers}
@@ -144,7 +154,9 @@ def expert_snrs(items, *, snr_method: str = "mp") -> tuple[list[str], dict[str, 
     def flush():
         if pending_keys:
             values = snr_batch(pending, method=snr_method, device=pending[0].device)
-            scores.update(zip(pending_keys, values.to(device="cpu", dtype=torch.float64).reshape(len(pending_keys), -1)))
+            scores.update(
+                zip(pending_keys, values.to(device="cpu", dtype=torch.float64).reshape(len(pending_keys), -1))
+            )
         pending_keys.clear()
         pending.clear()
 
@@ -213,9 +225,11 @@ def _alpha_mix(base, experts, snrs, index):
     return sum(a * e for a, e in zip(alpha_weights(snrs).tolist(), experts))
 
 
-_REFERENCE = ("La Rocca and Rodot, Comparative Analysis of Transformer Model Merging Techniques: Standard vs Spectrum "
-              "Hybrid, Sapienza 2026 (paper 000); "
-              "https://github.com/maste473/Spectrum-Guided-Model-Merging---Focused-Fusion-on-Informative-Layers")
+_REFERENCE = (
+    "La Rocca and Rodot, Comparative Analysis of Transformer Model Merging Techniques: Standard vs Spectrum "
+    "Hybrid, Sapienza 2026 (paper 000); "
+    "https://github.com/maste473/Spectrum-Guided-Model-Merging---Focused-Fusion-on-Informative-Layers"
+)
 
 
 def _strategy(name: str, high_rule, low_rule, *, fixed_index: int | None = None, description: str):
@@ -228,7 +242,9 @@ def _strategy(name: str, high_rule, low_rule, *, fixed_index: int | None = None,
     def fn(base, experts, *, key, context, **hp):  # the other hyperparameters were the prepass's
         index = hp.get("index", fixed_index)
         if index is not None and not index < len(experts):
-            raise ValueError(f"{name} takes low-SNR layers from expert {index} but only {len(experts)} expert(s) were given")
+            raise ValueError(
+                f"{name} takes low-SNR layers from expert {index} but only {len(experts)} expert(s) were given"
+            )
         is_high, snrs = context.decision(key)
         return (high_rule if is_high else low_rule)(base, experts, snrs, index)
 
@@ -236,22 +252,61 @@ def _strategy(name: str, high_rule, low_rule, *, fixed_index: int | None = None,
     fn.__doc__ = description
     # every rule acts entry by entry once the prepass has decided each layer (scores need whole
     # matrices, so the prepass itself is not elementwise)
-    register(name, family="snr", description=description, reference=_REFERENCE, needs_base=needs_base,
-             prepass=snr_prepass, check=_check, elementwise=True, **defaults)(fn)
+    register(
+        name,
+        family="snr",
+        description=description,
+        reference=_REFERENCE,
+        needs_base=needs_base,
+        prepass=snr_prepass,
+        check=_check,
+        elementwise=True,
+        **defaults,
+    )(fn)
     return fn
 
 
-snr_base_reset = _strategy("snr_base_reset", _mean, _base,
-                           description="high-SNR layers: mean of experts; low-SNR layers reset to the base (report: Spectrum Base Reset)")
-snr_winner = _strategy("snr_winner", _winner, _mean,
-                       description="high-SNR layers: the expert with the highest SNR; low: mean (report: SNR Winner)")
-snr_low_expert = _strategy("snr_low_expert", _mean, _expert,
-                           description="high-SNR layers: mean of experts; low: expert `index` (report: snr_lowA/B)")
-snr_low_a = _strategy("snr_low_a", _mean, _expert, fixed_index=0,
-                      description="snr_low_expert with index=0: low-SNR layers forced to expert A (report: snr_lowA)")
-snr_low_b = _strategy("snr_low_b", _mean, _expert, fixed_index=1,
-                      description="snr_low_expert with index=1: low-SNR layers forced to expert B (report: snr_lowB)")
-snr_max = _strategy("snr_max", _mean, _winner,
-                    description="high-SNR layers: mean of experts; low: the expert with the highest SNR (report: snr_max)")
-snr_weighted = _strategy("snr_weighted", _alpha_mix, _mean,
-                         description="high-SNR layers: SNR-weighted alpha-mix of experts; low: mean (report: SNR Weighted Dynamic)")
+snr_base_reset = _strategy(
+    "snr_base_reset",
+    _mean,
+    _base,
+    description="high-SNR layers: mean of experts; low-SNR layers reset to the base (report: Spectrum Base Reset)",
+)
+snr_winner = _strategy(
+    "snr_winner",
+    _winner,
+    _mean,
+    description="high-SNR layers: the expert with the highest SNR; low: mean (report: SNR Winner)",
+)
+snr_low_expert = _strategy(
+    "snr_low_expert",
+    _mean,
+    _expert,
+    description="high-SNR layers: mean of experts; low: expert `index` (report: snr_lowA/B)",
+)
+snr_low_a = _strategy(
+    "snr_low_a",
+    _mean,
+    _expert,
+    fixed_index=0,
+    description="snr_low_expert with index=0: low-SNR layers forced to expert A (report: snr_lowA)",
+)
+snr_low_b = _strategy(
+    "snr_low_b",
+    _mean,
+    _expert,
+    fixed_index=1,
+    description="snr_low_expert with index=1: low-SNR layers forced to expert B (report: snr_lowB)",
+)
+snr_max = _strategy(
+    "snr_max",
+    _mean,
+    _winner,
+    description="high-SNR layers: mean of experts; low: the expert with the highest SNR (report: snr_max)",
+)
+snr_weighted = _strategy(
+    "snr_weighted",
+    _alpha_mix,
+    _mean,
+    description="high-SNR layers: SNR-weighted alpha-mix of experts; low: mean (report: SNR Weighted Dynamic)",
+)

@@ -83,8 +83,9 @@ def star_truncate(taus: Tensor, eta: float = 40, rescale: bool = True, *, dtype:
     return truncated.to(device=taus.device, dtype=taus.dtype)
 
 
-def star_truncate_factored(b: Tensor, a: Tensor, eta: float = 40, rescale: bool = True, *,
-                           dtype: torch.dtype = PRECISION) -> tuple[Tensor, Tensor]:
+def star_truncate_factored(
+    b: Tensor, a: Tensor, eta: float = 40, rescale: bool = True, *, dtype: torch.dtype = PRECISION
+) -> tuple[Tensor, Tensor]:
     """:func:`star_truncate` of every product ``b @ a`` (``b (..., m, r)``, ``a (..., r, n)``),
     returned as factors ``(..., m, w)`` and ``(..., w, n)`` in ``dtype``, ``w`` the largest kept
     rank (smaller ranks padded with zero columns)."""
@@ -95,7 +96,9 @@ def star_truncate_factored(b: Tensor, a: Tensor, eta: float = 40, rescale: bool 
     weights = sigma[..., :width] * kept
     if rescale:
         kept_sum = weights.sum(-1, keepdim=True)
-        weights = weights * torch.where(kept_sum > 0, sigma.sum(-1, keepdim=True) / torch.where(kept_sum > 0, kept_sum, 1.0), 0.0)
+        weights = weights * torch.where(
+            kept_sum > 0, sigma.sum(-1, keepdim=True) / torch.where(kept_sum > 0, kept_sum, 1.0), 0.0
+        )
     return u[..., :width] * weights.unsqueeze(-2), vh[..., :width, :]
 
 
@@ -113,15 +116,25 @@ def _check(eta, rescale, lam):
     check_range("eta", eta, 0.0, 100.0, low_open=True)
     check_finite_number("lam", lam)
     if not isinstance(rescale, bool):
-        raise ValueError(f"rescale must be True or False (rescale the kept singular values to the nuclear norm), got {rescale!r}")
+        raise ValueError(
+            f"rescale must be True or False (rescale the kept singular values to the nuclear norm), got {rescale!r}"
+        )
 
 
-@register("star", family="spectral", per="stack", check=_check, version=1,
-          description="STAR: truncate each task-vector matrix to the rank holding eta % of its nuclear norm, rescale, average, "
-                      "times lam (Lee et al. 2025)",
-          reference="Lee et al., STAR: Spectral Truncation and Rescale for Model Merging, NAACL 2025 (paper 002); "
-                    "https://github.com/IBM/STAR",
-          eta=40, rescale=True, lam=1.0)
+@register(
+    "star",
+    family="spectral",
+    per="stack",
+    check=_check,
+    version=1,
+    description="STAR: truncate each task-vector matrix to the rank holding eta % of its nuclear norm, rescale, average, "
+    "times lam (Lee et al. 2025)",
+    reference="Lee et al., STAR: Spectral Truncation and Rescale for Model Merging, NAACL 2025 (paper 002); "
+    "https://github.com/IBM/STAR",
+    eta=40,
+    rescale=True,
+    lam=1.0,
+)
 def star(taus, *, eta, rescale):
     # lam is applied by the registry's per-stack wrapper (lib.merge._per_stack): base + lam * merged
     return star_truncate(taus, eta, rescale).mean(1)

@@ -98,8 +98,9 @@ def tensor_blocks(t: Tensor, block_bytes: int) -> list[slice | None]:
     return row_blocks(t.shape, itemsize, block_bytes)
 
 
-def merge_blocks(method: merging.Method, params: dict[str, Any], meta: dict[str, Tensor], selected: Sequence[str],
-                 block_bytes: int) -> dict[str, list[slice | None]]:
+def merge_blocks(
+    method: merging.Method, params: dict[str, Any], meta: dict[str, Tensor], selected: Sequence[str], block_bytes: int
+) -> dict[str, list[slice | None]]:
     """Key -> the row blocks it is merged in: :func:`tensor_blocks` where the result does not
     depend on the cut (the method is elementwise, or the key is not merged but copied), the
     whole tensor otherwise."""
@@ -113,8 +114,15 @@ class _PrepassItems:
     ``blocks`` is given), read lazily from disk in compute precision; each pass starts over (TIES'
     exact threshold reads the model twice)."""
 
-    def __init__(self, base: Checkpoint | None, experts: Sequence[Checkpoint], keys: Sequence[str],
-                 blocks: dict[str, list[slice | None]] | None, device, progress: bool):
+    def __init__(
+        self,
+        base: Checkpoint | None,
+        experts: Sequence[Checkpoint],
+        keys: Sequence[str],
+        blocks: dict[str, list[slice | None]] | None,
+        device,
+        progress: bool,
+    ):
         self.base, self.experts, self.keys, self.blocks = base, experts, keys, blocks
         self.device, self.progress = device, progress
         self.passes = 0
@@ -122,8 +130,9 @@ class _PrepassItems:
     def __iter__(self):
         self.passes += 1
         # a closed bar on any exit, so that an error is the last line on the terminal
-        with tqdm(self.keys, desc=f"prepass {self.passes}", unit="tensor", leave=False,
-                  disable=not self.progress) as bar:
+        with tqdm(
+            self.keys, desc=f"prepass {self.passes}", unit="tensor", leave=False, disable=not self.progress
+        ) as bar:
             for k in bar:
                 for rows in [None] if self.blocks is None else self.blocks[k]:
                     # no local names the tensors, so this generator holds none of them while the
@@ -158,11 +167,15 @@ def check_output(out: Path, inputs: Sequence[Path], *, force: bool, force_any: b
         check_creatable(out, flag)
         return
     if not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace a previous merge output, or choose another {flag}")
+        raise FileExistsError(
+            f"{out} already exists; pass --force to replace a previous merge output, or choose another {flag}"
+        )
     ours = out.is_dir() and not out.is_symlink() and ((out / MERGE_RECORD).is_file() or not any(out.iterdir()))
     if not (ours or force_any):
-        raise FileExistsError(f"{out} exists and is not a merge output (it has no {MERGE_RECORD}); --force replaces only "
-                              "those: remove it yourself, choose another --out, or add --force-any to replace it anyway")
+        raise FileExistsError(
+            f"{out} exists and is not a merge output (it has no {MERGE_RECORD}); --force replaces only "
+            "those: remove it yourself, choose another --out, or add --force-any to replace it anyway"
+        )
 
 
 def check_patterns(include, exclude) -> None:
@@ -171,38 +184,63 @@ def check_patterns(include, exclude) -> None:
     compile_patterns(exclude, "--exclude")
 
 
-def model_card(record: dict[str, Any], *, merged: int, copied: int, reference: str, side: SideFiles,
-               integer_buffers: dict[str, list[str]]) -> str:
+def model_card(
+    record: dict[str, Any],
+    *,
+    merged: int,
+    copied: int,
+    reference: str,
+    side: SideFiles,
+    integer_buffers: dict[str, list[str]],
+) -> str:
     """The ``README.md`` of a merged model: that it is a merge, of what, how, and what was copied
     rather than merged (the base's own card describes the base, not this model)."""
     front = {"base_model": record["base_model"], "tags": ["merge", "spectral-merge", record["merge_method"]]}
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# A merge of {len(record['models'])} model(s) with `{record['merge_method']}`", "",
-             "Made with `python -m lib merge` (spectral-merge). The exact configuration is in "
-             f"`{MERGE_RECORD}`; `python -m lib merge --config {MERGE_RECORD} --out OTHER` repeats it.", "",
-             f"- **base**: `{record['base_model']}`" if record["base_model"] else "- **base**: none (the experts were averaged)",
-             "- **experts**:", *[f"  - `{m}`" for m in record["models"]],
-             f"- **method**: `{record['merge_method']}` ({merging.get_method(record['merge_method']).description})",
-             "- **hyperparameters**: " + (", ".join(f"`{k}={v!r}`" for k, v in record["parameters"].items()) or "none"),
-             f"- **tensors**: {merged} merged; {copied} copied unchanged from {reference} "
-             "(integer buffers, and tensors excluded by `include`/`exclude`)"]
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# A merge of {len(record['models'])} model(s) with `{record['merge_method']}`",
+        "",
+        "Made with `python -m lib merge` (spectral-merge). The exact configuration is in "
+        f"`{MERGE_RECORD}`; `python -m lib merge --config {MERGE_RECORD} --out OTHER` repeats it.",
+        "",
+        f"- **base**: `{record['base_model']}`"
+        if record["base_model"]
+        else "- **base**: none (the experts were averaged)",
+        "- **experts**:",
+        *[f"  - `{m}`" for m in record["models"]],
+        f"- **method**: `{record['merge_method']}` ({merging.get_method(record['merge_method']).description})",
+        "- **hyperparameters**: " + (", ".join(f"`{k}={v!r}`" for k, v in record["parameters"].items()) or "none"),
+        f"- **tensors**: {merged} merged; {copied} copied unchanged from {reference} "
+        "(integer buffers, and tensors excluded by `include`/`exclude`)",
+    ]
     if record.get("out_format") == "adapter":
-        lines.append("- **format**: a PEFT LoRA adapter of the base (`PeftModel.from_pretrained(base_model, folder)`): the "
-                     "merged adapted matrices as low-rank factors, other merged tensors (a classifier head) as "
-                     "`modules_to_save`")
+        lines.append(
+            "- **format**: a PEFT LoRA adapter of the base (`PeftModel.from_pretrained(base_model, folder)`): the "
+            "merged adapted matrices as low-rank factors, other merged tensors (a classifier head) as "
+            "`modules_to_save`"
+        )
     if record.get("include") or record.get("exclude"):
         lines.append(f"- **selection**: include `{record.get('include')}`, exclude `{record.get('exclude')}`")
     for key, labels in integer_buffers.items():
-        lines.append(f"- **integer buffer** `{key}`: missing from {', '.join(labels)} (a buffer the model rebuilds, "
-                     f"such as the position ids `transformers` 5 no longer saves); copied from {reference}")
+        lines.append(
+            f"- **integer buffer** `{key}`: missing from {', '.join(labels)} (a buffer the model rebuilds, "
+            f"such as the position ids `transformers` 5 no longer saves); copied from {reference}"
+        )
     if side.copied:
         lines.append(f"- **other files** copied from {reference}: {', '.join(f'`{n}`' for n in side.copied)}")
     if side.unmerged_weights:
-        lines.append(f"- **not merged**: the module folders {', '.join(f'`{n}`' for n in side.unmerged_weights)} hold "
-                     f"weights of their own, copied unchanged from {reference}")
+        lines.append(
+            f"- **not merged**: the module folders {', '.join(f'`{n}`' for n in side.unmerged_weights)} hold "
+            f"weights of their own, copied unchanged from {reference}"
+        )
     if side.skipped:
-        lines.append(f"- **left out**: {', '.join(f'`{n}`' for n in side.skipped)} (weights of {reference} in another "
-                     "format, which would not be the merge)")
+        lines.append(
+            f"- **left out**: {', '.join(f'`{n}`' for n in side.skipped)} (weights of {reference} in another "
+            "format, which would not be the merge)"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -284,12 +322,16 @@ def check_out_format(out_format: str, method: str, experts: Sequence) -> None:
         return
     full = next((e for e in experts if not isinstance(e, AdapterCheckpoint)), None)
     if full is not None:
-        raise ValueError(f"--out-format adapter needs every expert to be a PEFT adapter; {full.label} is a full model "
-                         "(use --out-format model)")
+        raise ValueError(
+            f"--out-format adapter needs every expert to be a PEFT adapter; {full.label} is a full model "
+            "(use --out-format model)"
+        )
     if method not in FACTORED:
-        raise ValueError(f"--out-format adapter needs a merge whose result is exactly low-rank, by one of "
-                         f"{', '.join(sorted(FACTORED))}; {method!r} does not keep the merged task vectors low-rank "
-                         "(use --out-format model)")
+        raise ValueError(
+            f"--out-format adapter needs a merge whose result is exactly low-rank, by one of "
+            f"{', '.join(sorted(FACTORED))}; {method!r} does not keep the merged task vectors low-rank "
+            "(use --out-format model)"
+        )
 
 
 @dataclass
@@ -313,8 +355,13 @@ class LowRankPlan:
         from ..lora import merge_factored
 
         if self.keys:
-            self.deltas = merge_factored(self.method, {k: [ad.deltas.get(k) for ad in self.adapters] for k in self.keys},
-                                         dtypes=self.dtypes, device=self.device, **self.params)
+            self.deltas = merge_factored(
+                self.method,
+                {k: [ad.deltas.get(k) for ad in self.adapters] for k in self.keys},
+                dtypes=self.dtypes,
+                device=self.device,
+                **self.params,
+            )
 
     def applied(self, key: str, base_rows: Tensor, rows: slice | None) -> Tensor:
         """The merged weight ``key`` (rows ``rows`` of it, of which ``base_rows`` are the base's)."""
@@ -328,12 +375,16 @@ class LowRankPlan:
         from ..lora import clashing_module
 
         if not self.keys:
-            raise ValueError("--out-format adapter: the adapters change no selected matrix, so the merge has no "
-                             "low-rank delta to write (check --include/--exclude, or use --out-format model)")
+            raise ValueError(
+                "--out-format adapter: the adapters change no selected matrix, so the merge has no "
+                "low-rank delta to write (check --include/--exclude, or use --out-format model)"
+            )
         clash = clashing_module(self.keys, full_keys)
         if clash is not None:
-            raise ValueError(f"--out-format adapter: module {clash!r} has a low-rank delta and also a full tensor "
-                             "merged densely (a trained bias?), which a PEFT adapter cannot hold; use --out-format model")
+            raise ValueError(
+                f"--out-format adapter: module {clash!r} has a low-rank delta and also a full tensor "
+                "merged densely (a trained bias?), which a PEFT adapter cannot hold; use --out-format model"
+            )
 
     def write(self, folder: Path, full: dict[str, Tensor], *, base: str | None) -> None:
         from ..lora import save_adapter
@@ -341,8 +392,9 @@ class LowRankPlan:
         save_adapter(folder, self.deltas, like=self.adapters[0], tensors=full, base_model_name_or_path=base)
 
 
-def lowrank_plan(method: str, params: dict[str, Any], meta: dict[str, Tensor], experts: Sequence, include, exclude,
-                 device) -> LowRankPlan:
+def lowrank_plan(
+    method: str, params: dict[str, Any], meta: dict[str, Tensor], experts: Sequence, include, exclude, device
+) -> LowRankPlan:
     """The :class:`LowRankPlan` of a merge (empty unless every expert is an adapter and the method
     has a factored path)."""
     from ..lora import FACTORED, AdapterCheckpoint, factored_keys
@@ -351,8 +403,11 @@ def lowrank_plan(method: str, params: dict[str, Any], meta: dict[str, Tensor], e
         return LowRankPlan(method, params, [], [], set(), {})
     adapters = [e.adapter for e in experts]
     keys = factored_keys(method, meta, adapters, include, exclude)
-    untouched = {k for k in merging.select_keys(meta, include, exclude)
-                 if not any(k in ad.deltas or k in ad.tensors for ad in adapters)}
+    untouched = {
+        k
+        for k in merging.select_keys(meta, include, exclude)
+        if not any(k in ad.deltas or k in ad.tensors for ad in adapters)
+    }
     return LowRankPlan(method, params, adapters, keys, untouched, {k: meta[k].dtype for k in keys}, device)
 
 
@@ -397,13 +452,41 @@ def merge_checkpoints(
         raise ValueError("need at least one expert model")
     n_threads = merge_threads(spec, params, threads)
     with torch_threads(n_threads):
-        return _merge_checkpoints(spec, params, base, experts, Path(out), include=include, exclude=exclude,
-                                  device=device, force=force, force_any=force_any, max_shard_bytes=max_shard_bytes,
-                                  block_bytes=block_bytes, progress=progress, out_format=out_format)
+        return _merge_checkpoints(
+            spec,
+            params,
+            base,
+            experts,
+            Path(out),
+            include=include,
+            exclude=exclude,
+            device=device,
+            force=force,
+            force_any=force_any,
+            max_shard_bytes=max_shard_bytes,
+            block_bytes=block_bytes,
+            progress=progress,
+            out_format=out_format,
+        )
 
 
-def _merge_checkpoints(spec: merging.Method, params: dict[str, Any], base, experts, out: Path, *, include, exclude,
-                       device, force, force_any, max_shard_bytes, block_bytes, progress, out_format) -> MergeResult:
+def _merge_checkpoints(
+    spec: merging.Method,
+    params: dict[str, Any],
+    base,
+    experts,
+    out: Path,
+    *,
+    include,
+    exclude,
+    device,
+    force,
+    force_any,
+    max_shard_bytes,
+    block_bytes,
+    progress,
+    out_format,
+) -> MergeResult:
     from ..lora import AdapterCheckpoint, is_adapter
 
     method = spec.name
@@ -415,7 +498,9 @@ def _merge_checkpoints(spec: merging.Method, params: dict[str, Any], base, exper
     check_output(out, inputs, force=force, force_any=force_any)
 
     if base is not None and is_adapter(base):
-        raise ValueError(f"--base {base} is a PEFT adapter; give the model it adapts as --base and the adapters as --experts")
+        raise ValueError(
+            f"--base {base} is a PEFT adapter; give the model it adapts as --base and the adapters as --experts"
+        )
     base_ck = None if base is None else Checkpoint(base, label=f"base ({base})")
     expert_cks = open_experts(base_ck, experts)
     check_out_format(out_format, method, expert_cks)
@@ -424,12 +509,16 @@ def _merge_checkpoints(spec: merging.Method, params: dict[str, Any], base, exper
     others = [c for c in (base_ck, *full_models) if c is not None and c is not ref]
     keys = check_same_architecture(ref, others)
     if "weights" in params and params["weights"] is not None and len(params["weights"]) != len(experts):
-        raise ValueError(f"weights has {len(params['weights'])} entries for {len(experts)} expert(s); give one per expert")
+        raise ValueError(
+            f"weights has {len(params['weights'])} entries for {len(experts)} expert(s); give one per expert"
+        )
     meta = ref.meta()
     selected = merging.select_keys(meta, include, exclude)
     if not selected:
-        raise ValueError(f"no floating-point tensor of {ref.label} passes the include/exclude filters "
-                         f"(include={include}, exclude={exclude}): nothing would be merged")
+        raise ValueError(
+            f"no floating-point tensor of {ref.label} passes the include/exclude filters "
+            f"(include={include}, exclude={exclude}): nothing would be merged"
+        )
     plan = lowrank_plan(method, params, meta, expert_cks, include, exclude, device)
     lowrank = set(plan.keys)
     dense_keys = [k for k in selected if k not in lowrank and k not in plan.untouched]
@@ -445,18 +534,27 @@ def _merge_checkpoints(spec: merging.Method, params: dict[str, Any], base, exper
         # reported by the reader, which names the model by its label and path
         base_part = None if base_ck is None else {key: base_ck.read(key, rows)}
         expert_parts = [{key: e.read(key, rows)} for e in expert_cks]
-        return merging.merge(method, base_part, expert_parts, include=include, exclude=exclude, device=device,
-                             context=context, **params)[key]
+        return merging.merge(
+            method, base_part, expert_parts, include=include, exclude=exclude, device=device, context=context, **params
+        )[key]
 
     layout = {k: (e.dtype, e.shape) for k, e in ref.entries.items()}
-    record = {"merge_method": method, "base_model": None if base is None else str(Path(base).resolve()),
-              "models": [str(Path(p).resolve()) for p in experts], "parameters": params,
-              "include": include, "exclude": exclude, **({"out_format": out_format} if out_format != "model" else {})}
+    record = {
+        "merge_method": method,
+        "base_model": None if base is None else str(Path(base).resolve()),
+        "models": [str(Path(p).resolve()) for p in experts],
+        "parameters": params,
+        "include": include,
+        "exclude": exclude,
+        **({"out_format": out_format} if out_format != "model" else {}),
+    }
     reference = "the base" if base_ck is not None else "expert 0"
     # the temporary output folder exists before the prepass: an output that cannot be written
     # fails at once, not after a pass over every model
     with atomic_output_dir(out, force=True) as tmp:
-        prepass_blocks = {k: tensor_blocks(meta[k], block_bytes) for k in dense_keys} if spec.prepass_elementwise else None
+        prepass_blocks = (
+            {k: tensor_blocks(meta[k], block_bytes) for k in dense_keys} if spec.prepass_elementwise else None
+        )
         items = _PrepassItems(base_ck, expert_cks, dense_keys, prepass_blocks, device, progress)
         context = merging.run_prepass(method, items, **params) if dense_keys else None
         plan.merge()
@@ -480,9 +578,16 @@ def _merge_checkpoints(spec: merging.Method, params: dict[str, Any], base, exper
                         writer.write(k, t, row=0 if rows is None else rows.start)
             writer.close()
             side = copy_side_files(ref, tmp, skip=("README.md", MERGE_RECORD))
-        (tmp / "README.md").write_text(model_card(record, merged=len(selected), copied=len(keys) - len(selected),
-                                                  reference=reference, side=side,
-                                                  integer_buffers=integer_buffers_missing(ref, others)))
+        (tmp / "README.md").write_text(
+            model_card(
+                record,
+                merged=len(selected),
+                copied=len(keys) - len(selected),
+                reference=reference,
+                side=side,
+                integer_buffers=integer_buffers_missing(ref, others),
+            )
+        )
         (tmp / MERGE_RECORD).write_text(yaml.safe_dump(record, sort_keys=False))
     return MergeResult(out, len(selected), len(keys) - len(selected), side)
 
@@ -494,12 +599,28 @@ def _merge_checkpoints(spec: merging.Method, params: dict[str, Any], base, exper
 #: them (heads), whatever their alphabetical place: safetensors headers are sorted by name, so a
 #: checkpoint file holds no module order of its own and ``fc`` would otherwise sort before
 #: ``layer1`` (ResNet) and ``lm_head`` before ``model.layers`` (Llama)
-STEM_MODULES = frozenset({"embeddings", "embed_tokens", "wte", "wpe", "stem", "patch_embed", "conv1", "bn1",
-                          "conv_stem", "features_in"})
+STEM_MODULES = frozenset(
+    {"embeddings", "embed_tokens", "wte", "wpe", "stem", "patch_embed", "conv1", "bn1", "conv_stem", "features_in"}
+)
 #: a residual block's projection shortcut, which the block's own layers precede in module order
 SHORTCUT_MODULES = frozenset({"downsample", "shortcut"})
-HEAD_MODULES = frozenset({"fc", "classifier", "pre_classifier", "head", "heads", "lm_head", "score", "pooler",
-                          "qa_outputs", "norm", "ln_f", "final_layer_norm", "cls"})
+HEAD_MODULES = frozenset(
+    {
+        "fc",
+        "classifier",
+        "pre_classifier",
+        "head",
+        "heads",
+        "lm_head",
+        "score",
+        "pooler",
+        "qa_outputs",
+        "norm",
+        "ln_f",
+        "final_layer_norm",
+        "cls",
+    }
+)
 
 
 def depth_order(name: str) -> list:
@@ -509,18 +630,29 @@ def depth_order(name: str) -> list:
     own layers, and names otherwise alphabetically."""
     parts = name.split(".")
     modules = set(parts[:-1])
-    stage = 0 if modules & STEM_MODULES and not any(p.isdigit() for p in parts) else (
-        2 if modules & HEAD_MODULES and not any(p.isdigit() for p in parts) else 1)
+    stage = (
+        0
+        if modules & STEM_MODULES and not any(p.isdigit() for p in parts)
+        else (2 if modules & HEAD_MODULES and not any(p.isdigit() for p in parts) else 1)
+    )
     key = [(stage, 0, "")]
     for part in parts:
         m = re.fullmatch(r"([^\d]*)(\d+)", part)
-        key.append((0, int(part), "") if part.isdigit() else (2, 0, part) if part in SHORTCUT_MODULES
-                   else (1, int(m.group(2)), m.group(1)) if m else (1, -1, part))
+        key.append(
+            (0, int(part), "")
+            if part.isdigit()
+            else (2, 0, part)
+            if part in SHORTCUT_MODULES
+            else (1, int(m.group(2)), m.group(1))
+            if m
+            else (1, -1, part)
+        )
     return key
 
 
-def scan_checkpoint(model: str | Path, *, include=None, exclude=None, snr_method: str = "mp", device=None,
-                    progress: bool = True):
+def scan_checkpoint(
+    model: str | Path, *, include=None, exclude=None, snr_method: str = "mp", device=None, progress: bool = True
+):
     """:func:`lib.spectral.scan` of every matrix of a checkpoint on disk, one matrix in memory at
     a time. Returns its DataFrame: one row per matrix, in depth order (:func:`depth_order`)."""
     # pandas and the spectral code add ~130 MB of resident memory that merge does not need
@@ -532,14 +664,22 @@ def scan_checkpoint(model: str | Path, *, include=None, exclude=None, snr_method
     get_device(device)
     spectral.check_snr_method(snr_method)
     ckpt = Checkpoint(model)
-    names = sorted((k for k, e in ckpt.entries.items() if e.dtype.is_floating_point and len(e.shape) >= 2
-                    and matches(k, include, exclude)), key=depth_order)
+    names = sorted(
+        (
+            k
+            for k, e in ckpt.entries.items()
+            if e.dtype.is_floating_point and len(e.shape) >= 2 and matches(k, include, exclude)
+        ),
+        key=depth_order,
+    )
     if not names:
         raise ValueError(f"{model}: no floating-point matrix passes the include/exclude filters")
     empty = [k for k in names if 0 in ckpt.entries[k].shape]
     if empty:
-        raise ValueError(f"{model}: {empty[0]!r} has shape {list(ckpt.entries[empty[0]].shape)}: an empty matrix has "
-                         "no spectrum (exclude it with --exclude)")
+        raise ValueError(
+            f"{model}: {empty[0]!r} has shape {list(ckpt.entries[empty[0]].shape)}: an empty matrix has "
+            "no spectrum (exclude it with --exclude)"
+        )
     with tqdm(names, desc="scan", unit="matrix", disable=not progress) as bar:
         rows = [spectral.scan({k: ckpt.read(k)}, method=snr_method, device=device) for k in bar]
     return pd.concat(rows, ignore_index=True)

@@ -67,8 +67,14 @@ def _magnitude_bits(t: Tensor) -> Tensor:
     return t.detach().abs().to(torch.float32).reshape(-1).view(torch.int32)
 
 
-def trim_topk(tau: Tensor, density: float, *, batch_dims: int = 0,
-              count: Callable[[int, float], int] = kept_count, inplace: bool = False) -> Tensor:
+def trim_topk(
+    tau: Tensor,
+    density: float,
+    *,
+    batch_dims: int = 0,
+    count: Callable[[int, float], int] = kept_count,
+    inplace: bool = False,
+) -> Tensor:
     """Zero all but the top-``density`` fraction of magnitudes of ``tau``: the ``count(n, density)``
     largest of each ranked group of ``n`` (:func:`kept_count` or :func:`floor_kept_count`).
 
@@ -259,7 +265,10 @@ def _radix_select(items, ks: Sequence[int]) -> list[float]:
                 top_bin = int(torch.searchsorted(from_top[i], k))
                 remaining[i] -= int(from_top[i, top_bin - 1]) if top_bin > 0 else 0
                 prefix[i] = (prefix[i] << _DIGIT_BITS) | (_BINS - 1 - top_bin)
-    return [math.inf if k == 0 else float(torch.tensor([p], dtype=torch.int32).view(torch.float32)) for k, p in zip(ks, prefix)]
+    return [
+        math.inf if k == 0 else float(torch.tensor([p], dtype=torch.int32).view(torch.float32))
+        for k, p in zip(ks, prefix)
+    ]
 
 
 def _digit_histogram(items, shift: int, prefix: Sequence[int]) -> Tensor:
@@ -322,7 +331,9 @@ class TaskVectorItems:
     def _task_vectors(self, item) -> list[Tensor]:
         key, base, experts = item
         if base is None:
-            raise ValueError(f"{self.method} works on task vectors (expert - base) and needs the base model; {key!r} has none")
+            raise ValueError(
+                f"{self.method} works on task vectors (expert - base) and needs the base model; {key!r} has none"
+            )
         if self.transform is None:
             return [e - base for e in experts]
         return [self.transform(key, i, e - base) for i, e in enumerate(experts)]
@@ -334,7 +345,10 @@ def ties_merge_taus(taus: Tensor, density: float, *, thresholds=None, inplace: b
     mean. ``inplace=True`` (for a stack the caller owns) trims and merges inside ``taus`` (see
     :func:`disjoint_mean`)."""
     if thresholds is None:
-        kept, owned = trim_topk(taus, density, batch_dims=1, count=floor_kept_count), True  # a new tensor: free to reuse
+        kept, owned = (
+            trim_topk(taus, density, batch_dims=1, count=floor_kept_count),
+            True,
+        )  # a new tensor: free to reuse
     else:
         kept, owned = trim_below(taus, thresholds, inplace=inplace), inplace
     return disjoint_mean(kept, elect_sign(kept), inplace=owned)

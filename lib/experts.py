@@ -188,7 +188,7 @@ def mergeability(seed: int, variant: str, *, smoke: bool) -> list[dict]:
     return records
 
 
-def summarize(items: list[Planned], smoke: bool) -> dict:
+def plan_results(items: list[Planned], smoke: bool) -> dict:
     """Metrics of every cached expert of the plan, mean and std over seeds, and the targets."""
     rows = []
     for item in items:
@@ -249,7 +249,7 @@ def main(args) -> int:
             f"    {_metrics_text(expert.metrics)} in {_clock(took)}; {_clock(time.perf_counter() - start)} so far",
             flush=True,
         )
-    results = summarize(items, smoke)
+    results = plan_results(items, smoke)
     if lora:
         results["config"] = {
             "seeds": list(SEEDS),

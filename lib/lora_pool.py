@@ -59,7 +59,7 @@ def build_pool(
         base=base,
         bodies={t: train.split_head(e.state_dict, kind)[0] for t, e in experts.items()},
         heads={t: e.state_dict for t, e in experts.items()},
-        experts=[
+        expert_info=[
             {
                 "pool": name,
                 "seed": seed,

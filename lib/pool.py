@@ -88,7 +88,7 @@ class Pool:
     base: StateDict
     bodies: dict[str, StateDict]
     heads: dict[str, StateDict]
-    experts: list[dict] = field(default_factory=list)  # key, cache status, metrics, runtime
+    expert_info: list[dict] = field(default_factory=list)  # per expert: key, cache status, metrics, runtime
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -140,7 +140,7 @@ def build_pool(
         base=base,
         bodies={t: train.split_head(e.state_dict, kind)[0] for t, e in experts.items()},
         heads={t: e.state_dict for t, e in experts.items()},
-        experts=[
+        expert_info=[
             {
                 "pool": name,
                 "seed": seed,

@@ -213,7 +213,9 @@ class CachedSweep:
                 ),
             }
             evaluate = sweep.evaluate_report_head(smoke=smoke)
-        return sweep.SweepSetup(name=spec["name"], seed=seed, base=base, models=models, evaluate=evaluate, experts=info)
+        return sweep.SweepSetup(
+            name=spec["name"], seed=seed, base=base, models=models, evaluate=evaluate, expert_info=info
+        )
 
 
 def expert_kw(spec: Mapping) -> dict:
@@ -412,7 +414,7 @@ def _pool_for(spec: Mapping, *, prepare: bool) -> pool.Pool:
         if prepare:
             src.prepare(spec)
         p = src.build(spec)
-        identities = {e["task"]: e["key"] for e in p.experts if "key" in e}
+        identities = {e["task"]: e["key"] for e in p.expert_info if "key" in e}
         wrong = [t for t, k in identities.items() if t in spec["experts"] and spec["experts"][t] != k]
         if wrong:
             raise RuntimeError(

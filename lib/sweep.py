@@ -18,7 +18,7 @@ hands each run its layer decisions as the merge's ``context`` (:func:`lib.merge.
 sweep over eleven ``top`` values computes the spectra once instead of eleven times.
 
 :func:`evaluate_tasks` and :func:`evaluate_report_head` build the evaluation callables of the
-notebooks from :mod:`lib.evaluate`; :func:`spectra` reads the experts' spectra for the figures
+notebooks from :mod:`lib.evaluate`; :func:`snr_and_spectra` reads the experts' spectra for the figures
 (:func:`layer_snr_records`, :func:`telling_layers`, :func:`esd_records`);
 :func:`compare_with_report` puts the report's numbers beside ours.
 """
@@ -40,7 +40,7 @@ from tqdm import tqdm
 from . import data, stats, train
 from . import evaluate as scoring
 from .claims import Claim
-from .merge import get_method, merge, resolve_hparams, select_keys, snr, to_compute
+from .merge import get_method, merge, resolve_hparams, select_keys, to_compute
 from .merge.snr import decide_layers, expert_snrs
 from .spectral import scan, spectrum
 from .statedict import StateDict
@@ -187,9 +187,7 @@ def evaluate_models(
 def is_snr_strategy(method: str) -> bool:
     """Whether ``method`` is one of the SNR-routed strategies, whose context is the layer
     decisions of :mod:`lib.merge.snr`."""
-    entry = get_method(method)
-    family = getattr(entry, "family", None)  # the registry's family; older registries lack it
-    return family == "snr" if family is not None else entry.fn.__module__ == snr.__name__
+    return get_method(method).family == "snr"
 
 
 class SnrPrepass:
@@ -317,7 +315,7 @@ class SweepSetup:
     base: StateDict | None
     models: dict[str, StateDict]
     evaluate: Evaluate
-    experts: list[dict] = field(default_factory=list)
+    expert_info: list[dict] = field(default_factory=list)
 
 
 class SweepRunner:
@@ -677,7 +675,7 @@ def evaluate_report_head(*, smoke: bool) -> Evaluate:
     return evaluate
 
 
-def spectra(
+def snr_and_spectra(
     experts: Mapping[str, StateDict], snr_methods: Sequence[str], *, seed: int, include=None, exclude=None
 ) -> tuple[list[dict], list[dict]]:
     """``(layers, esd)`` for the figures: every matrix's SNR under each definition, and the

@@ -165,7 +165,7 @@ class SyntheticSweep:
             base=base,
             models=models,
             evaluate=sweep_evaluate(models),
-            experts=[{"task": t, "key": f"synthetic-sweep:{spec['seed']}:{t}"} for t in models],
+            expert_info=[{"task": t, "key": f"synthetic-sweep:{spec['seed']}:{t}"} for t in models],
         )
 
 

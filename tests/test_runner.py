@@ -81,7 +81,7 @@ class SyntheticExperts:
             base=sds["base"],
             bodies=bodies,
             heads=bodies,
-            experts=[{"task": t, "key": f"synthetic:{spec['seed']}:{t}"} for t in spec["tasks"]],
+            expert_info=[{"task": t, "key": f"synthetic:{spec['seed']}:{t}"} for t in spec["tasks"]],
         )
 
 

@@ -92,6 +92,18 @@ FULL: dict[str, dict[str, Any]] = {
         },
         "TOP_COMPONENTS": 10,  # per task and matrix: how many of its largest components the pruning census follows
     },
+    "06_mergeability": {
+        "SEED": 0,  # one seed of experts (`make experts` trains seeds 0, 1, 2); here the pairs, not the seeds, are the samples
+        "TASKS": ["sst2", "cola", "mrpc", "rte", "emotion", "trec", "rotten_tomatoes"],  # every text task: 21 pairs
+        "METHODS": ["average", "task_arithmetic", "ties", "dare", "star", "drm_h"],  # each at its registered defaults
+        "K": 8,  # top singular directions per matrix compared by subspace_overlap
+        "TOP": 0.5,  # fraction of matrices counted as high-SNR by snr_agreement
+        "GRADIENT_EXAMPLES": 64,  # fixed training examples per task for the gradient properties
+        "ALPHA": None,  # Lasso penalty: None = chosen by 5-fold cross-validation inside each training set
+        "PERMUTATIONS": 500,  # at most this many shuffled-target refits of the whole pipeline per method: p down to 1/501
+        "PERMUTATION_STOP": 10,  # ... stopping once this many shuffles do as well (sequential p; 100 fixed ones floored at 0.0099)
+        "BOOTSTRAP": 2000,  # resamples of the pairs for the R² interval
+    },
 }
 
 SMOKE: dict[str, dict[str, Any]] = {
@@ -130,6 +142,14 @@ SMOKE: dict[str, dict[str, Any]] = {
         "SIZES": {"text": [2, 3], "vision": [2, 3]},
         "DENSITIES": [0.05, 0.2, 1.0],
         "DENSITY_SIZES": {"text": [3], "vision": [2]},
+    },
+    "06_mergeability": {
+        "TASKS": ["sst2", "cola", "rotten_tomatoes", "emotion"],
+        "METHODS": ["task_arithmetic", "ties"],
+        "GRADIENT_EXAMPLES": 8,
+        "PERMUTATIONS": 10,
+        "PERMUTATION_STOP": 3,
+        "BOOTSTRAP": 200,
     },
 }
 

@@ -11,70 +11,18 @@ TIES and DARE included, goes through one path).
 
 :func:`lora_pool_spec` is :func:`lib.runner.pool_spec` with ``expert_kw={"lora": True}`` (or other
 settings of :data:`lib.cache.LORA`); the runner carries ``expert_kw`` into every expert's key and
-into the record key, so LoRA and full fine-tune records never mix. :func:`build_pool` is
-:func:`lib.pool.build_pool` with extra :func:`lib.train.fit_expert` keywords.
+into the record key, so LoRA and full fine-tune records never mix. :func:`lib.pool.build_pool`
+takes the extra :func:`lib.train.fit_expert` keywords.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from . import cache as expert_cache
-from . import pool, train
+from . import pool
 
 #: the LoRA experts' fit_expert keywords (the papers' setting: lib.cache.LORA's defaults)
 LORA_KW = {"lora": True}
-
-
-def build_pool(
-    tasks: Sequence[str],
-    *,
-    seed: int,
-    smoke: bool,
-    variant: str | None = None,
-    name: str | None = None,
-    expert_kw: Mapping | None = None,
-    progress: bool = False,
-) -> pool.Pool:
-    """:func:`lib.pool.build_pool` of experts trained (or loaded) by
-    ``train.fit_expert(task, ..., **expert_kw)``: bodies and heads split the same way, the base is
-    the same pre-trained body, and each expert's record names its cache key."""
-    expert_kw = dict(expert_kw or {})
-    if not expert_kw:
-        return pool.build_pool(tasks, seed=seed, smoke=smoke, variant=variant, name=name, progress=progress)
-    if len(tasks) < 2:
-        raise ValueError(f"a pool needs at least two experts to merge, got {list(tasks)}")
-    kind = pool.kind_of(tasks)
-    variant = variant or expert_cache.VARIANTS[kind][0]
-    name = name or f"{kind}-{'lora' if expert_kw.get('lora') else 'custom'}"
-    experts = {
-        t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=progress, **expert_kw) for t in tasks
-    }
-    base, _ = train.split_head(train.base_state_dict(tasks[0], seed=seed, variant=variant, smoke=smoke), kind)
-    return pool.Pool(
-        name=name,
-        kind=kind,
-        seed=seed,
-        smoke=smoke,
-        base=base,
-        bodies={t: train.split_head(e.state_dict, kind)[0] for t, e in experts.items()},
-        heads={t: e.state_dict for t, e in experts.items()},
-        expert_info=[
-            {
-                "pool": name,
-                "seed": seed,
-                "task": t,
-                "variant": e.variant,
-                "key": e.key,
-                "from_cache": e.from_cache,
-                **{k: v for k, v in e.metrics.items() if k != "n"},
-                "n_eval": e.metrics.get("n"),
-                "train_s": e.runtime.get("train_s"),
-                "lora": bool(e.config.get("lora")),
-            }
-            for t, e in experts.items()
-        ],
-    )
 
 
 def lora_pool_spec(

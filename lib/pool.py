@@ -118,19 +118,28 @@ def build_pool(
     smoke: bool,
     variant: str | None = None,
     name: str | None = None,
+    expert_kw: Mapping | None = None,
     progress: bool = False,
 ) -> Pool:
     """Train (or load from the cache) the experts of ``tasks`` for ``seed`` and ``variant`` (see
     :mod:`lib.train`) and split them into bodies and heads. All tasks must be of one kind; MNIST
-    is an expert only in the ``shared_init`` variant (it is the ``mnist_base`` variant's base)."""
+    is an expert only in the ``shared_init`` variant (it is the ``mnist_base`` variant's base).
+    ``expert_kw``: extra :func:`lib.train.fit_expert` keywords (``{"lora": True}``: notebook 07's
+    LoRA experts); such a pool is named ``text-lora`` (``text-custom`` for other keywords) and its
+    experts' records say whether they are LoRA adapters."""
+    expert_kw = dict(expert_kw or {})
     if len(tasks) < 2:
         raise ValueError(f"a pool needs at least two experts to merge, got {list(tasks)}")
     kind = kind_of(tasks)
     variant = variant or expert_cache.VARIANTS[kind][0]
     if "mnist" in tasks and variant != "shared_init":
         raise ValueError("MNIST is the base of the mnist_base variant, not an expert; use variant='shared_init'")
+    if expert_kw:
+        name = name or f"{kind}-{'lora' if expert_kw.get('lora') else 'custom'}"
     name = name or (kind if kind == "text" else f"{kind}/{variant}")
-    experts = {t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=progress) for t in tasks}
+    experts = {
+        t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=progress, **expert_kw) for t in tasks
+    }
     base, _ = train.split_head(train.base_state_dict(tasks[0], seed=seed, variant=variant, smoke=smoke), kind)
     return Pool(
         name=name,
@@ -151,6 +160,7 @@ def build_pool(
                 **{k: v for k, v in e.metrics.items() if k != "n"},
                 "n_eval": e.metrics.get("n"),
                 "train_s": e.runtime.get("train_s"),
+                **({"lora": bool(e.config.get("lora"))} if expert_kw else {}),
             }
             for t, e in experts.items()
         ],

@@ -136,9 +136,7 @@ class CachedExperts:
                     f" mode) is not in the cache: {expert_cache.expert_path(expert_cache.config_key(config))} is missing; train it "
                     "with `make experts` (or let run_grid train it before the workers start)"
                 )
-        from .lora_pool import build_pool  # lib.pool.build_pool when the spec has no expert_kw
-
-        return build_pool(
+        return pool.build_pool(
             spec["tasks"],
             seed=spec["seed"],
             smoke=spec["smoke"],
@@ -200,9 +198,9 @@ class CachedSweep:
         if spec["setup"] == "whole":
             models, evaluate = {t: e.state_dict for t, e in trained.items()}, sweep.evaluate_tasks(tasks, smoke=smoke)
         elif spec["setup"] == "bodies":  # a pool of notebooks 04-06: bodies merged over the base body
-            from .lora_pool import build_pool
-
-            p = build_pool(tasks, seed=seed, smoke=smoke, variant=variant, name=spec["name"], expert_kw=expert_kw(spec))
+            p = pool.build_pool(
+                tasks, seed=seed, smoke=smoke, variant=variant, name=spec["name"], expert_kw=expert_kw(spec)
+            )
             models, base, evaluate = p.bodies, p.base, p.evaluator(tasks)
         else:  # the report's: the second expert's body under a fresh head of the first task
             first, second = tasks

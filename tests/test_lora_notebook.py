@@ -46,13 +46,6 @@ def test_task_vector_ranks_read_lora_deltas_as_rank_r():
     assert len(full_rows) == 2 and all(r["rank"] > 16 and r["top16_energy"] < 0.9 for r in full_rows)
 
 
-def test_build_pool_without_expert_kw_is_lib_pool_s(monkeypatch):
-    calls = []
-    monkeypatch.setattr(pool, "build_pool", lambda tasks, **kw: calls.append((list(tasks), kw)) or "pool")
-    assert lora_pool.build_pool(["sst2", "cola"], seed=1, smoke=True) == "pool"
-    assert calls == [(["sst2", "cola"], {"seed": 1, "smoke": True, "variant": None, "name": None, "progress": False})]
-
-
 def test_figures_draw_from_a_results_dict(tmp_path, monkeypatch):
     from lib.figures import f07_lora
 

@@ -48,9 +48,9 @@ def band(ax, x, mean, std, *, c, label=None, linestyle="-", marker="o"):
     ax.fill_between(x, mean - std, mean + std, color=c, alpha=BAND_ALPHA, linewidth=0)
 
 
-def draw_eta_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
+def draw_eta_sweep(results: dict, *, smoke: bool = False, notebook: str = NOTEBOOK) -> list[Path]:
     """Normalized accuracy against eta, one line per number of merged tasks (solid: with
-    rescaling, dashed: without)."""
+    rescaling, dashed: without); ``notebook`` names the file (07 draws its LoRA pools with it)."""
     s = pool.select(pool.subset_scores(results["records"]), "star")
     fig, axes = pool_axes(results)
     colors = size_colors(s["size"])
@@ -72,7 +72,7 @@ def draw_eta_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
         ax.set_xlabel("eta (% of the nuclear norm kept; dotted: the default)")
         ax.set_ylabel("normalized accuracy")
         legend_below(ax, ncol=2, title="merged (dashed: no rescale)")
-    return savefig(fig, f"{NOTEBOOK}_eta_sweep", smoke=smoke)
+    return savefig(fig, f"{notebook}_eta_sweep", smoke=smoke)
 
 
 def draw_best_eta(results: dict, *, smoke: bool = False) -> list[Path]:
@@ -103,9 +103,9 @@ def draw_best_eta(results: dict, *, smoke: bool = False) -> list[Path]:
     return savefig(fig, f"{NOTEBOOK}_best_eta", smoke=smoke)
 
 
-def draw_rescale(results: dict, *, smoke: bool = False) -> list[Path]:
+def draw_rescale(results: dict, *, smoke: bool = False, notebook: str = NOTEBOOK) -> list[Path]:
     """The rescale ablation: normalized accuracy with minus without rescaling, in points, against
-    eta, one line per number of merged tasks (above 0: rescaling helps)."""
+    eta, one line per number of merged tasks (above 0: rescaling helps); ``notebook`` names the file."""
     diff = pool.rescale_gain(results["records"]).rename("normalized").reset_index()
     fig, axes = pool_axes(results)
     colors = size_colors(diff["size"]) if len(diff) else {}
@@ -116,7 +116,7 @@ def draw_rescale(results: dict, *, smoke: bool = False) -> list[Path]:
         ax.set_xlabel("eta")
         ax.set_ylabel("rescale - no rescale (normalized points)")
         legend_below(ax, ncol=2, title="merged")
-    return savefig(fig, f"{NOTEBOOK}_rescale", smoke=smoke)
+    return savefig(fig, f"{notebook}_rescale", smoke=smoke)
 
 
 def draw_methods(results: dict, *, name: str, smoke: bool = False) -> list[Path]:

@@ -19,53 +19,22 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .. import pool, stats
-from ..plotting import legend_below, savefig
-from .f04_star import band, draw_methods, pool_axes, short_key, size_colors
+from ..plotting import savefig
+from . import f04_star
+from .f04_star import draw_methods, short_key
 
 NOTEBOOK = "07_lora"
 
 
 def draw_eta_sweep(results: dict, *, smoke: bool = False) -> list[Path]:
     """Normalized accuracy of STAR against eta, one line per number of merged LoRA experts
-    (solid: rescaled, dashed: not), mean +- std over seeds."""
-    s = pool.select(pool.subset_scores(results["records"]), "star")
-    fig, axes = pool_axes(results)
-    colors = size_colors(s["size"])
-    for name, ax in axes.items():
-        p = s[s.pool == name]
-        for (size, rescale), g in stats.over_seeds(p, ["size", "hp_rescale", "hp_eta"], sort=True).groupby(
-            ["size", "hp_rescale"]
-        ):
-            band(
-                ax,
-                g.hp_eta,
-                g["mean"],
-                g["std"],
-                c=colors[size],
-                linestyle="-" if rescale else "--",
-                label=f"{size} tasks" if rescale else None,
-            )
-        ax.axvline(results["config"]["default_eta"], color="#999999", linewidth=0.8, linestyle=":")
-        ax.set_xlabel("eta (% of the nuclear norm kept; dotted: the default)")
-        ax.set_ylabel("normalized accuracy")
-        legend_below(ax, ncol=2, title="merged (dashed: no rescale)")
-    return savefig(fig, f"{NOTEBOOK}_eta_sweep", smoke=smoke)
+    (solid: rescaled, dashed: not), mean +- std over seeds: notebook 04's figure on the LoRA pools."""
+    return f04_star.draw_eta_sweep(results, smoke=smoke, notebook=NOTEBOOK)
 
 
 def draw_rescale(results: dict, *, smoke: bool = False) -> list[Path]:
-    """STAR with minus without rescaling, in normalized points, against eta."""
-    diff = pool.rescale_gain(results["records"]).rename("normalized").reset_index()
-    fig, axes = pool_axes(results)
-    colors = size_colors(diff["size"]) if len(diff) else {}
-    for name, ax in axes.items():
-        for size, g in stats.over_seeds(diff[diff.pool == name], ["size", "hp_eta"], sort=True).groupby("size"):
-            band(ax, g.hp_eta, g["mean"], g["std"], c=colors[size], label=f"{size} tasks")
-        ax.axhline(0, color="#333333", linewidth=0.8)
-        ax.set_xlabel("eta")
-        ax.set_ylabel("rescale - no rescale (normalized points)")
-        legend_below(ax, ncol=2, title="merged")
-    return savefig(fig, f"{NOTEBOOK}_rescale", smoke=smoke)
+    """STAR with minus without rescaling, in normalized points, against eta (notebook 04's figure)."""
+    return f04_star.draw_rescale(results, smoke=smoke, notebook=NOTEBOOK)
 
 
 def draw_ranks(results: dict, *, smoke: bool = False) -> list[Path]:

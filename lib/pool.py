@@ -119,6 +119,7 @@ def build_pool(
     variant: str | None = None,
     name: str | None = None,
     expert_kw: Mapping | None = None,
+    experts: Mapping | None = None,
     progress: bool = False,
 ) -> Pool:
     """Train (or load from the cache) the experts of ``tasks`` for ``seed`` and ``variant`` (see
@@ -126,7 +127,8 @@ def build_pool(
     is an expert only in the ``shared_init`` variant (it is the ``mnist_base`` variant's base).
     ``expert_kw``: extra :func:`lib.train.fit_expert` keywords (``{"lora": True}``: notebook 07's
     LoRA experts); such a pool is named ``text-lora`` (``text-custom`` for other keywords) and its
-    experts' records say whether they are LoRA adapters."""
+    experts' records say whether they are LoRA adapters. ``experts``: the tasks' experts (task ->
+    :class:`lib.cache.Expert`) where the caller has loaded them already, so they are not loaded twice."""
     expert_kw = dict(expert_kw or {})
     if len(tasks) < 2:
         raise ValueError(f"a pool needs at least two experts to merge, got {list(tasks)}")
@@ -138,7 +140,10 @@ def build_pool(
         name = name or f"{kind}-{'lora' if expert_kw.get('lora') else 'custom'}"
     name = name or (kind if kind == "text" else f"{kind}/{variant}")
     experts = {
-        t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=progress, **expert_kw) for t in tasks
+        t: experts[t]
+        if experts is not None
+        else train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=progress, **expert_kw)
+        for t in tasks
     }
     base, _ = train.split_head(train.base_state_dict(tasks[0], seed=seed, variant=variant, smoke=smoke), kind)
     return Pool(

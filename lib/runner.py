@@ -199,7 +199,13 @@ class CachedSweep:
             models, evaluate = {t: e.state_dict for t, e in trained.items()}, sweep.evaluate_tasks(tasks, smoke=smoke)
         elif spec["setup"] == "bodies":  # a pool of notebooks 04-06: bodies merged over the base body
             p = pool.build_pool(
-                tasks, seed=seed, smoke=smoke, variant=variant, name=spec["name"], expert_kw=expert_kw(spec)
+                tasks,
+                seed=seed,
+                smoke=smoke,
+                variant=variant,
+                name=spec["name"],
+                expert_kw=expert_kw(spec),
+                experts=trained,
             )
             models, base, evaluate = p.bodies, p.base, p.evaluator(tasks)
         else:  # the report's: the second expert's body under a fresh head of the first task

@@ -46,6 +46,8 @@ _SAMPLE_STRIDE = 61
 _SMALL_ROW = 1 << 16
 #: entries of one stream's sample (and of its bracket) kept by the model-wide selection: 16 MiB
 _SAMPLE_CAP = 1 << 22
+#: the float32 bit pattern of +inf, read as int32
+_INF_BITS = 0x7F800000
 
 
 def kept_count(n: int, density: float) -> int:
@@ -92,7 +94,9 @@ def trim_topk(
         return tau.zero_() if inplace else torch.zeros_like(tau)
     magnitude = rows.abs().to(torch.float32)
     if inplace and rows.data_ptr() == tau.data_ptr() and tau.is_contiguous():
-        rows.masked_fill_(magnitude < kth_largest(magnitude, k), 0)
+        thresholds = kth_largest(magnitude, k)
+        del magnitude  # one stack of temporaries fewer while the rows are trimmed
+        _trim_rows_below(rows, thresholds)
         return tau
     return (rows * (magnitude >= kth_largest(magnitude, k))).reshape(tau.shape)
 
@@ -112,14 +116,50 @@ def kth_largest(rows: Tensor, k: int) -> Tensor:
     out = []
     for row in rows:
         lo, hi = _bracket(row[::_SAMPLE_STRIDE], k, n)
-        above = int((row > hi).sum())
-        band = row[(row >= lo) & (row <= hi)]
+        band, hi = _band(row, lo, hi)
+        above = _count_above(row, hi)
         need = k - above
         if 1 <= need <= band.numel():
             out.append(torch.kthvalue(band, band.numel() - need + 1).values)
         else:  # the bracket missed: rank the whole row
             out.append(torch.topk(row, k, sorted=False).values.amin())
     return torch.stack(out).reshape(-1, 1)
+
+
+def _band(row: Tensor, lo: float, hi: float) -> tuple[Tensor, float]:
+    """The entries of ``row`` (non-negative, no NaN) in ``[lo, hi]``, and that ``hi``, in one
+    integer pass: for non-negative floats the order of the float32 bit patterns is the order of
+    the values, so ``lo <= x <= hi`` is ``|bits(x) - c| <= h`` for the bit patterns' midpoint
+    ``c`` and half-width ``h``. An odd width is made even by taking one float more at ``hi`` (or
+    one less at ``lo``): the caller counts the entries above the ``hi`` returned."""
+    if row.dtype != torch.float32:
+        return row[(row >= lo) & (row <= hi)], hi
+    lo_b, hi_b = (_float_bits(max(lo, 0.0)), _float_bits(hi))
+    if (hi_b - lo_b) % 2:
+        if hi_b < _INF_BITS:
+            hi_b += 1
+        else:
+            lo_b -= 1
+    mask = (row.view(torch.int32) - (lo_b + hi_b) // 2).abs_() <= (hi_b - lo_b) // 2
+    return row[mask], _bits_float(hi_b)
+
+
+def _count_above(row: Tensor, hi: float) -> int:
+    """How many entries of ``row`` exceed ``hi``. For a float32 row of at most 2**24 entries in
+    float passes (a comparison to a bool mask and its sum cost about twice as much): threshold
+    keeps ``x > hi`` and zeroes the rest, sign_ makes those 1, and a float32 sum of at most 2**24
+    ones is exact."""
+    if row.dtype != torch.float32 or row.numel() > 1 << 24:
+        return int((row > hi).sum())
+    return int(torch.nn.functional.threshold(row, hi, 0.0).sign_().sum())
+
+
+def _float_bits(x: float) -> int:
+    return int(torch.tensor(x, dtype=torch.float32).view(torch.int32))
+
+
+def _bits_float(b: int) -> float:
+    return float(torch.tensor(b, dtype=torch.int32).view(torch.float32))
 
 
 def _bracket(sample: Tensor, k: int, n: int) -> tuple[float, float]:
@@ -140,9 +180,33 @@ def trim_below(tau: Tensor, threshold: float | Tensor, *, inplace: bool = False)
     """Zero the entries of ``tau`` whose float32 magnitude is below ``threshold`` (a scalar, or
     one threshold per row of a stack ``(N, ...)``); ``inplace`` zeroes them inside ``tau``."""
     threshold = torch.as_tensor(threshold, dtype=torch.float32, device=tau.device)
+    if inplace and threshold.ndim == 1 and len(threshold) == len(tau) and tau.is_contiguous():
+        _trim_rows_below(tau.reshape(len(tau), -1), threshold)
+        return tau
     threshold = threshold.reshape(-1, *([1] * (tau.ndim - 1))) if threshold.ndim else threshold
     below = tau.abs().to(torch.float32) < threshold
     return tau.masked_fill_(below, 0) if inplace else tau * ~below
+
+
+def _trim_rows_below(rows: Tensor, thresholds: Tensor) -> None:
+    """Zero, inside ``rows (R, n)`` (contiguous), the entries whose float32 magnitude is below the
+    row's threshold: ``masked_fill_(|rows| < threshold, 0)``, same values (trimmed entries become
+    ``+0.0``), in one pass per row instead of a comparison, a mask and a masked fill.
+
+    For float32 rows ``hardshrink`` with the float32 number just below the threshold does it:
+    ``|x| <= nextafter(t, 0)`` exactly when ``|x| < t``, and hardshrink writes ``+0.0``. Other
+    dtypes (whose magnitudes are ranked by their float32 rounding) take the mask."""
+    thresholds = thresholds.reshape(-1).to(device="cpu", dtype=torch.float32)
+    below = torch.nextafter(thresholds, torch.zeros_like(thresholds)).tolist()
+    for row, t, b in zip(rows, thresholds.tolist(), below):
+        if t == 0:  # every magnitude is >= 0: nothing is trimmed
+            continue
+        if math.isinf(t):  # k = 0 (or nothing finite at or above): all trimmed
+            row.zero_()
+        elif row.dtype == torch.float32:
+            torch.ops.aten.hardshrink.out(row, b, out=row)
+        else:
+            row.masked_fill_(row.abs().to(torch.float32) < t, 0)
 
 
 def elect_sign(taus: Tensor) -> Tensor:
@@ -161,10 +225,16 @@ def disjoint_mean(taus: Tensor, signs: Tensor, *, inplace: bool = False) -> Tens
     """
     if inplace:
         # an entry agrees when its product with the elected sign is positive: non-zero and of
-        # that sign (exact: the sign is -1, 0 or 1), so the one mask zeroes the rest and counts
-        agree = taus.mul(signs) > 0
-        count = agree.sum(dim=0, dtype=taus.dtype).clamp_(min=1)
-        return taus.masked_fill_(agree.logical_not_(), 0).sum(dim=0).div_(count)
+        # that sign (exact: the sign is -1, 0 or 1). clamp(min=0) of that product keeps |tau| of
+        # the agreeing entries and zeroes the rest; their sum times the sign is the sum of the
+        # agreeing entries exactly (rounding is symmetric in the sign, and adding zeros changes
+        # no non-zero sum), and sign_ of what is left counts them. Four in-place passes over the
+        # stack, no mask. A zero result may come out as -0.0 there; + 0.0 makes it +0.0, as the
+        # sum of the zeroed entries gives.
+        magnitude = taus.mul_(signs).clamp_(min=0)
+        total = magnitude.sum(dim=0).mul_(signs)
+        count = magnitude.sign_().sum(dim=0).clamp_(min=1)
+        return total.div_(count).add_(0.0)
     agree = (torch.sign(taus) == signs) & (taus != 0)
     total = (taus * agree).sum(dim=0)
     # counted in the task vectors' dtype rather than int64: half the memory, and small integer

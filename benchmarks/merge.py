@@ -32,7 +32,8 @@ resident-memory columns read nan.
 ``--against-peft`` times TIES and DARE-TIES instead (issue 22), on the same BERT-base-shaped
 experts: ``ties`` with ``scope="tensor"`` and ``scope="model"`` against PEFT's per-tensor loop of
 ``merge_utils.ties``, and ``dare(then="ties")`` against ``merge_utils.dare_ties``, each pair in
-the same run, with the ratios (target: ours >= 3x faster). It checks that ``scope="tensor"``
+the same run, with the ratios (target: ours >= 3x faster), and the CPU time of DARE's seeded
+mask draws alone (the floor: ours can be at most PEFT's time over it faster). It checks that ``scope="tensor"``
 gives PEFT's tensors (entries differing, and how many of those sit at a tie of the magnitude
 threshold, where PEFT keeps an arbitrary subset), and that DARE-TIES does given our masks.
 ``--busy`` runs a busy loop pinned to one core beside it (a shared machine: the case where
@@ -259,6 +260,24 @@ def against_peft(base, experts, *, density: float = 0.2, keep: float = 0.1) -> l
                 "load": os.getloadavg()[0],
             }
         )
+    # DARE's floor: the seeded per-(key, expert) torch.rand draws that make the published masks,
+    # timed alone; ours can be at most peft / draws faster however cheap the rest becomes
+    start = time.process_time()
+    for w in base.values():
+        for i in range(len(experts)):
+            torch.rand(w.shape, generator=torch.Generator().manual_seed(i))
+    draws_cpu = time.process_time() - start
+    dare = runs[-1]
+    dare |= {
+        "draws_cpu_s": draws_cpu,
+        "draws_share_of_ours": draws_cpu / dare["ours_cpu_s"],
+        "floor_speedup_cpu": dare["peft_cpu_s"] / draws_cpu,
+    }
+    print(
+        f"dare's mask draws (torch.rand, same sizes) {draws_cpu:6.2f} CPU s: {dare['draws_share_of_ours']:.0%} of ours; "
+        f"with all else free ours would be {dare['floor_speedup_cpu']:.1f}x PEFT's dare_ties in CPU time",
+        flush=True,
+    )
     # DARE-TIES given the same masks (PEFT draws its own from torch's global generator)
     masks = iter(
         [keep_mask(w.shape, 1.0 - keep, key=k, expert=i, seed=0) for k, w in base.items() for i in range(len(experts))]

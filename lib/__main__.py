@@ -80,6 +80,8 @@ def main(argv=None) -> int:
         action="store_true",
         help="plan the LoRA experts of the text tasks instead (rank 16, alpha 32, query and value)",
     )
+    p.add_argument("--seeds", type=int, nargs="+", help="train these seeds only (default: 0 1 2)")
+    p.add_argument("--tasks", nargs="+", help="train these tasks only (default: every task of the plan)")
     p.set_defaults(func=_experts)
 
     p = sub.add_parser("report", help="rewrite README.md's tables from results/*.json")

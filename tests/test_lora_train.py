@@ -70,3 +70,39 @@ def test_a_full_fine_tune_has_no_adapter():
     expert = expert_cache.Expert("k", {"task": "sst2", "seed": 0}, {}, {}, {}, {}, expert_cache.expert_path("k"))
     with pytest.raises(ValueError, match="not a LoRA expert"):
         expert.adapter()
+
+
+def test_a_cut_plan_keeps_only_what_it_names_and_refuses_unknown_names():
+    from lib import experts
+
+    whole = experts.plan(lora=True)
+    part = experts.cut(whole, seeds=[0], tasks=["sst2", "trec"])
+    assert [(i.task, i.seed) for i in part] == [("sst2", 0), ("trec", 0)]
+    assert experts.cut(whole) == whole
+    with pytest.raises(ValueError, match=r"unknown seed\(s\) \[7\]"):
+        experts.cut(whole, seeds=[7])
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['mnist'\]"):
+        experts.cut(whole, tasks=["mnist"])
+
+
+def test_a_cut_plan_merges_its_rows_into_the_published_ones():
+    from lib import experts
+
+    def row(task, seed, acc):
+        return {
+            "task": task,
+            "variant": "pretrained",
+            "seed": seed,
+            "key": f"{task}{seed}{acc}",
+            "metrics": {"accuracy": acc},
+            "runtime": {"train_s": 1.0},
+        }
+
+    previous = {"experts": [row("sst2", 0, 0.5), row("trec", 0, 0.6), row("sst2", 1, 0.7)]}
+    rows = experts.merged_rows(previous, [row("sst2", 0, 0.9)])
+    assert [(r["task"], r["seed"], r["metrics"]["accuracy"]) for r in rows] == [
+        ("sst2", 0, 0.9),
+        ("trec", 0, 0.6),
+        ("sst2", 1, 0.7),
+    ], "the new row replaces its namesake, the others are kept"
+    assert experts.merged_rows(None, rows) == rows

@@ -151,3 +151,17 @@ def test_merges_table_picks_the_run_that_serves_both_tasks():
     assert any(line.startswith("| best other method | `ties()`") for line in lines)
     assert any(line.startswith("| chance | always the most common label | 0.500 | 0.000 |") for line in lines)
     assert "sst2 validation (872), cola validation (1,043)" in lines[0] and "chance-corrected" in lines[0]
+
+
+def test_lora_table_sets_each_adapter_beside_its_full_fine_tune_and_flags_a_gap():
+    def row(task, acc, variant="pretrained"):
+        return {"task": task, "variant": variant, "seed": 0, "metrics": {"accuracy": acc}, "runtime": {"train_s": 60}}
+
+    full = {"experts": [row("sst2", 0.90), row("trec", 0.95), row("mrpc", 0.80)]}
+    lora = {"experts": [row("sst2", 0.88), row("trec", 0.90), row("mrpc", 0.70)], "config": {"lora": {"r": 16}}}
+    text = report.lora_section({"experts": full, "experts_lora": lora})
+    lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ") and "task" not in ln}
+    assert "-2.0" in lines["sst2"] and "yes" in lines["sst2"]
+    assert "-5.0" in lines["trec"] and "**no**" in lines["trec"]
+    assert "report only" in lines["mrpc"], "only SST-2, Emotion and TREC carry the 3-point target"
+    assert report.lora_section({"experts": full}) == ""

@@ -1,6 +1,6 @@
 """The papers' numbers the notebooks compare with, each beside where the paper prints it.
 
-The seed papers are in ``../shared/seeds/``: paper 000 is the Sapienza report (SNR-routed
+The papers this project reproduces are in ``../shared/seeds/``: paper 000 is the Sapienza report (SNR-routed
 merging, notebooks 01-03), paper 002 STAR (Lee et al. 2025, notebook 04), paper 004 DRM
 (Decom-Renorm-Merge, notebook 05). A number here is read off the paper, never measured by us;
 each is a :class:`lib.claims.Claim`: a value of the report beside our mean (notebooks 01-03), or

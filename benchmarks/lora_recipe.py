@@ -27,7 +27,6 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], help="recipe override key=value (JSON value)")
     args = p.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    out = OUT
     start, cpu = time.perf_counter(), time.process_time()
     expert = train.fit_expert(args.task, seed=args.seed, lora=True, smoke=False, **overrides)
     full = next(
@@ -49,8 +48,8 @@ def main() -> int:
         "cpu_s": time.process_time() - cpu,
         "load_average": os.getloadavg()[0],
     }
-    trials = paths.read_json(out)["trials"] if out.exists() else []
-    paths.write_json(out, {"benchmark": "lora_recipe", "trials": [*trials, trial]})
+    trials = paths.read_json(OUT)["trials"] if OUT.exists() else []
+    paths.write_json(OUT, {"benchmark": "lora_recipe", "trials": [*trials, trial]})
     print(json.dumps({k: trial[k] for k in ("task", "overrides", "metrics", "full_fine_tune")}))
     return 0
 

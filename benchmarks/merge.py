@@ -216,7 +216,7 @@ def against_peft(base, experts, *, density: float = 0.2, keep: float = 0.1) -> l
     """Time ours against PEFT, pair by pair in this run, print the ratios and the agreement."""
     from peft.utils import merge_utils
 
-    from lib.merge.dare import keep_mask
+    from lib.merge.dare import draws, keep_mask
 
     pairs = [
         (
@@ -263,9 +263,9 @@ def against_peft(base, experts, *, density: float = 0.2, keep: float = 0.1) -> l
     # DARE's floor: the seeded per-(key, expert) torch.rand draws that make the published masks,
     # timed alone; ours can be at most peft / draws faster however cheap the rest becomes
     start = time.process_time()
-    for w in base.values():
+    for k, w in base.items():
         for i in range(len(experts)):
-            torch.rand(w.shape, generator=torch.Generator().manual_seed(i))
+            draws(w.shape, key=k, expert=i, seed=0)
     draws_cpu = time.process_time() - start
     dare = runs[-1]
     dare |= {

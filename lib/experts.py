@@ -19,10 +19,11 @@ metrics go to ``results/experts_lora.json``. The default plan does not include t
 The cache may not survive a change of machine, so a full run must fit in one working session:
 the plan prints an estimate from throughputs measured on two CPU cores (:data:`RATES`) before
 it starts, and a run is resumable -- every finished expert is stored at once, so an interrupted
-run loses at most the expert in progress. ``--dry-run`` prints the plan only. ``--seeds`` and ``--tasks`` cut the plan (a session that has
-time for part of it); a cut LoRA plan merges its rows into ``results/experts_lora.json`` (rows of
-experts outside the cut are kept, each with its cache key), while a cut full plan leaves
-``results/experts.json`` alone, since that file's mergeability measurements need the whole plan.
+run loses at most the expert in progress. ``--dry-run`` prints the plan only. ``--seeds`` and
+``--tasks`` cut the plan (a session that has time for part of it); a cut LoRA plan merges its
+rows into ``results/experts_lora.json`` (rows of experts outside the cut are kept, each with its
+cache key), while a cut full plan leaves ``results/experts.json`` alone, since that file's
+mergeability measurements need the whole plan.
 
 After training, the command measures how *mergeable* the vision experts of each variant are:
 it averages the Fashion-MNIST and KMNIST experts' bodies and scores the average on each task with
@@ -32,6 +33,7 @@ expert's metrics and these measurements to ``results/experts.json``.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -244,12 +246,12 @@ def cut(items: list[Planned], seeds=None, tasks=None) -> list[Planned]:
 def merged_rows(previous: dict | None, rows: list[dict]) -> list[dict]:
     """``rows`` with the rows of ``previous`` results whose (task, variant, seed) they do not have
     (kept as they were, cache key and all), in task/variant/seed order of first appearance."""
+    published = (previous or {}).get("experts", [])
     have = {(r["task"], r["variant"], r["seed"]) for r in rows}
-    kept = [r for r in (previous or {}).get("experts", []) if (r["task"], r["variant"], r["seed"]) not in have]
-    out = kept + rows
-    known = [*(previous or {}).get("experts", []), *rows]  # the published file's task order first
-    order = {k: n for n, k in enumerate(dict.fromkeys((r["task"], r["variant"]) for r in known))}
-    return sorted(out, key=lambda r: (r["seed"], order[(r["task"], r["variant"])]))
+    kept = [r for r in published if (r["task"], r["variant"], r["seed"]) not in have]
+    # the published file's task order first
+    order = {k: n for n, k in enumerate(dict.fromkeys((r["task"], r["variant"]) for r in [*published, *rows]))}
+    return sorted(kept + rows, key=lambda r: (r["seed"], order[(r["task"], r["variant"])]))
 
 
 def main(args) -> int:
@@ -260,7 +262,7 @@ def main(args) -> int:
     try:
         items = cut(whole, seeds, tasks)
     except ValueError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     partial = len(items) < len(whole)
     remaining = print_plan(items, smoke)
@@ -280,14 +282,16 @@ def main(args) -> int:
             f"    {_metrics_text(expert.metrics)} in {_clock(took)}; {_clock(time.perf_counter() - start)} so far",
             flush=True,
         )
-    name = "experts_lora.json" if lora else "experts.json"
-    target = paths.results_dir(smoke) / name
+    results_path = paths.results_dir(smoke) / ("experts_lora.json" if lora else "experts.json")
     if partial and not lora:
-        print(f"a cut plan ({len(items)} of {len(whole)} experts): {target} is left as it is (it needs the whole plan)")
+        print(
+            f"a cut plan ({len(items)} of {len(whole)} experts): {results_path} is left as it is "
+            "(it needs the whole plan)"
+        )
         return 0
     results = plan_results(items, smoke)
     if partial:
-        previous = paths.read_json(target) if target.exists() else None
+        previous = paths.read_json(results_path) if results_path.exists() else None
         rows = merged_rows(previous, results["experts"])
         results = {"experts": rows, "summary": summary_of(rows)}
     if lora:
@@ -310,7 +314,7 @@ def main(args) -> int:
             "smoke": smoke,
             "recipes": {t: asdict(r) for t, r in cache.RECIPES.items()},
         }
-    out = paths.write_json(target, results)
+    out = paths.write_json(results_path, results)
     for name, entry in results["summary"].items():
         target = entry.get("target")
         check = (

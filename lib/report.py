@@ -206,7 +206,7 @@ def lora_section(results: Mapping[str, Mapping]) -> str:
         f"alpha {spec.get('alpha')}, {' and '.join(spec.get('targets', []))} projections, head trained in full, "
         f"learning rate {lora.get('config', {}).get('lr')}, the full fine-tune's recipe otherwise; accuracy on "
         f"each task's whole validation split beside the full fine-tune of the same task and seed "
-        f"(`results/experts.json`, trained on an earlier machine). Seeds trained so far: "
+        f"(`results/experts.json`). Seeds trained so far: "
         f"{sorted({r['seed'] for r in rows})}. Target: within {LORA_GAP:g} points on "
         f"{', '.join(LORA_CHECKED)}.\n\n"
     )

@@ -48,10 +48,14 @@ def mask_seed(key: str, expert: int, seed: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def draws(shape: torch.Size, *, key: str, expert: int, seed: int) -> Tensor:
+    """The uniform draws (float32, on the CPU) behind the (key, expert, seed) mask."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(mask_seed(key, expert, seed)))
+
+
 def keep_mask(shape: torch.Size, p: float, *, key: str, expert: int, seed: int) -> Tensor:
     """Boolean mask (on the CPU) keeping each entry with probability ``1 - p``."""
-    generator = torch.Generator().manual_seed(mask_seed(key, expert, seed))
-    return torch.rand(shape, generator=generator) >= p
+    return draws(shape, key=key, expert=expert, seed=seed) >= p
 
 
 def drop_and_rescale(tau: Tensor, p: float, *, key: str, expert: int, seed: int, inplace: bool = False) -> Tensor:
@@ -68,12 +72,11 @@ def _keep_factor(shape: torch.Size, p: float, *, key: str, expert: int, seed: in
     in float32) and ``sign_`` makes the rest 1 (they are >= p > 0)."""
     if p <= 0.0:
         return keep_mask(shape, p, key=key, expert=expert, seed=seed)
-    generator = torch.Generator().manual_seed(mask_seed(key, expert, seed))
-    draws = torch.rand(shape, generator=generator)
+    r = draws(shape, key=key, expert=expert, seed=seed)
     below = float(torch.nextafter(torch.tensor(p, dtype=torch.float32), torch.tensor(0.0)))
     if below >= p:  # p is no float32 number: compare as keep_mask does
-        return (draws >= p).to(torch.float32)
-    return torch.nn.functional.threshold_(draws, below, 0.0).sign_()
+        return (r >= p).to(torch.float32)
+    return torch.nn.functional.threshold_(r, below, 0.0).sign_()
 
 
 def agreeing_sum(taus: Tensor, signs: Tensor) -> Tensor:

@@ -23,6 +23,9 @@ from . import paths
 
 RESULTS_MARKERS = ("<!-- results:begin -->", "<!-- results:end -->")
 RUNTIMES_MARKERS = ("<!-- runtimes:begin -->", "<!-- runtimes:end -->")
+LAB_MARKERS = ("<!-- lab:begin -->", "<!-- lab:end -->")
+#: the lab's measured run (``papermill book/lab.ipynb``, copied from ``build/lab/results/``)
+LAB_RESULT = "benchmarks/results/lab.json"
 #: notebooks whose results the tables read, in README order
 NOTEBOOKS = (
     "00_marchenko_pastur",
@@ -230,7 +233,7 @@ def shape_bias_section(r: Mapping) -> str:
         rows.append(
             {
                 "shape": "×".join(map(str, entry["shape"])),
-                **{m: fmt(pd.Series(entry[f"snr_{m}"]).mean(), 3) for m in ("mp", "seed", "max_median")},
+                **{m: fmt(pd.Series(entry[f"snr_{m}"]).mean(), 3) for m in ("mp", "report_text", "max_median")},
             }
         )
     return (
@@ -242,7 +245,7 @@ def shape_bias_section(r: Mapping) -> str:
             {
                 "shape": "shape",
                 "mp": "ours (`mp`)",
-                "seed": "report, text (`seed`)",
+                "report_text": "report, text (`report_text`)",
                 "max_median": "report, ResNet (`max_median`)",
             },
         )
@@ -628,16 +631,69 @@ def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
     return pattern.sub(lambda _: f"{begin}\n{body}\n{end}", text, count=1)
 
 
-def render(readme: str, results: Mapping[str, Mapping], figures=()) -> str:
+def lab_markdown(lab: Mapping | None) -> str:
+    """The lab's measured run beside the full run: its wall and CPU time, the load it ran at, the
+    experts' recipe and scores and the grid's verdict rows (``beside_full``), from
+    :data:`LAB_RESULT`; empty without it."""
+    if not lab:
+        return ""
+    rt = lab["runtime"]
+    experts = "; ".join(
+        f"{lab['tasks'][t]['title']} "
+        + ", ".join(f"{m} {fmt(v)}" for m, v in scores.items() if m != "n")
+        + f" (majority {fmt(lab['tasks'][t]['majority'])})"
+        for t, scores in lab["experts"].items()
+    )
+    within = "within" if rt["total_s"] <= 600 else "**not** within"
+    head = (
+        f"Measured (`{LAB_RESULT}`, a full run of `book/lab.ipynb` under papermill, load average "
+        f"{rt['load_average']:.1f} at its end): **{rt['total_s'] / 60:.1f} min wall**, {within} ten minutes "
+        f"(training the two experts {clock(rt['experts_s'])}, spectra {clock(rt['spectra_s'])}, merging and scoring "
+        f"{clock(rt['sweep_s'])}; {rt['cpu_s'] / 60:.1f} min of CPU time over both cores). Experts: {experts}. "
+        f"The lab's runs beside the full run's mean over {lab['beside_full'][0]['full_seeds']} seeds "
+        "(the same runs; one lab seed, so no interval):"
+    )
+    wanted = [
+        r
+        for r in lab["beside_full"]
+        if r["run"].startswith(("expert:", "average", "task_arithmetic", "snr_winner(snr_method=mp"))
+    ]
+    rows = [
+        {
+            "run": f"`{r['run']}`",
+            "task": lab["tasks"][r["task"]]["title"],
+            "metric": r["metric"],
+            "lab": fmt(r["lab"]),
+            "full": pm(r["full"], r["full_std"]),
+        }
+        for r in wanted
+    ]
+    return (
+        head
+        + "\n\n"
+        + table(rows, {"run": "run", "task": "task", "metric": "metric", "lab": "lab", "full": "full (mean ± std)"})
+    )
+
+
+def render(readme: str, results: Mapping[str, Mapping], figures=(), lab: Mapping | None = None) -> str:
     body = "\n\n".join(p for p in (results_markdown(results), figures_markdown(figures)) if p)
     text = replace_between(readme, RESULTS_MARKERS, body)
-    return replace_between(text, RUNTIMES_MARKERS, runtimes_markdown(results))
+    text = replace_between(text, RUNTIMES_MARKERS, runtimes_markdown(results))
+    if lab is not None or LAB_MARKERS[0] in text:
+        text = replace_between(text, LAB_MARKERS, lab_markdown(lab))
+    return text
+
+
+def load_lab() -> dict | None:
+    """The lab's measured run (:data:`LAB_RESULT`), or None where it is missing."""
+    path = paths.ROOT / LAB_RESULT
+    return paths.read_json(path) if path.exists() else None
 
 
 def main(args) -> int:
     readme = paths.ROOT / "README.md"
     current = readme.read_text()
-    new = render(current, load(), figure_files())
+    new = render(current, load(), figure_files(), load_lab())
     if getattr(args, "check", False):
         if new != current:
             print("README.md tables differ from results/*.json: run `python -m lib report`")

@@ -95,7 +95,7 @@ def test_pm_leaves_out_the_std_of_one_seed():
 
 def test_readme_tables_match_the_committed_results():
     readme = (paths.ROOT / "README.md").read_text()
-    assert report.render(readme, report.load(), report.figure_files()) == readme, (
+    assert report.render(readme, report.load(), report.figure_files(), report.load_lab()) == readme, (
         "README.md's tables are not what results/*.json give: run `python -m lib report` and commit README.md"
     )
 
@@ -165,3 +165,31 @@ def test_lora_table_sets_each_adapter_beside_its_full_fine_tune_and_flags_a_gap(
     assert "-5.0" in lines["trec"] and "**no**" in lines["trec"]
     assert "report only" in lines["mrpc"], "only SST-2, Emotion and TREC carry the 3-point target"
     assert report.lora_section({"experts": full}) == ""
+
+
+def lab_result(total_s: float) -> dict:
+    row = {"run": "expert:sst2", "task": "sst2", "metric": "accuracy", "lab": 0.8, "full": 0.87, "full_std": 0.01}
+    return {
+        "tasks": {"sst2": {"title": "SST-2", "majority": 0.509}},
+        "experts": {"sst2": {"accuracy": 0.8, "n": 872}},
+        "beside_full": [row | {"full_seeds": 3}, row | {"run": "snr_base_reset(x)", "full_seeds": 3}],
+        "runtime": {
+            "total_s": total_s,
+            "experts_s": 200.0,
+            "spectra_s": 1.0,
+            "sweep_s": 100.0,
+            "cpu_s": 600.0,
+            "load_average": 2.0,
+        },
+    }
+
+
+def test_lab_section_says_whether_the_lab_fits_ten_minutes():
+    fits, slow = report.lab_markdown(lab_result(338.0)), report.lab_markdown(lab_result(1269.0))
+    assert "**5.6 min wall**, within ten minutes" in fits and "**not** within" in slow
+    assert "| `expert:sst2` | SST-2 | accuracy | 0.800 | 0.870 ± 0.010 |" in fits
+    assert "snr_base_reset" not in fits, "only the verdict rows (experts, SNR Winner, the references) are shown"
+    assert report.lab_markdown(None) == ""
+    readme = "<!-- results:begin -->\n<!-- results:end -->\n<!-- runtimes:begin -->\n<!-- runtimes:end -->\n"
+    out = report.render(readme + "<!-- lab:begin -->\n<!-- lab:end -->\n", {}, lab=lab_result(338.0))
+    assert "5.6 min wall" in out and report.render(readme, {}) == report.render(readme, {}, lab=None)

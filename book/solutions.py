@@ -133,28 +133,28 @@ def report_snr_shape_bias() -> Solution:
                 "q": min(r["shape"]) / max(r["shape"]),
                 "tall": r["shape"][0] > r["shape"][1],
                 "mp": float(np.mean(r["snr_mp"])),
-                "seed": float(np.mean(r["snr_seed"])),
+                "report_text": float(np.mean(r["snr_report_text"])),
             }
             for r in rows
         ]
     )
     square = table[table.q == 1.0].iloc[0]
-    worst = table.loc[table.seed.idxmax()]
+    worst = table.loc[table.report_text.idxmax()]
     facts = {
         "mp_max": float(table.mp.abs().max()),
-        "seed_square": float(square.seed),
-        "seed_worst": float(worst.seed),
+        "report_text_square": float(square.report_text),
+        "report_text_worst": float(worst.report_text),
         "worst_shape": worst["shape"],
         "table": table.to_dict("records"),
     }
     text = (
         f"Every matrix here is pure noise, so a faithful SNR is 0 for all of them, and ours is (largest mean "
-        f"{facts['mp_max']:.3f}). The report's `seed` SNR divides `WᵀW` by the *smaller* dimension, which "
+        f"{facts['mp_max']:.3f}). The report's `report_text` SNR divides `WᵀW` by the *smaller* dimension, which "
         f"multiplies every eigenvalue by `1/q`, while its edge keeps the scale of `q`: at `q = 1` the two "
-        f"agree ({facts['seed_square']:.3f} for {square['shape']}), and the further the shape is from square the "
-        f"more of the bulk lies above the edge and counts as signal, up to {facts['seed_worst']:.3g} for "
+        f"agree ({facts['report_text_square']:.3f} for {square['shape']}), and the further the shape is from square the "
+        f"more of the bulk lies above the edge and counts as signal, up to {facts['report_text_worst']:.3g} for "
         f"{worst['shape']} noise. Ranking the layers of one network by it ranks them by shape.\n\n"
-        + table[["shape", "q", "mp", "seed"]].round(3).to_markdown(index=False)
+        + table[["shape", "q", "mp", "report_text"]].round(3).to_markdown(index=False)
     )
     return Solution("00.3", text, facts)
 

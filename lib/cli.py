@@ -213,6 +213,11 @@ def merge_spec(args: argparse.Namespace) -> dict[str, Any]:
         if value:
             spec[name] = value
     spec["parameters"] = {**spec["parameters"], **parse_assignments(args.set or [])}
+    snr_method = spec["parameters"].get("snr_method")
+    if isinstance(snr_method, str):  # an old name (seed) -> the one in use; the merge checks the rest
+        from .spectral import SNR_ALIASES
+
+        spec["parameters"]["snr_method"] = SNR_ALIASES.get(snr_method, snr_method)
     missing = [flag for field, flag in (("method", "--method"), ("experts", "--experts")) if not spec.get(field)]
     if missing:
         raise ValueError(f"missing {' and '.join(missing)} (give the flag or put it in --config)")
@@ -384,7 +389,11 @@ def add_commands(sub) -> None:
     p.add_argument("model", help="model folder (config.json + safetensors, sharded or not) or a .safetensors file")
     p.add_argument("--out", required=True, help="CSV to write: one row per matrix")
     p.add_argument("--plot", help="also draw the per-matrix SNR as an image (e.g. scan.png, scan.svg)")
-    p.add_argument("--snr-method", default="mp", help="SNR variant of lib.spectral.scan (default: mp)")
+    p.add_argument(
+        "--snr-method",
+        default="mp",
+        help="SNR variant of lib.spectral.scan: mp (default), max_median or report_text (old name: seed)",
+    )
     p.add_argument("--include", action="append", metavar="REGEX", help="only matrices whose name matches (repeatable)")
     p.add_argument("--exclude", action="append", metavar="REGEX", help="skip matrices whose name matches (repeatable)")
     p.add_argument("--force", action="store_true", help="replace an existing --out/--plot file")

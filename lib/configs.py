@@ -31,7 +31,7 @@ SMOKE_POOLS = {"text": ["sst2", "cola", "trec"], "vision/mnist_base": VISION_POO
 #: notebooks 02 and 03: the report's two text sweeps
 TEXT_SWEEP = {
     "SEEDS": [0, 1, 2],  # experts are retrained for each seed
-    "SNR_METHODS": ["mp", "seed"],  # ours first, then the report's code
+    "SNR_METHODS": ["mp", "report_text"],  # ours first, then the report's text code (old name: seed)
     "STRATEGIES": STRATEGIES,
     "TOPS": [
         0.0,

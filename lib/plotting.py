@@ -35,7 +35,7 @@ PALETTE = {
     "noise": "#c7c7c7",
     "signal": "#d62728",
     "mp": "#1f77b4",
-    "seed": "#ff7f0e",
+    "report_text": "#ff7f0e",
     "max_median": "#ff7f0e",
 }
 

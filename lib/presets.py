@@ -25,7 +25,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "lab": {
         "03_text_sst2_cola": {
             "SEEDS": [0],
-            "SNR_METHODS": ["mp", "seed"],  # ours and the report's: the shape bias stays visible
+            "SNR_METHODS": ["mp", "report_text"],  # ours and the report's: the shape bias stays visible
             "STRATEGIES": ["snr_winner", "snr_base_reset"],
             "TOPS": [0.0, 0.5, 1.0],
             "REFERENCES": ["average", "task_arithmetic"],

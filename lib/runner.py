@@ -70,6 +70,7 @@ from . import cache as expert_cache
 from . import data, executors, pool, sweep, train
 from . import store as store_module
 from .merge import get_method, merge, resolve_hparams
+from .spectral import canonical_snr_method
 from .store import RecordStore, config_key, method_version
 
 #: record fields that measure the run, not its result: they differ between two runs of one grid
@@ -299,10 +300,20 @@ def merge_config(
         "pool": dict(spec),
         "subset": list(subset),
         "method": method,
-        "hparams": resolve_hparams(get_method(method), dict(hparams or {})),
+        "hparams": resolve_hparams(get_method(method), canonical_hparams(hparams)),
         "version": method_version(method),
         "merge_kwargs": dict(merge_kwargs or {}),
     }
+
+
+def canonical_hparams(hparams: Mapping[str, Any] | None) -> dict:
+    """``hparams`` with an SNR variant under its name in use (``snr_method="seed"`` ->
+    ``"report_text"``, :func:`lib.spectral.canonical_snr_method`), so that the old name and the new
+    one make the same configuration, key and record."""
+    out = dict(hparams or {})
+    if out.get("snr_method") is not None:
+        out["snr_method"] = canonical_snr_method(out["snr_method"])
+    return out
 
 
 def alone_config(spec: Mapping) -> dict:

@@ -55,7 +55,10 @@ SNR variants (``method``):
   cols`` that matrix has ``rows - cols`` zero eigenvalues (ResNet's 1x1 downsampling convolutions),
   which enter the median; the published float32 code sees round-off there instead of zeros, so
   its value for those shapes is an arbitrary very large number and ours is ``lambda_max / 1e-8``.
-* ``"seed"``: the report's NLP SNR as its published code (``compute_snr``) defines it:
+* ``"report_text"``: the report's NLP (text-model) SNR as its published code (``compute_snr``)
+  defines it. It was called ``"seed"`` (after the report, "seed 000", not a random seed); that name
+  still works everywhere a method is typed (:data:`SNR_ALIASES`, :func:`canonical_snr_method`), and
+  records, labels and hashes always carry ``"report_text"``. Its definition:
   ``corr = WᵀW / min(N, M)`` (the *in-features* Gram, whatever the shape), eigenvalues floored at
   1e-9, edge ``var(W) * (1 + sqrt(1/Q))**2`` with ``Q = max/min``. Normalising by ``min(N, M)``
   instead of ``max(N, M)`` scales the eigenvalues by ``1/q`` while the edge keeps its ``q``-scale,
@@ -80,7 +83,7 @@ many spikes for a top-k solver, so every path here computes the full spectrum.)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -107,8 +110,8 @@ DETECTION_LEVEL = 0.999
 #: ``F1(s) = det(I - K)`` with ``K(x, y) = Ai((x + y) / 2) / 2`` on ``(s, inf)`` (Bornemann 2010);
 #: tests/test_spectral.py recomputes it
 TW1_QUANTILE = 3.2722
-#: the constants the report's code adds to its denominators; kept so "seed" and "max_median" match
-SEED_EPS = 1e-9
+#: the constants the report's code adds to its denominators; kept so "report_text" and "max_median" match
+REPORT_TEXT_EPS = 1e-9
 MAX_MEDIAN_EPS = 1e-8
 SIGMA2_ESTIMATORS = ("median", "var")
 
@@ -341,7 +344,7 @@ def _gram_spectra(
     eigensolver call per stack of equal shape on the device. The Gram products are taken matrix
     by matrix into the stack (the same values as one batched product, bit for bit), so the weights
     themselves are never copied into a stack; ``entry_var=False`` skips the entry variance, which
-    only ``sigma2="var"`` and the ``"seed"`` SNR read (it is then NaN)."""
+    only ``sigma2="var"`` and the ``"report_text"`` SNR read (it is then NaN)."""
     names = list(names) if names is not None else [f"mats[{i}]" for i in range(len(mats))]
     checked, largest = zip(*[_as_checked_matrix(W, name) for W, name in zip(mats, names)]) if mats else ((), ())
     dev = get_device(device)
@@ -487,32 +490,74 @@ def _snr_max_median(gs: _GramSpectrum) -> float:
     return float(outer.max()) / (_median(outer) + MAX_MEDIAN_EPS)
 
 
-def _snr_seed(gs: _GramSpectrum) -> float:
+def _snr_report_text(gs: _GramSpectrum) -> float:
     """The report's ``compute_snr``: eigenvalues of ``WᵀW / min(N, M)`` (``cols x cols``),
     floored at 1e-9, edge ``var(W) * (1 + sqrt(1/Q))**2`` with ``Q = max/min``."""
-    corr = _padded(gs.eigenvalues * (gs.n / gs.m), gs.cols).clamp_min(SEED_EPS)
+    corr = _padded(gs.eigenvalues * (gs.n / gs.m), gs.cols).clamp_min(REPORT_TEXT_EPS)
     edge = gs.entry_var * (1.0 + math.sqrt(gs.m / gs.n)) ** 2
     above = corr > edge
-    return float(corr[above].sum()) / (float(corr[~above].sum()) + SEED_EPS)
+    return float(corr[above].sum()) / (float(corr[~above].sum()) + REPORT_TEXT_EPS)
 
 
-SNR_METHODS: dict[str, Callable[[_GramSpectrum], float]] = {
-    "mp": _snr_mp,
-    "max_median": _snr_max_median,
-    "seed": _snr_seed,
-}
+#: old names of SNR variants -> their names now. ``"seed"`` was the report's text SNR, named
+#: after the report (seed 000), which readers took for a random seed.
+SNR_ALIASES: dict[str, str] = {"seed": "report_text"}
+
+
+class _SnrMethods(Mapping):
+    """The SNR variants by name: iterating gives the names in use, while ``in`` and ``[]`` also
+    accept the old names of :data:`SNR_ALIASES` (``"seed" in SNR_METHODS``)."""
+
+    def __init__(self, methods: dict[str, Callable[[_GramSpectrum], float]]):
+        self._methods = methods
+
+    def __getitem__(self, name):
+        return self._methods[SNR_ALIASES.get(name, name) if isinstance(name, str) else name]
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and SNR_ALIASES.get(name, name) in self._methods
+
+    def __iter__(self):
+        return iter(self._methods)
+
+    def __len__(self) -> int:
+        return len(self._methods)
+
+    def __repr__(self) -> str:
+        return f"SNR_METHODS({', '.join(self._methods)}; aliases {SNR_ALIASES})"
+
+
+SNR_METHODS: Mapping[str, Callable[[_GramSpectrum], float]] = _SnrMethods(
+    {
+        "mp": _snr_mp,
+        "max_median": _snr_max_median,
+        "report_text": _snr_report_text,
+    }
+)
+
+
+def _valid_names() -> str:
+    aliases = ", ".join(f"{old!r} for {new!r}" for old, new in SNR_ALIASES.items())
+    return f"{', '.join(map(repr, SNR_METHODS))} (or the old name {aliases})"
+
+
+def canonical_snr_method(name) -> str:
+    """The name an SNR variant goes by in records, labels and hashes: ``name`` itself, or what an
+    old name of :data:`SNR_ALIASES` stands for (``"seed"`` -> ``"report_text"``). Anything else is a
+    one-line ``ValueError`` listing the variants."""
+    if name not in SNR_METHODS:
+        raise ValueError(f"unknown SNR method {name!r}; choose one of {_valid_names()}")
+    return SNR_ALIASES.get(name, name)
 
 
 def check_snr_method(method: str) -> None:
-    """A ``ValueError`` listing the variants unless ``method`` is one of :data:`SNR_METHODS`."""
-    _snr_fn(method)
+    """A ``ValueError`` listing the variants unless ``method`` is one of :data:`SNR_METHODS` (or
+    an old name of one, :data:`SNR_ALIASES`)."""
+    canonical_snr_method(method)
 
 
 def _snr_fn(method: str) -> Callable[[_GramSpectrum], float]:
-    try:
-        return SNR_METHODS[method]
-    except KeyError:
-        raise ValueError(f"unknown SNR method {method!r}; choose one of {', '.join(SNR_METHODS)}") from None
+    return SNR_METHODS[canonical_snr_method(method)]
 
 
 def _check_sigma2_applies(method: str, sigma2) -> None:
@@ -522,7 +567,7 @@ def _check_sigma2_applies(method: str, sigma2) -> None:
 
 def _reads_entry_var(sigma2="median", method: str = "mp") -> bool:
     # the entry variance costs a pass over every weight; only these two readings use it
-    return (isinstance(sigma2, str) and sigma2 == "var") or method == "seed"
+    return (isinstance(sigma2, str) and sigma2 == "var") or canonical_snr_method(method) == "report_text"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,7 +605,9 @@ def from_eigenvalues(eigenvalues, shape: tuple[int, int], *, sigma2="median") ->
 
 def snr(W: Tensor, method: str = "mp", *, sigma2="median", device=None) -> float:
     """The SNR of one weight matrix: ``"mp"`` (ours), ``"max_median"`` (report, ResNet) or
-    ``"seed"`` (report, NLP, shape-biased). ``sigma2`` applies to ``"mp"`` only."""
+    ``"report_text"`` (report, NLP, shape-biased; old name ``"seed"``). ``sigma2`` applies to
+    ``"mp"`` only."""
+    method = canonical_snr_method(method)
     fn = _snr_fn(method)
     _check_sigma2_applies(method, sigma2)
     if method == "mp":
@@ -572,6 +619,7 @@ def snr(W: Tensor, method: str = "mp", *, sigma2="median", device=None) -> float
 def snr_batch(mats: Sequence[Tensor], method: str = "mp", *, device=None) -> Tensor:
     """One SNR per matrix (float64, CPU), the same values as :func:`snr` one by one, with the
     eigenvalues computed in stacks of equal shape on ``get_device(device)``."""
+    method = canonical_snr_method(method)
     fn = _snr_fn(method)
     spectra = _gram_spectra(list(mats), device=device, entry_var=_reads_entry_var(method=method))
     return torch.tensor([fn(gs) for gs in spectra], dtype=torch.float64)
@@ -584,6 +632,7 @@ def scan(model_or_state_dict, *, include=None, exclude=None, method: str = "mp",
     Columns: ``name``, ``rows``, ``cols``, ``q``, the MP fit (``sigma2``, ``lambda_plus``,
     ``threshold``, ``lambda_max``, ``n_signal``, ``signal_fraction``, ``snr_mp``) and ``snr``, the
     SNR of ``method`` (equal to ``snr_mp`` for ``"mp"``)."""
+    method = canonical_snr_method(method)
     fn = _snr_fn(method)
     sd = to_state_dict(model_or_state_dict)
     names = [k for k, v in sd.items() if is_matrix(v) and matches(k, include, exclude)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from . import evaluate as scoring
 from .claims import Claim
 from .merge import get_method, merge, resolve_hparams, select_keys, to_compute
 from .merge.snr import decide_layers, expert_snrs
-from .spectral import scan, spectrum
+from .spectral import SNR_ALIASES, canonical_snr_method, scan, spectrum
 from .statedict import StateDict
 
 #: the six strategies of the report's Table 1 besides the Standard merge
@@ -66,6 +67,15 @@ class Run:
     threshold: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        # one name per SNR variant in labels, records and hashes: an old name (``"seed"``) becomes
+        # the one in use (``"report_text"``, lib.spectral.SNR_ALIASES); an unknown one is an error
+        if self.snr_method is not None:
+            object.__setattr__(self, "snr_method", canonical_snr_method(self.snr_method))
+        if self.extra.get("snr_method") is not None:
+            extra = {**self.extra, "snr_method": canonical_snr_method(self.extra["snr_method"])}
+            object.__setattr__(self, "extra", extra)
+
     def hparams(self) -> dict[str, Any]:
         """The keyword arguments for :func:`lib.merge.merge` (unset coordinates are left to the
         method's defaults)."""
@@ -75,6 +85,17 @@ class Run:
     def label(self) -> str:
         coords = [f"{k}={v}" for k, v in self.hparams().items()]
         return f"{self.method}({', '.join(coords)})"
+
+
+_SNR_METHOD_IN_LABEL = re.compile(r"(?<=\bsnr_method=)\w+")
+
+
+def canonical_label(label: str) -> str:
+    """A run label with an old SNR variant name replaced by the one in use
+    (``snr_winner(snr_method=seed, top=0.25)`` -> ``snr_winner(snr_method=report_text, top=0.25)``,
+    :data:`lib.spectral.SNR_ALIASES`): the label :meth:`Run.label` gives that run now. Other
+    labels are returned unchanged."""
+    return _SNR_METHOD_IN_LABEL.sub(lambda m: SNR_ALIASES.get(m.group(0), m.group(0)), label)
 
 
 def snr_runs(
@@ -444,6 +465,7 @@ def layer_snr_records(
 ) -> list[dict]:
     """One row per (expert, weight matrix, SNR definition): ``seed``, ``expert``, ``key``,
     ``rows``, ``cols``, ``q``, ``snr_method``, ``snr`` and our fit's ``n_signal``."""
+    snr_methods = [canonical_snr_method(m) for m in snr_methods]  # records carry the names in use
     # scan() reports our MP fit ("snr_mp") beside the definition it is asked for, so the
     # eigenvalues are computed once per expert for "mp" and one other definition
     others = [m for m in snr_methods if m != "mp"] or ["mp"]
@@ -480,6 +502,7 @@ def telling_layers(layers: Iterable[Mapping], expert: str, *, ours: str = "mp", 
     by our SNR, the one with the least, and the one whose rank the two definitions disagree on
     most (the shape bias at work), among matrices with at least :data:`MIN_EIGENVALUES`
     eigenvalues. Fewer when they coincide."""
+    ours, theirs = canonical_snr_method(ours), canonical_snr_method(theirs)
     df = pd.DataFrame(list(layers))
     df = df[(df.expert == expert) & (df[["rows", "cols"]].min(axis=1) >= MIN_EIGENVALUES)]
     wide = df.pivot_table(index="key", columns="snr_method", values="snr", sort=False)
@@ -535,9 +558,12 @@ def compare_with_report(records: Iterable[Mapping], claims: Iterable[Claim]) -> 
     seeds of the best listed run) and the difference. A claim none of whose runs was measured (a SMOKE grid) gets NaN and says
     so in ``run``."""
     summary = summarize(records)
+    # a claim or a record written with an old SNR variant name finds the run under its name now
+    summary["run"] = summary["run"].map(canonical_label)
     rows = []
     for c in claims:
-        sel = summary[summary.run.isin(c.runs) & (summary.task == c.task) & (summary.metric == c.metric)]
+        runs = [canonical_label(r) for r in c.runs]
+        sel = summary[summary.run.isin(runs) & (summary.task == c.task) & (summary.metric == c.metric)]
         if sel.empty:
             rows.append(
                 {
@@ -681,7 +707,7 @@ def snr_and_spectra(
     """``(layers, esd)`` for the figures: every matrix's SNR under each definition, and the
     spectra of each expert's :func:`telling_layers` (ours = ``snr_methods[0]`` against the
     report's = ``snr_methods[1]``)."""
-    ours, theirs = snr_methods[0], snr_methods[1]
+    ours, theirs = canonical_snr_method(snr_methods[0]), canonical_snr_method(snr_methods[1])
     layers = layer_snr_records(experts, snr_methods, seed=seed, include=include, exclude=exclude)
     esd = []
     for name, sd in experts.items():

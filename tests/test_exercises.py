@@ -73,7 +73,7 @@ def test_00_edge_flags_noise_threshold_does_not():
 
 def test_00_report_snr_grows_away_from_square():
     f = fact("00.3")
-    assert f["mp_max"] < 0.05 and f["seed_worst"] > 100 * max(f["seed_square"], 0.01)
+    assert f["mp_max"] < 0.05 and f["report_text_worst"] > 100 * max(f["report_text_square"], 0.01)
 
 
 def test_01_low_a_equals_max_because_expert_a_wins_every_layer():

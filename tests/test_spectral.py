@@ -261,44 +261,44 @@ def report_vision_snr(W: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("shape", [(96, 96), (288, 96), (96, 288), (64, 16, 3, 3), (10, 512), (512, 10)])
-def test_seed_and_max_median_match_the_report_code(shape):
+def test_report_text_and_max_median_match_the_report_code(shape):
     rows, cols = shape[0], int(np.prod(shape[1:]))
     W = planted(rows, cols, [3.0], 0.05, seed=7).reshape(shape)
     # where the report's Gram is rank-deficient and its bulk (or median) holds nothing but
     # float32 round-off of zero eigenvalues, its value is arbitrary and ours uses exact zeros
     if cols / rows < 4:
-        assert snr(W, "seed") == pytest.approx(report_nlp_snr(W.numpy()), rel=1e-4)
+        assert snr(W, "report_text") == pytest.approx(report_nlp_snr(W.numpy()), rel=1e-4)
     if rows <= cols:
         assert snr(W, "max_median") == pytest.approx(report_vision_snr(W.numpy()), rel=1e-4)
 
 
 @pytest.mark.parametrize("scale", [0.02, 0.1, 1.0])
 @pytest.mark.parametrize("cols", [64, 128, 256, 320])
-def test_seed_snr_is_the_report_value_below_the_critical_aspect_ratio(scale, cols):
+def test_report_text_snr_is_the_report_value_below_the_critical_aspect_ratio(scale, cols):
     """Exact for wide matrices up to cols/rows = 5, whatever the scale (the limit is 3 + 2 sqrt(2) = 5.83
     for large matrices; near it the smallest eigenvalues of a finite one straddle the edge)."""
     W = noise((64, cols), scale, seed=cols)
-    assert snr(W, "seed") == pytest.approx(report_nlp_snr(W.numpy()), rel=1e-5)
+    assert snr(W, "report_text") == pytest.approx(report_nlp_snr(W.numpy()), rel=1e-5)
 
 
-def test_seed_snr_beyond_the_critical_aspect_ratio_has_a_round_off_denominator():
+def test_report_text_snr_beyond_the_critical_aspect_ratio_has_a_round_off_denominator():
     """Wider than 5.83: the whole non-zero spectrum is above the edge, so the denominator is the
     floor of the cols - rows zero eigenvalues (ours) or their float32 round-off (the report's)."""
     rows, cols = 64, 384
     W = noise((rows, cols), 1.0, seed=3)
     corr = torch.linalg.eigvalsh(W.double().T @ W.double() / rows)
     signal = float(corr[-rows:].sum())
-    assert snr(W, "seed") == pytest.approx(signal / ((cols - rows) * 1e-9 + 1e-9), rel=1e-4)
-    assert report_nlp_snr(W.numpy()) < snr(W, "seed") / 10  # round-off well above the 1e-9 floor
+    assert snr(W, "report_text") == pytest.approx(signal / ((cols - rows) * 1e-9 + 1e-9), rel=1e-4)
+    assert report_nlp_snr(W.numpy()) < snr(W, "report_text") / 10  # round-off well above the 1e-9 floor
 
 
-def test_seed_snr_depends_on_shape_for_pure_noise():
+def test_report_text_snr_depends_on_shape_for_pure_noise():
     """The report's normalisation (by min(N, M)) makes pure noise look like signal as soon as the
     matrix is not square; ours stays at zero for every shape."""
     square, tall, wide = (noise(s, 0.02, seed=8) for s in [(256, 256), (1024, 256), (256, 1024)])
-    assert snr(square, "seed") < 0.05
-    assert snr(tall, "seed") > 5 and snr(wide, "seed") > 5
-    assert snr(noise((64, 576), 0.02, seed=8), "seed") > 1e4  # the whole bulk above its edge
+    assert snr(square, "report_text") < 0.05
+    assert snr(tall, "report_text") > 5 and snr(wide, "report_text") > 5
+    assert snr(noise((64, 576), 0.02, seed=8), "report_text") > 1e4  # the whole bulk above its edge
     assert max(snr(W) for W in (square, tall, wide)) == 0.0
 
 
@@ -326,8 +326,8 @@ def test_scan_rows_filters_and_errors():
     assert table.loc[0, "snr_mp"] == spectrum(model[0].weight).snr
     assert scan(model, exclude="^2").name.tolist() == ["0.weight"]
     assert scan(model, include="2").name.tolist() == ["2.weight"]
-    seed = scan(model.state_dict(), method="seed")
-    assert seed.loc[1, "snr"] == pytest.approx(snr(model[2].weight, "seed"), rel=1e-6)
+    report_text = scan(model.state_dict(), method="report_text")
+    assert report_text.loc[1, "snr"] == pytest.approx(snr(model[2].weight, "report_text"), rel=1e-6)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     sd["2.weight"][0, 0] = float("inf")
     with pytest.raises(ValueError, match="'?2.weight'? contains 1 NaN/Inf"):

@@ -39,12 +39,12 @@ class CountingEvaluate:
 def fake_merge(method, base, experts, *, top=None, snr_method=None, threshold=None, **kwargs):
     """A merge whose result depends on ``top`` but not on ``snr_method`` at top 0 and 1, like
     the real SNR strategies: both definitions agree when all or no layers are high-SNR."""
-    shift = float(top or 0.0) + (0.01 if snr_method == "seed" and top not in (0.0, 1.0) else 0.0)
+    shift = float(top or 0.0) + (0.01 if snr_method == "report_text" and top not in (0.0, 1.0) else 0.0)
     return {k: (v + shift if v.is_floating_point() else v) for k, v in experts[0].items()}
 
 
 def test_snr_runs_cover_the_grid_grouped_by_prepass():
-    runs = sweep.snr_runs(["snr_winner", "snr_max"], ["mp", "seed"], np.linspace(0, 1, 11))
+    runs = sweep.snr_runs(["snr_winner", "snr_max"], ["mp", "report_text"], np.linspace(0, 1, 11))
     assert len(runs) == 2 * 2 * 11
     assert runs[0] == sweep.Run("snr_winner", snr_method="mp", top=0.0)
     assert [r.top for r in runs[:11]] == list(sweep.TOPS), "linspace noise (0.30000000000000004) must be rounded"
@@ -91,7 +91,7 @@ def test_fingerprint_sees_every_change_and_nothing_else():
 def test_run_sweep_evaluates_identical_models_once():
     experts = [tiny(1), tiny(2)]
     evaluate = CountingEvaluate()
-    runs = sweep.snr_runs(["snr_winner"], ["mp", "seed"], [0.0, 0.5, 1.0])
+    runs = sweep.snr_runs(["snr_winner"], ["mp", "report_text"], [0.0, 0.5, 1.0])
     recs = sweep.run_sweep(tiny(0), experts, evaluate, runs, seed=7, merge_fn=fake_merge, progress=False)
     # top 0 and 1 give the same model under both SNR definitions: 6 runs, 4 distinct models
     assert evaluate.calls == 4
@@ -100,7 +100,7 @@ def test_run_sweep_evaluates_identical_models_once():
     assert set(df["seed"]) == {7}
     reused = df.drop_duplicates("run").set_index("run")["reused"]
     assert reused.sum() == 2 and not reused["snr_winner(snr_method=mp, top=0.0)"]
-    assert reused["snr_winner(snr_method=seed, top=1.0)"]
+    assert reused["snr_winner(snr_method=report_text, top=1.0)"]
     # a reused evaluation gives exactly the numbers of the first one
     v = df[(df.task == "a") & (df.top == 1.0)]["value"]
     assert v.nunique() == 1
@@ -202,7 +202,7 @@ def test_summarize_of_one_seed_has_no_std():
 
 
 def test_timing_counts_each_model_once():
-    runs = sweep.snr_runs(["snr_winner"], ["mp", "seed"], [0.0, 0.5, 1.0])
+    runs = sweep.snr_runs(["snr_winner"], ["mp", "report_text"], [0.0, 0.5, 1.0])
     recs = sweep.run_sweep(tiny(0), [tiny(1)], CountingEvaluate(), runs, seed=0, merge_fn=fake_merge, progress=False)
     t = sweep.timing(recs)
     assert (t["models"], t["merges"], t["evaluations"], t["evaluations_reused"]) == (6, 6, 4, 2)
@@ -221,7 +221,7 @@ def test_versions_name_the_device_and_libraries():
 
 def fake_results(notebook: str) -> dict:
     runs = (
-        sweep.snr_runs(["snr_winner", "snr_low_b"], ["mp", "seed"], [0.0, 0.5, 1.0])
+        sweep.snr_runs(["snr_winner", "snr_low_b"], ["mp", "report_text"], [0.0, 0.5, 1.0])
         + sweep.threshold_runs(["snr_low_a"], "max_median", [3, 25])
         + sweep.reference_runs(["average"])
     )
@@ -243,12 +243,12 @@ def fake_results(notebook: str) -> dict:
             "snr": float(1 + i + (e == "b")) if i else math.inf,
         }
         for e in "ab"
-        for m in ("mp", "seed")
+        for m in ("mp", "report_text")
         for i in range(5)
     ]
     return {
         "notebook": notebook,
-        "config": {"snr_methods": ["mp", "seed"]},
+        "config": {"snr_methods": ["mp", "report_text"]},
         "tasks": {
             "a": {"metrics": ["accuracy"], "n_eval": 10, "majority": 0.6},
             "b": {"metrics": ["accuracy", "mcc"], "n_eval": 12},
@@ -320,7 +320,7 @@ def test_shared_snr_prepass_builds_the_models_the_merge_would(tiny_base, make_ex
     experts = make_experts(tiny_base, 2)
     runs = (
         sweep.snr_runs(
-            ["snr_winner", "snr_base_reset", "snr_low_b", "snr_weighted"], ["mp", "seed"], [0.0, 0.3, 0.7, 1.0]
+            ["snr_winner", "snr_base_reset", "snr_low_b", "snr_weighted"], ["mp", "report_text"], [0.0, 0.3, 0.7, 1.0]
         )
         + sweep.threshold_runs(["snr_max"], "max_median", [3.0, 25.0])
         + [sweep.Run("snr_winner", snr_method="mp", top=0.5, extra={"score": "mean"})]
@@ -350,9 +350,9 @@ def test_snr_prepass_computes_each_definition_once(tiny_base, make_experts, monk
         sweep, "expert_snrs", lambda items, snr_method: calls.append(snr_method) or real(items, snr_method=snr_method)
     )
     pre = sweep.SnrPrepass(tiny_base, make_experts(tiny_base, 2))
-    for run in sweep.snr_runs(["snr_winner", "snr_max"], ["mp", "seed"], [0.2, 0.8]):
+    for run in sweep.snr_runs(["snr_winner", "snr_max"], ["mp", "report_text"], [0.2, 0.8]):
         assert pre.context(run) is not None
-    assert calls == ["mp", "seed"]
+    assert calls == ["mp", "report_text"]
     assert pre.context(sweep.Run("average")) is None
 
 
@@ -372,12 +372,12 @@ def spiked_expert(seed: int) -> dict[str, torch.Tensor]:
 
 
 def test_layer_records_and_telling_layers_find_the_planted_spike():
-    layers = sweep.layer_snr_records({"a": spiked_expert(0)}, ["mp", "seed"], seed=4)
+    layers = sweep.layer_snr_records({"a": spiked_expert(0)}, ["mp", "report_text"], seed=4)
     assert len(layers) == 4 * 2, "one row per matrix and SNR definition; the bias has no spectrum"
     assert {r["seed"] for r in layers} == {4}
     mp = {r["key"]: r for r in layers if r["snr_method"] == "mp"}
     assert mp["spiked.weight"]["n_signal"] >= 1 and mp["square.weight"]["n_signal"] == 0
-    picks = sweep.telling_layers(layers, "a", theirs="seed")
+    picks = sweep.telling_layers(layers, "a", theirs="report_text")
     assert picks[0] == ("spiked.weight", "highest SNR (mp)")
     assert len({k for k, _ in picks}) == len(picks)
     assert "head.weight" not in {k for k, _ in picks}, "a 2-row matrix has no bulk to draw"
@@ -459,13 +459,13 @@ def test_shape_bias_sees_a_definition_that_tracks_the_aspect_ratio():
             "rows": r,
             "cols": c,
             "snr_method": m,
-            "snr": (c / r if m == "seed" else float(rng.uniform())),
+            "snr": (c / r if m == "report_text" else float(rng.uniform())),
         }
         for i, (r, c) in enumerate(shapes)
-        for m in ("mp", "seed")
+        for m in ("mp", "report_text")
     ]
     (row,) = sweep.shape_bias(layers).to_dict("records")
-    assert row["rho(seed, aspect)"] == pytest.approx(1.0)
+    assert row["rho(report_text, aspect)"] == pytest.approx(1.0)
     assert abs(row["rho(mp, aspect)"]) < 1.0 and row["layers"] == 6
 
 

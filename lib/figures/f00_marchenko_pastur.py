@@ -134,7 +134,11 @@ def draw_shape_bias(results: dict, *, smoke: bool = False) -> list[Path]:
     should score zero whatever its shape."""
     items = results["shape_bias"]
     labels = [f"{r}x{c}" for r, c in (item["shape"] for item in items)]
-    methods = [("seed", "report NLP (seed)"), ("max_median", "report ResNet (max/median)"), ("mp", "ours (mp)")]
+    methods = [
+        ("report_text", "report NLP (report_text)"),
+        ("max_median", "report ResNet (max/median)"),
+        ("mp", "ours (mp)"),
+    ]
     x = np.arange(len(items))
     width = 0.8 / len(methods)
     means = {m: np.array([np.mean(item[f"snr_{m}"]) for item in items]) for m, _ in methods}
@@ -184,7 +188,7 @@ def draw_minilm_scan(results: dict, *, smoke: bool = False) -> list[Path]:
     x = np.arange(len(names))
     floor = 1e-3
     fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.16 * len(names)), 7.2), sharex=True)
-    for ax, key, title in [(axes[0], "snr_mp", "ours (mp)"), (axes[1], "snr_seed", "report NLP (seed)")]:
+    for ax, key, title in [(axes[0], "snr_mp", "ours (mp)"), (axes[1], "snr_report_text", "report NLP (report_text)")]:
         ax.plot(x, np.maximum([r[key] for r in real], floor), "o", color=color("signal"), label="pre-trained")
         ax.plot(x, np.maximum([r[key] for r in null], floor), "x", color=color("noise"), label="entries shuffled")
         ax.set_yscale("log")

@@ -30,7 +30,7 @@ from ..spectral import mp_pdf
 #: how the SNR definitions are named in legends and titles
 SNR_NAMES = {
     "mp": "ours (MP bulk fitted, shape-aware)",
-    "seed": "report's (variance sigma^2, no shape correction)",
+    "report_text": "report's (variance sigma^2, no shape correction)",
     "max_median": "report's ResNet (lambda_max / lambda_median)",
 }
 #: the merges drawn as reference lines, and their line styles
@@ -312,13 +312,12 @@ def _esd_panel(ax, item) -> None:
 
 
 def _run_name(run: str) -> str:
-    """``snr_winner(snr_method=seed, top=0.25)`` -> ``snr_winner\nseed, top 25%``: a tick label."""
+    """``snr_winner(snr_method=report_text, top=0.25)`` -> ``snr_winner\nreport_text\ntop 25%``: a tick
+    label, one line each (side by side, the SNR name and the fraction are wider than a group of bars)."""
     method, _, args = run.partition("(")
     parts = dict(a.split("=", 1) for a in args.rstrip(")").split(", ") if "=" in a)
-    detail = ", ".join(
-        x for x in (parts.get("snr_method"), f"top {float(parts['top']):.0%}" if "top" in parts else None) if x
-    )
-    return method + (f"\n{detail}" if detail else "")
+    detail = [x for x in (parts.get("snr_method"), f"top {float(parts['top']):.0%}" if "top" in parts else None) if x]
+    return "\n".join([method, *detail])
 
 
 def draw_head_variants(results: dict, *, smoke: bool = False) -> list[Path]:

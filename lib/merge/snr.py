@@ -51,8 +51,9 @@ Focused-Fusion-on-Informative-Layers``, notebooks 01-03), and what we do:
   ``snr_sum`` line and the high-branch ``copy_`` inside comments, so its high-SNR layers kept
   the freshly built model's weights (ImageNet ResNet-18 with a random head) rather than an
   alpha-mix. We implement the report's description (alpha-mix when high, mean when low).
-* The BERT notebooks compute SNR with their own Marchenko-Pastur edge (``snr_method="seed"`` in
-  :mod:`lib.spectral`); ``"mp"`` is the project's fitted version.
+* The BERT notebooks compute SNR with their own Marchenko-Pastur edge (``snr_method="report_text"``
+  in :mod:`lib.spectral`, formerly ``"seed"``, which still works); ``"mp"`` is the project's fitted
+  version.
 """
 
 from __future__ import annotations
@@ -178,10 +179,13 @@ def _check(*, top, threshold, snr_method, score, index=0):
         check_finite_number("threshold", threshold)
     if score not in ("max", "mean"):
         raise ValueError(f"score must be 'max' (largest SNR over experts, as the report) or 'mean', got {score!r}")
-    from ..spectral import SNR_METHODS
+    from ..spectral import SNR_ALIASES, SNR_METHODS
 
-    if snr_method not in SNR_METHODS:
-        raise ValueError(f"snr_method must be one of {sorted(SNR_METHODS)} (see lib.spectral), got {snr_method!r}")
+    if snr_method not in SNR_METHODS:  # the old names of SNR_ALIASES are in it too
+        old = ", ".join(f"{a!r} for {b!r}" for a, b in SNR_ALIASES.items())
+        raise ValueError(
+            f"snr_method must be one of {sorted(SNR_METHODS)} or the old name {old} (see lib.spectral), got {snr_method!r}"
+        )
     if not isinstance(index, int) or isinstance(index, bool) or index < 0:
         raise ValueError(f"index must be a non-negative expert index, got {index!r}")
 

@@ -24,7 +24,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: help setup test lint unit nbval figures report smoke reproduce experts lab bench clean strip book book-check
-.PHONY: gpu-check
+.PHONY: gpu-check records-import
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -116,6 +116,11 @@ bench: setup
 GPU_PYTHON ?= python3
 gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# the committed record shards (results/records/*.jsonl) into the record store: a fresh session continuing a
+# grid seed by seed (`python -m lib records compute 05_drm --seeds 1`; the notebooks import them themselves)
+records-import: setup
+	$(PY) -m lib records import
 
 strip: setup
 	$(BIN)/nbstripout $(NOTEBOOKS)

@@ -15,17 +15,34 @@ Every notebook 00-06 has two parameters besides ``SMOKE``:
 :func:`publish` writes a results file atomically and refuses to replace a published one (full
 mode) holding another configuration, naming the fields that differ; ``OVERWRITE_RESULTS=1``
 says the change is meant.
+
+Records that travel (notebooks 04-07). The record store lives in the uncommitted cache, so a grid
+longer than a session would start from nothing each time. In full mode :func:`run_grid` first
+imports every committed shard ``results/records/*.jsonl`` into the store
+(:meth:`lib.store.RecordStore.import_rows`), then runs :func:`lib.runner.run_grid` with every new
+record also written at once into the notebook's shard ``results/records/<notebook>.jsonl``
+(:class:`ShardedStore`: a session killed mid-grid leaves its shard current, ready to commit), and
+at the end exports the rows of the whole grid there (those found in another notebook's shard
+too). SMOKE runs never write into ``results/``. :func:`notebook_grid` is each notebook's grid,
+built by the same functions the notebooks call, so ``python -m lib records compute 05_drm --seeds
+1`` computes seed 1 of notebook 05 alone, in a session of its own, and commits its shard.
+:func:`expert_info` keeps each pool's expert table in the store (and so in the shard): a session
+that assembles a notebook from shards loads the weights of the first seed only (its ranks,
+profiles and census), not of every seed.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import paths, pool, runner, sweep
+from . import configs, paths, pool, runner, sweep
+from .store import RecordStore, method_version
 
 OVERWRITE_VARIABLE = "OVERWRITE_RESULTS"
 
@@ -225,3 +242,243 @@ def drm_runs(
     ]
     labels = {r.label() for r in main}
     return main, list({r.label(): r for r in sweep_runs if r.label() not in labels}.values())
+
+
+#: notebook 05's density sweep: each method at each density, with its fixed hyperparameters
+DRM_DENSITY_METHODS = [
+    {"method": "drm_h", "name": "DRM-H", "fixed": {"renorm": True}},
+    {"method": "ties", "name": "TIES", "linestyle": "--"},
+]
+
+
+# --- the grids of notebooks 04-07 ------------------------------------------------------------------
+
+
+@dataclass
+class PoolGrid:
+    """A notebook's pool grid: its pool specs (seed by seed), the subsets of each ``(pool,
+    seed)``, those the density sweep also covers (``swept``; empty without one) and the
+    configurations :func:`run_grid` computes, in grid order."""
+
+    specs: list[dict]
+    subsets: dict[tuple[str, int], list[tuple[str, ...]]]
+    configs: list[dict]
+    swept: dict[tuple[str, int], list[tuple[str, ...]]] = field(default_factory=dict)
+
+
+def build_pool_grid(
+    specs: Sequence[Mapping],
+    sizes: Mapping[str, Sequence[int]] | Sequence[int],
+    max_subsets: int,
+    runs: Sequence[sweep.Run],
+    *,
+    density_sizes: Mapping[str, Sequence[int]] | None = None,
+    density_runs: Sequence[sweep.Run] = (),
+) -> PoolGrid:
+    """The grid of ``specs``: per pool and seed, the subsets of ``sizes`` (by kind, or one list
+    for every pool) by every run of ``runs``, and with ``density_sizes`` the subsets of those
+    sizes by every run of ``density_runs`` (notebook 05's density sweep)."""
+    specs = [dict(s) for s in specs]
+    subsets, swept, out = {}, {}, []
+    for s in specs:
+        kind = pool.kind_of(s["tasks"])
+        key = s["name"], s["seed"]
+        wanted = sizes[kind] if isinstance(sizes, Mapping) else sizes
+        subsets[key] = pool.subset_plan(s["tasks"], wanted, max_subsets=max_subsets, seed=s["seed"])
+        extra = []
+        if density_sizes is not None:
+            swept[key] = [x for x in subsets[key] if len(x) in density_sizes[kind]]
+            extra = [(swept[key], density_runs)]
+        out += pool_configs(s, subsets[key], runs, extra=extra)
+    return PoolGrid(specs=specs, subsets=subsets, configs=out, swept=swept)
+
+
+#: the notebooks whose grids :func:`notebook_grid` builds (and ``python -m lib records`` knows)
+GRID_NOTEBOOKS = ("04_star", "05_drm", "06_mergeability", "07_lora")
+
+
+def notebook_grid(notebook: str, *, smoke: bool = False, seeds: Sequence[int] | None = None) -> PoolGrid:
+    """``notebook``'s pool grid as the notebook builds it from its parameters (:mod:`lib.configs`,
+    :mod:`lib.lora_pool`), for its seeds or only ``seeds`` (some of them: a session computing one
+    seed). Notebook 06 has one seed."""
+    if notebook not in GRID_NOTEBOOKS:
+        raise ValueError(f"no record grid for notebook {notebook!r}; the grids are {', '.join(GRID_NOTEBOOKS)}")
+    if notebook == "07_lora":
+        from . import lora_pool
+
+        g = lora_pool.grid_values("SEEDS TASKS SIZES MAX_SUBSETS ETAS NO_RESCALE_ETAS", smoke=smoke)
+        g = dict(zip("SEEDS TASKS SIZES MAX_SUBSETS ETAS NO_RESCALE_ETAS".split(), g))
+    else:
+        g = configs.grid(notebook, smoke=smoke)
+    all_seeds = [g["SEED"]] if notebook == "06_mergeability" else list(g["SEEDS"])
+    if seeds is not None:
+        seeds = [int(x) for x in seeds]
+        wrong = [x for x in seeds if x not in all_seeds]
+        if wrong or not seeds:
+            raise ValueError(
+                f"seed {wrong[0] if wrong else '(none)'} is not one of {notebook}'s seeds "
+                f"{all_seeds}{' (SMOKE)' if smoke else ''}"
+            )
+    chosen = [x for x in all_seeds if seeds is None or x in seeds]  # grid order, whatever order was asked
+    if notebook == "04_star":
+        runs = star_runs(g["ETAS"], g["NO_RESCALE_ETAS"], g["REFERENCES"])
+        return build_pool_grid(pool_specs(g["POOLS"], chosen, smoke=smoke), g["SIZES"], g["MAX_SUBSETS"], runs)
+    if notebook == "05_drm":
+        runs, density_runs = drm_runs(g["REFERENCES"], g["DENSITIES"], DRM_DENSITY_METHODS)
+        return build_pool_grid(
+            pool_specs(g["POOLS"], chosen, smoke=smoke),
+            g["SIZES"],
+            g["MAX_SUBSETS"],
+            runs,
+            density_sizes=g["DENSITY_SIZES"],
+            density_runs=density_runs,
+        )
+    if notebook == "06_mergeability":
+        spec = runner.pool_spec(g["TASKS"], seed=g["SEED"], smoke=smoke)
+        pairs = list(itertools.combinations(g["TASKS"], 2))
+        out = pool_configs(spec, pairs, [pool.canonical_run(m) for m in g["METHODS"]])
+        return PoolGrid(specs=[spec], subsets={(spec["name"], spec["seed"]): pairs}, configs=out)
+    from . import lora_pool
+
+    specs = [lora_pool.lora_pool_spec(g["TASKS"], seed=x, smoke=smoke, name=LORA_POOL) for x in chosen]
+    return build_pool_grid(specs, g["SIZES"], g["MAX_SUBSETS"], lora_pool.lora_runs(g["ETAS"], g["NO_RESCALE_ETAS"]))
+
+
+#: notebook 07's pool name
+LORA_POOL = "text-lora"
+
+
+# --- shards: the record store's rows, committed --------------------------------------------------
+
+
+def shard_dir() -> Path:
+    """``results/records`` (under ``$SPECTRAL_MERGE_RESULTS`` where set): the committed shards."""
+    return paths.RESULTS / "records"
+
+
+def shard_path(notebook: str) -> Path:
+    return shard_dir() / f"{notebook}.jsonl"
+
+
+def shard_paths() -> list[Path]:
+    """Every committed shard, by name."""
+    return sorted(shard_dir().glob("*.jsonl"))
+
+
+def import_shards(
+    shards: Iterable[str | os.PathLike] | None = None,
+    *,
+    smoke: bool = False,
+    store: RecordStore | None = None,
+    quiet: bool = False,
+) -> dict[str, dict[str, int]]:
+    """Import ``shards`` (default: every ``results/records/*.jsonl``) into the record store, in
+    full mode only (``smoke``: nothing, SMOKE records never come from or go to ``results/``).
+    Returns each shard's counts (:meth:`lib.store.RecordStore.import_rows`); prints one line per
+    shard that brought rows or holds rows the store has computed otherwise."""
+    if smoke:
+        return {}
+    store = store if store is not None else RecordStore()
+    out = {}
+    for path in shard_paths() if shards is None else [Path(p) for p in shards]:
+        counts = out[str(path)] = store.import_rows(path)
+        if not quiet and (counts["imported"] or counts["differing"]):
+            print(
+                f"{path.name}: {counts['imported']} records imported into {store.path}, {counts['present']} there already"
+                + (
+                    f", {counts['differing']} computed otherwise there (the store's kept; exporting them into "
+                    "this shard will refuse)"
+                    if counts["differing"]
+                    else ""
+                )
+            )
+    return out
+
+
+class ShardedStore(RecordStore):
+    """A :class:`lib.store.RecordStore` whose every new row is also exported at once into the
+    shard ``shard`` (an atomic rewrite of the file): a session killed in the middle of a grid
+    leaves the shard holding every record it computed."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, shard: str | os.PathLike, timeout_s: float = 60.0):
+        super().__init__(path, timeout_s=timeout_s)
+        self.shard = Path(shard)
+
+    def __repr__(self) -> str:
+        return f"ShardedStore({str(self.path)!r}, shard={str(self.shard)!r})"
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "shard": self.shard}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], shard=state["shard"], timeout_s=state["timeout_s"])
+
+    def put(self, config: Mapping[str, Any], payload: Sequence[Mapping], *, seconds: float | None = None) -> str:
+        key = super().put(config, payload, seconds=seconds)
+        self.export_rows([key], self.shard)
+        return key
+
+
+def run_grid(
+    notebook: str,
+    configs: Iterable[Mapping],
+    *,
+    smoke: bool,
+    executor=None,
+    store: RecordStore | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """:func:`lib.runner.run_grid` of a notebook's grid with its rows in the committed shard
+    ``results/records/<notebook>.jsonl`` (full mode; with ``smoke`` exactly ``runner.run_grid``):
+    the committed shards are imported first, every record computed lands in the shard as it is
+    stored, and the rows of the whole grid are exported there at the end."""
+    configs = list(configs)
+    if smoke:
+        return runner.run_grid(configs, store=store, executor=executor, progress=progress, desc=notebook)
+    store = store if store is not None else RecordStore()
+    import_shards(store=store)
+    shard = shard_path(notebook)
+    with ShardedStore(store.path, shard=shard, timeout_s=store.timeout_s) as sharded:
+        records = runner.run_grid(configs, store=sharded, executor=executor, progress=progress, desc=notebook)
+        counts = sharded.export_rows(configs, shard)
+    print(
+        f"{shard.relative_to(paths.ROOT) if shard.is_relative_to(paths.ROOT) else shard}: "
+        f"{counts['exported']} records of this grid, {counts['kept'] + counts['added']} rows in all (commit it)"
+    )
+    return records
+
+
+def expert_info_config(spec: Mapping) -> dict:
+    """The record-store configuration of a pool's expert table (:attr:`lib.pool.Pool.expert_info`:
+    each expert's key, metrics and training time), keyed like the pool's records."""
+    return {
+        "record": "expert_info",
+        "pool": json.loads(json.dumps(dict(spec), default=paths._json_default)),
+        "method": "expert_info",
+        "version": method_version("expert_info"),
+    }
+
+
+def expert_info(
+    notebook: str,
+    spec: Mapping,
+    loaded: pool.Pool | None = None,
+    *,
+    smoke: bool,
+    store: RecordStore | None = None,
+) -> tuple[list[dict], bool]:
+    """``(expert table, loaded)`` of the pool ``spec``: the table the record store holds (from an
+    earlier run, or imported from a shard), else that of ``loaded`` or of the pool loaded now
+    (``loaded`` is then True: its weights were read), stored and, in full mode, exported into the
+    notebook's shard. So a session whose store holds a seed's records and experts needs none of
+    that seed's weights."""
+    store = store if store is not None else RecordStore()
+    config = expert_info_config(spec)
+    stored = store.get(config)
+    if stored is not None:
+        return stored, loaded is not None
+    p = loaded if loaded is not None else runner.load_pool(spec)
+    store.put(config, p.expert_info)
+    if not smoke:
+        store.export_rows([config], shard_path(notebook))
+    return store.get(config), True

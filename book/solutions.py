@@ -533,3 +533,56 @@ def read_p_before_coefficients() -> Solution:
         + table.round(3).to_markdown(index=False)
     )
     return Solution("06.2", text, facts)
+
+
+@solution("04.3")
+def lora_experts() -> Solution:
+    lora = results("experts_lora")
+    full = {(e["task"], e["seed"]): e for e in results("experts")["experts"] if e["variant"] == "pretrained"}
+    cfg = lora["config"]["lora"]
+    rows = []
+    for e in lora["experts"]:
+        ref = full.get((e["task"], e["seed"]))
+        if ref is None:
+            continue
+        metric = "mcc" if "mcc" in e["metrics"] else "accuracy"
+        rows.append(
+            {
+                "task": e["task"],
+                "seed": e["seed"],
+                "metric": metric,
+                "lora": e["metrics"][metric],
+                "full": ref["metrics"][metric],
+                "gap_points": 100 * (e["metrics"][metric] - ref["metrics"][metric]),
+            }
+        )
+    bench = paths.read_json(paths.ROOT / "benchmarks" / "results" / "lowrank.json")
+    star = bench["methods"]["star"]
+    facts = {
+        "rank": cfg["r"],
+        "alpha": cfg["alpha"],
+        "targets": cfg["targets"],
+        "experts": rows,
+        "worst_gap_points": min(r["gap_points"] for r in rows),
+        "star_factored_ratio_cpu": star["ratio_cpu"],
+        "star_max_relative_error": star["max_relative_error"],
+        "bench_rank": bench["rank"],
+    }
+    gaps = ", ".join(f"{r['task']} {r['gap_points']:+.1f}" for r in sorted(rows, key=lambda r: r["gap_points"]))
+    text = (
+        f"A LoRA expert changes only the adapted matrices ({', '.join(f'`{t}`' for t in cfg['targets'])} here, as in "
+        f"the STAR and DRM papers), each by ΔW = (α/r)·B·A with B of r = {cfg['r']} columns (α = {cfg['alpha']:g}). "
+        f"So its task vector on such a matrix has rank at most {cfg['r']}: at most {cfg['r']} non-zero singular "
+        f"values, whatever the matrix's size, and every other weight (the rest of the body) has a task vector of "
+        f"exactly zero. Three things follow. (1) STAR's η can only choose among those {cfg['r']} directions: "
+        f"truncation is a much coarser knob than on a full fine-tune, whose task vectors have full rank with a "
+        f"long tail of small singular values, and that tail is what STAR was designed to cut. (2) The SVD needs "
+        f"no dense decomposition: QR of B and of Aᵀ and an r×r SVD give it exactly; `benchmarks/lowrank.py` measures "
+        f"STAR on three rank-{facts['bench_rank']} experts of BERT-base shapes {facts['star_factored_ratio_cpu']:.0f}× "
+        f"faster than the dense float64 SVD at a relative error of {facts['star_max_relative_error']:.1g}. (3) Most experts are weaker: "
+        f"the seed-0 LoRA experts against the full fine-tunes of the same seed, "
+        f"in points of each task's metric: {gaps}. Merging adapters is therefore a different experiment from "
+        f"merging full fine-tunes, and a claim the papers make for LoRA experts is only tested by LoRA experts "
+        f"(notebook 07)."
+    )
+    return Solution("04.3", text, facts)

@@ -301,6 +301,7 @@ def main(args) -> int:
             "lora": cache.lora_spec(True),
             "lr": cache.LORA_LR,
             "recipes": {t: asdict(cache.RECIPES[t]) for t in data.TEXT_TASKS},
+            "lora_recipes": cache.LORA_RECIPES,
         }
     else:
         results["mergeability"] = [

@@ -142,3 +142,10 @@ def test_06_significance_and_intervals():
     f = fact("06.2")
     assert set(f["significant"]) <= {r["method"] for r in f["table"]}
     assert f["interval_holds_zero"]
+
+
+def test_04_lora_task_vectors_are_rank_r_and_the_experts_weaker():
+    f = fact("04.3")
+    assert f["rank"] == 16 and set(f["targets"]) == {"query", "value"}, "the papers' LoRA setting"
+    assert len(f["experts"]) >= 3 and f["worst_gap_points"] < 0, "some LoRA expert is below its full fine-tune"
+    assert f["star_factored_ratio_cpu"] > 50 and f["star_max_relative_error"] < 1e-6, "the factored path's target"

@@ -4,11 +4,13 @@ change is its head, the cache, and the adapter read back as factored task vector
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from lib import cache as expert_cache
-from lib import train
+from lib import paths, train
 from lib.lora import densify
 
 
@@ -106,3 +108,25 @@ def test_a_cut_plan_merges_its_rows_into_the_published_ones():
         ("sst2", 1, 0.7),
     ], "the new row replaces its namesake, the others are kept"
     assert experts.merged_rows(None, rows) == rows
+
+
+def test_lora_recipes_override_the_full_recipe_for_lora_experts_only():
+    for task, changes in expert_cache.LORA_RECIPES.items():
+        lora = expert_cache.expert_config(task, seed=0, smoke=False, lora=True)["recipe"]
+        full = expert_cache.expert_config(task, seed=0, smoke=False)["recipe"]
+        assert {k: lora[k] for k in changes} == changes, f"{task}: the LoRA recipe applies"
+        assert full == dataclasses.asdict(expert_cache.RECIPES[task]), f"{task}: the full fine-tune keeps its recipe"
+    # an explicit override still wins over the LoRA recipe
+    assert expert_cache.expert_config("emotion", seed=0, smoke=False, lora=True, epochs=1)["recipe"]["epochs"] == 1
+    # every LoRA recipe was tried beside the full fine-tune and came within 3 points (issue 17)
+    trials = paths.read_json(paths.ROOT / "benchmarks" / "results" / "lora_recipe.json")["trials"]
+    for task, changes in expert_cache.LORA_RECIPES.items():
+        tried = [
+            t
+            for t in trials
+            if t["task"] == task
+            and {"lr": expert_cache.LORA_LR, **t["overrides"]} == {"lr": expert_cache.LORA_LR, **changes}
+        ]
+        assert tried, f"{task}: LORA_RECIPES[{task!r}] has no trial in benchmarks/results/lora_recipe.json"
+        metric = "accuracy"
+        assert tried[-1]["metrics"][metric] >= tried[-1]["full_fine_tune"][metric] - 0.03

@@ -107,6 +107,7 @@ bench: setup
 	$(PY) benchmarks/stream_merge.py --quick
 	$(PY) benchmarks/lowrank.py
 	$(PY) benchmarks/evaluate.py
+	$(PY) benchmarks/from_results.py
 	$(PY) benchmarks/spectral.py --weightwatcher
 	$(PY) benchmarks/costs.py && $(PY) benchmarks/report.py
 

@@ -23,7 +23,7 @@ export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup test lint unit nbval figures report smoke reproduce experts lab bench clean strip book book-check
+.PHONY: help setup test lint unit nbval figures report smoke reproduce experts lab lab-03 bench clean strip book book-check
 .PHONY: gpu-check records-import
 
 help:
@@ -90,6 +90,12 @@ LAB_FIRST ?= notebooks/00_marchenko_pastur.ipynb
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir=. --LabApp.default_url=/lab/tree/$(LAB_FIRST) \
 	  $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+# notebook 03 itself under the lab preset (issue 19): its outputs go to build/lab/, never results/
+lab-03: setup
+	mkdir -p build/lab
+	PRESET=lab SPECTRAL_MERGE_RESULTS=build/lab/results SPECTRAL_MERGE_FIGURES=build/lab/figures \
+	  $(BIN)/papermill -k python3 notebooks/03_text_sst2_cola.ipynb build/lab/03_text_sst2_cola.ipynb
 
 # the course book (issue 19): notebooks 00-06 executed from results/*.json (FROM_RESULTS=1), the
 # exercises' solutions computed from them, README's tables from lib.report -> static HTML in build/book/

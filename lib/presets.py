@@ -141,3 +141,30 @@ def figures_dir(smoke: bool | None = None, name: str | None = None):
 
     name = current(name)
     return paths.figures_dir(smoke) if name is None else paths.ROOT / "build" / name / "figures"
+
+
+def task_kw(tasks, name: str | None = None) -> dict[str, dict[str, Any]]:
+    """Each task's expert overrides under preset ``name`` (default ``$PRESET``), for
+    :func:`lib.runner.sweep_spec`'s ``task_kw``; ``{}`` without a preset."""
+    return {t: kw for t in tasks if (kw := expert_kw(t, name))}
+
+
+def check_outputs(name: str | None = None) -> None:
+    """Refuse a preset run that would write into the published ``results/`` or ``figures/``: a
+    notebook reads its output folders from ``SPECTRAL_MERGE_RESULTS``/``SPECTRAL_MERGE_FIGURES`` at
+    import, so a preset run sets them (``make lab-03`` does) to :func:`results_dir` and
+    :func:`figures_dir`."""
+    from . import paths
+
+    name = current(name)
+    if name is None:
+        return
+    for what, folder, published in (
+        ("SPECTRAL_MERGE_RESULTS", paths.results_dir(False), paths.ROOT / "results"),
+        ("SPECTRAL_MERGE_FIGURES", paths.figures_dir(False), paths.ROOT / "figures"),
+    ):
+        if folder.resolve() == published.resolve():
+            raise RuntimeError(
+                f"PRESET={name} would write into the published {published.name}/: set {what} "
+                f"(e.g. {what}=build/{name}/{published.name}) or run `make lab-03`"
+            )

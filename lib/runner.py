@@ -93,9 +93,10 @@ class CachedExperts:
 
     @staticmethod
     def _configs(spec: Mapping) -> dict[str, dict]:
-        kw = expert_kw(spec)
         out = {
-            t: expert_cache.expert_config(t, seed=spec["seed"], variant=spec["variant"], smoke=spec["smoke"], **kw)
+            t: expert_cache.expert_config(
+                t, seed=spec["seed"], variant=spec["variant"], smoke=spec["smoke"], **expert_kw(spec, t)
+            )
             for t in spec["tasks"]
         }
         if spec["variant"] == "mnist_base":  # the base is the MNIST expert
@@ -125,7 +126,7 @@ class CachedExperts:
                     variant=config["variant"],
                     smoke=spec["smoke"],
                     progress=progress,
-                    **(expert_kw(spec) if config["task"] in spec["tasks"] else {}),
+                    **(expert_kw(spec, config["task"]) if config["task"] in spec["tasks"] else {}),
                 )
 
     @staticmethod
@@ -187,7 +188,7 @@ class CachedSweep:
                     "train it with `make experts` (or let run_grid train it first)"
                 )
         trained = {
-            t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=False, **expert_kw(spec))
+            t: train.fit_expert(t, seed=seed, variant=variant, smoke=smoke, progress=False, **expert_kw(spec, t))
             for t in tasks
         }
         info = [
@@ -223,10 +224,14 @@ class CachedSweep:
         )
 
 
-def expert_kw(spec: Mapping) -> dict:
+def expert_kw(spec: Mapping, task: str | None = None) -> dict:
     """The extra :func:`lib.train.fit_expert` keywords of a pool's experts (``spec["expert_kw"]``,
-    e.g. ``{"lora": True}``; none for the default full fine-tunes)."""
-    return dict(spec.get("expert_kw") or {})
+    e.g. ``{"lora": True}``; none for the default full fine-tunes), and for ``task`` its own on top
+    (``spec["task_kw"][task]``, e.g. a preset's smaller recipe for one task)."""
+    kw = dict(spec.get("expert_kw") or {})
+    if task is not None:
+        kw.update((spec.get("task_kw") or {}).get(task) or {})
+    return kw
 
 
 def resolve_source(name: str):
@@ -348,9 +353,13 @@ def sweep_spec(
     base_task: str | None = None,
     variant: str | None = None,
     name: str | None = None,
+    task_kw: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict:
     """The setup part of a sweep's configurations (notebooks 01-03, :class:`CachedSweep`): the
-    models of ``tasks`` merged together over ``base_task``'s base (default: the first task)."""
+    models of ``tasks`` merged together over ``base_task``'s base (default: the first task).
+    ``task_kw``: per-task :func:`lib.train.fit_expert` keywords (a preset's recipes,
+    :func:`lib.presets.task_kw`), in the spec and so in every record's key; without them the spec
+    has no ``task_kw`` entry and the published records keep their keys."""
     kind = pool.kind_of(tasks)
     variant = variant or expert_cache.VARIANTS[kind][0]
     name = name or f"{'+'.join(tasks)}/{variant}/{setup}"
@@ -363,6 +372,7 @@ def sweep_spec(
         source="lib.runner:CachedSweep",
         setup=setup,
         base_task=base_task or tasks[0],
+        **({"task_kw": {t: dict(kw) for t, kw in task_kw.items() if kw}} if task_kw and any(task_kw.values()) else {}),
     )
 
 

@@ -128,6 +128,34 @@ def test_presets_are_a_no_op_without_PRESET(monkeypatch):
         presets.parameters("03_text_sst2_cola", "nope")
 
 
+def test_notebook_03_takes_the_lab_preset_per_task_and_never_writes_into_results(monkeypatch):
+    """Notebook 03 under PRESET=lab (``make lab-03``): each task's recipe overrides reach its own
+    expert's key only, the published spec is unchanged without a preset, and a preset run aimed at
+    the published results/ or figures/ is refused."""
+    from lib import cache as expert_cache
+    from lib import paths, presets, runner
+
+    monkeypatch.delenv("PRESET", raising=False)
+    assert presets.task_kw(["sst2", "cola"]) == {}
+    presets.check_outputs()  # no preset: nothing to refuse
+    published = runner.sweep_spec(["sst2", "cola"], seed=0, smoke=False)
+    assert "task_kw" not in published
+    assert runner.sweep_spec(["sst2", "cola"], seed=0, smoke=False, task_kw={}) == published
+    monkeypatch.setenv("PRESET", "lab")
+    kw = presets.task_kw(["sst2", "cola"])
+    assert kw == {t: presets.expert_kw(t) for t in ("sst2", "cola")} and kw["sst2"] != kw["cola"]
+    lab = runner.sweep_spec(["sst2", "cola"], seed=0, smoke=False, task_kw=kw)
+    for task in ("sst2", "cola"):
+        own = expert_cache.config_key(expert_cache.expert_config(task, seed=0, smoke=False, **kw[task]))
+        assert lab["experts"][task] == own != published["experts"][task]
+    assert runner.expert_kw(lab, "sst2") == kw["sst2"] and runner.expert_kw(lab) == {}
+    if paths.results_dir(False).resolve() == (paths.ROOT / "results").resolve():
+        with pytest.raises(RuntimeError, match="SPECTRAL_MERGE_RESULTS"):
+            presets.check_outputs()
+    notebook = (paths.ROOT / "notebooks" / "03_text_sst2_cola.ipynb").read_text()
+    assert "presets.check_outputs()" in notebook and "task_kw=TASK_KW" in notebook
+
+
 def test_lab_preset_sets_only_parameters_notebook_03_has():
 
     from lib import cache as expert_cache

@@ -207,7 +207,13 @@ def lora_section(results: Mapping[str, Mapping]) -> str:
     text = (
         f"**LoRA experts** (`make experts LORA=1`, `results/experts_lora.json`): rank {spec.get('r')}, "
         f"alpha {spec.get('alpha')}, {' and '.join(spec.get('targets', []))} projections, head trained in full, "
-        f"learning rate {lora.get('config', {}).get('lr')}, the full fine-tune's recipe otherwise; accuracy on "
+        f"learning rate {lora.get('config', {}).get('lr')}, the full fine-tune's recipe otherwise"
+        + "".join(
+            f"{' except ' if i == 0 else ', '}{task} " + " ".join(f"{k} {v:g}" for k, v in kw.items())
+            for i, (task, kw) in enumerate((lora.get("config", {}).get("lora_recipes") or {}).items())
+        )
+        + (" (`lib.cache.LORA_RECIPES`)" if lora.get("config", {}).get("lora_recipes") else "")
+        + "; accuracy on "
         f"each task's whole validation split beside the full fine-tune of the same task and seed "
         f"(`results/experts.json`). Seeds trained so far: "
         f"{sorted({r['seed'] for r in rows})}. Target: within {LORA_GAP:g} points on "

@@ -138,6 +138,13 @@ class CachedExperts:
                     f" mode) is not in the cache: {expert_cache.expert_path(expert_cache.config_key(config))} is missing; train it "
                     "with `make experts` (or let run_grid train it before the workers start)"
                 )
+        # each task's expert as _configs keys it (with its own task_kw), not build_pool's pool-wide keywords
+        experts = {
+            t: train.fit_expert(
+                t, seed=spec["seed"], variant=spec["variant"], smoke=spec["smoke"], progress=False, **expert_kw(spec, t)
+            )
+            for t in spec["tasks"]
+        }
         return pool.build_pool(
             spec["tasks"],
             seed=spec["seed"],
@@ -145,6 +152,7 @@ class CachedExperts:
             variant=spec["variant"],
             name=spec["name"],
             expert_kw=expert_kw(spec),
+            experts=experts,
         )
 
 

@@ -179,8 +179,11 @@ LORA_GAP = 3.0
 
 def lora_section(results: Mapping[str, Mapping]) -> str:
     """LoRA experts (``results/experts_lora.json``) beside the full fine-tune of the same task and
-    seed (``results/experts.json``): accuracy, the gap in points, and whether it is within
-    :data:`LORA_GAP` on :data:`LORA_CHECKED`; empty without LoRA results."""
+    seed (``results/experts.json``): accuracy, the gap in points, whether it is within
+    :data:`LORA_GAP` on :data:`LORA_CHECKED`, and each task's own metric where it is not accuracy
+    (CoLA's MCC, MRPC's F1, Emotion's and TREC's macro-F1); empty without LoRA results."""
+    from . import data
+
     lora, full = results.get("experts_lora"), results.get("experts")
     if not lora or not full:
         return ""
@@ -192,6 +195,12 @@ def lora_section(results: Mapping[str, Mapping]) -> str:
             continue
         gap = 100 * (e["metrics"]["accuracy"] - f["metrics"]["accuracy"])
         checked = e["task"] in LORA_CHECKED
+        metric = data.get_task(e["task"]).metric
+        own = (
+            f"{metric} {fmt(e['metrics'][metric])} / {fmt(f['metrics'][metric])}"
+            if metric != "accuracy" and metric in e["metrics"] and metric in f["metrics"]
+            else ""
+        )
         rows.append(
             {
                 "task": e["task"],
@@ -200,6 +209,7 @@ def lora_section(results: Mapping[str, Mapping]) -> str:
                 "full": fmt(f["metrics"]["accuracy"]),
                 "gap": f"{gap:+.1f}",
                 "within": ("yes" if gap >= -LORA_GAP else "**no**") if checked else "report only",
+                "own": own,
                 "train": clock(e["runtime"]["train_s"]),
             }
         )
@@ -213,7 +223,7 @@ def lora_section(results: Mapping[str, Mapping]) -> str:
             for i, (task, kw) in enumerate((lora.get("config", {}).get("lora_recipes") or {}).items())
         )
         + (" (`lib.cache.LORA_RECIPES`)" if lora.get("config", {}).get("lora_recipes") else "")
-        + "; accuracy on "
+        + "; accuracy (and each task's own metric where it is another) on "
         f"each task's whole validation split beside the full fine-tune of the same task and seed "
         f"(`results/experts.json`). Seeds trained so far: "
         f"{sorted({r['seed'] for r in rows})}. Target: within {LORA_GAP:g} points on "
@@ -228,6 +238,7 @@ def lora_section(results: Mapping[str, Mapping]) -> str:
             "full": "full fine-tune",
             "gap": "gap (points)",
             "within": f"within {LORA_GAP:g}",
+            "own": "task's metric, LoRA / full",
             "train": "LoRA train time",
         },
     )

@@ -154,16 +154,22 @@ def test_merges_table_picks_the_run_that_serves_both_tasks():
 
 
 def test_lora_table_sets_each_adapter_beside_its_full_fine_tune_and_flags_a_gap():
-    def row(task, acc, variant="pretrained"):
-        return {"task": task, "variant": variant, "seed": 0, "metrics": {"accuracy": acc}, "runtime": {"train_s": 60}}
+    def row(task, acc, variant="pretrained", **other):
+        metrics = {"accuracy": acc, **other}
+        return {"task": task, "variant": variant, "seed": 0, "metrics": metrics, "runtime": {"train_s": 60}}
 
-    full = {"experts": [row("sst2", 0.90), row("trec", 0.95), row("mrpc", 0.80)]}
-    lora = {"experts": [row("sst2", 0.88), row("trec", 0.90), row("mrpc", 0.70)], "config": {"lora": {"r": 16}}}
+    full = {"experts": [row("sst2", 0.90), row("trec", 0.95), row("mrpc", 0.80), row("cola", 0.7, mcc=0.3)]}
+    lora = {
+        "experts": [row("sst2", 0.88), row("trec", 0.90), row("mrpc", 0.70), row("cola", 0.69, mcc=0.1)],
+        "config": {"lora": {"r": 16}},
+    }
     text = report.lora_section({"experts": full, "experts_lora": lora})
     lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ") and "task" not in ln}
     assert "-2.0" in lines["sst2"] and "yes" in lines["sst2"]
     assert "-5.0" in lines["trec"] and "**no**" in lines["trec"]
     assert "report only" in lines["mrpc"], "only SST-2, Emotion and TREC carry the 3-point target"
+    assert "mcc 0.100 / 0.300" in lines["cola"], "CoLA is also shown by its own metric, Matthews correlation"
+    assert lines["sst2"].count("|") == lines["cola"].count("|")
     assert report.lora_section({"experts": full}) == ""
 
 

@@ -188,7 +188,7 @@ def lora_section(results: Mapping[str, Mapping]) -> str:
     if not lora or not full:
         return ""
     fulls = {(e["task"], e["seed"]): e for e in full["experts"] if e["variant"] == "pretrained"}
-    rows = []
+    rows, gaps = [], {}
     for e in lora["experts"]:
         f = fulls.get((e["task"], e["seed"]))
         if f is None:
@@ -210,9 +210,11 @@ def lora_section(results: Mapping[str, Mapping]) -> str:
                 "gap": f"{gap:+.1f}",
                 "within": ("yes" if gap >= -LORA_GAP else "**no**") if checked else "report only",
                 "own": own,
-                "train": clock(e["runtime"]["train_s"]),
+                "train": clock(e["runtime"]["train_s"])
+                + (f" (load {e['runtime']['load_average']:.1f})" if e["runtime"].get("load_average") else ""),
             }
         )
+        gaps.setdefault(e["task"], []).append(gap)
     spec = lora.get("config", {}).get("lora", {})
     text = (
         f"**LoRA experts** (`make experts LORA=1`, `results/experts_lora.json`): rank {spec.get('r')}, "
@@ -228,6 +230,17 @@ def lora_section(results: Mapping[str, Mapping]) -> str:
         f"(`results/experts.json`). Seeds trained so far: "
         f"{sorted({r['seed'] for r in rows})}. Target: within {LORA_GAP:g} points on "
         f"{', '.join(LORA_CHECKED)}.\n\n"
+    )
+    means = [
+        f"{task} {sum(gaps[task]) / len(gaps[task]):+.1f} ({len(gaps[task])} seed{'s' if len(gaps[task]) > 1 else ''})"
+        for task in LORA_CHECKED
+        if task in gaps
+    ]
+    text += (
+        "Train time is wall time with the load average the row records (above 2 the two cores were shared). "
+        f"Mean gap over seeds on the checked tasks, in points: {', '.join(means)}.\n\n"
+        if means
+        else ""
     )
     return text + table(
         rows,

@@ -170,6 +170,7 @@ def test_lora_table_sets_each_adapter_beside_its_full_fine_tune_and_flags_a_gap(
     assert "report only" in lines["mrpc"], "only SST-2, Emotion and TREC carry the 3-point target"
     assert "mcc 0.100 / 0.300" in lines["cola"], "CoLA is also shown by its own metric, Matthews correlation"
     assert lines["sst2"].count("|") == lines["cola"].count("|")
+    assert "sst2 -2.0 (1 seed), trec -5.0 (1 seed)" in text, "the mean gap of each checked task is stated"
     assert report.lora_section({"experts": full}) == ""
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +35,7 @@ NOTEBOOKS = (
     "04_star",
     "05_drm",
     "06_mergeability",
+    "07_lora",
 )
 #: the notebooks of the report's three experiments (paper 000)
 SWEEP_NOTEBOOKS = ("01_resnet_fashion_kmnist", "02_text_sst2_emotion", "03_text_sst2_cola")
@@ -388,41 +389,59 @@ def merges_table(nb: str, r: Mapping) -> str:
     )
 
 
-def effects_section(r: Mapping, title: str) -> str:
-    """A paper's claims measured on our experts (:func:`lib.pool.compare_effects`): our effect
-    with its t-interval, how many subsets it won, the baseline's level beside the base and
-    guessing, and whether it counts as agreement with the paper. Sources are listed once, below."""
-    effects = r["effects"]
-    if not effects or "ci_low" not in effects[0]:
-        raise ValueError("these effects have no intervals: measure them again with lib.pool.refresh_effects")
-    sources = list(dict.fromkeys(e["source"] for e in effects))
-    level = effects[0]["level"]
-    rows = [
+def effect_rows(
+    parts: Sequence[tuple[str, Mapping, Sequence[Mapping]]], sources: Sequence[str] | None = None
+) -> list[dict]:
+    """The rows of a claims table (:func:`effects_section`), formatted: ``parts`` as there; with
+    ``sources``, a claim's source is its ``[n]`` in that list, else its text (a notebook's table)."""
+    return [
         {
+            "setting": setting,
             "claim": e["claim"],
             "pool": e.get("pools", ""),
-            "source": f"[{sources.index(e['source']) + 1}]",
+            "source": f"[{sources.index(e['source']) + 1}]" if sources is not None else e["source"],
             "paper": fmt(e["paper"], 1),
             "ours": pm(e["ours"], e["ours_std"], None, 1),
             "interval": f"[{fmt(e['ci_low'], 1)}, {fmt(e['ci_high'], 1)}]",
             "wins": f"{e['won']}/{e['subsets']}",
             "levels": " / ".join(fmt(e[k], 1) for k in ("worse_score", "base_score", "chance_score")),
-            "baseline": f"**{e['baseline']}**" if e["baseline"] else "",
+            "baseline": f"**{e['baseline']}**" if e["baseline"] and sources is not None else e["baseline"],
             "agrees": e["agrees"],
             "note": e["note"],
         }
-        for e in effects
+        for setting, _, es in parts
+        for e in es
     ]
+
+
+def effects_section(parts: Sequence[tuple[str, Mapping, Sequence[Mapping]]], title: str) -> str:
+    """A paper's claims measured on our experts (:func:`lib.pool.compare_effects`), one row per
+    claim and setting (``parts``: the setting's name, its notebook's results, its effect rows): our
+    effect with its t-interval, how many subsets it won, the baseline's level beside the base and
+    guessing, and whether it counts as agreement with the paper. Sources are listed once, below."""
+    parts = [(setting, r, list(effects)) for setting, r, effects in parts if effects]
+    effects = [e for _, _, es in parts for e in es]
+    if not effects or any("ci_low" not in e for e in effects):
+        raise ValueError("these effects have no intervals: measure them again with lib.pool.refresh_effects")
+    sources = list(dict.fromkeys(e["source"] for e in effects))
+    levels = {e["level"] for e in effects}
+    if len(levels) > 1:
+        raise ValueError(f"one claims table needs one interval level, not {sorted(levels)}: refresh the effects")
+    level = levels.pop()
+    rows = effect_rows(parts, sources)
     from .pool import CHANCE_MARGIN
 
     seeds = "/".join(map(str, sorted({e["seeds"] for e in effects})))
-    per_size = r["config"]["max_subsets"]
-    one = ", so 3/3 at one size is three subsets, one per seed" if per_size == 1 else ""
+    sizes = sorted({r["config"]["max_subsets"] for _, r, _ in parts})
+    per_size = "/".join(map(str, sizes))
+    one = ", so 3/3 at one size is three subsets, one per seed" if sizes == [1] else ""
     text = (
         f"**{title}** Effects in points of normalized accuracy (ours: mean ± sample std over {seeds} seeds of the "
         f"mean over each seed's subsets; the paper's in points of its metric), with a paired Student-t {level:.0%} "
-        f"interval over seeds. `wins`: merged subsets where the claim held, of all measured (at most {per_size} "
-        f"subset{'s' * (per_size > 1)} per size and seed{one}). `worse / base / chance`: the normalized score of "
+        f"interval over seeds. `setting`: the experts merged (full fine-tunes, or LoRA adapters of rank 16 on the "
+        f"query and value projections, the papers' own setting). `wins`: merged subsets where the claim held, of "
+        f"all measured (at most {per_size} subset{'s' * (sizes != [1])} per size and seed{one}). `worse / base / "
+        "chance`: the normalized score of "
         "the baseline, of the pre-trained body under the experts' heads, and of always answering the most common "
         f"label. A baseline within {CHANCE_MARGIN:g} points of chance, or below the base, is flagged: beating it "
         "shows that the baseline failed, so it does not count as agreeing with the paper. `agrees`: yes (the "
@@ -432,6 +451,7 @@ def effects_section(r: Mapping, title: str) -> str:
     text += table(
         rows,
         {
+            "setting": "setting",
             "claim": "claim",
             "pool": "pool",
             "source": "source",
@@ -446,6 +466,28 @@ def effects_section(r: Mapping, title: str) -> str:
         },
     )
     return text + "\n\nSources: " + "; ".join(f"[{i}] {src}" for i, src in enumerate(sources, 1)) + "."
+
+
+#: each paper's claims: the notebook that measures them on full fine-tunes, and its name in notebook 07's
+#: ``effects[].about`` (the same claims on LoRA experts)
+CLAIMS = {
+    "STAR": ("04_star", "Notebooks 04 and 07, STAR's claims (paper 002) on our full fine-tunes and LoRA experts."),
+    "DRM": ("05_drm", "Notebooks 05 and 07, DRM's claims (paper 004) on our full fine-tunes and LoRA experts."),
+}
+
+
+def claims_section(results: Mapping[str, Mapping], paper: str) -> str:
+    """One claims table per paper (:data:`CLAIMS`): its full fine-tune rows (notebook 04 or 05)
+    above its LoRA rows (notebook 07), a ``setting`` column telling them apart; empty when
+    neither notebook has results."""
+    notebook, title = CLAIMS[paper]
+    parts = []
+    if notebook in results:
+        parts.append(("full fine-tune", results[notebook], results[notebook]["effects"]))
+    lora = results.get("07_lora")
+    if lora is not None and lora.get("effects"):
+        parts.append(("LoRA", lora, [e for e in lora["effects"] if e.get("about") == paper]))
+    return effects_section(parts, title) if any(es for _, _, es in parts) else ""
 
 
 def mergeability_section(r: Mapping) -> str:
@@ -521,8 +563,8 @@ SECTIONS: list[tuple[tuple[str, ...], Callable[..., str]]] = [
     ((), lora_section),
     (("00_marchenko_pastur",), shape_bias_section),
     ((), report_section),
-    (("04_star",), lambda r: effects_section(r, "Notebook 04, STAR's claims (paper 002) on our experts.")),
-    (("05_drm",), lambda r: effects_section(r, "Notebook 05, DRM's claims (paper 004) on our experts.")),
+    ((), lambda results: claims_section(results, "STAR")),
+    ((), lambda results: claims_section(results, "DRM")),
     (("06_mergeability",), mergeability_section),
 ]
 

@@ -233,6 +233,42 @@ def test_the_papers_effects_are_their_tables_differences():
     assert len(effects) == len(compare) - 1 + 3
 
 
+def test_the_lora_claims_take_each_papers_lora_table_and_only_its_own_baselines():
+    from lib import lora_pool, papers
+
+    star = pool.canonical_run("star")
+    compare = [star] + [pool.canonical_run(m, **hp) for m, hp in lora_pool.REFERENCES]
+    names = {r.label(): pool.short_name(r) for r in compare}
+    claims = papers.lora_effects(7, compare, names, [10, 40])
+    assert set(claims) == {"STAR", "DRM"}
+    by = {p: {c.what: c for c in cs} for p, cs in claims.items()}
+    t2 = papers.STAR_TABLE2
+    # STAR's TA is alpha = 0.125: that row carries the paper's number, lam = 1 is ours only
+    assert by["STAR"]["STAR beats task_arithmetic(lam=0.125) (7 tasks)"].paper == round(
+        t2["star"] - t2["task_arithmetic"], 2
+    )
+    lam1 = by["STAR"]["STAR beats task_arithmetic (7 tasks)"]
+    assert lam1.paper is None and not lam1.in_paper and "alpha=0.125" in lam1.note
+    assert by["STAR"]["STAR beats ties (7 tasks)"].paper == round(t2["star"] - t2["ties"], 2)
+    assert not any("renorm=False" in c for c in by["STAR"])  # DRM's ablation runs are not STAR's baselines
+    assert all(c.pools == ("text-lora",) for cs in claims.values() for c in cs)
+    assert (
+        by["STAR"]["rescaling helps at eta=10 (all sizes)"].worse
+        == pool.canonical_run("star", eta=10, rescale=False).label()
+    )
+    # DRM's from its LoRA Llama table, DRM-V included; STAR is not in that paper
+    lt = papers.DRM_LORA_TABLE2
+    assert by["DRM"]["DRM-H beats drm_v (7 tasks)"].paper == round(lt["drm_h"] - lt["drm_v"], 2)
+    assert by["DRM"]["DRM-H beats average (7 tasks)"].paper == round(lt["drm_h"] - lt["average"], 2)
+    assert by["DRM"]["DRM-H beats star (7 tasks)"].paper is None
+    renorm = by["DRM"]["renormalisation helps DRM-H (all sizes)"]
+    assert renorm.paper == round(papers.DRM_LORA_TABLE3[0] - papers.DRM_LORA_TABLE3[1], 2)
+    assert renorm.worse == pool.canonical_run("drm_h", renorm=False).label()
+    assert not any(c.better == c.worse for cs in claims.values() for c in cs)
+    with pytest.raises(ValueError, match="no drm_h"):
+        papers.lora_effects(7, compare[:6], names, [10])
+
+
 def test_a_notebook_grid_is_unpacked_by_name_and_smoke_replaces_only_its_own_parameters():
     from lib import configs
 

@@ -200,3 +200,55 @@ def test_lab_section_says_whether_the_lab_fits_ten_minutes():
     readme = "<!-- results:begin -->\n<!-- results:end -->\n<!-- runtimes:begin -->\n<!-- runtimes:end -->\n"
     out = report.render(readme + "<!-- lab:begin -->\n<!-- lab:end -->\n", {}, lab=lab_result(338.0))
     assert "5.6 min wall" in out and report.render(readme, {}) == report.render(readme, {}, lab=None)
+
+
+def effect_row(claim, about=None, level=0.95, **kw):
+    row = {
+        "claim": claim,
+        "pools": "text",
+        "source": "Table 2",
+        "paper": 1.5,
+        "ours": 2.0,
+        "ours_std": 0.5,
+        "seeds": 3,
+        "subsets": 3,
+        "won": 3,
+        "level": level,
+        "ci_low": 0.8,
+        "ci_high": 3.2,
+        "worse_score": 80.0,
+        "base_score": 40.0,
+        "chance_score": 30.0,
+        "baseline": "",
+        "agrees": "yes",
+        "note": "",
+        **kw,
+    }
+    return row if about is None else {**row, "about": about}
+
+
+def test_claims_tables_set_the_lora_rows_under_the_full_fine_tunes_with_a_setting_column():
+    config = {"config": {"max_subsets": 1}}
+    results = {
+        "04_star": {**config, "effects": [effect_row("STAR beats ties (5 tasks)")]},
+        "07_lora": {
+            **config,
+            "effects": [
+                effect_row("STAR beats ties (7 tasks)", "STAR", pools="text-lora"),
+                effect_row("DRM-H beats ties (7 tasks)", "DRM", pools="text-lora"),
+            ],
+        },
+    }
+    star = report.claims_section(results, "STAR")
+    lines = [line for line in star.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| setting | claim |")
+    body = lines[1:]  # the header, then the rows (the |---| line does not start with '| ')
+    assert [line.split(" | ")[0] for line in body] == ["| full fine-tune", "| LoRA"]
+    assert "STAR beats ties (5 tasks)" in body[0] and "STAR beats ties (7 tasks)" in body[1]
+    assert "DRM-H" not in star
+    drm = report.claims_section(results, "DRM")  # no 05 results: the LoRA rows alone
+    assert [line.split(" | ")[0] for line in drm.splitlines() if line.startswith("| ")][1:] == ["| LoRA"]
+    assert report.claims_section({"07_lora": {**config, "effects": []}}, "DRM") == ""
+    results["07_lora"]["effects"][0]["level"] = 0.9
+    with pytest.raises(ValueError, match="one interval level"):
+        report.claims_section(results, "STAR")

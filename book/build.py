@@ -3,7 +3,7 @@
 The book's own pages (``book/*.md``, ``_config.yml``, ``_toc.yml``) are copied into a staging
 folder, ``build/book-src/``, beside what is generated for them:
 
-* ``chapters/NN_*.ipynb``: notebooks 00-06 executed from their committed results
+* ``chapters/NN_*.ipynb``: notebooks 00-07 executed from their committed results
   (:data:`EXECUTE_ENV`, :func:`execute_chapter`: the one place that says how a chapter is run);
   a notebook without that mode yet is shown unexecuted, with its published figures appended;
 * ``results.md``: the README's results and runtimes tables, rendered by :mod:`lib.report` from
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from lib import paths, report  # noqa: E402
 
 #: the chapters, in reading order
-CHAPTERS = sorted((ROOT / "notebooks").glob("0[0-6]_*.ipynb"))
+CHAPTERS = sorted((ROOT / "notebooks").glob("0[0-7]_*.ipynb"))
 #: how a chapter is executed: from its committed results/<notebook>.json, without training or merging
 EXECUTE_ENV = {
     "FROM_RESULTS": "1",

@@ -699,6 +699,18 @@ def _matrix_keys(base: StateDict, include=None, exclude=None) -> dict[str, tuple
     }
 
 
+def numerical_rank(sigma: torch.Tensor, rows: int, cols: int) -> int:
+    """How many of ``sigma`` (descending, from a float32 Gram eigensolver) are resolved from zero:
+    above ``sigma[0] * sqrt(max(rows, cols) * eps)``. A Gram eigenvalue is exact to about
+    ``n * eps * sigma[0]**2``, so a smaller singular value is round-off (a LoRA task vector taken
+    from dense float32 weights, ``base + s B A - base``, shows hundreds of such values beside its
+    16 real ones); counting every value above 0 called them rank."""
+    if not len(sigma) or float(sigma[0]) <= 0:
+        return 0
+    tol = float(sigma[0]) * math.sqrt(max(rows, cols) * torch.finfo(torch.float32).eps)
+    return int((sigma > tol).sum())
+
+
 def star_ranks(
     base: StateDict, bodies: Mapping[str, StateDict], etas: Sequence[float], *, include=None, exclude=None, device=None
 ) -> list[dict]:
@@ -724,7 +736,7 @@ def star_ranks(
                         "order": order[key],
                         "rows": int(rows),
                         "cols": int(cols),
-                        "nonzero": int((s > 0).sum()),
+                        "nonzero": numerical_rank(s, rows, cols),
                         "kept": [int(kept_rank(s, eta)) for eta in etas],
                     }
                 )

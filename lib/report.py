@@ -590,37 +590,60 @@ def total_seconds(r: Mapping) -> float | None:
     return None
 
 
+def records_seconds(r: Mapping) -> float:
+    """The seconds a notebook's grid records took when they were computed (``sweep_s`` per seed
+    and pool), wherever that was: inside the run, or earlier into the record store."""
+    rows = r.get("runtimes", {}).get("per_seed_and_pool", []) if isinstance(r.get("runtimes"), Mapping) else []
+    return float(sum(x.get("sweep_s") or 0.0 for x in rows if isinstance(x, Mapping)))
+
+
 def runtimes_markdown(results: Mapping[str, Mapping]) -> str:
     rows = []
-    if "experts" in results:
-        rs = results["experts"]["experts"]
-        seconds = sum(e["runtime"]["train_s"] + e["runtime"]["eval_s"] for e in rs)
-        rows.append(
-            {
-                "job": "`make experts`",
-                "what": f"{len(rs)} experts trained and evaluated",
-                "seconds": seconds,
-                "time": clock(seconds),
-                "note": "sum of the experts' own wall times",
-            }
-        )
+    for name, job, what in (
+        ("experts", "`make experts`", "experts"),
+        ("experts_lora", "`make experts LORA=1`", "LoRA experts"),
+    ):
+        if name in results:
+            rs = results[name]["experts"]
+            seconds = sum(e["runtime"]["train_s"] + e["runtime"]["eval_s"] for e in rs)
+            rows.append(
+                {
+                    "job": job,
+                    "what": f"{len(rs)} {what} trained and evaluated",
+                    "seconds": seconds,
+                    "time": clock(seconds),
+                    "note": "sum of the experts' own wall times",
+                }
+            )
     for nb in NOTEBOOKS:
         if nb in results:
             r = results[nb]
             seeds = r["config"].get("seeds") or [r["config"].get("seed")]
             trained = sum(not e.get("from_cache", True) for e in r.get("experts", []) if isinstance(e, Mapping))
+            seconds, note = total_seconds(r) or 0.0, ""
+            earlier = records_seconds(r)
+            if earlier > seconds:  # the grid's records came from the record store: count their own times
+                note = f"records computed earlier (`lib records compute`), their own times; this run {clock(seconds)}"
+                seconds += earlier
             rows.append(
                 {
                     "job": f"notebook {nb}",
                     "what": f"{'SMOKE' if r.get('smoke') else 'full mode'}, seed{'s' * (len(seeds) > 1)} "
                     f"{', '.join(map(str, seeds))}",
-                    "seconds": total_seconds(r) or 0.0,
-                    "time": clock(total_seconds(r)),
-                    "note": f"{trained} experts trained in the run"
-                    if trained
-                    else "experts from the cache"
-                    if r.get("experts")
-                    else "",
+                    "seconds": seconds,
+                    "time": clock(seconds),
+                    "note": "; ".join(
+                        n
+                        for n in (
+                            f"{trained} experts trained in the run"
+                            if trained
+                            else "experts from the cache"
+                            if r.get("experts")
+                            else "",
+                            note,
+                        )
+                        if n
+                    ),
                 }
             )
     if not rows:

@@ -97,7 +97,7 @@ def test_staging_without_execution(tmp_path):
     build = load("build")
     log = build.stage(tmp_path / "src", execute=False)
     src = tmp_path / "src"
-    assert len(log) == len(build.CHAPTERS) == 7 and all("unexecuted" in line or "NOT EXECUTED" in line for line in log)
+    assert len(log) == len(build.CHAPTERS) == 8 and all("unexecuted" in line or "NOT EXECUTED" in line for line in log)
     toc = (src / "_toc.yml").read_text()
     for chapter in build.CHAPTERS:
         assert (src / "chapters" / chapter.name).is_file()

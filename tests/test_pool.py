@@ -407,6 +407,20 @@ def test_star_ranks_match_a_full_svd():
         assert r["kept"][-1] == r["nonzero"] and r["kept"] == sorted(r["kept"])
 
 
+def test_star_ranks_count_a_dense_lora_delta_as_its_rank_not_its_round_off():
+    # a rank-16 update of a float32 weight, stored dense (base + B A) as a LoRA expert's cache holds it:
+    # the difference has hundreds of round-off singular values above 0 beside its 16 real ones
+    g = torch.Generator().manual_seed(0)
+    base = {"q.weight": torch.randn(384, 384, generator=g) * 0.05}
+    delta = (torch.randn(384, 16, generator=g) @ torch.randn(16, 384, generator=g)) * 1e-4
+    body = {"q.weight": base["q.weight"] + delta}
+    (row,) = pool.star_ranks(base, {"lora": body}, [40, 100])
+    tau = (body["q.weight"] - base["q.weight"]).double()
+    assert int((torch.linalg.svdvals(tau) > 0).sum()) > 16  # what counting every value above 0 called rank
+    assert row["nonzero"] == 16
+    assert pool.numerical_rank(torch.zeros(4), 4, 4) == 0
+
+
 def split_v_reference(deltas, density):
     """DRM-H's split right singular vectors from a full SVD, and the fraction of each row that a
     per-task top-``density`` trim keeps with and without renormalisation."""

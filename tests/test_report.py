@@ -84,6 +84,20 @@ def test_runtimes_sum_the_experts_and_read_each_notebook_total():
     assert "| **total** | `make reproduce`, what is measured above | 3 h 16 min |" in text
 
 
+def test_a_notebook_whose_records_came_from_the_store_is_timed_by_their_own_seconds():
+    nb = {
+        "config": {"seeds": [0, 1]},
+        "smoke": False,
+        "runtimes": {"total_s": 20.0, "per_seed_and_pool": [{"sweep_s": 3600.0}, {"sweep_s": 1800.0}]},
+    }
+    text = report.runtimes_markdown({"07_lora": nb})
+    assert "| notebook 07_lora | full mode, seeds 0, 1 | 1 h 30 min |" in text and "this run 20 s" in text
+    inline = {**nb, "runtimes": {**nb["runtimes"], "total_s": 6000.0}}  # computed in the run: its own total
+    assert "| notebook 07_lora | full mode, seeds 0, 1 | 1 h 40 min |  |" in report.runtimes_markdown(
+        {"07_lora": inline}
+    )
+
+
 @pytest.mark.parametrize("value, text", [(0.12345, "0.123"), (356383.7, "3.56e+05"), (float("nan"), "–"), (None, "–")])
 def test_fmt(value, text):
     assert report.fmt(value) == text

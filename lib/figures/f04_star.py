@@ -128,11 +128,13 @@ def draw_methods(results: dict, *, name: str, smoke: bool = False) -> list[Path]
     fig, axes = pool_axes(results, sharey=False)
     for pool_name, ax in axes.items():
         p = s[s.pool == pool_name]
+        drawn = set()  # methods with a line already: a second setting of one (lam=0.125, renorm=False) is dashed
         for spec in compare:
             r = p[p.run == spec["run"]]
             if r.empty:
                 continue
-            c = color(r.method.iloc[0])
+            method = r.method.iloc[0]
+            c = color(method)
             ax.scatter(r["size"], r.normalized, s=8, color=c, alpha=0.25, linewidth=0)
             g = stats.over_seeds(r, ["size"], sort=True)
             band(
@@ -142,8 +144,9 @@ def draw_methods(results: dict, *, name: str, smoke: bool = False) -> list[Path]
                 g["std"],
                 c=c,
                 label=spec["name"],
-                linestyle=":" if spec["run"] == "base" else "-",
+                linestyle=":" if spec["run"] == "base" else "--" if method in drawn else "-",
             )
+            drawn.add(method)
         ax.axhline(1.0, color="#000000", linewidth=0.8, linestyle="-.")
         ax.set_xticks(sorted(p["size"].unique()))
         ax.set_xlabel("number of merged tasks")

@@ -139,17 +139,23 @@ def star_effects(
                 pools=(name,),
             )
         )
-    effects += [
+    return effects + rescale_claims(no_rescale_etas)
+
+
+def rescale_claims(etas: Iterable[float], pools: tuple[str, ...] | None = None) -> list[Claim]:
+    """STAR's rescale ablation (Table 1): STAR with minus without rescaling helps at each of
+    ``etas``, over every size of ``pools`` (None: all)."""
+    return [
         Claim(
             f"rescaling helps at eta={e} (all sizes)",
             None,
             STAR_TABLE1_SOURCE,
             better=pool.canonical_run("star", eta=e).label(),
             worse=pool.canonical_run("star", eta=e, rescale=False).label(),
+            pools=pools,
         )
-        for e in no_rescale_etas
+        for e in etas
     ]
-    return effects
 
 
 # --- paper 004, DRM -------------------------------------------------------------------------------
@@ -317,17 +323,7 @@ def lora_effects(
             pools=pools,
         )
     )
-    out["STAR"] += [
-        Claim(
-            f"rescaling helps at eta={e} (all sizes)",
-            None,
-            STAR_TABLE1_SOURCE,
-            better=pool.canonical_run("star", eta=e).label(),
-            worse=pool.canonical_run("star", eta=e, rescale=False).label(),
-            pools=pools,
-        )
-        for e in no_rescale_etas
-    ]
+    out["STAR"] += rescale_claims(no_rescale_etas, pools)
     drm_h, drm_v = find("drm_h", renorm=True), find("drm_v", renorm=True)
     for r in [star] + refs:
         if r.method == "drm_h" or (r.method == "drm_v" and not r.hparams().get("renorm", True)):

@@ -284,13 +284,12 @@ def lora_effects(
     star, refs = compare[0], list(compare[1:])
     pools, sizes = (pool_name,), (size,)
     star_paper = {m: STAR_TABLE2["star"] - v for m, v in STAR_TABLE2.items() if m != "star"}
-    by_label = {r.label(): r for r in refs}
 
     def find(method: str, **hp) -> sweep.Run:
         for r in refs:
             if r.method == method and all(r.hparams().get(k) == v for k, v in hp.items()):
                 return r
-        raise ValueError(f"notebook 07's references have no {method} with {hp}: {sorted(by_label)}")
+        raise ValueError(f"notebook 07's references have no {method} with {hp}: {sorted(r.label() for r in refs)}")
 
     def paper_ta(r: sweep.Run) -> bool:  # the STAR paper's TA: alpha = 0.125
         return r.method != "task_arithmetic" or r.hparams().get("lam") == 0.125

@@ -392,8 +392,9 @@ def merges_table(nb: str, r: Mapping) -> str:
 def effect_rows(
     parts: Sequence[tuple[str, Mapping, Sequence[Mapping]]], sources: Sequence[str] | None = None
 ) -> list[dict]:
-    """The rows of a claims table (:func:`effects_section`), formatted: ``parts`` as there; with
-    ``sources``, a claim's source is its ``[n]`` in that list, else its text (a notebook's table)."""
+    """The rows of a claims table (:func:`effects_section`), formatted: ``parts`` as there. With
+    ``sources`` (README's table) a claim's source is its ``[n]`` in that list and a flagged
+    baseline is bold; without (a notebook's table), the source's text and the flag as it is."""
     return [
         {
             "setting": setting,
@@ -593,8 +594,9 @@ def total_seconds(r: Mapping) -> float | None:
 def records_seconds(r: Mapping) -> float:
     """The seconds a notebook's grid records took when they were computed (``sweep_s`` per seed
     and pool), wherever that was: inside the run, or earlier into the record store."""
-    rows = r.get("runtimes", {}).get("per_seed_and_pool", []) if isinstance(r.get("runtimes"), Mapping) else []
-    return float(sum(x.get("sweep_s") or 0.0 for x in rows if isinstance(x, Mapping)))
+    runtimes = r.get("runtimes")
+    rows = runtimes.get("per_seed_and_pool", []) if isinstance(runtimes, Mapping) else []
+    return float(sum(x.get("sweep_s") or 0.0 for x in rows))
 
 
 def runtimes_markdown(results: Mapping[str, Mapping]) -> str:
@@ -620,10 +622,20 @@ def runtimes_markdown(results: Mapping[str, Mapping]) -> str:
             r = results[nb]
             seeds = r["config"].get("seeds") or [r["config"].get("seed")]
             trained = sum(not e.get("from_cache", True) for e in r.get("experts", []) if isinstance(e, Mapping))
-            seconds, note = total_seconds(r) or 0.0, ""
+            seconds = total_seconds(r) or 0.0
+            note = (
+                f"{trained} experts trained in the run"
+                if trained
+                else "experts from the cache"
+                if r.get("experts")
+                else ""
+            )
             earlier = records_seconds(r)
             if earlier > seconds:  # the grid's records came from the record store: count their own times
-                note = f"records computed earlier (`lib records compute`), their own times; this run {clock(seconds)}"
+                earlier_note = (
+                    f"records computed earlier (`lib records compute`), their own times; this run {clock(seconds)}"
+                )
+                note = "; ".join(n for n in (note, earlier_note) if n)
                 seconds += earlier
             rows.append(
                 {
@@ -632,18 +644,7 @@ def runtimes_markdown(results: Mapping[str, Mapping]) -> str:
                     f"{', '.join(map(str, seeds))}",
                     "seconds": seconds,
                     "time": clock(seconds),
-                    "note": "; ".join(
-                        n
-                        for n in (
-                            f"{trained} experts trained in the run"
-                            if trained
-                            else "experts from the cache"
-                            if r.get("experts")
-                            else "",
-                            note,
-                        )
-                        if n
-                    ),
+                    "note": note,
                 }
             )
     if not rows:

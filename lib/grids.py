@@ -216,13 +216,15 @@ def label_in(records: Iterable[Mapping], run: sweep.Run) -> str:
 # --- the runs of notebooks 04 and 05 ---------------------------------------------------------------
 
 
-def star_runs(etas: Iterable[float], no_rescale_etas: Iterable[float], references: Iterable[str]) -> list[sweep.Run]:
-    """Notebook 04's runs: STAR at each eta with rescaling, at its default (always: it is the run
-    compared with the other methods), without rescaling at ``no_rescale_etas``, and each reference
-    at its registered defaults; each label once, in that order."""
+def star_runs(
+    etas: Iterable[float], no_rescale_etas: Iterable[float], references: Iterable[str | tuple[str, Mapping]]
+) -> list[sweep.Run]:
+    """Notebooks 04's and 07's runs: STAR at each eta with rescaling, at its default (always: it
+    is the run compared with the other methods), without rescaling at ``no_rescale_etas``, and
+    each reference (:func:`lib.pool.reference_run`); each label once, in that order."""
     star = [pool.canonical_run("star", eta=e) for e in etas] + [pool.canonical_run("star")]
     star += [pool.canonical_run("star", eta=e, rescale=False) for e in no_rescale_etas]
-    return list({r.label(): r for r in star + [pool.canonical_run(m) for m in references]}.values())
+    return list({r.label(): r for r in star + [pool.reference_run(x) for x in references]}.values())
 
 
 def drm_runs(
@@ -234,7 +236,7 @@ def drm_runs(
     are the density sweep's point at the default density)."""
     drm = [pool.canonical_run(f"drm_{v}") for v in ("h", "v")]
     no_renorm = [pool.canonical_run(f"drm_{v}", renorm=False) for v in ("h", "v")]
-    main = [*drm, *no_renorm, *(pool.canonical_run(m, **hp) for m, hp in references)]
+    main = [*drm, *no_renorm, *(pool.reference_run(x) for x in references)]
     sweep_runs = [
         pool.canonical_run(spec["method"], density=d, **spec.get("fixed", {}))
         for spec in density_methods

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from . import pool
-
 #: the LoRA experts' fit_expert keywords (the papers' setting: lib.cache.LORA's defaults)
 LORA_KW = {"lora": True}
 
@@ -39,13 +37,15 @@ def lora_pool_spec(
 NOTEBOOK = "07_lora"
 TEXT_TASKS = ["sst2", "cola", "emotion", "trec", "mrpc", "rte", "rotten_tomatoes"]
 #: the methods STAR and DRM are compared with on the LoRA experts: (method, hyperparameters);
-#: task arithmetic also at the STAR paper's alpha = 0.125, DRM-H and DRM-V with and without renormalisation
+#: task arithmetic and TA+DARE also at the STAR paper's settings (alpha = 0.125; DARE's p = 0.7: keep
+#: 0.3), DRM-H and DRM-V with and without renormalisation
 REFERENCES = [
     ("average", {}),
     ("task_arithmetic", {}),
     ("task_arithmetic", {"lam": 0.125}),
     ("ties", {}),
     ("dare", {}),
+    ("dare", {"lam": 0.125, "keep": 0.3}),
     ("drm_h", {}),
     ("drm_v", {}),
     ("drm_h", {"renorm": False}),
@@ -84,10 +84,10 @@ def grid_values(names: str, *, smoke: bool) -> list:
 
 def lora_runs(etas, no_rescale_etas, references=REFERENCES) -> list:
     """STAR at each eta (rescaled), its default, without rescaling at ``no_rescale_etas``, then each
-    reference; each label once (as :func:`lib.grids.star_runs`)."""
-    star = [pool.canonical_run("star", eta=e) for e in etas] + [pool.canonical_run("star")]
-    star += [pool.canonical_run("star", eta=e, rescale=False) for e in no_rescale_etas]
-    return list({r.label(): r for r in star + [pool.canonical_run(m, **hp) for m, hp in references]}.values())
+    of :data:`REFERENCES`; each label once (:func:`lib.grids.star_runs`, as notebook 04)."""
+    from . import grids
+
+    return grids.star_runs(etas, no_rescale_etas, references)
 
 
 def task_vector_ranks(base, bodies, *, rtol: float = 1e-2) -> list[dict]:

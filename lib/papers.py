@@ -98,43 +98,68 @@ STAR_TABLE2_SOURCE = "Table 2: 8 Flan-T5-large LoRA experts (STAR 95.30, TIES 93
 STAR_TABLE1_SOURCE = (
     "Table 1: 4 Flan-T5-large LoRA experts at a fixed rank: +1.84 (r=2), +0.70 (r=4), +0.10 (r=8), +0.28 (r=12)"
 )
-#: where our setting is not the paper's
+#: the paper's own hyperparameters for Table 2's baselines where they are not our registered defaults:
+#: TA at alpha = 0.125 and TA+DARE at alpha = 0.125 with p = 0.7 (keep 0.3), summed
+STAR_SETTINGS = {"task_arithmetic": {"lam": 0.125}, "dare": {"lam": 0.125, "keep": 0.3, "then": "sum"}}
+#: a Table 2 method at other hyperparameters than the paper's, by its short name (lib.pool.short_name)
 STAR_NOTES = {
-    "task_arithmetic": "ours: lam=1 (a sum); the paper's TA: alpha=0.125",
-    "dare": "ours: drop 0.9 then sum; the paper's: TA+DARE at alpha=0.125, p=0.7",
+    "task_arithmetic": "ours only: lam=1 (a sum); the paper's TA is alpha=0.125 (its own row)",
+    "dare": "ours only: drop 0.9 then sum at lam=1; the paper's TA+DARE is alpha=0.125, p=0.7 (its own row)",
 }
 
 
+def star_paper_setting(run: sweep.Run) -> bool:
+    """Whether ``run`` is one of Table 2's methods at the paper's hyperparameters
+    (:data:`STAR_SETTINGS`); only such a run's comparison counts as the paper's."""
+    hp = run.hparams()
+    return run.method in STAR_TABLE2 and all(hp.get(k) == v for k, v in STAR_SETTINGS.get(run.method, {}).items())
+
+
+def star_claim(star: sweep.Run, run: sweep.Run, name: str, size: int, pools: tuple[str, ...]) -> Claim:
+    """STAR beats ``run`` (legend ``name``) at ``size`` tasks: Table 2's difference where ``run``
+    is the paper's method at the paper's setting, ours only otherwise (with the reason)."""
+    in_paper = star_paper_setting(run)
+    if in_paper:
+        paper, source, note = round(STAR_TABLE2["star"] - STAR_TABLE2[run.method], 2), STAR_TABLE2_SOURCE, ""
+    elif run.method in STAR_TABLE2:
+        paper, source, note = (
+            None,
+            "ours only (not the paper's hyperparameters)",
+            STAR_NOTES.get(pool.short_name(run), ""),
+        )
+    else:
+        paper, source, note = None, "not compared in the paper", ""
+    return Claim(
+        f"STAR beats {name} ({size} tasks)",
+        paper,
+        source,
+        note,
+        better=star.label(),
+        worse=run.label(),
+        pools=pools,
+        sizes=(size,),
+        in_paper=in_paper,
+    )
+
+
 def star_effects(
-    largest: Mapping[str, int], references: Sequence[str], no_rescale_etas: Iterable[float]
+    largest: Mapping[str, int], references: Sequence[str | tuple[str, Mapping]], no_rescale_etas: Iterable[float]
 ) -> list[Claim]:
-    """Notebook 04's claims of STAR: it beats each reference at each pool's largest size
-    (Table 2 where the paper has the method), beats the pre-trained body, and rescaling helps at
-    each ``eta`` of the ablation (Table 1)."""
-    star = pool.canonical_run("star").label()
-    paper = {m: STAR_TABLE2["star"] - v for m, v in STAR_TABLE2.items() if m != "star"}
+    """Notebook 04's claims of STAR: it beats each reference (a method name or a ``(method,
+    hyperparameters)`` pair) at each pool's largest size (Table 2 where the paper has the method
+    at the paper's setting, :func:`star_claim`), beats the pre-trained body, and rescaling helps
+    at each ``eta`` of the ablation (Table 1)."""
+    star = pool.canonical_run("star")
+    runs = [pool.reference_run(x) for x in references]
     effects = []
     for name, size in largest.items():
-        effects += [
-            Claim(
-                f"STAR beats {m} ({size} tasks)",
-                paper.get(m),
-                STAR_TABLE2_SOURCE if m in paper else "not compared in the paper",
-                STAR_NOTES.get(m, ""),
-                better=star,
-                worse=pool.canonical_run(m).label(),
-                pools=(name,),
-                sizes=(size,),
-                in_paper=m in paper,
-            )
-            for m in references
-        ]
+        effects += [star_claim(star, r, pool.short_name(r), size, (name,)) for r in runs]
         effects.append(
             Claim(
                 "STAR beats the pre-trained body (all sizes)",
                 None,
                 "Figures 1 and 4: STAR stays above the pretrained model up to 20 models",
-                better=star,
+                better=star.label(),
                 worse="base",
                 pools=(name,),
             )
@@ -249,20 +274,14 @@ DRM_LORA_TABLE2 = {"average": 61.5, "task_arithmetic": 45.9, "ties": 67.1, "dare
 DRM_LORA_SOURCE = "Table 2 (Llama-3.1-8B, LoRA r=16, 5 GLUE tasks)"
 #: DRM's Table 3, Llama-3.1-8B column: DRM-H with and without renormalisation
 DRM_LORA_TABLE3 = (69.5, 62.7)
-#: where notebook 07's LoRA setting is not the paper's, per (paper, method, hyperparameters' label)
-LORA_NOTES = {
-    ("STAR", "task_arithmetic", "lam=1.0"): "ours: lam=1 (a sum); the paper's TA is alpha=0.125 (the next row)",
-    ("STAR", "dare", ""): "ours: drop 0.9 then sum at lam=1; the paper's TA+DARE: alpha=0.125, p=0.7",
-    ("DRM", "task_arithmetic", "lam=1.0"): "ours: lam=1 (a sum); the paper's TA: its default coefficient",
-    ("DRM", "task_arithmetic", "lam=0.125"): "ours: STAR's alpha=0.125; the paper's TA: its default coefficient",
-    ("DRM", "dare", ""): "ours: drop 0.9 then sum (TA+DARE); the paper's is DARE-TIES",
+#: where notebook 07's LoRA setting is not DRM's, by short name (lib.pool.short_name); the STAR paper's
+#: settings (STAR_SETTINGS) are rows of STAR's table, not of DRM's
+DRM_LORA_NOTES = {
+    "task_arithmetic": "ours: lam=1 (a sum); the paper's TA: its default coefficient",
+    "task_arithmetic(lam=0.125)": "ours only: the STAR paper's alpha=0.125, not a row of this paper",
+    "dare": "ours: drop 0.9 then sum (TA+DARE); the paper's is DARE-TIES",
+    "dare(keep=0.3, lam=0.125)": "ours only: the STAR paper's TA+DARE (alpha=0.125, p=0.7), not a row of this paper",
 }
-
-
-def _note(paper: str, run: sweep.Run) -> str:
-    lam = run.hparams().get("lam")
-    key = f"lam={float(lam)}" if run.method == "task_arithmetic" and lam is not None else ""
-    return LORA_NOTES.get((paper, run.method, key), "")
 
 
 def lora_effects(
@@ -276,14 +295,13 @@ def lora_effects(
     """Notebook 07's claims on the LoRA experts, per paper (``"STAR"``: paper 002, ``"DRM"``:
     paper 004). ``compare[0]`` is STAR; the rest are the references, DRM-H and DRM-V among them
     (with and without renormalisation). STAR's: it beats each reference at ``size`` tasks (the
-    paper's Table 2 where it has the method: task arithmetic at its alpha = 0.125 is the paper's TA,
-    lam = 1 is ours only), beats the pre-trained body, and rescaling helps at each
-    ``no_rescale_etas`` (Table 1). DRM's, from its own LoRA setting (Table 2, Llama-3.1-8B): DRM-H
-    beats each method the table has, DRM-V included, and renormalisation helps DRM-H (Table 3) and
-    DRM-V (ours only)."""
+    paper's Table 2 where it has the method at the paper's setting, :func:`star_claim`: TA and
+    TA+DARE at alpha = 0.125 are the paper's, lam = 1 is ours only), beats the pre-trained body, and
+    rescaling helps at each ``no_rescale_etas`` (Table 1). DRM's, from its own LoRA setting (Table
+    2, Llama-3.1-8B): DRM-H beats each method the table has, DRM-V included (the STAR paper's
+    settings are ours only), and renormalisation helps DRM-H (Table 3) and DRM-V (ours only)."""
     star, refs = compare[0], list(compare[1:])
     pools, sizes = (pool_name,), (size,)
-    star_paper = {m: STAR_TABLE2["star"] - v for m, v in STAR_TABLE2.items() if m != "star"}
 
     def find(method: str, **hp) -> sweep.Run:
         for r in refs:
@@ -291,27 +309,11 @@ def lora_effects(
                 return r
         raise ValueError(f"notebook 07's references have no {method} with {hp}: {sorted(r.label() for r in refs)}")
 
-    def paper_ta(r: sweep.Run) -> bool:  # the STAR paper's TA: alpha = 0.125
-        return r.method != "task_arithmetic" or r.hparams().get("lam") == 0.125
-
     out = {"STAR": [], "DRM": []}
     for r in refs:
         if r.method in ("drm_h", "drm_v") and not r.hparams().get("renorm", True):
             continue  # the ablation rows, below
-        in_paper = r.method in star_paper and paper_ta(r)
-        out["STAR"].append(
-            Claim(
-                f"STAR beats {names[r.label()]} ({size} tasks)",
-                round(star_paper[r.method], 2) if in_paper else None,
-                STAR_TABLE2_SOURCE if in_paper else "not compared in the paper",
-                _note("STAR", r),
-                better=star.label(),
-                worse=r.label(),
-                pools=pools,
-                sizes=sizes,
-                in_paper=in_paper,
-            )
-        )
+        out["STAR"].append(star_claim(star, r, names[r.label()], size, pools))
     out["STAR"].append(
         Claim(
             "STAR beats the pre-trained body (all sizes)",
@@ -327,13 +329,14 @@ def lora_effects(
     for r in [star] + refs:
         if r.method == "drm_h" or (r.method == "drm_v" and not r.hparams().get("renorm", True)):
             continue
-        in_paper = r.method in DRM_LORA_TABLE2
+        star_setting = r.method in STAR_SETTINGS and star_paper_setting(r)
+        in_paper = r.method in DRM_LORA_TABLE2 and not star_setting
         out["DRM"].append(
             Claim(
                 f"DRM-H beats {names[r.label()]} ({size} tasks)",
                 round(DRM_LORA_TABLE2["drm_h"] - DRM_LORA_TABLE2[r.method], 2) if in_paper else None,
                 DRM_LORA_SOURCE if in_paper else "not compared in the paper",
-                "STAR is not in the paper" if r.method == "star" else _note("DRM", r),
+                "STAR is not in the paper" if r.method == "star" else DRM_LORA_NOTES.get(pool.short_name(r), ""),
                 better=drm_h.label(),
                 worse=r.label(),
                 pools=pools,

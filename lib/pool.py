@@ -219,6 +219,13 @@ def canonical_run(method: str, **hparams) -> sweep.Run:
     return sweep.Run(method, extra=resolve_hparams(get_method(method), hparams))
 
 
+def reference_run(reference: str | tuple[str, Mapping] | list) -> sweep.Run:
+    """The canonical run of a grid's reference: a method name (its registered defaults) or a
+    ``(method, hyperparameters)`` pair (a list once read back from JSON)."""
+    method, hp = (reference, {}) if isinstance(reference, str) else reference
+    return canonical_run(method, **hp)
+
+
 def short_name(run: sweep.Run) -> str:
     """The method and the hyperparameters that differ from its defaults: ``star``,
     ``star(eta=10)``, ``drm_h(renorm=False)``; for legends."""

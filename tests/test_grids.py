@@ -215,9 +215,27 @@ def test_the_papers_effects_are_their_tables_differences():
         "STAR beats the pre-trained body (all sizes)",
         "rescaling helps at eta=20 (all sizes)",
     ]
-    assert star[0].paper == papers.STAR_TABLE2["star"] - papers.STAR_TABLE2["ties"] and star[0].in_paper
+    assert star[0].paper == round(papers.STAR_TABLE2["star"] - papers.STAR_TABLE2["ties"], 2) and star[0].in_paper
     assert star[1].paper is None and not star[1].in_paper and star[2].worse == "base"
     assert star[3].worse == pool.canonical_run("star", eta=20, rescale=False).label()
+    # a Table 2 method counts as the paper's only at the paper's hyperparameters (TA, TA+DARE: alpha 0.125)
+    refs = ["task_arithmetic", ("task_arithmetic", {"lam": 0.125}), "dare", ("dare", {"lam": 0.125, "keep": 0.3})]
+    by = {e.what: e for e in papers.star_effects({"text": 7}, refs, [])}
+    t2 = papers.STAR_TABLE2
+    for ours_only, papers_own, method in [
+        ("task_arithmetic", "task_arithmetic(lam=0.125)", "task_arithmetic"),
+        ("dare", "dare(keep=0.3, lam=0.125)", "dare"),
+    ]:
+        mine, theirs = by[f"STAR beats {ours_only} (7 tasks)"], by[f"STAR beats {papers_own} (7 tasks)"]
+        assert mine.paper is None and not mine.in_paper and "ours only" in mine.note
+        assert theirs.in_paper and theirs.paper == round(t2["star"] - t2[method], 2) and theirs.note == ""
+    assert (
+        by["STAR beats dare(keep=0.3, lam=0.125) (7 tasks)"].worse
+        == pool.canonical_run("dare", keep=0.3, lam=0.125).label()
+    )
+    # p = 0.7 is keep = 0.3, whichever name the configuration uses; another rate is not the paper's
+    assert papers.star_paper_setting(pool.canonical_run("dare", p=0.7, lam=0.125))
+    assert not papers.star_paper_setting(pool.canonical_run("dare", keep=0.3, lam=0.125, then="ties"))
 
     drm = {v: pool.canonical_run(f"drm_{v}") for v in ("h", "v")}
     plain = {v: pool.canonical_run(f"drm_{v}", renorm=False) for v in ("h", "v")}
@@ -250,6 +268,9 @@ def test_the_lora_claims_take_each_papers_lora_table_and_only_its_own_baselines(
     lam1 = by["STAR"]["STAR beats task_arithmetic (7 tasks)"]
     assert lam1.paper is None and not lam1.in_paper and "alpha=0.125" in lam1.note
     assert by["STAR"]["STAR beats ties (7 tasks)"].paper == round(t2["star"] - t2["ties"], 2)
+    # TA+DARE likewise: alpha = 0.125, p = 0.7 is the paper's; drop 0.9 at lam = 1 is ours only
+    assert by["STAR"]["STAR beats dare(keep=0.3, lam=0.125) (7 tasks)"].paper == round(t2["star"] - t2["dare"], 2)
+    assert not by["STAR"]["STAR beats dare (7 tasks)"].in_paper
     assert not any("renorm=False" in c for c in by["STAR"])  # DRM's ablation runs are not STAR's baselines
     assert all(c.pools == ("text-lora",) for cs in claims.values() for c in cs)
     assert (
@@ -261,6 +282,10 @@ def test_the_lora_claims_take_each_papers_lora_table_and_only_its_own_baselines(
     assert by["DRM"]["DRM-H beats drm_v (7 tasks)"].paper == round(lt["drm_h"] - lt["drm_v"], 2)
     assert by["DRM"]["DRM-H beats average (7 tasks)"].paper == round(lt["drm_h"] - lt["average"], 2)
     assert by["DRM"]["DRM-H beats star (7 tasks)"].paper is None
+    for star_setting in ("task_arithmetic(lam=0.125)", "dare(keep=0.3, lam=0.125)"):  # STAR's rows, not DRM's
+        claim = by["DRM"][f"DRM-H beats {star_setting} (7 tasks)"]
+        assert claim.paper is None and not claim.in_paper and "STAR paper" in claim.note
+    assert by["DRM"]["DRM-H beats dare (7 tasks)"].in_paper
     renorm = by["DRM"]["renormalisation helps DRM-H (all sizes)"]
     assert renorm.paper == round(papers.DRM_LORA_TABLE3[0] - papers.DRM_LORA_TABLE3[1], 2)
     assert renorm.worse == pool.canonical_run("drm_h", renorm=False).label()

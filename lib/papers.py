@@ -194,12 +194,27 @@ DRM_TABLE1 = {
 #: Table 3: DRM-H with and without renormalisation, same settings
 DRM_TABLE3 = {"text": (66.9, 58.1), "vision": (77.5, 73.5)}
 DRM_SETTING = {"text": "DeBERTa-Base, 6 tasks", "vision": "ViT-B/32, 8 tasks"}
+#: Table 8: joint vs individual pruning, (joint, individual), from the same settings as Table 1
+DRM_TABLE8 = {
+    "text": {"drm_h": (66.9, 66.0), "drm_v": (54.1, 53.2)},
+    "vision": {"drm_h": (77.5, 77.4), "drm_v": (72.8, 72.8)},
+}
+#: where notebook 05's setting is not the paper's, by short name (lib.pool.short_name); the STAR
+#: paper's settings (STAR_SETTINGS) are not rows of DRM's tables
 DRM_NOTES = {
     "task_arithmetic": "ours: lam=1 (a sum); the paper's TA without validation: its default coefficient",
-    "dare": "DARE-TIES: ours drops 90% (p=0.9); the paper's default rate is not ours",
+    "task_arithmetic(lam=0.125)": "ours only: the STAR paper's alpha=0.125, not a row of this paper",
+    "dare": "ours: drop 0.9 then sum (TA+DARE); the paper's is DARE-TIES",
+    "dare(then=ties)": "DARE-TIES: ours drops 90% (p=0.9); the paper's default rate is not ours",
+    "dare(keep=0.3, lam=0.125)": "ours only: the STAR paper's TA+DARE (alpha=0.125, p=0.7), not a row of this paper",
     "star": "STAR is not in the paper",
-    "drm_v": "",
 }
+
+
+def drm_table_row(run: sweep.Run, table: Mapping[str, float]) -> bool:
+    """Whether ``run`` stands for one of ``table``'s methods: its method is there and it is not
+    at one of the STAR paper's settings (:data:`STAR_SETTINGS`, rows of that paper only)."""
+    return run.method in table and not (run.method in STAR_SETTINGS and star_paper_setting(run))
 
 
 def drm_effects(
@@ -209,22 +224,25 @@ def drm_effects(
     names: Mapping[str, str],
     drm: Mapping[str, sweep.Run],
     no_renorm: Mapping[str, sweep.Run],
+    per_task: Mapping[str, sweep.Run] | None = None,
 ) -> list[Claim]:
     """Notebook 05's claims of DRM per pool (``kinds``: pool -> text/vision): DRM-H beats each
-    run of ``compare[1:]`` at the pool's largest size (Table 1), beats the pre-trained body, and
-    renormalisation helps DRM-H (Table 3) and DRM-V (ours only)."""
+    run of ``compare[1:]`` at the pool's largest size (Table 1, where the run stands for one of its
+    methods: :func:`drm_table_row`), beats the pre-trained body, renormalisation helps DRM-H (Table
+    3) and DRM-V (ours only), and with ``per_task`` (DRM-H and DRM-V pruned task by task) joint
+    pruning helps both (Table 8)."""
     effects = []
     for name, size in largest.items():
         kind = kinds[name]
         table = DRM_TABLE1[kind]
         for run in compare[1:]:
-            paper = table["drm_h"] - table[run.method] if run.method in table else None
+            paper = round(table["drm_h"] - table[run.method], 2) if drm_table_row(run, table) else None
             effects.append(
                 Claim(
                     f"DRM-H beats {names[run.label()]} ({size} tasks)",
                     paper,
                     f"Table 1 ({DRM_SETTING[kind]})" if paper is not None else "not compared in the paper",
-                    DRM_NOTES.get(run.method, ""),
+                    DRM_NOTES.get(pool.short_name(run), ""),
                     better=drm["h"].label(),
                     worse=run.label(),
                     pools=(name,),
@@ -246,7 +264,7 @@ def drm_effects(
         effects.append(
             Claim(
                 "renormalisation helps DRM-H (all sizes)",
-                with_renorm - without,
+                round(with_renorm - without, 2),
                 f"Table 3 ({DRM_SETTING[kind]})",
                 better=drm["h"].label(),
                 worse=no_renorm["h"].label(),
@@ -264,6 +282,18 @@ def drm_effects(
                 in_paper=False,
             )
         )
+        for v in per_task or {}:
+            joint, individual = DRM_TABLE8[kind][f"drm_{v}"]
+            effects.append(
+                Claim(
+                    f"joint pruning helps DRM-{v.upper()} (all sizes)",
+                    round(joint - individual, 2),
+                    f"Table 8 ({DRM_SETTING[kind]})",
+                    better=drm[v].label(),
+                    worse=per_task[v].label(),
+                    pools=(name,),
+                )
+            )
     return effects
 
 
@@ -329,8 +359,7 @@ def lora_effects(
     for r in [star] + refs:
         if r.method == "drm_h" or (r.method == "drm_v" and not r.hparams().get("renorm", True)):
             continue
-        star_setting = r.method in STAR_SETTINGS and star_paper_setting(r)
-        in_paper = r.method in DRM_LORA_TABLE2 and not star_setting
+        in_paper = drm_table_row(r, DRM_LORA_TABLE2)
         out["DRM"].append(
             Claim(
                 f"DRM-H beats {names[r.label()]} ({size} tasks)",

@@ -244,11 +244,26 @@ def test_the_papers_effects_are_their_tables_differences():
     effects = papers.drm_effects({"vision/x": 2}, {"vision/x": "vision"}, compare, names, drm, plain)
     by_claim = {e.what: e for e in effects}
     table = papers.DRM_TABLE1["vision"]
-    assert by_claim["DRM-H beats ties (2 tasks)"].paper == table["drm_h"] - table["ties"]
+    assert by_claim["DRM-H beats ties (2 tasks)"].paper == round(table["drm_h"] - table["ties"], 2)
     assert by_claim["DRM-H beats star (2 tasks)"].paper is None
     with_renorm, without = papers.DRM_TABLE3["vision"]
-    assert by_claim["renormalisation helps DRM-H (all sizes)"].paper == with_renorm - without
+    assert by_claim["renormalisation helps DRM-H (all sizes)"].paper == round(with_renorm - without, 2)
     assert len(effects) == len(compare) - 1 + 3
+    # Table 8 with the individually pruned runs; the STAR paper's settings are not rows of DRM's Table 1
+    per_task = {v: pool.canonical_run(f"drm_{v}", prune="per_task") for v in ("h", "v")}
+    star_ta = pool.canonical_run("task_arithmetic", lam=0.125)
+    compare += [pool.canonical_run("task_arithmetic"), star_ta]
+    names = {r.label(): pool.short_name(r) for r in compare}
+    by_claim = {
+        e.what: e for e in papers.drm_effects({"text": 7}, {"text": "text"}, compare, names, drm, plain, per_task)
+    }
+    joint, individual = papers.DRM_TABLE8["text"]["drm_v"]
+    claim = by_claim["joint pruning helps DRM-V (all sizes)"]
+    assert claim.paper == round(joint - individual, 2) == 0.9 and claim.worse == per_task["v"].label()
+    assert claim.better == drm["v"].label() and claim.in_paper
+    assert by_claim["DRM-H beats task_arithmetic (7 tasks)"].in_paper
+    ours = by_claim["DRM-H beats task_arithmetic(lam=0.125) (7 tasks)"]
+    assert ours.paper is None and not ours.in_paper and "STAR paper" in ours.note
 
 
 def test_the_lora_claims_take_each_papers_lora_table_and_only_its_own_baselines():

@@ -304,14 +304,9 @@ DRM_LORA_TABLE2 = {"average": 61.5, "task_arithmetic": 45.9, "ties": 67.1, "dare
 DRM_LORA_SOURCE = "Table 2 (Llama-3.1-8B, LoRA r=16, 5 GLUE tasks)"
 #: DRM's Table 3, Llama-3.1-8B column: DRM-H with and without renormalisation
 DRM_LORA_TABLE3 = (69.5, 62.7)
-#: where notebook 07's LoRA setting is not DRM's, by short name (lib.pool.short_name); the STAR paper's
-#: settings (STAR_SETTINGS) are rows of STAR's table, not of DRM's
-DRM_LORA_NOTES = {
-    "task_arithmetic": "ours: lam=1 (a sum); the paper's TA: its default coefficient",
-    "task_arithmetic(lam=0.125)": "ours only: the STAR paper's alpha=0.125, not a row of this paper",
-    "dare": "ours: drop 0.9 then sum (TA+DARE); the paper's is DARE-TIES",
-    "dare(keep=0.3, lam=0.125)": "ours only: the STAR paper's TA+DARE (alpha=0.125, p=0.7), not a row of this paper",
-}
+#: where notebook 07's LoRA setting is not DRM's: notebook 05's notes, but the LoRA table's TA is
+#: scored without the full fine-tunes' "without validation" qualifier
+DRM_LORA_NOTES = {**DRM_NOTES, "task_arithmetic": "ours: lam=1 (a sum); the paper's TA: its default coefficient"}
 
 
 def lora_effects(
@@ -365,7 +360,7 @@ def lora_effects(
                 f"DRM-H beats {names[r.label()]} ({size} tasks)",
                 round(DRM_LORA_TABLE2["drm_h"] - DRM_LORA_TABLE2[r.method], 2) if in_paper else None,
                 DRM_LORA_SOURCE if in_paper else "not compared in the paper",
-                "STAR is not in the paper" if r.method == "star" else DRM_LORA_NOTES.get(pool.short_name(r), ""),
+                DRM_LORA_NOTES.get(pool.short_name(r), ""),
                 better=drm_h.label(),
                 worse=r.label(),
                 pools=pools,

@@ -67,14 +67,24 @@ FULL: dict[str, dict[str, Any]] = {
         "MAX_SUBSETS": 1,
         "ETAS": [10, 20, 40, 70, 100],  # eta with rescaling; 40 is the paper's default
         "NO_RESCALE_ETAS": [10, 20, 40],  # the rescale ablation (at eta=100 nothing is cut and both coincide)
-        "REFERENCES": ["average", "task_arithmetic", "ties", "dare", "drm_h"],
+        # each at its registered defaults, then the STAR paper's own baselines (Table 2: TA at alpha=0.125
+        # and TA+DARE at alpha=0.125, drop rate 0.7): a win against a lam=1 sum at chance says nothing
+        "REFERENCES": [
+            "average",
+            "task_arithmetic",
+            "ties",
+            "dare",
+            "drm_h",
+            ("task_arithmetic", {"lam": 0.125}),
+            ("dare", {"keep": 0.3, "lam": 0.125}),
+        ],
         "RANK_ETAS": [10, 20, 30, 40, 50, 60, 70, 80, 90, 100],  # the kept-rank diagnostic needs spectra only
     },
     "05_drm": {
         "SEEDS": [0, 1, 2],
         "POOLS": {"text": TEXT_TASKS, **VISION_POOLS},
-        # text: the ends of notebook 04's [2, 3, 5, 7]: the record store holds 04's merges of the same subsets
-        "SIZES": {"text": [2, 7], "vision": [2, 3]},
+        # notebook 04's whole grid: the record store holds 04's merges of the same subsets
+        "SIZES": {"text": [2, 3, 5, 7], "vision": [2, 3]},
         "MAX_SUBSETS": 1,  # subsets per size and seed (the paper: up to 10); all combinations when there are fewer
         "REFERENCES": [
             ("average", {}),
@@ -82,10 +92,13 @@ FULL: dict[str, dict[str, Any]] = {
             ("ties", {}),
             ("dare", {"then": "ties"}),
             ("star", {}),
+            # the STAR paper's baselines, as in notebook 04: ours only, not rows of DRM's tables
+            ("task_arithmetic", {"lam": 0.125}),
+            ("dare", {"keep": 0.3, "lam": 0.125}),
         ],
         "DENSITIES": [0.05, 0.1, 0.2, 0.5, 1.0],  # fraction of entries kept, swept for DRM-H and TIES
-        # sizes the density sweep covers; text 7 would add 8 seven-task merges per seed
-        "DENSITY_SIZES": {"text": [2], "vision": [2]},
+        # sizes the density sweep covers (the paper's Figure 7 merges all its tasks: text 7 is ours)
+        "DENSITY_SIZES": {"text": [2, 7], "vision": [2]},
         "PROFILE_KEYS": {
             "text": "bert.encoder.layer.3.attention.output.dense.weight",
             "vision": "layer3.0.conv1.weight",

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from . import configs, paths, pool, runner, sweep
 from .store import RecordStore, method_version
 
@@ -199,18 +201,105 @@ def label_in(records: Iterable[Mapping], run: sweep.Run) -> str:
     """The label under which ``records`` hold ``run``: the record of ``run``'s method whose
     hyperparameters agree with ``run``'s (defaults filled in) on every one the record names.
     Records computed before a method gained a hyperparameter carry a shorter label; this finds
-    it, so a table drawn from published results selects the same runs. ``run.label()`` when no
-    record matches."""
+    it, so a table drawn from published results selects the same runs; a hyperparameter the record
+    lacks matches only at the method's default (the run such a record stood for when it was
+    published), so an older record never stands for, say, ``prune="per_task"``. ``run.label()`` when no record matches."""
     wanted = pool.canonical_run(run.method, **run.hparams()).hparams()
+    default = pool.canonical_run(run.method).hparams()
     for r in records:
         hp = r.get("hparams") or {}
         if (
             r.get("method") == run.method
             and r.get("model") == "merged"
             and all(wanted.get(k) == v for k, v in hp.items())
+            and all(wanted[k] == default.get(k) for k in wanted.keys() - hp.keys())
         ):
             return r["run"]
     return run.label()
+
+
+# --- what a change of method changed in published numbers ------------------------------------------
+
+
+def frozen_summary(results: Mapping, methods: Sequence[str], *, source: str) -> dict:
+    """What ``results`` (a notebook's published file) said about ``methods`` before they changed:
+    per pool, subset size and run the mean, sample std and count over seeds of the normalized
+    score (:func:`lib.pool.size_summary`) with the run's hyperparameters, and every claim's
+    effect and verdict. ``source`` says where it came from (file and commit). A later run reads
+    it back with :func:`changed_since` (notebook 05 keeps the per-task-pruning DRM this way)."""
+    s = pool.size_summary(results["records"])
+    s = s[s.method.isin(methods)]
+    hp = [c for c in s.columns if c.startswith("hp_") and s[c].notna().any()]
+    rows = [
+        {
+            "pool": r["pool"],
+            "size": int(r["size"]),
+            "method": r["method"],
+            "hparams": {c[3:]: _plain(r[c]) for c in hp if r[c] is not None and r[c] == r[c]},
+            "mean": float(r["mean"]),
+            "std": None if r["std"] != r["std"] else float(r["std"]),
+            "n": int(r["n"]),
+        }
+        for r in s.to_dict("records")
+    ]
+    keep = ("claim", "pools", "ours", "ci_low", "ci_high", "agrees")
+    return {
+        "source": source,
+        "config": _plain(results["config"]),
+        "summary": rows,
+        "effects": [{k: e.get(k) for k in keep} for e in results["effects"]],
+    }
+
+
+def changed_since(frozen: Mapping, records: Iterable[Mapping], **now) -> pd.DataFrame:
+    """Each row of ``frozen`` (:func:`frozen_summary`) beside the same pool, size, method and
+    hyperparameters among ``records`` now, with ``now``'s hyperparameters fixed on top (notebook
+    05: ``prune="joint"``, the setting the frozen runs did not have): ``before``, ``now`` and
+    ``change`` in points of normalized score (x100), ``n`` seeds now. Rows with nothing to
+    compare with now (a size the grid no longer has) are left out."""
+    summary = pool.size_summary(records)
+    out = []
+    for row in frozen["summary"]:
+        here = summary[(summary.pool == row["pool"]) & (summary["size"] == row["size"])]
+        if here.empty or row["method"] not in set(here.method):
+            continue
+        match = pool.select(here, row["method"], **{**row["hparams"], **now})
+        if len(match) != 1:
+            continue
+        after = match.iloc[0]
+        out.append(
+            {
+                "pool": row["pool"],
+                "size": row["size"],
+                "run": after["run"],
+                "before": 100 * row["mean"],
+                "now": 100 * float(after["mean"]),
+                "change": 100 * (float(after["mean"]) - row["mean"]),
+                "n": int(after["n"]),
+            }
+        )
+    return pd.DataFrame(out, columns=["pool", "size", "run", "before", "now", "change", "n"])
+
+
+def verdicts_since(frozen: Mapping, effects: Iterable[Mapping]) -> pd.DataFrame:
+    """The claims of ``frozen`` beside the same claims (same text and pools) of ``effects`` now:
+    ``ours`` before and now in points, and each verdict (``agrees``) before and now; ``flipped``
+    where the verdict differs."""
+    now = {(e["claim"], e["pools"]): e for e in effects}
+    rows = [
+        {
+            "claim": b["claim"],
+            "pools": b["pools"],
+            "ours_before": b["ours"],
+            "ours_now": now[b["claim"], b["pools"]]["ours"],
+            "agrees_before": b["agrees"],
+            "agrees_now": now[b["claim"], b["pools"]]["agrees"],
+        }
+        for b in frozen["effects"]
+        if (b["claim"], b["pools"]) in now
+    ]
+    out = pd.DataFrame(rows, columns=["claim", "pools", "ours_before", "ours_now", "agrees_before", "agrees_now"])
+    return out.assign(flipped=out.agrees_before != out.agrees_now)
 
 
 # --- the runs of notebooks 04 and 05 ---------------------------------------------------------------
@@ -231,12 +320,14 @@ def drm_runs(
     references: Iterable[tuple[str, Mapping]], densities: Iterable[float], density_methods: Sequence[Mapping]
 ) -> tuple[list[sweep.Run], list[sweep.Run]]:
     """Notebook 05's ``(main runs, density runs)``: DRM-H and DRM-V with and without
-    renormalisation and each reference, then each of ``density_methods`` (``method``, ``fixed``
+    renormalisation (the paper's Table 3), pruned task by task instead of jointly (Table 8:
+    :func:`drm_per_task_runs`) and each reference, then each of ``density_methods`` (``method``, ``fixed``
     hyperparameters) at each density, less the runs already among the main ones (the main runs
     are the density sweep's point at the default density)."""
     drm = [pool.canonical_run(f"drm_{v}") for v in ("h", "v")]
     no_renorm = [pool.canonical_run(f"drm_{v}", renorm=False) for v in ("h", "v")]
-    main = [*drm, *no_renorm, *(pool.reference_run(x) for x in references)]
+    per_task = list(drm_per_task_runs().values())
+    main = [*drm, *no_renorm, *per_task, *(pool.reference_run(x) for x in references)]
     sweep_runs = [
         pool.canonical_run(spec["method"], density=d, **spec.get("fixed", {}))
         for spec in density_methods
@@ -244,6 +335,12 @@ def drm_runs(
     ]
     labels = {r.label() for r in main}
     return main, list({r.label(): r for r in sweep_runs if r.label() not in labels}.values())
+
+
+def drm_per_task_runs() -> dict[str, sweep.Run]:
+    """The pruning ablation (the paper's Table 8), by variant: DRM-H and DRM-V at their defaults
+    but pruned within each task's block instead of over all blocks jointly."""
+    return {v: pool.canonical_run(f"drm_{v}", prune="per_task") for v in ("h", "v")}
 
 
 #: notebook 05's density sweep: each method at each density, with its fixed hyperparameters

@@ -87,6 +87,9 @@ def test_label_in_finds_the_label_published_records_carry():
         == pool.canonical_run("drm_h", density=0.5).label()
     )
     assert grids.label_in(records, pool.canonical_run("ties")) == pool.canonical_run("ties").label()
+    # a hyperparameter the records lack matches at its default only: no old record is the per-task ablation
+    per_task = pool.canonical_run("drm_h", prune="per_task")
+    assert grids.label_in(records, per_task) == per_task.label() != records[0]["run"]
 
 
 def notebook_grid(folder, seeds=(0,)):
@@ -264,6 +267,15 @@ def test_the_papers_effects_are_their_tables_differences():
     assert by_claim["DRM-H beats task_arithmetic (7 tasks)"].in_paper
     ours = by_claim["DRM-H beats task_arithmetic(lam=0.125) (7 tasks)"]
     assert ours.paper is None and not ours.in_paper and "STAR paper" in ours.note
+    # ViT's DRM-V scores 72.8 with either pruning: no direction to agree with, so the claim is ours only
+    vision = {
+        e.what: e
+        for e in papers.drm_effects({"vision/x": 2}, {"vision/x": "vision"}, compare, names, drm, plain, per_task)
+    }
+    assert papers.DRM_TABLE8["vision"]["drm_v"][0] == papers.DRM_TABLE8["vision"]["drm_v"][1]
+    tied = vision["joint pruning helps DRM-V (all sizes)"]
+    assert tied.paper is None and not tied.in_paper and "no difference to agree with" in tied.source
+    assert vision["joint pruning helps DRM-H (all sizes)"].in_paper
 
 
 def test_the_lora_claims_take_each_papers_lora_table_and_only_its_own_baselines():

@@ -489,6 +489,38 @@ def test_drm_profile_without_renormalisation_zeroes_a_task_s_weak_rows():
         pool.drm_profile(base, bodies, "w", variant="x")
 
 
+def test_a_frozen_summary_compares_the_old_runs_with_the_new_setting_only():
+    from lib import grids
+
+    # "before": DRM records without the prune hyperparameter; "now": the same runs pruned jointly and per task
+    runs = [pool.canonical_run("drm_h", renorm=r) for r in (True, False)] + [pool.canonical_run("average")]
+    before = run_fake(runs=runs, sizes=(2,))
+    for r in before:
+        r.get("hparams", {}).pop("prune", None)
+    effects = [{"claim": "c", "pools": "fake", "ours": 1.0, "ci_low": 0.5, "ci_high": 1.5, "agrees": "yes"}]
+    frozen = grids.frozen_summary(
+        {"records": before, "effects": effects, "config": {"seeds": (0, 1)}}, ["drm_h"], source="test"
+    )
+    assert {r["method"] for r in frozen["summary"]} == {"drm_h"} and len(frozen["summary"]) == 2
+    assert frozen["config"] == {"seeds": [0, 1]} and "prune" not in frozen["summary"][0]["hparams"]
+    now = run_fake(
+        runs=[pool.canonical_run("drm_h", renorm=r, prune=p) for r in (True, False) for p in ("joint", "per_task")],
+        sizes=(2, 3),
+    )
+    changed = grids.changed_since(frozen, now, prune="joint")
+    assert len(changed) == 2 and all("per_task" not in run for run in changed.run)
+    summary = pool.size_summary(now).set_index(["size", "run"])
+    for row in changed.to_dict("records"):
+        assert row["size"] == 2  # the frozen runs had size 2 only
+        assert row["now"] == pytest.approx(100 * summary.loc[(2, row["run"]), "mean"])
+        assert row["change"] == pytest.approx(row["now"] - row["before"])
+    # the fake experts do not depend on the prune setting: the same runs score the same before and now
+    assert changed.change.abs().max() < 1e-9
+    verdicts = grids.verdicts_since(frozen, [{**effects[0], "ours": -1.0, "agrees": "no"}])
+    assert verdicts.flipped.tolist() == [True] and verdicts.ours_now.tolist() == [-1.0]
+    assert grids.verdicts_since(frozen, []).empty
+
+
 # --- figures: drawn from results dicts built with the fake pools -----------------------------------
 
 
@@ -546,6 +578,30 @@ def test_drm_figures_are_written_from_results(figures_dir):
     written = f05_drm.draw(fake_results("05_drm", runs, config), smoke=True)
     assert sorted(p.name for p in written) == [f"05_drm_{n}.png" for n in ("density", "methods", "renorm", "rows")]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_renorm_figure_draws_joint_pruning_only(figures_dir, monkeypatch):
+    # the per-task pruning ablation (Table 8) shares renorm and density with the renormalisation
+    # series: without the prune filter its records would be averaged into the joint ones
+    from lib.figures import f05_drm
+
+    runs = [
+        pool.canonical_run(m, renorm=r, prune=p)
+        for m in ("drm_h", "drm_v")
+        for r in (True, False)
+        for p in ("joint", "per_task")
+    ]
+    results = fake_results("05_drm", runs, {"default_density": 0.2})
+    drawn, select = [], pool.select
+    monkeypatch.setattr(pool, "select", lambda *a, **k: drawn.append(select(*a, **k)) or drawn[-1])
+    f05_drm.draw_renorm(results, smoke=True)
+    assert len(drawn) == 8 and all(len(d) and set(d.hp_prune) == {"joint"} for d in drawn)
+    # records published before the prune hyperparameter existed are drawn as they are
+    for r in results["records"]:
+        r.get("hparams", {}).pop("prune", None)
+    drawn.clear()
+    f05_drm.draw_renorm(results, smoke=True)
+    assert len(drawn) == 8 and all(len(d) for d in drawn)
 
 
 @pytest.mark.parametrize("module", ["f04_star", "f05_drm"])

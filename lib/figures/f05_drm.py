@@ -28,13 +28,16 @@ def draw_renorm(results: dict, *, smoke: bool = False) -> list[Path]:
     s = pool.subset_scores(results["records"])
     density = results["config"]["default_density"]
     series = [(m, renorm) for m in ("drm_h", "drm_v") for renorm in (True, False)]
+    # the per-task pruning ablation (Table 8) shares renorm and density with these runs: only the
+    # joint ones are drawn (records from before the prune hyperparameter have no hp_prune column)
+    joint = {"prune": "joint"} if "hp_prune" in s.columns else {}
     # the four series lie close together: each is drawn a little to the side of the size it is at,
     # as mean +- std over seeds, filled with renormalisation and hollow without
     offsets = dict(zip(series, np.linspace(-0.15, 0.15, len(series))))
     fig, axes = pool_axes(results)
     for name, ax in axes.items():
         for method, renorm in series:
-            r = pool.select(s[s.pool == name], method, renorm=renorm, density=density)
+            r = pool.select(s[s.pool == name], method, renorm=renorm, density=density, **joint)
             if r.empty:
                 continue
             g = stats.over_seeds(r, ["size"], sort=True)

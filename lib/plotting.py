@@ -122,8 +122,18 @@ def legend_beside(ax, **kwargs):
 
 
 def legend_below(ax, ncol: int, **kwargs):
-    """The legend under ``ax`` (below its tick labels and axis label), in ``ncol`` columns."""
-    return ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), borderaxespad=0.0, ncol=ncol, **kwargs)
+    """The legend under ``ax`` (below its tick labels and axis label), in ``ncol`` columns. Call it
+    after the ticks and the x label are set: the gap is their measured height, in points, so it
+    holds when ``tight_layout`` shrinks the axes to make room for a tall legend (a fixed fraction
+    of the axes height does not: it put a five-row legend on the axis label)."""
+    from matplotlib.transforms import offset_copy
+
+    fig = ax.figure
+    below = ax.get_window_extent().y0 - ax.xaxis.get_tightbbox(fig.canvas.get_renderer()).y0  # pixels
+    anchor = offset_copy(ax.transAxes, fig=fig, y=-(max(below, 0.0) * 72 / fig.dpi + 4), units="points")
+    return ax.legend(
+        loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=anchor, borderaxespad=0.0, ncol=ncol, **kwargs
+    )
 
 
 def savefig(

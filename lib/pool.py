@@ -718,6 +718,16 @@ def numerical_rank(sigma: torch.Tensor, rows: int, cols: int) -> int:
     return int((sigma > tol).sum())
 
 
+def kept_fraction(kept, nonzero):
+    """STAR's kept rank as a fraction of the task vector's numerical rank, for ``kept (n, etas)``
+    and ``nonzero (n,)`` of :func:`star_ranks`' rows: at eta = 100 STAR keeps every direction,
+    the round-off ones too, so the kept rank can exceed the numerical rank; a fraction above 1
+    would read as more than all, so it is capped at 1 (a zero task vector counts as 0)."""
+    kept = np.asarray(kept, float)
+    nonzero = np.asarray(nonzero, float)[:, None]
+    return np.where(nonzero > 0, np.minimum(kept, nonzero) / np.maximum(nonzero, 1), 0.0)
+
+
 def star_ranks(
     base: StateDict, bodies: Mapping[str, StateDict], etas: Sequence[float], *, include=None, exclude=None, device=None
 ) -> list[dict]:

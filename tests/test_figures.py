@@ -19,6 +19,7 @@ from matplotlib.text import Text  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
 from lib import figures, paths  # noqa: E402
+from lib.plotting import legend_below  # noqa: E402
 
 MIN_POINTS = 8.0
 #: legend boxes shrink by this many pixels on each side before the test (the frame's padding)
@@ -27,7 +28,13 @@ PAD = 2.0
 
 def _texts(fig):
     for t in fig.findobj(Text):
-        if t.get_visible() and t.get_text().strip() and t.get_figure() is fig:
+        # a hidden panel's tick labels are not drawn, though each says it is visible
+        if (
+            t.get_visible()
+            and t.get_text().strip()
+            and t.get_figure() is fig
+            and (t.axes is None or t.axes.get_visible())
+        ):
             yield t
 
 
@@ -96,6 +103,26 @@ def legends_on_data(fig) -> list[str]:
     return out
 
 
+def legends_on_text(fig) -> list[str]:
+    """A legend lying on any text of the figure that is not its own (an axis label, tick labels, a title)."""
+    renderer = fig.canvas.get_renderer()
+    out = []
+    for leg in _legends(fig):
+        box = _inner(leg.get_window_extent(renderer))
+        own = {id(t) for t in leg.get_texts()} | {id(leg.get_title())}
+        ticks = {id(tick.label1) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis) for tick in axis.get_major_ticks()}
+        drawn = [t for t in _texts(fig) if id(t) not in ticks and id(t) not in own]
+        for t in drawn + [
+            t for ax in fig.axes if ax.get_visible() for axis in (ax.xaxis, ax.yaxis) for t in _drawn(axis)
+        ]:
+            overlap = Bbox.intersection(t.get_window_extent(renderer), box)
+            if overlap is not None and overlap.width > 1 and overlap.height > 1:
+                out.append(
+                    f"legend ({', '.join(x.get_text() for x in leg.get_texts())[:60]}) over text {t.get_text()!r}"
+                )
+    return out
+
+
 def _overlapping(texts, renderer) -> list[str]:
     # a slanted label's box is not the text's outline (neighbours' boxes overlap where the text does not)
     boxes = [
@@ -111,15 +138,22 @@ def _overlapping(texts, renderer) -> list[str]:
     return out
 
 
+def _drawn(axis) -> list[Text]:
+    """The major tick labels of ``axis`` that are drawn: visible, at a tick inside the view interval."""
+    lo, hi = axis.get_view_interval()
+    return [
+        tick.label1
+        for tick, loc in zip(axis.get_major_ticks(), axis.get_majorticklocs())
+        if tick.label1.get_visible() and min(lo, hi) <= loc <= max(lo, hi)
+    ]
+
+
 def overlapping_labels(fig) -> list[str]:
     renderer = fig.canvas.get_renderer()
     out = []
     for ax in fig.axes:
         for axis in (ax.xaxis, ax.yaxis):
-            ticks = [t.label1 for t in axis.get_major_ticks() if t.label1.get_visible()]
-            lo, hi = axis.get_view_interval()
-            ticks = [t for t, loc in zip(ticks, axis.get_majorticklocs()) if min(lo, hi) <= loc <= max(lo, hi)]
-            out += _overlapping(ticks, renderer)
+            out += _overlapping(_drawn(axis), renderer)
         out += _overlapping(ax.texts, renderer)
     return out
 
@@ -130,6 +164,7 @@ def problems(fig) -> list[str]:
     return (
         [f"text under {MIN_POINTS:g} pt: {p}" for p in small_texts(fig)]
         + legends_on_data(fig)
+        + legends_on_text(fig)
         + [f"labels overlap: {p}" for p in overlapping_labels(fig)]
     )
 
@@ -179,5 +214,19 @@ def test_the_checks_see_a_legend_on_data_and_small_text():
     ax.plot([0, 1], [0, 0.2], label="low")
     ax.set_ylim(0, 1)
     ax.legend(loc="upper right")
+    assert problems(fig) == []
+    plt.close(fig)
+    # a legend hung under the axes at a fixed fraction of its height lands on the x label of a short panel
+    fig, ax = plt.subplots(figsize=(4, 2))
+    ax.plot([0, 1], [0, 1], label="a")
+    ax.set_xlabel("the x label")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.05))
+    assert any("over text 'the x label'" in p for p in problems(fig))
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4, 2))
+    for i in range(5):
+        ax.plot([0, 1], [0, i], label=f"line {i}")
+    ax.set_xlabel("the x label")
+    legend_below(ax, ncol=1)
     assert problems(fig) == []
     plt.close(fig)

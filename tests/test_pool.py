@@ -419,6 +419,10 @@ def test_star_ranks_count_a_dense_lora_delta_as_its_rank_not_its_round_off():
     assert int((torch.linalg.svdvals(tau) > 0).sum()) > 16  # what counting every value above 0 called rank
     assert row["nonzero"] == 16
     assert pool.numerical_rank(torch.zeros(4), 4, 4) == 0
+    # at eta = 100 STAR keeps the round-off directions too: more than the rank, so the figure's fraction caps at 1
+    assert row["kept"][1] > 16
+    assert pool.kept_fraction([row["kept"]], [row["nonzero"]]).tolist() == [[row["kept"][0] / 16, 1.0]]
+    assert pool.kept_fraction([[0, 0]], [0]).tolist() == [[0.0, 0.0]]
 
 
 def split_v_reference(deltas, density):

@@ -200,7 +200,7 @@ def draw_ranks(results: dict, *, smoke: bool = False) -> list[Path]:
         fig.colorbar(im, ax=ax, fraction=0.04, label="kept rank")
         for expert in experts:
             e = df[df.expert == expert]
-            frac = np.array(e.kept.tolist(), float) / np.maximum(e.nonzero.to_numpy()[:, None], 1)
+            frac = pool.kept_fraction(e.kept.tolist(), e.nonzero.to_numpy())
             ax2.plot(etas, np.median(frac, axis=0), marker="o", markersize=3, label=expert)
         ax2.set_xlabel("eta")
         ax2.set_ylabel("kept rank / rank of the task vector (median)")

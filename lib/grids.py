@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from . import configs, paths, pool, runner, sweep
@@ -221,14 +222,31 @@ def label_in(records: Iterable[Mapping], run: sweep.Run) -> str:
 # --- what a change of method changed in published numbers ------------------------------------------
 
 
+def _seed_means(records: Iterable[Mapping]) -> pd.DataFrame:
+    """Per pool, subset size, run and seed: the mean normalized score over that seed's subsets."""
+    s = pool.subset_scores(records)
+    return s.groupby(["pool", "size", "run", "seed"], sort=False)["normalized"].mean().sort_index()
+
+
+def _expert_scores(experts: Iterable[Mapping]) -> dict:
+    """(pool, seed) -> {task: accuracy} of a notebook's expert table: what tells the same experts."""
+    out: dict = {}
+    for e in experts:
+        out.setdefault((e["pool"], int(e["seed"])), {})[e["task"]] = e.get("accuracy")
+    return out
+
+
 def frozen_summary(results: Mapping, methods: Sequence[str], *, source: str) -> dict:
     """What ``results`` (a notebook's published file) said about ``methods`` before they changed:
     per pool, subset size and run the mean, sample std and count over seeds of the normalized
-    score (:func:`lib.pool.size_summary`) with the run's hyperparameters, and every claim's
-    effect and verdict. ``source`` says where it came from (file and commit). A later run reads
-    it back with :func:`changed_since` (notebook 05 keeps the per-task-pruning DRM this way)."""
+    score (:func:`lib.pool.size_summary`), each seed's mean (``by_seed``), the run's
+    hyperparameters, every claim's effect and verdict, and the experts' own scores per pool and
+    seed (so a later run can tell which seeds it merged the same experts of). ``source`` says where
+    it came from (file and commit). A later run reads it back with :func:`changed_since` (notebook
+    05 keeps the per-task-pruning DRM this way)."""
     s = pool.size_summary(results["records"])
     s = s[s.method.isin(methods)]
+    seeds = _seed_means(results["records"])
     hp = [c for c in s.columns if c.startswith("hp_") and s[c].notna().any()]
     rows = [
         {
@@ -239,25 +257,38 @@ def frozen_summary(results: Mapping, methods: Sequence[str], *, source: str) -> 
             "mean": float(r["mean"]),
             "std": None if r["std"] != r["std"] else float(r["std"]),
             "n": int(r["n"]),
+            "by_seed": {str(int(k)): float(v) for k, v in seeds.loc[r["pool"], r["size"], r["run"]].items()},
         }
         for r in s.to_dict("records")
     ]
     keep = ("claim", "pools", "ours", "ci_low", "ci_high", "agrees")
+    experts = [{k: e.get(k) for k in ("pool", "seed", "task", "accuracy")} for e in results.get("experts", [])]
     return {
         "source": source,
         "config": _plain(results["config"]),
         "summary": rows,
         "effects": [{k: e.get(k) for k in keep} for e in results["effects"]],
+        "experts": experts,
     }
 
 
-def changed_since(frozen: Mapping, records: Iterable[Mapping], **now) -> pd.DataFrame:
+def changed_since(frozen: Mapping, records: Iterable[Mapping], *, experts=None, **now) -> pd.DataFrame:
     """Each row of ``frozen`` (:func:`frozen_summary`) beside the same pool, size, method and
     hyperparameters among ``records`` now, with ``now``'s hyperparameters fixed on top (notebook
     05: ``prune="joint"``, the setting the frozen runs did not have): ``before``, ``now`` and
     ``change`` in points of normalized score (x100), ``n`` seeds now. Rows with nothing to
-    compare with now (a size the grid no longer has) are left out."""
+    compare with now (a size the grid no longer has) are left out.
+
+    With ``experts`` (the expert table now) and a frozen file that kept its own, the change is
+    also given over the seeds whose experts are the same both times (every expert's score equal):
+    ``same_seeds`` and ``change_same`` (the mean over those seeds of now minus before). A
+    retrained expert moves every merge of it, so only ``change_same`` is the change of the method
+    alone."""
+    records = list(records)
     summary = pool.size_summary(records)
+    seeds = _seed_means(records)
+    before_experts = _expert_scores(frozen.get("experts", []))
+    now_experts = _expert_scores(experts or [])
     out = []
     for row in frozen["summary"]:
         here = summary[(summary.pool == row["pool"]) & (summary["size"] == row["size"])]
@@ -267,18 +298,31 @@ def changed_since(frozen: Mapping, records: Iterable[Mapping], **now) -> pd.Data
         if len(match) != 1:
             continue
         after = match.iloc[0]
-        out.append(
-            {
-                "pool": row["pool"],
-                "size": row["size"],
-                "run": after["run"],
-                "before": 100 * row["mean"],
-                "now": 100 * float(after["mean"]),
-                "change": 100 * (float(after["mean"]) - row["mean"]),
-                "n": int(after["n"]),
-            }
-        )
-    return pd.DataFrame(out, columns=["pool", "size", "run", "before", "now", "change", "n"])
+        entry = {
+            "pool": row["pool"],
+            "size": row["size"],
+            "run": after["run"],
+            "before": 100 * row["mean"],
+            "now": 100 * float(after["mean"]),
+            "change": 100 * (float(after["mean"]) - row["mean"]),
+            "n": int(after["n"]),
+        }
+        if experts is not None and before_experts:
+            same = [
+                int(k)
+                for k in row.get("by_seed", {})
+                if before_experts.get((row["pool"], int(k))) is not None
+                and before_experts.get((row["pool"], int(k))) == now_experts.get((row["pool"], int(k)))
+                and (row["pool"], row["size"], after["run"], int(k)) in seeds.index
+            ]
+            diffs = [seeds.loc[row["pool"], row["size"], after["run"], k] - row["by_seed"][str(k)] for k in same]
+            entry["same_seeds"] = ", ".join(map(str, sorted(same)))
+            entry["change_same"] = 100 * float(np.mean(diffs)) if diffs else float("nan")
+        out.append(entry)
+    columns = ["pool", "size", "run", "before", "now", "change", "n"]
+    if experts is not None and before_experts:
+        columns += ["same_seeds", "change_same"]
+    return pd.DataFrame(out, columns=columns)
 
 
 def verdicts_since(frozen: Mapping, effects: Iterable[Mapping]) -> pd.DataFrame:

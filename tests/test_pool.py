@@ -520,6 +520,26 @@ def test_a_frozen_summary_compares_the_old_runs_with_the_new_setting_only():
         assert row["change"] == pytest.approx(row["now"] - row["before"])
     # the fake experts do not depend on the prune setting: the same runs score the same before and now
     assert changed.change.abs().max() < 1e-9
+    # seed 1's experts retrained (another score) and its merges moved with them: the change mixes the two, the
+    # change over the seeds with the same experts (seed 0) is the method's alone
+    experts = [{"pool": "fake", "seed": s, "task": t, "accuracy": 0.9} for s in (0, 1) for t in "abc"]
+    frozen = grids.frozen_summary(
+        {"records": before, "effects": effects, "config": {}, "experts": experts}, ["drm_h"], source="test"
+    )
+    assert set(frozen["summary"][0]["by_seed"]) == {"0", "1"}
+    moved = [
+        {**r, "value": r["value"] + 0.05}
+        if r["seed"] == 1 and r["model"] == "merged" and r["metric"] == "accuracy"
+        else r
+        for r in now
+    ]
+    retrained = [{**e, "accuracy": 0.91} if e["seed"] == 1 and e["task"] == "a" else e for e in experts]
+    changed = grids.changed_since(frozen, moved, experts=retrained, prune="joint")
+    assert changed.same_seeds.tolist() == ["0", "0"] and changed.change_same.abs().max() < 1e-9
+    assert changed.change.abs().min() > 0.1
+    same = grids.changed_since(frozen, now, experts=experts, prune="joint")
+    assert same.same_seeds.tolist() == ["0, 1", "0, 1"] and same.change_same.abs().max() < 1e-9
+    assert "change_same" not in grids.changed_since(frozen, now, prune="joint")
     verdicts = grids.verdicts_since(frozen, [{**effects[0], "ours": -1.0, "agrees": "no"}])
     assert verdicts.flipped.tolist() == [True] and verdicts.ours_now.tolist() == [-1.0]
     assert grids.verdicts_since(frozen, []).empty

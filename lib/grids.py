@@ -308,16 +308,15 @@ def changed_since(frozen: Mapping, records: Iterable[Mapping], *, experts=None, 
             "n": int(after["n"]),
         }
         if experts is not None and before_experts:
-            same = [
-                int(k)
-                for k in row.get("by_seed", {})
-                if before_experts.get((row["pool"], int(k))) is not None
-                and before_experts.get((row["pool"], int(k))) == now_experts.get((row["pool"], int(k)))
-                and (row["pool"], row["size"], after["run"], int(k)) in seeds.index
-            ]
-            diffs = [seeds.loc[row["pool"], row["size"], after["run"], k] - row["by_seed"][str(k)] for k in same]
-            entry["same_seeds"] = ", ".join(map(str, sorted(same)))
-            entry["change_same"] = 100 * float(np.mean(diffs)) if diffs else float("nan")
+            diffs = {}
+            for k, mean in row.get("by_seed", {}).items():
+                seed = int(k)
+                key = (row["pool"], row["size"], after["run"], seed)
+                had = before_experts.get((row["pool"], seed))
+                if had is not None and had == now_experts.get((row["pool"], seed)) and key in seeds.index:
+                    diffs[seed] = seeds.loc[key] - mean
+            entry["same_seeds"] = ", ".join(map(str, sorted(diffs)))
+            entry["change_same"] = 100 * float(np.mean(list(diffs.values()))) if diffs else float("nan")
         out.append(entry)
     columns = ["pool", "size", "run", "before", "now", "change", "n"]
     if experts is not None and before_experts:

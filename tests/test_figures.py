@@ -106,15 +106,16 @@ def legends_on_data(fig) -> list[str]:
 def legends_on_text(fig) -> list[str]:
     """A legend lying on any text of the figure that is not its own (an axis label, tick labels, a title)."""
     renderer = fig.canvas.get_renderer()
+    # every text that is drawn: tick labels only where _drawn says so, then the rest
+    axes = [(ax, axis) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)]
+    ticks = {id(tick.label1) for _, axis in axes for tick in axis.get_major_ticks()}
+    texts = [t for t in _texts(fig) if id(t) not in ticks]
+    texts += [t for ax, axis in axes if ax.get_visible() for t in _drawn(axis)]
     out = []
     for leg in _legends(fig):
         box = _inner(leg.get_window_extent(renderer))
         own = {id(t) for t in leg.get_texts()} | {id(leg.get_title())}
-        ticks = {id(tick.label1) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis) for tick in axis.get_major_ticks()}
-        drawn = [t for t in _texts(fig) if id(t) not in ticks and id(t) not in own]
-        for t in drawn + [
-            t for ax in fig.axes if ax.get_visible() for axis in (ax.xaxis, ax.yaxis) for t in _drawn(axis)
-        ]:
+        for t in (t for t in texts if id(t) not in own):
             overlap = Bbox.intersection(t.get_window_extent(renderer), box)
             if overlap is not None and overlap.width > 1 and overlap.height > 1:
                 out.append(
